@@ -1,0 +1,187 @@
+"""Public entry points: inject a PETL method into a timm ViT, merge it back, and inspect it."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .methods.base import Builder, Injection, Method, state_of, vit_info
+
+__all__ = ["inject", "remove", "merge", "unmerge", "trainable_parameters", "summary", "summary_rows", "injections"]
+
+
+def injections(model: nn.Module) -> list[Injection]:
+    st = state_of(model)
+    return list(st.injections) if st is not None else []
+
+
+def inject(model: nn.Module, method: Method) -> nn.Module:
+    """Inject `method` into the timm ViT `model` in place and return it.
+
+    The backbone is frozen; only the parameters of the injected methods and the classifier head
+    stay trainable. Parameter names are the official ones (see the method's docstring), so official
+    checkpoints load with `load_state_dict` / `fastpeft.load_official`. Several compatible methods
+    can be injected one after another. Every check runs before the model is touched: on a
+    ValueError the model is unchanged.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a fastpeft method config (e.g. fastpeft.LoRA()), got {type(method).__name__}")
+    info = vit_info(model)
+    st = state_of(model)
+    if st is not None:
+        for inj in st.injections:
+            if type(inj.method) is type(method):
+                raise ValueError(f"{method.name} is already injected into this model; inject each method once")
+            if inj.merged:
+                raise ValueError("the model holds merged methods; call fastpeft.unmerge(model) before injecting more")
+            clash = inj.method.claims & method.claims
+            if clash:
+                raise ValueError(
+                    f"{method.name} cannot be combined with {inj.method.name}: both use {sorted(clash)}"
+                )
+    method.validate(info)
+
+    st = state_of(model, create=True)
+    b = Builder(model, key=method.name)
+    where = method.apply(model, info, b)
+    st.injections.append(
+        Injection(method=method, key=b.key, where=where, params=b.params, added=b.added, hooks=b.hooks, slots=b.slots)
+    )
+    _set_trainable(model)
+    return model
+
+
+def remove(model: nn.Module, method: type[Method] | Method | None = None) -> nn.Module:
+    """Take injected methods out again (all of them, or those of `method`'s type): hooks, slots
+    and added parameters go; the backbone's requires_grad flags are restored to trainable."""
+    st = state_of(model)
+    if st is None or not st.injections:
+        raise ValueError("no fastpeft method is injected into this model")
+    cls = method if isinstance(method, type) or method is None else type(method)
+    keep = []
+    for inj in st.injections:
+        if cls is None or isinstance(inj.method, cls):
+            if inj.merged:
+                raise ValueError(f"{inj.method.name} is merged; call fastpeft.unmerge(model) first")
+            inj.detach(model)
+        else:
+            keep.append(inj)
+    st.injections = keep
+    if not keep:
+        del model.__dict__["_fastpeft"]
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        _set_trainable(model)
+    return model
+
+
+def _set_trainable(model: nn.Module) -> None:
+    st = state_of(model)
+    trainable: set[str] = set()
+    for inj in st.injections:
+        trainable.update(inj.params)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable or name.startswith("head."))
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs that require grad, in `named_parameters` order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every injected linear method (SSF, LoRA, FacT, KAdaptation, BitFit) into the frozen
+    weights. Afterwards the forward is a plain timm model's (no hooks, no extra modules, no
+    extra state-dict keys); `unmerge` restores the injected form exactly (the original frozen
+    tensors are kept, not recomputed by subtraction)."""
+    info = vit_info(model)
+    injs = injections(model)
+    if not injs:
+        raise ValueError("nothing to merge: no fastpeft method is injected into this model")
+    refusing = [i.method for i in injs if not i.method.mergeable]
+    if refusing:
+        raise ValueError(
+            "cannot merge: " + "; ".join(f"{m.name}: {m.merge_refusal}" for m in refusing)
+        )
+    with torch.no_grad():
+        for inj in injs:  # injection order == hook order, so folding in this order is exact
+            if inj.merged:
+                continue
+            was_training = model.training
+            model.eval()  # merged math is the eval-mode (dropout-free) function
+            new = inj.method.merged_tensors(model, info)
+            model.train(was_training)
+            for name, value in new.items():
+                t = _tensor(model, name)
+                inj.stash["tensors"][name] = t.detach().clone()
+                t.copy_(value.to(dtype=t.dtype))
+            inj.detach(model)
+            inj.merged = True
+    return model
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge`: restore the frozen tensors and re-attach the method modules."""
+    vit_info(model)
+    injs = [i for i in injections(model) if i.merged]
+    if not injs:
+        raise ValueError("nothing to unmerge: no merged fastpeft method in this model")
+    with torch.no_grad():
+        for inj in reversed(injs):
+            for name, orig in inj.stash["tensors"].items():
+                _tensor(model, name).copy_(orig)
+            inj.stash["tensors"].clear()
+            inj.reattach(model)
+            inj.merged = False
+    _set_trainable(model)
+    return model
+
+
+def summary_rows(model: nn.Module) -> list[dict]:
+    rows = []
+    for inj in injections(model):
+        count = inj.param_count(model)
+        rows.append(
+            {
+                "method": inj.method.describe(),
+                "where": inj.where,
+                "params": count,
+                "mergeable": inj.method.mergeable,
+                "merged": inj.merged,
+            }
+        )
+    head = [p for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad]
+    rows.append(
+        {"method": "classifier head", "where": "head", "params": sum(p.numel() for p in head),
+         "mergeable": False, "merged": False}
+    )
+    return rows
+
+
+def summary(model: nn.Module) -> str:
+    """A plain-text table: method, where injected, parameter count, mergeable."""
+    rows = summary_rows(model)
+    total = sum(r["params"] for r in rows)
+    header = ("method", "where injected", "params", "mergeable")
+    body = [
+        (r["method"], r["where"], f"{r['params']:,}", ("yes (merged)" if r["merged"] else "yes") if r["mergeable"] else "no")
+        for r in rows
+    ]
+    body.append(("total trainable", "", f"{total:,}", ""))
+    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(4)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(b) for b in body[:-1]), sep, line(body[-1])])
+
+
+def iter_blocks(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    yield from enumerate(model.blocks)

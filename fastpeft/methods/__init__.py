@@ -1,0 +1,5 @@
+"""PETL method configs, one file per method. Each is a dataclass passed to `fastpeft.inject`."""
+from .adaptformer import AdaptFormer
+from .base import Method, ViTInfo, vit_info
+
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer"]

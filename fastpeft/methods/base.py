@@ -1,0 +1,449 @@
+"""The plumbing every PETL method shares: what a timm ViT looks like, where a method may attach,
+and the `Method` contract that `fastpeft.inject` / `merge` drive.
+
+Two attachment mechanisms, chosen so that parameter names stay exactly the official ones:
+
+* **Layer hooks** (`add_output_hook`): a method that adds to, or rescales, the output of one frozen
+  layer (LoRA / FacT / KAdaptation deltas on `attn.qkv`, SSF after a LayerNorm or Linear) registers
+  a forward hook on that layer. Its parameters live where the official code puts them
+  (`blocks.{i}.attn.LoRA_a`, `FacTu` at model level, ...), never inside the hooked layer.
+* **Block slots** (`PetlBlock`): a method that changes the block's dataflow (parallel/serial
+  adapters, Convpass bypasses, prompt tokens) appends a callable to one of the block's named slots.
+  `PetlBlock.forward` is timm's `Block.forward` with those slots spelled out, so with every slot
+  empty (or adding exact zeros) it is bit-identical to the frozen block.
+
+Hook and slot callables are small picklable objects that hold a reference to the module owning
+the parameters (not closures: a deep-copied model must call the copied module, and `torch.save`
+must be able to pickle the model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ViTInfo", "vit_info", "Method", "Injection", "PetlBlock", "SLOTS",
+    "add_output_hook", "remove_hooks", "slot_append", "FastPeftState", "state_of", "Builder",
+    "OutputHook", "SlotFn", "check_positive_int", "check_prob", "dropout",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# What a supported ViT looks like
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ViTInfo:
+    """Shape facts of a timm VisionTransformer, read once and validated."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    attn_dim: int  # num_heads * head_dim (== embed_dim for every standard ViT)
+    mlp_hidden: int
+    num_prefix_tokens: int  # CLS + register tokens
+    has_class_token: bool
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    in_chans: int
+    global_pool: str
+    num_classes: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+
+def _supported_types():
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention, Mlp
+
+
+def vit_info(model: nn.Module) -> ViTInfo:
+    """Validate that `model` is a timm VisionTransformer fastpeft can inject into.
+
+    Supported: `timm.models.vision_transformer.VisionTransformer` whose blocks are timm `Block`
+    (pre-LN, `attn: timm.layers.Attention`, `mlp: timm.layers.Mlp`), any depth/width/patch/image
+    size, with or without CLS / register tokens, qk-norm and layer-scale. Raises ValueError
+    naming what is unsupported otherwise.
+    """
+    VisionTransformer, Block, Attention, Mlp = _supported_types()
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"fastpeft supports timm VisionTransformer models; got {type(model).__module__}."
+            f"{type(model).__name__}. Create one with timm.create_model('vit_base_patch16_224', ...)."
+        )
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ValueError("model.blocks must be a non-empty nn.Sequential of timm Blocks")
+    for i, blk in enumerate(blocks):
+        if not isinstance(blk, Block):
+            raise ValueError(
+                f"blocks.{i} is {type(blk).__name__}; fastpeft supports timm's pre-LN "
+                "`Block` (not ResPostBlock, ParallelScalingBlock or other variants)"
+            )
+        for name, typ in (("attn", Attention), ("mlp", Mlp)):
+            sub = getattr(blk, name, None)
+            if not isinstance(sub, typ):
+                raise ValueError(
+                    f"blocks.{i}.{name} is {type(sub).__name__}; expected timm {typ.__name__}"
+                )
+        for name in ("qkv", "proj"):
+            if not isinstance(getattr(blk.attn, name, None), nn.Linear):
+                raise ValueError(f"blocks.{i}.attn.{name} missing or not nn.Linear")
+        for name in ("fc1", "fc2"):
+            if not isinstance(getattr(blk.mlp, name, None), nn.Linear):
+                raise ValueError(f"blocks.{i}.mlp.{name} missing or not nn.Linear")
+        for name in ("norm1", "norm2"):
+            if not isinstance(getattr(blk, name, None), nn.LayerNorm):
+                raise ValueError(f"blocks.{i}.{name} must be nn.LayerNorm")
+    b0 = blocks[0]
+    pe = model.patch_embed
+    grid = tuple(int(g) for g in pe.grid_size)
+    patch = tuple(int(p) for p in pe.patch_size)
+    num_classes = model.head.out_features if isinstance(model.head, nn.Linear) else 0
+    return ViTInfo(
+        embed_dim=int(model.embed_dim),
+        depth=len(blocks),
+        num_heads=int(b0.attn.num_heads),
+        head_dim=int(b0.attn.head_dim),
+        attn_dim=int(b0.attn.qkv.out_features // 3),
+        mlp_hidden=int(b0.mlp.fc1.out_features),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        has_class_token=bool(model.cls_token is not None),
+        grid_size=grid,  # type: ignore[arg-type]
+        patch_size=patch,  # type: ignore[arg-type]
+        in_chans=int(pe.proj.in_channels),
+        global_pool=str(model.global_pool),
+        num_classes=int(num_classes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Layer hooks
+# --------------------------------------------------------------------------------------------
+
+class OutputHook:
+    """Base for forward hooks that transform a layer's output: `out <- fn(input, out)`.
+
+    Subclasses implement `apply(x, out)`; `key` names the injection that owns the hook so it can
+    be removed again (by identity of the key, which survives deepcopy).
+    """
+
+    key: str = ""
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return self.apply(inputs[0], out)
+
+
+def add_output_hook(layer: nn.Module, hook: OutputHook, key: str) -> None:
+    hook.key = key
+    layer.register_forward_hook(hook)
+
+
+def remove_hooks(model: nn.Module, key: str) -> None:
+    """Remove every fastpeft output hook registered under `key` anywhere in `model`."""
+    for mod in model.modules():
+        hooks = mod._forward_hooks
+        for hid in [h for h, fn in hooks.items() if isinstance(fn, OutputHook) and fn.key == key]:
+            del hooks[hid]
+
+
+def active_hooks(layer: nn.Module) -> list[OutputHook]:
+    return [fn for fn in layer._forward_hooks.values() if isinstance(fn, OutputHook)]
+
+
+# --------------------------------------------------------------------------------------------
+# Block slots
+# --------------------------------------------------------------------------------------------
+
+#: slot name -> call signature and where it sits in the block (see PetlBlock.forward)
+SLOTS: dict[str, str] = {
+    "block_in": "x -> x                 before norm1 (prompt insertion / replacement)",
+    "attn_branch": "(x, h) -> delta     added to the attention residual, h = norm1(x) (Convpass)",
+    "mlp_out": "(m) -> m                on the raw MLP output, before ls2 and DropPath (VPT adapter)",
+    "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
+    "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
+    "block_out": "x -> x                after the block (prompt removal)",
+}
+
+
+class SlotFn:
+    """Base for slot callables; `key` names the owning injection."""
+
+    key: str = ""
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class PetlBlock:
+    """Mixin swapped into a timm Block's class (`block.__class__`); the module keeps every
+    parameter, buffer and name, and `unswap` restores the original class.
+
+    forward == timm Block.forward when all slots are empty:
+        x = x + dp1(ls1(attn(norm1(x))));  x = x + dp2(ls2(mlp(norm2(x))))
+    """
+
+    _fastpeft_slots: dict[str, list[SlotFn]]
+    _fastpeft_orig_class: type
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        slots = self._fastpeft_slots
+        for fn in slots["block_in"]:
+            x = fn(x)
+        h = self.norm1(x)
+        kw = {}
+        if attn_mask is not None or is_causal:
+            kw = {"attn_mask": attn_mask, "is_causal": is_causal}
+        y = x + self.drop_path1(self.ls1(self.attn(h, **kw)))
+        for fn in slots["attn_branch"]:
+            y = y + fn(x, h)
+        h2 = self.norm2(y)
+        m = self.mlp(h2)
+        for fn in slots["mlp_out"]:
+            m = fn(m)
+        f = self.drop_path2(self.ls2(m))
+        for fn in slots["ffn_out"]:
+            f = fn(f)
+        z = y + f
+        for fn in slots["ffn_branch"]:
+            z = z + fn(y, h2)
+        for fn in slots["block_out"]:
+            z = fn(z)
+        return z
+
+
+_SWAPPED_CLASSES: dict[type, type] = {}
+
+
+def _petl_class(cls: type) -> type:
+    if cls not in _SWAPPED_CLASSES:
+        new = type(f"Injected{cls.__name__}", (PetlBlock, cls), {"__module__": __name__})
+        _SWAPPED_CLASSES[cls] = new
+        globals()[new.__name__] = new  # so pickle finds it by name
+    return _SWAPPED_CLASSES[cls]
+
+
+def __getattr__(name: str):
+    # Unpickling a model saved with injected blocks in a fresh process: rebuild the class.
+    if name.startswith("Injected"):
+        _, Block, _, _ = _supported_types()
+        if name == f"Injected{Block.__name__}":
+            return _petl_class(Block)
+    raise AttributeError(name)
+
+
+def ensure_petl_block(block: nn.Module) -> PetlBlock:
+    if not isinstance(block, PetlBlock):
+        orig = type(block)
+        block._fastpeft_orig_class = orig  # plain attribute: not a parameter, not in state_dict
+        block._fastpeft_slots = {s: [] for s in SLOTS}
+        block.__class__ = _petl_class(orig)
+    return block  # type: ignore[return-value]
+
+
+def slot_append(block: nn.Module, slot: str, fn: SlotFn, key: str) -> None:
+    if slot not in SLOTS:
+        raise KeyError(f"unknown block slot {slot!r}; slots: {sorted(SLOTS)}")
+    blk = ensure_petl_block(block)
+    fn.key = key
+    blk._fastpeft_slots[slot].append(fn)
+
+
+def remove_slots(model: nn.Module, key: str) -> None:
+    """Drop every slot entry owned by `key`; blocks left with no entries get their class back."""
+    for mod in model.modules():
+        if isinstance(mod, PetlBlock):
+            for name, fns in mod._fastpeft_slots.items():
+                mod._fastpeft_slots[name] = [f for f in fns if f.key != key]
+            if not any(mod._fastpeft_slots.values()):
+                mod.__class__ = mod._fastpeft_orig_class
+                del mod._fastpeft_slots
+                del mod._fastpeft_orig_class
+
+
+# --------------------------------------------------------------------------------------------
+# Method contract and model-level bookkeeping
+# --------------------------------------------------------------------------------------------
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+class Builder:
+    """Records what a method attaches to a model, so it can be summarised, merged, undone.
+
+    Everything is addressed by dotted path (resolved at use), so the record stays valid for a
+    deep-copied model.
+    """
+
+    def __init__(self, model: nn.Module, key: str):
+        self.model = model
+        self.key = key
+        self.params: list[str] = []  # trainable parameter names this method owns
+        self.added: list[str] = []  # attribute paths it created (modules, parameters)
+        self.hooks: list[tuple[str, OutputHook]] = []
+        self.slots: list[tuple[str, str, SlotFn]] = []
+
+    def attach(self, path: str, obj: nn.Module | nn.Parameter, trainable: bool = True):
+        parent, attr = _parent(self.model, path)
+        if hasattr(parent, attr):
+            raise ValueError(f"cannot add {path}: the model already has an attribute there")
+        if isinstance(obj, nn.Module):
+            obj.train(self.model.training)  # a fresh module is in train mode; follow the model
+        setattr(parent, attr, obj)
+        self.added.append(path)
+        if trainable:
+            if isinstance(obj, nn.Parameter):
+                self.params.append(path)
+            else:
+                self.params.extend(f"{path}.{n}" for n, _ in obj.named_parameters())
+        return obj
+
+    def train_existing(self, names: Iterable[str]) -> None:
+        """Mark existing (backbone) parameters as this method's trainable ones (BitFit)."""
+        self.params.extend(names)
+
+    def hook(self, layer_path: str, hook: OutputHook) -> None:
+        add_output_hook(self.model.get_submodule(layer_path), hook, self.key)
+        self.hooks.append((layer_path, hook))
+
+    def slot(self, block_path: str, slot: str, fn: SlotFn) -> None:
+        slot_append(self.model.get_submodule(block_path), slot, fn, self.key)
+        self.slots.append((block_path, slot, fn))
+
+
+@dataclass
+class Injection:
+    """What one `inject` call did to a model: enough to summarise, merge and undo it."""
+
+    method: "Method"
+    key: str
+    where: str
+    params: list[str]
+    added: list[str]
+    hooks: list[tuple[str, OutputHook]]
+    slots: list[tuple[str, str, SlotFn]]
+    merged: bool = False
+    # merge(): detached modules/parameters by path, and original frozen tensors by name
+    stash: dict[str, dict[str, Any]] = field(default_factory=lambda: {"modules": {}, "tensors": {}})
+
+    def detach(self, model: nn.Module) -> None:
+        """Take the method out of the forward and out of the state dict (kept in `stash`)."""
+        remove_hooks(model, self.key)
+        remove_slots(model, self.key)
+        for path in reversed(self.added):
+            parent, attr = _parent(model, path)
+            self.stash["modules"][path] = getattr(parent, attr)
+            delattr(parent, attr)
+
+    def reattach(self, model: nn.Module) -> None:
+        for path in self.added:
+            parent, attr = _parent(model, path)
+            setattr(parent, attr, self.stash["modules"].pop(path))
+        for layer_path, hook in self.hooks:
+            add_output_hook(model.get_submodule(layer_path), hook, self.key)
+        for block_path, slot, fn in self.slots:
+            slot_append(model.get_submodule(block_path), slot, fn, self.key)
+
+    def param_count(self, model: nn.Module) -> int:
+        named = dict(model.named_parameters())
+        total = 0
+        for n in self.params:
+            if n in named:
+                total += named[n].numel()
+            else:  # detached by merge
+                obj = self._stashed_param(n)
+                total += obj.numel() if obj is not None else 0
+        return total
+
+    def _stashed_param(self, name: str):
+        for path, obj in self.stash["modules"].items():
+            if name == path and isinstance(obj, nn.Parameter):
+                return obj
+            if name.startswith(path + ".") and isinstance(obj, nn.Module):
+                return obj.get_parameter(name[len(path) + 1:])
+        return None
+
+
+@dataclass
+class FastPeftState:
+    injections: list[Injection] = field(default_factory=list)
+
+
+def state_of(model: nn.Module, create: bool = False) -> FastPeftState | None:
+    st = model.__dict__.get("_fastpeft")
+    if st is None and create:
+        st = FastPeftState()
+        model.__dict__["_fastpeft"] = st
+    return st
+
+
+class Method:
+    """Base class of the method configs (`AdaptFormer(...)`, `LoRA(...)`, ...).
+
+    Subclasses are dataclasses of hyper-parameters and implement:
+      * `validate(info)`: raise ValueError for a bad config or unsupported model (no mutation);
+      * `apply(model, info, b: Builder) -> where`: create modules, hooks and slots through `b`;
+      * `merged_tensors(model, info) -> {frozen tensor name: merged value}` if mergeable (eval-mode
+        math, dropout off); `merge` stores the originals and detaches the method;
+      * `official_keys(info) -> {official state-dict name: fastpeft name}` where they differ.
+    """
+
+    name: ClassVar[str] = "method"
+    mergeable: ClassVar[bool] = False
+    #: why `merge` refuses, for non-mergeable methods
+    merge_refusal: ClassVar[str] = ""
+    #: exclusive resources: two injected methods may not claim the same one
+    claims: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self, info: ViTInfo) -> None:
+        pass
+
+    def apply(self, model: nn.Module, info: ViTInfo, b: Builder) -> str:
+        raise NotImplementedError
+
+    def merged_tensors(self, model: nn.Module, info: ViTInfo) -> dict[str, torch.Tensor]:
+        raise ValueError(f"{self.name} cannot be merged: {self.merge_refusal}")
+
+    def official_keys(self, info: ViTInfo) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}({fields})"
+
+
+def check_positive_int(value: Any, what: str, upper: int | None = None, upper_what: str = "") -> None:
+    """ValueError unless `value` is an int in [1, upper]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{what}={value} is larger than {upper_what} ({upper})")
+
+
+def check_prob(value: Any, what: str) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{what} must be a probability in [0, 1), got {value!r}")
+
+
+def dropout(x: torch.Tensor, p: float, owner: nn.Module) -> torch.Tensor:
+    """Functional dropout that follows `owner`'s train/eval mode (as the official code does)."""
+    return nn.functional.dropout(x, p=p, training=owner.training) if p > 0 else x
+
