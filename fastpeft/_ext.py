@@ -52,16 +52,12 @@ def _major_minor(version: str | None) -> str | None:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def compare_build(
-    info: dict[str, Any], torch_version: str | None = None, cuda_version: str | None = None
-) -> str | None:
+def compare_build(info: dict[str, Any], torch_version: str, cuda_version: str | None) -> str | None:
     """Why a .so described by `info` must not be loaded into this torch, or None if it may.
 
     A C++ extension links against libtorch's unstable C++ ABI: loading one built for another
     torch minor release (or another CUDA) crashes or misbehaves, so we refuse before dlopen.
     """
-    torch_version = torch.__version__ if torch_version is None else torch_version
-    cuda_version = torch.version.cuda if cuda_version is None else cuda_version
     built_torch = info.get("torch")
     if built_torch and _major_minor(built_torch) != _major_minor(torch_version):
         return f"fastpeft._C was built for torch {built_torch} but torch {torch_version} is running"
@@ -86,7 +82,7 @@ def probe() -> ExtensionStatus:
         return fallback(f"the build record is unreadable ({info['unreadable']})")
     if info.get("backend") == "none":
         return fallback("fastpeft was built without its extension (FASTPEFT_BUILD_BACKEND=none)")
-    mismatch = compare_build(info)
+    mismatch = compare_build(info, torch.__version__, torch.version.cuda)
     if mismatch:
         return fallback(f"{mismatch}; rebuild with `pip install -e . --no-build-isolation`")
     try:
