@@ -10,12 +10,14 @@ import importlib
 
 from .version import __version__
 from .api import inject, injections, merge, remove, summary, summary_rows, trainable_parameters, unmerge
+from .patch import PatchReport, patch, unpatch
 from .methods import *  # noqa: F401,F403  (method configs: AdaptFormer, LoRA, ...)
 from .methods import __all__ as _methods_all
 
 __all__ = [
     "__version__", "inject", "remove", "merge", "unmerge", "trainable_parameters", "summary",
-    "summary_rows", "injections", "build_info", "backends", *_methods_all,
+    "summary_rows", "injections", "build_info", "backends", "patch", "unpatch", "PatchReport",
+    *_methods_all,
 ]
 
 

@@ -46,7 +46,8 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
     b = Builder(model, key=method.name)
     where = method.apply(model, info, b)
     st.injections.append(
-        Injection(method=method, key=b.key, where=where, params=b.params, added=b.added, hooks=b.hooks, slots=b.slots)
+        Injection(method=method, key=b.key, where=where, params=b.params, added=b.added, hooks=b.hooks, slots=b.slots,
+                  replaced=b.replaced)
     )
     _set_trainable(model)
     return model

@@ -179,6 +179,8 @@ SLOTS: dict[str, str] = {
     "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
     "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
     "block_out": "x -> x                after the block (prompt removal)",
+    "block_fn": "(block, x, attn_mask, is_causal) -> x   replaces the whole block forward (VQT); "
+                "when set it is the block's only slot entry",
 }
 
 
@@ -203,16 +205,31 @@ class PetlBlock:
     _fastpeft_orig_class: type
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        body = self._fastpeft_slots.get("block_fn")
+        if body:  # a method that changes the block's whole dataflow (VQT); it uses the block's modules
+            return body[0](self, x, attn_mask, is_causal)
+        kw = {}
+        if attn_mask is not None or is_causal:
+            kw = {"attn_mask": attn_mask, "is_causal": is_causal}
+        recompute = self.__dict__.get("_fastpeft_recompute")
+        if recompute is not None and torch.is_grad_enabled():
+            # fastpeft.patch(recompute=True): each half is checkpointed with a policy that keeps the
+            # attention outputs and recomputes everything cheap (fastpeft/recompute.py).
+            return recompute(self, x, kw)
+        return self._mlp_half(self._attn_half(x, kw))
+
+    def _attn_half(self, x: torch.Tensor, kw: dict) -> torch.Tensor:
         slots = self._fastpeft_slots
         for fn in slots["block_in"]:
             x = fn(x)
         h = self.norm1(x)
-        kw = {}
-        if attn_mask is not None or is_causal:
-            kw = {"attn_mask": attn_mask, "is_causal": is_causal}
         y = x + self.drop_path1(self.ls1(self.attn(h, **kw)))
         for fn in slots["attn_branch"]:
             y = y + fn(x, h)
+        return y
+
+    def _mlp_half(self, y: torch.Tensor) -> torch.Tensor:
+        slots = self._fastpeft_slots
         h2 = self.norm2(y)
         m = self.mlp(h2)
         for fn in slots["mlp_out"]:
@@ -261,6 +278,12 @@ def slot_append(block: nn.Module, slot: str, fn: SlotFn, key: str) -> None:
     if slot not in SLOTS:
         raise KeyError(f"unknown block slot {slot!r}; slots: {sorted(SLOTS)}")
     blk = ensure_petl_block(block)
+    slots = blk._fastpeft_slots
+    if slot == "block_fn" and any(slots.values()) or slot != "block_fn" and slots.get("block_fn"):
+        raise ValueError(
+            "a 'block_fn' slot replaces the whole block forward and cannot share the block with "
+            "other slot entries (the methods' `claims` should have refused this combination)"
+        )
     fn.key = key
     blk._fastpeft_slots[slot].append(fn)
 
@@ -271,7 +294,7 @@ def remove_slots(model: nn.Module, key: str) -> None:
         if isinstance(mod, PetlBlock):
             for name, fns in mod._fastpeft_slots.items():
                 mod._fastpeft_slots[name] = [f for f in fns if f.key != key]
-            if not any(mod._fastpeft_slots.values()):
+            if not any(mod._fastpeft_slots.values()) and "_fastpeft_recompute" not in mod.__dict__:
                 mod.__class__ = mod._fastpeft_orig_class
                 del mod._fastpeft_slots
                 del mod._fastpeft_orig_class
@@ -300,6 +323,7 @@ class Builder:
         self.added: list[str] = []  # attribute paths it created (modules, parameters)
         self.hooks: list[tuple[str, OutputHook]] = []
         self.slots: list[tuple[str, str, SlotFn]] = []
+        self.replaced: dict[str, Any] = {}  # path -> the original object (or _CLASS_ATTR)
 
     def attach(self, path: str, obj: nn.Module | nn.Parameter, trainable: bool = True):
         parent, attr = _parent(self.model, path)
@@ -316,6 +340,27 @@ class Builder:
                 self.params.extend(f"{path}.{n}" for n, _ in obj.named_parameters())
         return obj
 
+    def replace(self, path: str, obj: Any) -> Any:
+        """Replace an existing attribute (a module such as `head`, or a method such as
+        `forward_head`, which then becomes an instance attribute); `remove` puts the original
+        object back. Parameters of a replacement are not recorded as this method's own (the
+        `head.*` parameters are trainable anyway)."""
+        parent, attr = _parent(self.model, path)
+        if not hasattr(parent, attr):
+            raise ValueError(f"cannot replace {path}: the model has no attribute there")
+        if path in self.replaced:
+            raise ValueError(f"{path} is already replaced by this method")
+        for table in (parent._modules, parent._parameters, parent._buffers, parent.__dict__):
+            if attr in table:
+                self.replaced[path] = table[attr]
+                break
+        else:
+            self.replaced[path] = _CLASS_ATTR
+        if isinstance(obj, nn.Module):
+            obj.train(self.model.training)
+        setattr(parent, attr, obj)
+        return obj
+
     def train_existing(self, names: Iterable[str]) -> None:
         """Mark existing (backbone) parameters as this method's trainable ones (BitFit)."""
         self.params.extend(names)
@@ -327,6 +372,28 @@ class Builder:
     def slot(self, block_path: str, slot: str, fn: SlotFn) -> None:
         slot_append(self.model.get_submodule(block_path), slot, fn, self.key)
         self.slots.append((block_path, slot, fn))
+
+
+class _ClassAttr:
+    """Marks a replaced attribute that came from the class (e.g. a method): restoring it means
+    deleting the instance attribute."""
+
+    def __repr__(self) -> str:
+        return "<class attribute>"
+
+    def __reduce__(self):
+        return "_CLASS_ATTR"
+
+
+_CLASS_ATTR = _ClassAttr()
+
+
+def _set_or_unset(parent: nn.Module, attr: str, obj: Any) -> None:
+    if obj is _CLASS_ATTR:
+        if attr in parent.__dict__:
+            delattr(parent, attr)
+    else:
+        setattr(parent, attr, obj)
 
 
 @dataclass
@@ -341,6 +408,8 @@ class Injection:
     hooks: list[tuple[str, OutputHook]]
     slots: list[tuple[str, str, SlotFn]]
     merged: bool = False
+    # replace(): path -> original object (detach puts it back; the replacement waits in stash)
+    replaced: dict[str, Any] = field(default_factory=dict)
     # merge(): detached modules/parameters by path, and original frozen tensors by name
     stash: dict[str, dict[str, Any]] = field(default_factory=lambda: {"modules": {}, "tensors": {}})
 
@@ -352,11 +421,18 @@ class Injection:
             parent, attr = _parent(model, path)
             self.stash["modules"][path] = getattr(parent, attr)
             delattr(parent, attr)
+        for path, orig in self.replaced.items():
+            parent, attr = _parent(model, path)
+            self.stash.setdefault("replacements", {})[path] = getattr(parent, attr)
+            _set_or_unset(parent, attr, orig)
 
     def reattach(self, model: nn.Module) -> None:
         for path in self.added:
             parent, attr = _parent(model, path)
             setattr(parent, attr, self.stash["modules"].pop(path))
+        for path in self.replaced:
+            parent, attr = _parent(model, path)
+            setattr(parent, attr, self.stash["replacements"].pop(path))
         for layer_path, hook in self.hooks:
             add_output_hook(model.get_submodule(layer_path), hook, self.key)
         for block_path, slot, fn in self.slots:

@@ -1,0 +1,199 @@
+"""`fastpeft.patch`: swap the reference op sequences inside an injected ViT for fused ones.
+
+Patching changes *how* a forward/backward is computed, never *what*: the same `nn.Parameter`
+objects stay in place under the same names (modules are re-classed or their hooks swapped, never
+rebuilt), outputs and gradients stay within the fused ops' stated tolerances, and `unpatch`
+restores the reference modules exactly.
+
+Each fusion is a `Rule`: it finds the places it applies to, installs the fused form there and
+records how to undo it. Rules are tried in order and every place they touch or decline is listed
+in the returned `PatchReport`.
+
+Backends:
+  auto    CUDA tensors -> "triton"; CPU tensors -> "cpp" where the C++ extension has the op,
+          else the memory-lean "torch" path (the fused ops' own saving/recompute scheme in
+          plain torch).
+  triton  Triton kernels; on CPU tensors only under the interpreter (TRITON_INTERPRET=1).
+  cpp     the compiled extension's ops (CPU or CUDA); ValueError if it is not loaded.
+  torch   the memory-lean torch path, everywhere.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, vit_info
+
+__all__ = ["patch", "unpatch", "PatchReport", "resolve_backend", "Rule", "RULES"]
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+
+@dataclass
+class PatchReport:
+    backend: str
+    recompute: bool
+    patched: list[tuple[str, str, str]] = field(default_factory=list)  # (where, what, backend)
+    left_alone: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+
+    def __bool__(self) -> bool:
+        return bool(self.patched)
+
+    def __str__(self) -> str:
+        lines = [f"fastpeft.patch(backend={self.backend!r}, recompute={self.recompute})"]
+        if not self.patched:
+            lines.append("  nothing to patch: the model is unchanged")
+        for where, what, backend in self.patched:
+            lines.append(f"  patched  {where}: {what} [{backend}]")
+        for what, why in self.left_alone:
+            lines.append(f"  left     {what}: {why}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _PatchState:
+    backend: str
+    recompute: bool
+    report: PatchReport
+    undo: list[tuple["Rule", Any]]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise ValueError(f"fastpeft.patch needs the whole model on one device, found {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a requested backend into the one that will run on `device`, or raise ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "cpp" if _ext_loaded() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("backend='triton' requested but triton cannot be imported")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on CPU tensors runs only in the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before importing triton, or use backend='auto'/'torch' on CPU"
+            )
+        return "triton"
+    if backend == "cpp" and not _ext_loaded():
+        from . import _ext
+
+        raise ValueError(f"backend='cpp' requested but the C++ extension is not loaded: {_ext.load().reason}")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _ext_loaded() -> bool:
+    from . import _ext
+
+    return bool(_ext.load().available)
+
+
+class Rule:
+    """One fusion. `apply` installs it where it fits and returns undo records; `undo` reverses
+    one record. Records must address modules by path (they live in a deep-copyable model)."""
+
+    name: ClassVar[str] = "rule"
+
+    def apply(self, model: nn.Module, info: ViTInfo, backend: str, recompute: bool,
+              report: PatchReport) -> list[Any]:
+        raise NotImplementedError
+
+    def undo(self, model: nn.Module, record: Any) -> None:
+        raise NotImplementedError
+
+
+class RecomputeRule(Rule):
+    """`recompute=True`: every block runs as two selectively checkpointed halves
+    (fastpeft/recompute.py): keeps x, y and the attention outputs, recomputes the rest."""
+
+    name = "recompute"
+
+    def apply(self, model, info, backend, recompute, report):
+        if not recompute:
+            return []
+        from .recompute import recompute_block
+
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if isinstance(blk, PetlBlock) and blk._fastpeft_slots.get("block_fn"):
+                report.left_alone.append((f"blocks.{i} recompute", "the block has its own forward (VQT); it is not recomputed"))
+                continue
+            was_petl = isinstance(blk, PetlBlock)
+            ensure_petl_block(blk)
+            blk._fastpeft_recompute = recompute_block
+            records.append((f"blocks.{i}", was_petl))
+        if records:
+            report.patched.append(
+                (f"blocks.0..{info.depth - 1}", "selective recompute (keep block inputs + attention outputs)", "torch")
+            )
+        return records
+
+    def undo(self, model, record):
+        path, was_petl = record
+        blk = model.get_submodule(path)
+        del blk._fastpeft_recompute
+        if not was_petl and not any(blk._fastpeft_slots.values()):
+            blk.__class__ = blk._fastpeft_orig_class
+            del blk._fastpeft_slots
+            del blk._fastpeft_orig_class
+
+
+#: fusion rules, tried in order; kernel issues append theirs (see fastpeft/fused/*)
+RULES: list[Rule] = [RecomputeRule()]
+
+
+def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> PatchReport:
+    """Swap the injected reference modules of `model` (and the frozen neighbours the kernels
+    absorb) for fused ones, in place. Idempotent: patching again with the same arguments changes
+    nothing and returns the same report; other arguments re-patch from the reference form.
+    """
+    info = vit_info(model)
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute must be a bool, got {recompute!r}")
+    resolved = resolve_backend(backend, _model_device(model))
+    st: _PatchState | None = model.__dict__.get("_fastpeft_patch")
+    if st is not None:
+        if (st.backend, st.recompute) == (resolved, recompute):
+            return st.report
+        unpatch(model)
+    report = PatchReport(backend=resolved, recompute=recompute)
+    undo: list[tuple[Rule, Any]] = []
+    for rule in RULES:
+        for rec in rule.apply(model, info, resolved, recompute, report):
+            undo.append((rule, rec))
+    if undo:
+        model.__dict__["_fastpeft_patch"] = _PatchState(resolved, recompute, report, undo)
+    return report
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the reference modules (a no-op on an unpatched model)."""
+    st: _PatchState | None = model.__dict__.pop("_fastpeft_patch", None)
+    if st is not None:
+        for rule, rec in reversed(st.undo):
+            rule.undo(model, rec)
+    return model
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    st = model.__dict__.get("_fastpeft_patch")
+    return st.report if st is not None else None
