@@ -1,5 +1,6 @@
 """PETL method configs, one file per method. Each is a dataclass passed to `fastpeft.inject`."""
 from .adaptformer import AdaptFormer
+from .adapter import Adapter
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter"]
