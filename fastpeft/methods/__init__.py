@@ -1,6 +1,7 @@
 """PETL method configs, one file per method. Each is a dataclass passed to `fastpeft.inject`."""
 from .adaptformer import AdaptFormer
 from .adapter import Adapter
+from .convpass import Convpass
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass"]
