@@ -2,6 +2,7 @@
 from .adaptformer import AdaptFormer
 from .adapter import Adapter
 from .convpass import Convpass
+from .lora import LoRA
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA"]
