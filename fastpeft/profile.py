@@ -1,0 +1,83 @@
+"""Measurement helpers shared by the tests and the benchmark suite.
+
+`saved_activation_bytes(fn)`: how many bytes of activations autograd keeps for backward while `fn`
+runs — the "saved for backward" column of shared/guides/performance.md. Exact and identical on CPU
+and GPU (it counts storages, not allocator blocks).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["saved_activation_bytes"]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse / nested / tensor subclasses without storage
+        return None
+    return (st.device.index if st.device.type != "cpu" else -1, st.data_ptr()) if st.nbytes() else None
+
+
+def _storage_nbytes(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return int(t.numel() * t.element_size())
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A Parameter, or a view of one (nn.Linear saves `weight.t()`, a view whose base is the weight)."""
+    while t is not None:
+        if isinstance(t, nn.Parameter):
+            return True
+        t = t._base
+    return False
+
+
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[nn.Module | torch.Tensor] = ()) -> int:
+    """Run `fn()` and return the bytes of the distinct storages autograd saved for backward.
+
+    Every tensor packed by autograd while `fn` runs (`torch.autograd.graph.saved_tensors_hooks`)
+    is counted once per underlying storage (deduplicated by `untyped_storage().data_ptr()`, so
+    views and tensors saved by several ops count once; a view counts its whole storage). Not
+    counted, because they are resident anyway: parameters and views of parameters (always), and
+    the parameters and buffers of the modules / the tensors given in `exclude` (pass the model to
+    leave out e.g. BatchNorm running statistics saved in eval mode).
+
+    `fn` is typically one training step (forward, or forward + backward + optimizer step): the
+    saved tensors are kept alive until `fn` returns so that storage pointers stay unique. Tensors
+    saved by a backward with `create_graph=True` count too. Returns an int (bytes).
+
+        >>> saved_activation_bytes(lambda: model(x).sum().backward(), exclude=[model])
+    """
+    skip: set[tuple[int, int]] = set()
+    for obj in exclude:
+        tensors = [obj] if isinstance(obj, torch.Tensor) else [*obj.parameters(), *obj.buffers()]
+        for t in tensors:
+            key = _storage_key(t)
+            if key is not None:
+                skip.add(key)
+
+    sizes: dict[tuple[int, int], int] = {}
+    keep: list[torch.Tensor] = []  # hold storages until fn returns: a freed pointer could be reused
+
+    def pack(t: torch.Tensor):
+        if not _is_parameter(t):
+            key = _storage_key(t)
+            if key is not None and key not in skip and key not in sizes:
+                sizes[key] = _storage_nbytes(t)
+                keep.append(t)
+        return t
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        fn()
+    total = sum(sizes.values())
+    keep.clear()
+    return total
