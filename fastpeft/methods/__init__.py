@@ -3,6 +3,7 @@ from .adaptformer import AdaptFormer
 from .adapter import Adapter
 from .convpass import Convpass
 from .lora import LoRA
+from .vpt import VPT
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT"]
