@@ -4,6 +4,7 @@ from .adapter import Adapter
 from .convpass import Convpass
 from .lora import LoRA
 from .vpt import VPT
+from .fact import FacT
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT"]
