@@ -5,6 +5,7 @@ from .convpass import Convpass
 from .lora import LoRA
 from .vpt import VPT
 from .fact import FacT
+from .kadaptation import KAdaptation
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation"]
