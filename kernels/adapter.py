@@ -1,0 +1,757 @@
+"""Fused bottleneck adapter: out = base + s * (up(drop(act(down(x) + b_d))) + b_u) (+ residual).
+
+One kernel family covers (spec: shared/spec/methods.md §2, §3):
+  * AdaptFormer parallel:   x = y (residual stream), base = the FFN branch, residual = y
+  * AdaptFormer sequential: x = base = f (drop-pathed FFN output)
+  * NOAH / Pfeiffer serial: x = base = h, s = 1, act = quick_gelu
+The rank-r intermediate never touches memory in the forward; training saves only x (an input,
+already alive) and the rank-r pre-activation a = down(x) + b_d in fp32 ([M, r], r <= 128: at
+r = 64 that is 1/6 of an fp16 x). The dropout mask is never stored: it is regenerated from a
+saved int64 seed with Philox (tl.rand(seed, row * r + col)); `dropout_keep_mask` reproduces it
+bit-exactly in plain torch for the reference path and the tests.
+
+Layers:
+  _adapter_fwd_kernel / _adapter_bwd_kernel / _adapter_bwd_dw_kernel   Triton kernels
+  adapter_fwd / adapter_bwd                                            launchers
+  torch.ops.fastpeft.adapter / adapter_backward                        custom ops (fake+autograd)
+  adapter                                                              functional
+  adapter_ref                                                          plain-torch reference
+
+Backward (deterministic: no atomics):
+  _adapter_bwd_kernel     one program per BLOCK_M rows: dh = g @ W_u (loop over D), da =
+                          s * dh * mask/(1-p) * act'(a), dx = da @ W_d (loop over D); writes dx,
+                          h and da ([M, r], x dtype), per-program partials of db_d and of
+                          sum(h * dh) (for a learnable s).
+  _adapter_bwd_dw_kernel  grid (D / BLOCK_N, S row-splits): dW_u = g^T h, dW_d = da^T x,
+                          colsum(g) accumulated in fp32 registers, written as [S, ...] partials.
+  The launcher sums the partials over S (torch.sum: deterministic) and applies s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of,
+                      use_triton)
+
+ACTS = {"relu": 0, "gelu": 1, "quick_gelu": 2}
+MAX_RANK = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations: the single source of truth for the launchers and kernels/aot.py.
+# Keyed by R_PAD (the rank padded to a power of two >= 16: tl.dot needs every dim >= 16 on
+# sm_80/sm_90). Widths (D) are runtime loop bounds, so they do not multiply the configs.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cfg:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+R_PADS = (16, 32, 64, 128)
+# "lp" = fp16/bf16 (tensor-core tl.dot); "fp32" = tl.dot with input_precision="ieee" (exact fp32
+# FMA, like torch's fp32 matmul without TF32), which keeps whole tiles in registers: smaller
+# tiles. Every entry below compiles for sm_80/sm_90 with no spills (kernels/aot.py); the first
+# choices (64-row tiles for fp32 at r >= 32, 128-wide dW tiles at r = 128) spilled.
+_LP16 = Cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
+CONFIGS: dict[str, dict[tuple[int, str], Cfg]] = {
+    # rows x (D chunk) tiles; acc [BLOCK_M, R_PAD] fp32 stays in registers.
+    "adapter_fwd": {
+        (16, "lp"): _LP16, (32, "lp"): _LP16, (64, "lp"): _LP16,
+        (128, "lp"): Cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        (16, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2),
+        (32, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2),
+        (64, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+        (128, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    },
+    "adapter_bwd": {
+        (16, "lp"): _LP16, (32, "lp"): _LP16, (64, "lp"): _LP16,
+        (128, "lp"): Cfg(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        (16, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+        (32, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+        (64, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+        (128, "fp32"): Cfg(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    },
+    # (D chunk) x R_PAD and R_PAD x (D chunk) fp32 accumulators in registers.
+    "adapter_bwd_dw": {
+        (16, "lp"): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        (32, "lp"): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        (64, "lp"): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        (128, "lp"): Cfg(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+        (16, "fp32"): Cfg(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        (32, "fp32"): Cfg(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+        (64, "fp32"): Cfg(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+        (128, "fp32"): Cfg(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
+    },
+}
+
+
+def config(kernel: str, rank: int, dtype: torch.dtype) -> tuple[int, Cfg]:
+    """(R_PAD, Cfg) the launcher uses for `kernel` at this rank and dtype."""
+    rp = r_pad_of(rank)
+    return rp, CONFIGS[kernel][(rp, "fp32" if dtype == torch.float32 else "lp")]
+
+
+def r_pad_of(rank: int) -> int:
+    return max(16, next_pow2(rank))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _act_fwd(a, act):
+    """act: 0 relu, 1 gelu (erf), 2 quick_gelu (a * sigmoid(1.702 a)). Maps 0 to 0 (exact padding)."""
+    if act == 0:
+        h = tl.maximum(a, 0.0)
+    elif act == 1:
+        h = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    else:
+        h = a * tl.sigmoid(1.702 * a)
+    return h
+
+
+@triton.jit
+def _act_bwd(a, act):
+    """d act / d a."""
+    if act == 0:
+        d = tl.where(a > 0.0, 1.0, 0.0)
+    elif act == 1:
+        d = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    else:
+        sg = tl.sigmoid(1.702 * a)
+        d = sg + 1.702 * a * sg * (1.0 - sg)
+    return d
+
+
+@triton.jit
+def _keep_scale(seed_ptr, rows64, rk, R, p, inv_keep):
+    """Dropout multiplier mask/(1-p) for elements (row, col) of the [M, R] activation."""
+    seed = tl.load(seed_ptr)
+    u = tl.rand(seed, rows64[:, None] * R + rk[None, :])
+    return tl.where(u >= p, inv_keep, 0.0)
+
+
+@triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "has_base",
+                               "has_res", "save_a", "use_dropout"])
+def _adapter_fwd_kernel(
+    X,        # [M, D] input of the down projection (x dtype), contiguous
+    WD,       # [R, D] down weight (x dtype)
+    BD,       # [R]    down bias (zeros when the module has none)
+    WU,       # [D, R] up weight
+    BU,       # [D]    up bias
+    BASE,     # [M, D] added to the output when has_base (else any valid pointer)
+    RES,      # [M, D] residual, added when has_res
+    SCALE_T,  # [1]    learnable scale (fp32), used when use_scale_t
+    SEED,     # [1]    int64 dropout seed, read when use_dropout
+    OUT,      # [M, D] output (x dtype)
+    A,        # [M, R] fp32 pre-activation, written when save_a
+    M, D, R, act, p, inv_keep, scale, use_scale_t, has_base, has_res, save_a, use_dropout,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+
+    # a = x @ W_d^T + b_d, accumulated over D in fp32; padded rank columns stay exactly 0.
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        wdT = tl.load(WD + rk[None, :] * D + cols[:, None], mask=kmask[None, :] & cmask[:, None], other=0.0)
+        acc = tl.dot(x, wdT, acc, input_precision="ieee")
+    bd = tl.load(BD + rk, mask=kmask, other=0.0).to(tl.float32)
+    a = acc + bd[None, :]
+    if save_a:
+        tl.store(A + rows64[:, None] * R + rk[None, :], a, mask=rmask[:, None] & kmask[None, :])
+
+    h = _act_fwd(a, act)
+    if use_dropout:
+        h = h * _keep_scale(SEED, rows64, rk, R, p, inv_keep)
+    h = h.to(X.dtype.element_ty)
+
+    s = scale
+    if use_scale_t:
+        s = s * tl.load(SCALE_T).to(tl.float32)
+
+    # out = base + s * (h @ W_u^T + b_u) + residual, one D chunk at a time.
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        wuT = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        u = tl.dot(h, wuT, input_precision="ieee")
+        bu = tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)
+        o = s * (u + bu[None, :])
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        if has_base:
+            o += tl.load(BASE + offs, mask=m2, other=0.0).to(tl.float32)
+        if has_res:
+            o += tl.load(RES + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "use_dropout"])
+def _adapter_bwd_kernel(
+    G,        # [M, D] grad of out (x dtype)
+    A,        # [M, R] fp32 saved pre-activation
+    WD,       # [R, D]
+    WU,       # [D, R]
+    SCALE_T,  # [1] fp32 learnable scale, read when use_scale_t
+    SEED,     # [1] int64
+    DX,       # [M, D] out: grad of x
+    H,        # [M, R] out: h = drop(act(a)) (x dtype), for dW_u
+    DA,       # [M, R] out: grad of a (x dtype), for dW_d
+    PBD,      # [P, R_PAD] fp32 out: per-program partial colsum(da) (grad of b_d)
+    PDS,      # [P] fp32 out: per-program partial sum(h * (g @ W_u)) (grad of a learnable s)
+    M, D, R, act, p, inv_keep, scale, use_scale_t, use_dropout,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    rkmask = rmask[:, None] & kmask[None, :]
+
+    # dh = g @ W_u (unscaled), over D.
+    dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        wu = tl.load(WU + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        dh = tl.dot(g, wu, dh, input_precision="ieee")
+
+    a = tl.load(A + rows64[:, None] * R + rk[None, :], mask=rkmask, other=0.0)
+    h = _act_fwd(a, act)
+    dact = _act_bwd(a, act)
+    if use_dropout:
+        keep = _keep_scale(SEED, rows64, rk, R, p, inv_keep)
+        h = h * keep
+        dact = dact * keep
+    s = scale
+    if use_scale_t:
+        s = s * tl.load(SCALE_T).to(tl.float32)
+    da = s * dh * dact
+    tl.store(PDS + pid, tl.sum(tl.sum(h * dh, axis=1), axis=0))
+    tl.store(PBD + pid * R_PAD + rk, tl.sum(da, axis=0))
+    tl.store(H + rows64[:, None] * R + rk[None, :], h.to(H.dtype.element_ty), mask=rkmask)
+    da_lo = da.to(DA.dtype.element_ty)
+    tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
+
+    # dx = da @ W_d, over D.
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        dx = tl.dot(da_lo, wd, input_precision="ieee")
+        tl.store(DX + rows64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["R", "S"])
+def _adapter_bwd_dw_kernel(
+    G,     # [M, D] grad of out
+    X,     # [M, D] adapter input
+    H,     # [M, R] h from _adapter_bwd_kernel
+    DA,    # [M, R] da from _adapter_bwd_kernel
+    PWU,   # [S, D, R] fp32 out: partial g^T h     (unscaled grad of W_u)
+    PWD,   # [S, R, D] fp32 out: partial da^T x    (grad of W_d)
+    PBU,   # [S, D]    fp32 out: partial colsum(g) (unscaled grad of b_u)
+    M, D, R, S,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    acc_wu = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    acc_wd = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    acc_bu = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(pid_s * BLOCK_M, M, S * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        rows64 = rows.to(tl.int64)
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        g = tl.load(G + offs, mask=m2, other=0.0)
+        x = tl.load(X + offs, mask=m2, other=0.0)
+        rk2 = rmask[:, None] & kmask[None, :]
+        h = tl.load(H + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
+        da = tl.load(DA + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
+        acc_wu = tl.dot(tl.trans(g), h, acc_wu, input_precision="ieee")
+        acc_wd = tl.dot(tl.trans(da), x, acc_wd, input_precision="ieee")
+        acc_bu += tl.sum(g.to(tl.float32), axis=0)
+    base = pid_s.to(tl.int64) * D * R
+    tl.store(PWU + base + cols[:, None] * R + rk[None, :], acc_wu, mask=cmask[:, None] & kmask[None, :])
+    tl.store(PWD + base + rk[:, None] * D + cols[None, :], acc_wd, mask=kmask[:, None] & cmask[None, :])
+    tl.store(PBU + pid_s.to(tl.int64) * D + cols, acc_bu, mask=cmask)
+
+
+@triton.jit
+def _philox_rand_kernel(SEED, OUT, N, BLOCK: tl.constexpr):
+    """OUT[i] = tl.rand(seed, i) for i < N: the stream the adapter dropout uses (tests only)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(SEED)
+    tl.store(OUT + offs, tl.rand(seed, offs.to(tl.int64)), mask=offs < N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox in plain torch: bit-exact with tl.rand(seed, offsets) (triton/language/random.py,
+# 10 rounds, 32-bit counters: c0 = offset low word, c1 = offset high word, key = seed).
+# ----------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # a * b for a, b < 2^32 without overflowing int64: split b into 16-bit halves.
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """tl.rand(seed, offsets) in torch: seed int64 (numel 1), offsets int64 >= 0 -> fp32 in [0, 1)."""
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = (offsets.to(torch.int64) >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)          # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x).to(torch.int32)     # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+
+
+def dropout_keep_mask(seed: torch.Tensor, rows: int, rank: int, p: float) -> torch.Tensor:
+    """The [rows, rank] bool keep-mask the kernels draw for seed and dropout probability p."""
+    offs = torch.arange(rows * rank, dtype=torch.int64, device=seed.device).view(rows, rank)
+    return philox_uniform(seed, offs) >= torch.tensor(p, dtype=torch.float32)
+
+
+def philox_uniform_triton(seed: torch.Tensor, n: int) -> torch.Tensor:
+    """tl.rand(seed, arange(n)) from a Triton kernel (GPU or interpreter); for checking the above."""
+    out = torch.empty(n, dtype=torch.float32, device=seed.device)
+    _philox_rand_kernel[(cdiv(n, 1024),)](seed, out, n, BLOCK=1024)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (clarity first; autograd-differentiable; the test oracle)
+# ----------------------------------------------------------------------------------------------
+def act_ref(a: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(a)
+    if act == "gelu":
+        return torch.nn.functional.gelu(a)
+    if act == "quick_gelu":
+        return a * torch.sigmoid(1.702 * a)
+    raise ValueError(f"act must be one of {tuple(ACTS)}, got {act!r}")
+
+
+def adapter_ref(x, w_down, b_down, w_up, b_up, *, base=None, residual=None, scale=1.0,
+                act="relu", dropout_p=0.0, seed=None):
+    """out = base + s * (up(dropout(act(down(x)))) ) + residual, computed in fp32, cast to x.dtype.
+
+    `scale` is a float or a tensor; dropout (p > 0) uses the kernels' Philox mask for `seed`.
+    """
+    f32 = torch.float32
+    a = torch.nn.functional.linear(x.to(f32), w_down.to(f32), None if b_down is None else b_down.to(f32))
+    h = act_ref(a, act)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, h.numel() // h.shape[-1], h.shape[-1], dropout_p).view(h.shape)
+        h = h * keep / (1.0 - dropout_p)
+    u = torch.nn.functional.linear(h, w_up.to(f32), None if b_up is None else b_up.to(f32))
+    s = scale.to(f32) if isinstance(scale, torch.Tensor) else scale
+    out = s * u
+    if base is not None:
+        out = out + base.to(f32)
+    if residual is not None:
+        out = out + residual.to(f32)
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (ValueError before any launch)
+# ----------------------------------------------------------------------------------------------
+def _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed):
+    op = "adapter"
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    d = x.shape[-1]
+    check_tensor(op, "w_down", w_down, dim=2, like=x)
+    r = w_down.shape[0]
+    if w_down.shape[1] != d:
+        raise ValueError(f"{op}: w_down must be [r, D] = [r, {d}], got w_down {describe(w_down)} "
+                         f"for x {describe(x)}")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{op}: rank r = {r} (w_down {describe(w_down)}) must be in 1..{MAX_RANK}")
+    check_tensor(op, "w_up", w_up, shape=(d, r), like=x)
+    if b_down is not None:
+        check_tensor(op, "b_down", b_down, shape=(r,), like=x)
+    if b_up is not None:
+        check_tensor(op, "b_up", b_up, shape=(d,), like=x)
+    for name, t in (("base", base), ("residual", residual)):
+        if t is not None:
+            check_tensor(op, name, t, shape=x.shape, like=x)
+    if scale_t is not None:
+        check_tensor(op, "scale", scale_t, like=x, dtype=scale_t.dtype)
+        if scale_t.numel() != 1:
+            raise ValueError(f"{op}: a tensor scale must have one element, got scale {describe(scale_t)}")
+    if act not in ACTS.values():
+        raise ValueError(f"{op}: act code {act} is not one of {ACTS}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
+    if p > 0.0:
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
+                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
+        if seed.device != x.device:
+            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but x is on {x.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check, reshape, allocate, launch (Triton path only)
+# ----------------------------------------------------------------------------------------------
+def _flags(p, scale_t):
+    use_dropout = 1 if p > 0.0 else 0
+    inv_keep = 1.0 / (1.0 - p) if p > 0.0 else 1.0
+    return use_dropout, inv_keep, 1 if scale_t is not None else 0
+
+
+def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: float, act: int,
+                p: float, seed, save: bool):
+    """Triton forward. Returns (out like x, a [M, r] fp32 or an empty [0, r] when not save)."""
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
+    d, r = x.shape[-1], w_down.shape[0]
+    x2 = rows_of(x)
+    m = x2.shape[0]
+    out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out.view(x.shape), a
+    wd, wu = w_down.contiguous(), w_up.contiguous()
+    bd = b_down.contiguous() if b_down is not None else x.new_zeros(r)
+    bu = b_up.contiguous() if b_up is not None else x.new_zeros(d)
+    base2 = rows_of(base) if base is not None else x2
+    res2 = rows_of(residual) if residual is not None else x2
+    dummy = _dummy(x.device)
+    st = scale_t.reshape(1).float() if scale_t is not None else dummy
+    use_dropout, inv_keep, use_st = _flags(p, scale_t)
+    sd = seed.reshape(1) if use_dropout else torch.zeros(1, dtype=torch.int64, device=x.device)
+    rp, c = config("adapter_fwd", r, x.dtype)
+    _adapter_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
+        x2, wd, bd, wu, bu, base2, res2, st, sd, out, a if save else dummy,
+        m, d, r, act, p, inv_keep, float(scale), use_st, int(base is not None),
+        int(residual is not None), int(save), use_dropout,
+        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    return out.view(x.shape), a
+
+
+def _num_row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
+    """Row splits S of the weight-grad kernel: about 4 programs per SM in total (fewer under the
+    interpreter, where 2 still exercises the strided row loop)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * n_col_blocks
+    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
+
+
+def _dummy(device):
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
+    """Triton backward. Returns (dx, dW_down, db_down, dW_up, db_up, dscale) in x's dtype
+    (dscale fp32 [1], zero when scale_t is None)."""
+    d, r = x.shape[-1], w_down.shape[0]
+    x2 = rows_of(x)
+    g2 = rows_of(grad_out)
+    m = x2.shape[0]
+    if g2.shape != x2.shape or grad_out.dtype != x.dtype or a.shape != (m, r):
+        raise ValueError(f"adapter_backward: grad_out {describe(grad_out)} / a {describe(a)} do not "
+                         f"match x {describe(x)} and rank {r}")
+    dev, dt = x.device, x.dtype
+    dx = torch.empty((m, d), dtype=dt, device=dev)
+    if m == 0:
+        z = torch.zeros
+        return (dx.view(x.shape), z(r, d, dtype=dt, device=dev), z(r, dtype=dt, device=dev),
+                z(d, r, dtype=dt, device=dev), z(d, dtype=dt, device=dev), z(1, device=dev))
+    use_dropout, inv_keep, use_st = _flags(p, scale_t)
+    st = scale_t.reshape(1).float() if scale_t is not None else _dummy(dev)
+    sd = seed.reshape(1) if use_dropout else torch.zeros(1, dtype=torch.int64, device=dev)
+    rp, c1 = config("adapter_bwd", r, dt)
+    p1 = cdiv(m, c1.BLOCK_M)
+    h = torch.empty((m, r), dtype=dt, device=dev)
+    da = torch.empty((m, r), dtype=dt, device=dev)
+    pbd = torch.empty((p1, rp), dtype=torch.float32, device=dev)
+    pds = torch.empty((p1,), dtype=torch.float32, device=dev)
+    wd, wu = w_down.contiguous(), w_up.contiguous()
+    _adapter_bwd_kernel[(p1,)](
+        g2, a, wd, wu, st, sd, dx, h, da, pbd, pds,
+        m, d, r, act, p, inv_keep, float(scale), use_st, use_dropout,
+        BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp,
+        num_warps=c1.num_warps, num_stages=c1.num_stages)
+    _, c2 = config("adapter_bwd_dw", r, dt)
+    ncol = cdiv(d, c2.BLOCK_N)
+    s_splits = _num_row_splits(m, c2.BLOCK_M, ncol, dev)
+    pwu = torch.empty((s_splits, d, r), dtype=torch.float32, device=dev)
+    pwd = torch.empty((s_splits, r, d), dtype=torch.float32, device=dev)
+    pbu = torch.empty((s_splits, d), dtype=torch.float32, device=dev)
+    _adapter_bwd_dw_kernel[(ncol, s_splits)](
+        g2, x2, h, da, pwu, pwd, pbu, m, d, r, s_splits,
+        BLOCK_M=c2.BLOCK_M, BLOCK_N=c2.BLOCK_N, R_PAD=rp,
+        num_warps=c2.num_warps, num_stages=c2.num_stages)
+    # Finalize: deterministic sums of the partials, then the scale.
+    s = float(scale) * (scale_t.reshape(1).float() if scale_t is not None else 1.0)
+    colsum_g = pbu.sum(0)
+    dbu = s * colsum_g
+    dwu = s * pwu.sum(0)
+    dwd = pwd.sum(0)
+    dbd = pbd[:, :r].sum(0)
+    bu = b_up.float() if b_up is not None else torch.zeros_like(colsum_g)
+    ds = float(scale) * (pds.sum() + (bu * colsum_g).sum()).reshape(1)
+    return dx.view(x.shape), dwd.to(dt), dbd.to(dt), dwu.to(dt), dbu.to(dt), ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch math with the kernels' saving policy (CPU / no Triton): saves x and a only.
+# ----------------------------------------------------------------------------------------------
+def _act_grad_torch(a: torch.Tensor, act: int) -> torch.Tensor:
+    if act == 0:
+        return (a > 0).to(a.dtype)
+    if act == 1:
+        return 0.5 * (1.0 + torch.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * torch.exp(-0.5 * a * a)
+    sg = torch.sigmoid(1.702 * a)
+    return sg + 1.702 * a * sg * (1.0 - sg)
+
+
+_ACT_NAMES = {v: k for k, v in ACTS.items()}
+
+
+def _keep_scale_torch(seed, m, r, p):
+    if p <= 0.0:
+        return None
+    return dropout_keep_mask(seed, m, r, p).to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def _adapter_fwd_torch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save):
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
+    f32 = torch.float32
+    d, r = x.shape[-1], w_down.shape[0]
+    x2 = x.reshape(-1, d)
+    m = x2.shape[0]
+    a = x2.to(f32) @ w_down.to(f32).t()
+    if b_down is not None:
+        a = a + b_down.to(f32)
+    h = act_ref(a, _ACT_NAMES[act])
+    keep = _keep_scale_torch(seed, m, r, p)
+    if keep is not None:
+        h = h * keep
+    u = h.to(x.dtype).to(f32) @ w_up.to(f32).t()
+    if b_up is not None:
+        u = u + b_up.to(f32)
+    s = scale * scale_t.reshape(()).to(f32) if scale_t is not None else scale
+    out = s * u
+    if base is not None:
+        out = out + base.reshape(-1, d).to(f32)
+    if residual is not None:
+        out = out + residual.reshape(-1, d).to(f32)
+    a_saved = a if save else a.new_empty((0, r))
+    return out.to(x.dtype).view(x.shape), a_saved
+
+
+def _adapter_bwd_torch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed):
+    f32 = torch.float32
+    d, r = x.shape[-1], w_down.shape[0]
+    g = grad_out.reshape(-1, d).to(f32)
+    x2 = x.reshape(-1, d).to(f32)
+    m = x2.shape[0]
+    s = scale * scale_t.reshape(()).to(f32) if scale_t is not None else torch.tensor(scale, dtype=f32)
+    dh = g @ w_up.to(f32)
+    h = act_ref(a, _ACT_NAMES[act])
+    dact = _act_grad_torch(a, act)
+    keep = _keep_scale_torch(seed, m, r, p)
+    if keep is not None:
+        h = h * keep
+        dact = dact * keep
+    da = s * dh * dact
+    colsum_g = g.sum(0)
+    dx = da @ w_down.to(f32)
+    dwd = da.t() @ x2
+    dbd = da.sum(0)
+    dwu = s * (g.t() @ h)
+    dbu = s * colsum_g
+    bu = b_up.to(f32) if b_up is not None else torch.zeros_like(colsum_g)
+    ds = scale * ((h * dh).sum() + (bu * colsum_g).sum()).reshape(1)
+    dt = x.dtype
+    return dx.to(dt).view(x.shape), dwd.to(dt), dbd.to(dt), dwu.to(dt), dbu.to(dt), ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastpeft::adapter", mutates_args=())
+def _adapter_op(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
+                w_up: torch.Tensor, b_up: torch.Tensor | None, base: torch.Tensor | None,
+                residual: torch.Tensor | None, scale_t: torch.Tensor | None, scale: float, act: int,
+                p: float, seed: torch.Tensor | None, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = adapter_fwd if use_triton(x) else _adapter_fwd_torch
+    return fn(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save)
+
+
+@_adapter_op.register_fake
+def _adapter_fake(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save):
+    m = x.numel() // x.shape[-1] if save else 0
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        x.new_empty((m, w_down.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::adapter_backward", mutates_args=())
+def _adapter_backward_op(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                         w_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
+                         scale_t: torch.Tensor | None, scale: float, act: int, p: float,
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    fn = adapter_bwd if use_triton(x) else _adapter_bwd_torch
+    return fn(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+
+
+@_adapter_backward_op.register_fake
+def _adapter_backward_fake(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed):
+    r, d = w_down.shape
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((r, d)),
+            x.new_empty((r,)), x.new_empty((d, r)), x.new_empty((d,)),
+            x.new_empty((1,), dtype=torch.float32))
+
+
+def _adapter_setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save = inputs
+    _, a = output
+    ctx.save_for_backward(x, a, w_down, w_up, b_up, scale_t, seed)
+    ctx.scale, ctx.act, ctx.p = scale, act, p
+    ctx.has = (base is not None, residual is not None)
+
+
+def _adapter_backward(ctx, grad_out, _grad_a):
+    x, a, w_down, w_up, b_up, scale_t, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if a.shape[0] != x.numel() // x.shape[-1]:
+        raise RuntimeError("fastpeft::adapter was called with save=False; it cannot be differentiated")
+    dx, dwd, dbd, dwu, dbu, ds = torch.ops.fastpeft.adapter_backward(
+        grad_out, x, a, w_down, w_up, b_up, scale_t, ctx.scale, ctx.act, ctx.p, seed)
+    has_base, has_res = ctx.has
+    return (dx if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+            dwu if need[3] else None, dbu if need[4] else None,
+            grad_out if has_base and need[5] else None,
+            grad_out if has_res and need[6] else None,
+            ds.reshape(scale_t.shape).to(scale_t.dtype) if scale_t is not None and need[7] else None,
+            None, None, None, None, None)
+
+
+_adapter_op.register_autograd(_adapter_backward, setup_context=_adapter_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional
+# ----------------------------------------------------------------------------------------------
+def _cast_param(t, dtype):
+    """Cast a parameter to the activation dtype (differentiably), e.g. fp32 params under autocast."""
+    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
+        return t.to(dtype)
+    return t
+
+
+def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
+            b_up: torch.Tensor | None, *, base: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None, scale: float | torch.Tensor = 1.0,
+            act: str = "relu", dropout_p: float = 0.0, training: bool = False,
+            seed: torch.Tensor | None = None) -> torch.Tensor:
+    """out = base + s * (W_u drop(act(W_d x + b_d)) + b_u) + residual.
+
+    x, base, residual: [..., D] float32/float16/bfloat16, same dtype and device. w_down [r, D],
+    b_down [r] or None, w_up [D, r], b_up [D] or None (cast to x.dtype, differentiably), r <= 128.
+    scale: a float, or a one-element tensor (learnable; gets a gradient). act: relu | gelu |
+    quick_gelu. Dropout (p = dropout_p) on the rank-r activation only when `training`; its mask
+    is drawn from `seed` (int64, one element; drawn from torch's generator when None).
+    Returns a contiguous tensor of x's shape and dtype.
+    """
+    if act not in ACTS:
+        raise ValueError(f"adapter: act must be one of {tuple(ACTS)}, got {act!r}")
+    check_tensor("adapter", "x", x)
+    w_down, b_down, w_up, b_up = (_cast_param(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_f = 1.0 if scale_t is not None else float(scale)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None and isinstance(x, torch.Tensor):
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, ACTS[act], p, seed)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, scale_t))
+    out, _ = torch.ops.fastpeft.adapter(x, w_down, b_down, w_up, b_up, base, residual, scale_t,
+                                        scale_f, ACTS[act], p, seed if p > 0.0 else None, save)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (kernels/aot.py)
+# ----------------------------------------------------------------------------------------------
+def aot_specs():
+    """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers can launch."""
+    specs = []
+    for dt in AOT_DTYPES:
+        P = TRITON_PTR[dt]
+        for rp in R_PADS:
+            c = CONFIGS["adapter_fwd"][(rp, "fp32" if dt == torch.float32 else "lp")]
+            sig = {"X": P, "WD": P, "BD": P, "WU": P, "BU": P, "BASE": P, "RES": P,
+                   "SCALE_T": "*fp32", "SEED": "*i64", "OUT": P, "A": "*fp32",
+                   "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
+                   "scale": "fp32", "use_scale_t": "i32", "has_base": "i32", "has_res": "i32",
+                   "save_a": "i32", "use_dropout": "i32"}
+            specs.append(("adapter_fwd", _adapter_fwd_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+            c = CONFIGS["adapter_bwd"][(rp, "fp32" if dt == torch.float32 else "lp")]
+            sig = {"G": P, "A": "*fp32", "WD": P, "WU": P, "SCALE_T": "*fp32", "SEED": "*i64",
+                   "DX": P, "H": P, "DA": P, "PBD": "*fp32", "PDS": "*fp32",
+                   "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
+                   "scale": "fp32", "use_scale_t": "i32", "use_dropout": "i32"}
+            specs.append(("adapter_bwd", _adapter_bwd_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+            c = CONFIGS["adapter_bwd_dw"][(rp, "fp32" if dt == torch.float32 else "lp")]
+            sig = {"G": P, "X": P, "H": P, "DA": P, "PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32",
+                   "M": "i32", "D": "i32", "R": "i32", "S": "i32"}
+            specs.append(("adapter_bwd_dw", _adapter_bwd_dw_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+    specs.append(("philox_rand", _philox_rand_kernel, {"SEED": "*i64", "OUT": "*fp32", "N": "i32"},
+                  dict(BLOCK=1024), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), "fp32"))
+    return specs
