@@ -6,6 +6,7 @@ from .lora import LoRA
 from .vpt import VPT
 from .fact import FacT
 from .kadaptation import KAdaptation
+from .noah import NOAH
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH"]
