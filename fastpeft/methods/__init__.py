@@ -7,6 +7,7 @@ from .vpt import VPT
 from .fact import FacT
 from .kadaptation import KAdaptation
 from .noah import NOAH
+from .ssf import SSF
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF"]
