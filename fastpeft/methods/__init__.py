@@ -8,6 +8,7 @@ from .fact import FacT
 from .kadaptation import KAdaptation
 from .noah import NOAH
 from .ssf import SSF
+from .vqt import VQT
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF", "VQT"]
