@@ -9,6 +9,7 @@ from .kadaptation import KAdaptation
 from .noah import NOAH
 from .ssf import SSF
 from .vqt import VQT
+from .bitfit import BitFit, LinearProbe
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF", "VQT"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF", "VQT", "BitFit", "LinearProbe"]
