@@ -2,14 +2,22 @@
 from .adaptformer import AdaptFormer
 from .adapter import Adapter
 from .convpass import Convpass
-from .lora import LoRA
 from .vpt import VPT
+from .noah import NOAH
+from .vqt import VQT
+from .lora import LoRA
 from .fact import FacT
 from .kadaptation import KAdaptation
-from .noah import NOAH
 from .ssf import SSF
-from .vqt import VQT
 from .bitfit import BitFit, LinearProbe
 from .base import Method, ViTInfo, vit_info
 
-__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "LoRA", "VPT", "FacT", "KAdaptation", "NOAH", "SSF", "VQT", "BitFit", "LinearProbe"]
+__all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "VPT", "VQT", "NOAH",
+           "LoRA", "FacT", "KAdaptation", "SSF", "BitFit", "LinearProbe"]
+
+
+def demo_methods(args, console):
+    """`python -m fastpeft demo`'s method part (fastpeft/demo.py; imported on use to avoid a cycle)."""
+    from ..demo import demo_methods as run
+
+    return run(args, console)
