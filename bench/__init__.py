@@ -1,0 +1,1 @@
+"""fastpeft benchmark suite (`pytest bench`); `python -m bench.report` renders its results."""

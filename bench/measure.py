@@ -1,0 +1,228 @@
+"""What every bench row measures besides time: saved activation bytes, modeled memory traffic,
+kernel launches, and the machine it ran on.
+
+* Saved bytes: `fastpeft.profile.saved_activation_bytes` (saved_tensors_hooks, distinct
+  storages, parameter and buffer storages excluded); on CUDA also `max_memory_allocated`.
+* Modeled traffic (`TrafficMode`): a TorchDispatchMode that adds, for every aten op reaching the
+  dispatcher, the bytes of its tensor inputs and outputs (views, allocations and metadata ops
+  excluded). For eager code this is the "each op reads its inputs from HBM and writes its outputs
+  back" model; a fused custom op (`torch.ops.fastpeft.*`) is one op, so it contributes its real
+  inputs + outputs. Compiled graphs are invisible to a dispatch mode: for them the bench uses
+  Inductor's own per-kernel count (`compiled_graph_bytes`).
+* Kernel launches: eager -> the number of non-view aten ops dispatched (a proxy: on a GPU each is
+  one kernel, sometimes two); compiled on CPU -> torch.profiler events of Inductor's C++ kernels
+  plus the extern aten ops they call; on CUDA -> the device kernels the profiler records.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import platform
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+#: H100 SXM HBM3 bandwidth used for the lower bound `bytes / H100_BW` (performance.md).
+H100_BW = 3.35e12
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Ops that move no data and launch no kernel (allocation, metadata, aliasing). Views are caught
+# by `OpOverload.is_view`; these are the non-view ones.
+_NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+    "lift_fresh", "set_", "resize_", "detach", "alias", "_reshape_alias", "_local_scalar_dense",
+    "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "record_stream",
+}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes an op touches for `t`: its logical size, capped by its storage (broadcast inputs
+    expanded with stride 0 are read once)."""
+    logical = t.numel() * t.element_size()
+    try:
+        return min(logical, int(t.untyped_storage().nbytes()))
+    except (RuntimeError, NotImplementedError):
+        return logical
+
+
+class TrafficMode(TorchDispatchMode):
+    """Counts modeled HBM bytes (inputs + outputs of each op) and dispatched ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.ops = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            moved = sum(_nbytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            moved += sum(_nbytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            self.bytes += moved
+            self.ops += 1
+            self.by_op[f"{func.namespace}::{name}"] += 1
+        return out
+
+
+def traffic(fn: Callable[[], Any]) -> TrafficMode:
+    """Run `fn()` under a TrafficMode and return it (`.bytes`, `.ops`, `.by_op`)."""
+    mode = TrafficMode()
+    with mode:
+        fn()
+    return mode
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: torch.nn.Module | list) -> int:
+    """Saved-for-backward bytes of `fn()`; `exclude`: the model, or the weight tensors of an op."""
+    from fastpeft.profile import saved_activation_bytes
+
+    return saved_activation_bytes(fn, exclude=[exclude] if isinstance(exclude, torch.nn.Module) else exclude)
+
+
+def cuda_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, int] | None:
+    """Peak allocated bytes during `fn()` on CUDA (absolute, and above what was allocated before)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"max_memory_allocated": int(peak), "above_start": int(peak - before)}
+
+
+# --- compiled graphs -------------------------------------------------------------------------
+
+def configure_inductor() -> None:
+    """Before any torch.compile in the bench: name Inductor's C++ kernels in the profiler (a
+    RECORD_FUNCTION per kernel; no cost while no profiler runs) and compile every graph afresh
+    so its byte count (computed during codegen only) is always available."""
+    import torch._inductor.config as ic
+
+    ic.cpp.enable_kernel_profile = True
+    ic.fx_graph_cache = False
+
+
+@contextlib.contextmanager
+def compiled_graph_bytes():
+    """Within the block, Inductor sums each compiled graph's kernels' read+write buffer sizes
+    (`GraphLowering.count_bytes`, extern kernels included) into `result["bytes"]`."""
+    from torch._inductor import compile_fx, metrics
+
+    log = compile_fx.inductor_metrics_log
+    saved = (log.level, log.propagate, list(log.handlers))
+    result: dict[str, int] = {}
+    start = metrics.num_bytes_accessed
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers = [logging.NullHandler()]
+    try:
+        yield result
+    finally:
+        result["bytes"] = int(metrics.num_bytes_accessed - start)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        log.handlers = saved[2]
+
+
+_PROFILER_SKIP = re.compile(
+    r"^aten::(as_strided|expand|transpose|t|view|reshape|_reshape_alias|resolve_conj|resolve_neg|"
+    r"empty|empty_like|empty_strided|resize_|detach|alias|unsqueeze|squeeze|permute|select|slice|"
+    r"lift_fresh|_unsafe_view|contiguous|clone_if_needed|set_)$"
+)
+
+
+def profiled_launches(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
+    """Kernel launches of `fn()` as the profiler sees them. CUDA: device kernels. CPU: Inductor's
+    C++ kernels (`*cpp_fused*`) plus top-level aten ops that do work (no views/allocations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        n = sum(1 for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        return n, "profiler: CUDA kernels"
+    n = 0
+    for e in events:
+        if "cpp_fused" in e.name:
+            n += 1
+        elif e.name.startswith("aten::") and not _PROFILER_SKIP.match(e.name):
+            parent = e.cpu_parent
+            if parent is None or not parent.name.startswith("aten::"):
+                n += 1
+    return n, "profiler: Inductor C++ kernels + top-level extern aten ops"
+
+
+# --- machine ---------------------------------------------------------------------------------
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "") if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001  (absent or broken: report as missing)
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {_cpu_name()}, {torch.get_num_threads()} threads"
+    slug = re.sub(r"[^a-z0-9]+", "-", (name if device.type == "cuda" else f"cpu-{_cpu_name()}-{torch.get_num_threads()}t").lower()).strip("-")
+    return {
+        "device": name,
+        "device_slug": slug,
+        "device_type": device.type,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "peft": _version("peft"),
+        "fastpeft": _version("fastpeft"),
+        "python": platform.python_version(),
+        "git_sha": _git_sha(),
+        "date": _dt.datetime.now().strftime("%Y-%m-%d"),
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "host_os": platform.platform(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
