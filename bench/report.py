@@ -1,0 +1,233 @@
+"""Render a bench results JSON (written by `pytest bench --bench-save DIR`) as a markdown table
+and a PNG chart, and optionally put them into README.md's Benchmarks section.
+
+    python -m bench.report bench/results/<device>-<date>.json
+    python -m bench.report --latest bench/results --readme README.md
+
+Writes <json stem>.md and <json stem>.png beside the JSON (or into --out-dir). With --readme,
+the text between `<!-- bench:begin -->` and `<!-- bench:end -->` in that file is replaced by the
+table (and a link to the chart); nothing else in the file is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+CONTENDER_ORDER = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute", "fastpeft")
+
+
+def _t(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} us"
+
+
+def _time_cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if r["status"] != "ok":
+        return "skip"
+    iqr = r.get("time_iqr_s")
+    return _t(r.get("time_median_s")) + (f" ({_t(iqr)})" if iqr is not None else "")
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:,.1f}"
+
+
+def _gb(b: int | None) -> str:
+    return "-" if b is None else f"{b / 1e9:,.2f}"
+
+
+def _num(v: float | None, fmt: str = "{:,.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _get(r: dict | None, key: str):
+    return None if r is None or r["status"] != "ok" else r.get(key)
+
+
+def _grouped(rows, suite):
+    """(name, size, contender) -> {mode: row}, in first-seen order."""
+    out: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in rows:
+        if r["suite"] == suite:
+            out.setdefault((r["name"], r.get("size"), r["contender"]), {})[r["mode"]] = r
+    return out
+
+
+def header(doc: dict) -> str:
+    m, c = doc["machine"], doc["config"]
+    shape = f"{c['model']}" + (f" depth {c['depth']}" if c.get("depth") else "") + \
+            (f" img {c['img_size']}" if c.get("img_size") else "")
+    return (f"**{m['device']}** — {shape}, batch {c['batch']}, {c['dtype']}, {m['date']}; "
+            f"torch {m['torch']}, triton {m.get('triton')}, timm {m.get('timm')}, peft {m.get('peft')}, "
+            f"git `{m['git_sha']}`; {c['rounds']} timed rounds per end-to-end row, {c['op_rounds']} per op row"
+            + (" (benchmark disabled: single untimed calls)" if c.get("benchmark_disabled") else "") + ".")
+
+
+def markdown(doc: dict, chart: str | None = None) -> str:
+    rows = doc["rows"]
+    lines = [header(doc), ""]
+    if chart:
+        lines += [f"![bench chart]({chart})", ""]
+    e2e = _grouped(rows, "e2e")
+    if e2e:
+        lines += [
+            "Train step = forward + backward + AdamW step; inference = no_grad forward. Times: median (IQR); "
+            "\"x eager\" = ratio to the eager reference of the same method in this run (lower is better). "
+            "Saved = activation bytes autograd keeps for backward (distinct storages, parameters and buffers "
+            "excluded). HBM = modeled bytes moved by one train step (eager/patch: inputs + outputs of every "
+            "dispatched op; compile: Inductor's count for its kernels); H100 bound = HBM / 3.35 TB/s. "
+            "Launches/block: dispatched aten ops per block (eager proxy) or profiler-counted kernels (compile).",
+            "",
+            "| method | contender | trainable | train | x eager | img/s | saved MiB | x eager | HBM GB | H100 bound | "
+            "launches/block | inference | x eager | img/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (name, _, contender), modes in e2e.items():
+            tr, inf = modes.get("train"), modes.get("infer")
+            if all(r["status"] != "ok" for r in modes.values()):
+                continue
+            params = _get(tr, "trainable_params") or _get(inf, "trainable_params")
+            lines.append(
+                f"| {name} | {contender} | {_num(params, '{:,}')} | {_time_cell(tr)} | {_x(_get(tr, 'time_vs_eager'))} | "
+                f"{_num(_get(tr, 'throughput'))} | {_mib(_get(tr, 'saved_bytes'))} | {_x(_get(tr, 'saved_vs_eager'))} | "
+                f"{_gb(_get(tr, 'hbm_bytes'))} | {_t(_get(tr, 'h100_lower_bound_s'))} | "
+                f"{_num(_get(tr, 'launches_per_block'), '{:.0f}')} | {_time_cell(inf)} | "
+                f"{_x(_get(inf, 'time_vs_eager'))} | {_num(_get(inf, 'throughput'))} |")
+        lines.append("")
+    ops = _grouped(rows, "op")
+    if ops:
+        lines += [
+            "Per-op rows (fixed random output gradient; dropout off). HBM and launches are for fwd+bwd.",
+            "",
+            "| op | B x N x D | contender | fwd+bwd | x eager | fwd | x eager | saved KiB | x eager | HBM MB | x eager | "
+            "launches |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (name, size, contender), modes in ops.items():
+            tr, inf = modes.get("fwd+bwd"), modes.get("fwd")
+            if all(r["status"] != "ok" for r in modes.values()):
+                continue
+            saved = _get(tr, "saved_bytes")
+            hbm = _get(tr, "hbm_bytes")
+            lines.append(
+                f"| {name} | {size} | {contender} | {_time_cell(tr)} | {_x(_get(tr, 'time_vs_eager'))} | "
+                f"{_time_cell(inf)} | {_x(_get(inf, 'time_vs_eager'))} | "
+                f"{'-' if saved is None else f'{saved / 1024:,.0f}'} | {_x(_get(tr, 'saved_vs_eager'))} | "
+                f"{'-' if hbm is None else f'{hbm / 1e6:,.1f}'} | {_x(_get(tr, 'hbm_vs_eager'))} | "
+                f"{_num(_get(tr, 'launches'), '{:.0f}')} |")
+        lines.append("")
+    skipped: "OrderedDict[str, list[str]]" = OrderedDict()
+    for r in rows:
+        if r["status"] != "ok":
+            label = f"{r['name']}" + (f"@{r['size']}" if r.get("size") else "") + f" {r['contender']} {r['mode']}"
+            skipped.setdefault(r.get("reason", ""), []).append(label)
+    if skipped:
+        lines += ["<details><summary>Skipped rows and why</summary>", ""]
+        for reason, labels in skipped.items():
+            shown = ", ".join(labels[:12]) + (f", ... ({len(labels)} rows)" if len(labels) > 12 else "")
+            lines.append(f"- {reason}: {shown}")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def chart(doc: dict, path: Path) -> bool:
+    """Grouped bars per method, one bar per contender: train time, inference time, saved MiB."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench.report: matplotlib not installed; no chart (make bench installs it)", file=sys.stderr)
+        return False
+    rows = [r for r in doc["rows"] if r["suite"] == "e2e" and r["status"] == "ok"]
+    if not rows:
+        return False
+    methods = list(OrderedDict.fromkeys(r["name"] for r in rows))
+    contenders = [c for c in CONTENDER_ORDER if any(r["contender"] == c for r in rows)]
+    panels = [("train", "time_median_s", "train step (s)"), ("infer", "time_median_s", "inference (s)"),
+              ("train", "saved_bytes", "saved for backward (MiB)")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(10, 1.1 * len(methods) + 2), 11), sharex=True)
+    width = 0.8 / max(1, len(contenders))
+    for ax, (mode, key, label) in zip(axes, panels):
+        for j, c in enumerate(contenders):
+            xs, ys = [], []
+            for i, m in enumerate(methods):
+                r = next((r for r in rows if r["name"] == m and r["contender"] == c and r["mode"] == mode), None)
+                if r is not None and r.get(key) is not None:
+                    xs.append(i + (j - (len(contenders) - 1) / 2) * width)
+                    ys.append(r[key] / 2**20 if key == "saved_bytes" else r[key])
+            ax.bar(xs, ys, width, label=c)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=len(contenders), fontsize=8, loc="upper left")
+    axes[-1].set_xticks(range(len(methods)))
+    axes[-1].set_xticklabels(methods, rotation=30, ha="right")
+    c, m = doc["config"], doc["machine"]
+    fig.suptitle(f"fastpeft bench: {m['device']} | {c['model']} batch {c['batch']} {c['dtype']} | {m['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def update_readme(readme: Path, text: str) -> None:
+    body = readme.read_text()
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"bench.report: {readme} has no {BEGIN} ... {END} markers (in its Benchmarks section)")
+    pre, rest = body.split(BEGIN, 1)
+    _, post = rest.split(END, 1)
+    readme.write_text(f"{pre}{BEGIN}\n{text.rstrip()}\n{END}{post}")
+
+
+def latest(directory: Path) -> Path:
+    files = [p for p in directory.glob("*.json") if not p.name.endswith(".benchmark.json")]
+    if not files:
+        raise SystemExit(f"bench.report: no results JSON in {directory} (run `make bench` first)")
+    return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="?", help="results JSON from `pytest bench --bench-save DIR`")
+    ap.add_argument("--latest", metavar="DIR", help="use the newest results JSON in DIR")
+    ap.add_argument("--out-dir", help="where to write the .md and .png (default: beside the JSON)")
+    ap.add_argument("--readme", help="replace the bench:begin/end block of this file with the table")
+    args = ap.parse_args(argv)
+    if not args.json and not args.latest:
+        ap.error("give a results JSON or --latest DIR")
+    src = Path(args.json) if args.json else latest(Path(args.latest))
+    doc = json.loads(src.read_text())
+    out = Path(args.out_dir) if args.out_dir else src.parent
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{src.stem}.png"
+    has_chart = chart(doc, png)
+    md = out / f"{src.stem}.md"
+    md.write_text(markdown(doc, png.name if has_chart else None))
+    print(f"bench.report: wrote {md}" + (f" and {png}" if has_chart else ""))
+    if args.readme:
+        readme = Path(args.readme)
+        rel = os.path.relpath(png, readme.parent) if has_chart else None
+        update_readme(readme, markdown(doc, rel))
+        print(f"bench.report: updated the Benchmarks section of {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
