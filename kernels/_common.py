@@ -18,6 +18,23 @@ import warnings
 
 import torch
 
+try:  # CPU-only torch wheels ship without triton: the ops then run their torch math.
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAVE_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` so kernel modules import; kernels are never launched."""
+
+        @staticmethod
+        def jit(fn=None, **_kw):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = _NoTriton()
+    tl = None
+
 BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,6 +89,10 @@ def _warn_once(key: str, msg: str) -> None:
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether this call runs the Triton kernels (see the module docstring)."""
     if _backend == "torch":
+        return False
+    if not HAVE_TRITON:
+        _warn_once("no-triton", "fastpeft.kernels: triton is not installed; using the torch "
+                   "reference math for the fused ops")
         return False
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if on_cuda:

@@ -31,9 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from ._common import tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of,
                       use_triton)
 
@@ -658,6 +657,7 @@ def _adapter_backward_fake(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, a
 def _adapter_setup_context(ctx, inputs, output):
     x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save = inputs
     _, a = output
+    ctx.mark_non_differentiable(a)
     ctx.save_for_backward(x, a, w_down, w_up, b_up, scale_t, seed)
     ctx.scale, ctx.act, ctx.p = scale, act, p
     ctx.has = (base is not None, residual is not None)

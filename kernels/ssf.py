@@ -25,9 +25,8 @@ dγ = a·S1 + c·S0, dβ = S0, da = γ·S1, dc = γ·S0.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._common import tl, triton
 from ._common import AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of, use_triton
 from .adapter import Cfg
 
@@ -506,6 +505,7 @@ def _layernorm_ssf_backward_fake(grad_out, x, ln_weight, ln_bias, scale, mean, r
 def _ln_setup(ctx, inputs, output):
     x, ln_weight, ln_bias, scale, shift, eps = inputs
     _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, ln_weight, ln_bias, scale, mean, rstd)
 
 
