@@ -44,7 +44,15 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
 
     st = state_of(model, create=True)
     b = Builder(model, key=method.name)
-    where = method.apply(model, info, b)
+    try:
+        where = method.apply(model, info, b)
+    except BaseException:
+        # undo whatever apply() attached before failing, so the model is unchanged
+        Injection(method=method, key=b.key, where="", params=[], added=b.added, hooks=b.hooks, slots=b.slots,
+                  replaced=b.replaced).detach(model)
+        if not st.injections:
+            del model.__dict__["_fastpeft"]
+        raise
     st.injections.append(
         Injection(method=method, key=b.key, where=where, params=b.params, added=b.added, hooks=b.hooks, slots=b.slots,
                   replaced=b.replaced)
@@ -106,20 +114,29 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError(
             "cannot merge: " + "; ".join(f"{m.name}: {m.merge_refusal}" for m in refusing)
         )
+    done: list[Injection] = []
+    was_training = model.training
     with torch.no_grad():
-        for inj in injs:  # injection order == hook order, so folding in this order is exact
-            if inj.merged:
-                continue
-            was_training = model.training
-            model.eval()  # merged math is the eval-mode (dropout-free) function
-            new = inj.method.merged_tensors(model, info)
-            model.train(was_training)
-            for name, value in new.items():
-                t = _tensor(model, name)
-                inj.stash["tensors"][name] = t.detach().clone()
-                t.copy_(value.to(dtype=t.dtype))
-            inj.detach(model)
-            inj.merged = True
+        try:
+            for inj in injs:  # injection order == hook order, so folding in this order is exact
+                if inj.merged:
+                    continue
+                model.eval()  # merged math is the eval-mode (dropout-free) function
+                try:
+                    new = inj.method.merged_tensors(model, info)
+                finally:
+                    model.train(was_training)
+                for name, value in new.items():
+                    t = _tensor(model, name)
+                    inj.stash["tensors"][name] = t.detach().clone()
+                    t.copy_(value.to(dtype=t.dtype))
+                inj.detach(model)
+                inj.merged = True
+                done.append(inj)
+        except BaseException:
+            # a later method could not merge: undo those merged by this call (model unchanged)
+            _restore(model, done)
+            raise
     return model
 
 
@@ -136,15 +153,33 @@ def unmerge(model: nn.Module) -> nn.Module:
     injs = [i for i in injections(model) if i.merged]
     if not injs:
         raise ValueError("nothing to unmerge: no merged fastpeft method in this model")
+    _restore(model, injs)
+    _set_trainable(model)
+    return model
+
+
+def _restore(model: nn.Module, injs: list[Injection]) -> None:
+    """Put merged injections back: frozen tensors in reverse merge order, then hooks/slots/modules
+    in injection order -- hooks sharing a layer must run in their original order, so live
+    injections that come later are taken off and re-attached after them."""
+    if not injs:
+        return
+    ids = {id(i) for i in injs}
+    everything = injections(model)
+    tail = everything[min(k for k, i in enumerate(everything) if id(i) in ids):]
+    live = [i for i in tail if id(i) not in ids and not i.merged]
     with torch.no_grad():
         for inj in reversed(injs):
             for name, orig in inj.stash["tensors"].items():
                 _tensor(model, name).copy_(orig)
             inj.stash["tensors"].clear()
+    for inj in live:
+        inj.detach(model)
+    ids.update(id(i) for i in live)
+    for inj in tail:
+        if id(inj) in ids:
             inj.reattach(model)
             inj.merged = False
-    _set_trainable(model)
-    return model
 
 
 def summary_rows(model: nn.Module) -> list[dict]:
