@@ -197,3 +197,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 def patch_report(model: nn.Module) -> PatchReport | None:
     st = model.__dict__.get("_fastpeft_patch")
     return st.report if st is not None else None
+
+
+# VQT needs no Triton (its ops are the C++/CUDA extension's, or their references): always tried.
+from .fused.vqt import VQTRule  # noqa: E402  (fused/vqt.py subclasses Rule, defined above)
+
+RULES.append(VQTRule())
