@@ -157,8 +157,17 @@ class RecomputeRule(Rule):
             del blk._fastpeft_orig_class
 
 
-#: fusion rules, tried in order; kernel issues append theirs (see fastpeft/fused/*)
+#: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
 RULES: list[Rule] = [RecomputeRule()]
+
+
+def _all_rules(report: PatchReport) -> list[Rule]:
+    try:
+        from .fused import rules
+    except ImportError as e:  # no triton: the fused modules' kernels cannot be imported
+        report.left_alone.append(("fused kernels", f"unavailable ({e}); only recompute applies"))
+        return list(RULES)
+    return [*rules(), *RULES]
 
 
 def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> PatchReport:
@@ -177,7 +186,7 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
         unpatch(model)
     report = PatchReport(backend=resolved, recompute=recompute)
     undo: list[tuple[Rule, Any]] = []
-    for rule in RULES:
+    for rule in _all_rules(report):
         for rec in rule.apply(model, info, resolved, recompute, report):
             undo.append((rule, rec))
     if undo:

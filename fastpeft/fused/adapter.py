@@ -1,0 +1,106 @@
+"""Bottleneck adapters under `fastpeft.patch`: each reference slot function (AdaptFormer parallel /
+sequential, NOAH's serial adapter, VPT's Pfeiffer adapter) is swapped in place for one call of the
+fused adapter op (kernels.adapter.adapter): down-projection, bias, activation, dropout (mask
+regenerated from a saved seed, never stored), up-projection, scale and residual in one pass,
+saving x and the rank-r pre-activation only. Same parameters, same slot position."""
+from __future__ import annotations
+
+import torch
+
+from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
+from ..methods.adaptformer import _Parallel, _Sequential
+from ..methods.base import PetlBlock, SlotFn
+from .common import kernel_call
+
+
+def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
+    from ..kernels import adapter as kad
+
+    return kernel_call(backend, x.device.type, kad.adapter, x, w_down, b_down, w_up, b_up, **kw)
+
+
+class FusedAdaptFormer(SlotFn):
+    """AdaptFormer's AdaptMLP (ReLU, dropout, scale s on the up-projection incl. its bias)."""
+
+    def __init__(self, original: _Parallel | _Sequential, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        ad = self.original.adapter
+        return _adapter(self.backend, x, ad.down_proj.weight, ad.down_proj.bias, ad.up_proj.weight, ad.up_proj.bias,
+                        residual=residual, scale=ad.scale, act="relu", dropout_p=ad.dropout, training=ad.training)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.original, _Parallel):
+            y, _ = args
+            return self._run(y, None)
+        (f,) = args
+        return self._run(f, f)
+
+
+class FusedSerialAdapter(SlotFn):
+    """NOAH's adapter after the drop-pathed FFN: f + ln2(dropout(QuickGELU(ln1(f)))) (leading
+    `active_dim` units of a supernet-sized adapter)."""
+
+    def __init__(self, original: AdapterAfterFFN, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, f: torch.Tensor) -> torch.Tensor:
+        ad = self.original.adapter
+        a = ad.active_dim
+        if a == 0:
+            return f
+        w1, b1, w2 = ad.ln1.weight, ad.ln1.bias, ad.ln2.weight
+        if a != ad.super_dim:
+            w1, b1, w2 = w1[:a], b1[:a], w2[:, :a].contiguous()
+        return _adapter(self.backend, f, w1, b1, w2, ad.ln2.bias, residual=f, scale=1.0, act=ad.act,
+                        dropout_p=ad.dropout, training=ad.training)
+
+
+class FusedPfeiffer(SlotFn):
+    """VPT's adapter on the raw MLP output: m + up(act(down(m)))."""
+
+    def __init__(self, original: _PfeifferOnMLP, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        o = self.original
+        return _adapter(self.backend, m, o.down.weight, o.down.bias, o.up.weight, o.up.bias, residual=m,
+                        scale=1.0, act=o.act, dropout_p=o.p, training=o.down.training)
+
+
+_FUSED = {_Parallel: FusedAdaptFormer, _Sequential: FusedAdaptFormer, AdapterAfterFFN: FusedSerialAdapter,
+          _PfeifferOnMLP: FusedPfeiffer}
+
+
+class AdapterRule:
+    name = "adapter"
+
+    def apply(self, model, info, backend, recompute, report):
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if not isinstance(blk, PetlBlock):
+                continue
+            for slot, fns in blk._fastpeft_slots.items():
+                for j, fn in enumerate(fns):
+                    fused = _FUSED.get(type(fn))
+                    if fused is None:
+                        continue
+                    if isinstance(fn, (_Parallel, _Sequential)) and fn.adapter.layernorm_option != "none":
+                        report.left_alone.append((f"blocks.{i} adaptmlp", "adapter LayerNorm option: kept as reference"))
+                        continue
+                    fns[j] = fused(fn, backend)
+                    fns[j].key = fn.key
+                    records.append((f"blocks.{i}", slot, j))
+        if records:
+            kinds = sorted({type(model.get_submodule(p)._fastpeft_slots[s][j]).__name__ for p, s, j in records})
+            report.patched.append((f"{len(records)} adapter slots", "fused bottleneck adapter (" + ", ".join(kinds) + ")", backend))
+        return records
+
+    def undo(self, model, record):
+        path, slot, j = record
+        fns = model.get_submodule(path)._fastpeft_slots[slot]
+        fns[j] = fns[j].original

@@ -1,0 +1,60 @@
+"""Shared plumbing for the fused modules: swapping a reference hook for its fused twin in place
+(same position among the layer's hooks, so the order of effects is unchanged) and running a kernel
+call under the backend `patch` resolved for the model."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from torch import nn
+
+from ..methods.base import OutputHook
+
+T = TypeVar("T")
+
+
+class AbsorbedHook(OutputHook):
+    """Stands in, at the same position, for a reference hook whose effect a fused neighbour now
+    computes (e.g. SSF after a LayerNorm, absorbed by the fused LayerNorm+SSF). Leaves the output
+    unchanged; keeps the original for `unpatch`."""
+
+    def __init__(self, original: OutputHook, by: str):
+        self.original = original
+        self.by = by
+        self.key = original.key
+
+    def __call__(self, module, inputs, out):
+        return None  # forward hooks returning None leave the output as it is
+
+
+def swap_hook(layer: nn.Module, old: OutputHook, new: OutputHook) -> None:
+    """Replace `old` by `new` in `layer`'s forward hooks, keeping its position and key."""
+    hooks = layer._forward_hooks
+    for hid, fn in hooks.items():
+        if fn is old:
+            new.key = old.key
+            hooks[hid] = new
+            return
+    raise ValueError(f"hook {old!r} is not registered on {type(layer).__name__}")
+
+
+def find_hooks(layer: nn.Module, cls: type) -> list[OutputHook]:
+    return [fn for fn in layer._forward_hooks.values() if type(fn) is cls]
+
+
+def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **kwargs) -> T:
+    """Call a fastpeft.kernels functional under the model's patch backend.
+
+    Triton on CUDA and the torch math on CPU are what the kernels pick by themselves (no global
+    state touched, so torch.compile traces straight through); only the explicit cross-overs
+    (Triton interpreter on CPU tensors, torch math on CUDA tensors) switch the kernels' backend.
+    """
+    from ..kernels import _common
+
+    if backend == "triton" and device_type != "cuda":
+        want = "triton"
+    elif backend in ("torch", "cpp") and device_type == "cuda":
+        want = "torch"
+    else:
+        return fn(*args, **kwargs)
+    with _common.backend(want):
+        return fn(*args, **kwargs)

@@ -1,0 +1,134 @@
+"""SSF under `fastpeft.patch`: the reference applies `x * scale + shift` as a hook after every
+site, and autograd keeps a copy of each scaled tensor. Fused:
+
+  LayerNorm -> SSF           one op (kernels.ssf.layernorm_ssf): saves x + row mean/rstd, not the
+                             normalised tensor                  (norm1, norm2, final norm)
+  fc1 -> SSF -> GELU         the GELU module becomes GELU(z * scale + shift) (kernels.ssf.ssf_gelu):
+                             saves z only instead of z, z*scale+shift and the GELU input
+  Linear -> SSF              one scale-shift op (C++ `fastpeft::scale_shift` on the cpp backend,
+                             kernels.ssf.ssf otherwise)         (qkv, proj, fc2, patch embedding)
+
+The fused modules read the very same `ssf_scale_*` / `ssf_shift_*` parameters from their official
+owners; the reference hooks stay registered (absorbed, or swapped for their fused twin in place),
+so `unpatch` restores them exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from timm.layers import LayerNorm as TimmLayerNorm
+
+from ..methods.base import OutputHook
+from ..methods.ssf import SSFHook
+from .common import AbsorbedHook, find_hooks, kernel_call, swap_hook
+
+
+def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
+    return getattr(hook.owner, hook.scale_name), getattr(hook.owner, hook.shift_name)
+
+
+class _LayerNormSSF:
+    """A LayerNorm whose output is scaled and shifted in the same op. Installed by re-classing the
+    model's own LayerNorm (its weight/bias stay where they were); `_fp_ssf` is the SSF hook whose
+    parameters it applies."""
+
+    _fp_ssf: SSFHook
+    _fp_backend: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import ssf as kssf
+
+        scale, shift = _ssf_params(self._fp_ssf)
+        return kernel_call(self._fp_backend, x.device.type, kssf.layernorm_ssf,
+                           x, self.weight, self.bias, scale, shift, self.eps)
+
+
+class FusedLayerNormSSF(_LayerNormSSF, nn.LayerNorm):
+    pass
+
+
+class FusedTimmLayerNormSSF(_LayerNormSSF, TimmLayerNorm):
+    pass
+
+
+#: LayerNorm classes computing plain F.layer_norm (timm's fast_norm path included) -> fused twin
+_FUSED_LN = {nn.LayerNorm: FusedLayerNormSSF, TimmLayerNorm: FusedTimmLayerNormSSF}
+
+
+class SSFGELU(nn.Module):
+    """Replaces an Mlp's `act` (exact-erf nn.GELU): GELU(z * scale + shift) with the fc1 SSF's
+    parameters, saving only z. Holds no parameters of its own."""
+
+    def __init__(self, ssf_hook: SSFHook, backend: str):
+        super().__init__()
+        self.__dict__["_fp_ssf"] = ssf_hook  # a plain reference, not a submodule
+        self.backend = backend
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        from ..kernels import ssf as kssf
+
+        scale, shift = _ssf_params(self._fp_ssf)
+        return kernel_call(self.backend, z.device.type, kssf.ssf_gelu, z, scale, shift)
+
+
+class FusedSSFHook(OutputHook):
+    """The standalone scale-shift after a Linear (or the patch embedding) as one op."""
+
+    def __init__(self, original: SSFHook, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        scale, shift = _ssf_params(self.original)
+        if self.backend == "cpp":
+            from ..ops import scale_shift
+
+            return scale_shift(out, scale, shift)
+        from ..kernels import ssf as kssf
+
+        return kernel_call(self.backend, out.device.type, kssf.ssf, out, scale, shift)
+
+
+class SSFRule:
+    name = "ssf"
+
+    def apply(self, model, info, backend, recompute, report):
+        records = []
+        for path, layer in model.named_modules():
+            for hook in find_hooks(layer, SSFHook):
+                if hook.channel_dim != -1:
+                    report.left_alone.append((f"{path} SSF", "NCHW conv output (patch-embed with a norm): kept as reference"))
+                    continue
+                fused_ln = _FUSED_LN.get(type(layer))
+                if fused_ln is not None and layer.elementwise_affine:
+                    swap_hook(layer, hook, AbsorbedHook(hook, by=fused_ln.__name__))
+                    records.append(("layernorm", path, type(layer)))
+                    layer.__class__ = fused_ln
+                    layer._fp_ssf, layer._fp_backend = hook, backend
+                    report.patched.append((path, "LayerNorm + SSF (saves x + row statistics)", backend))
+                    continue
+                mlp = model.get_submodule(path.rpartition(".")[0]) if path.endswith("mlp.fc1") else None
+                act = getattr(mlp, "act", None)
+                if mlp is not None and type(act) is nn.GELU and act.approximate == "none":
+                    swap_hook(layer, hook, AbsorbedHook(hook, by="SSFGELU"))
+                    mlp.act = SSFGELU(hook, backend)
+                    records.append(("gelu", path, act))
+                    report.patched.append((path, "fc1 -> SSF -> GELU (saves fc1 output only)", backend))
+                    continue
+                swap_hook(layer, hook, FusedSSFHook(hook, backend))
+                records.append(("hook", path))
+                report.patched.append((path, "scale-shift", backend))
+        return records
+
+    def undo(self, model, record):
+        kind, path = record[0], record[1]
+        layer = model.get_submodule(path)
+        for fn in list(layer._forward_hooks.values()):
+            if isinstance(fn, (AbsorbedHook, FusedSSFHook)) and isinstance(fn.original, SSFHook):
+                swap_hook(layer, fn, fn.original)
+        if kind == "layernorm":
+            layer.__class__ = record[2]
+            del layer._fp_ssf, layer._fp_backend
+        elif kind == "gelu":
+            model.get_submodule(path.rpartition(".")[0]).act = record[2]
