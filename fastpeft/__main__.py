@@ -1,0 +1,7 @@
+"""`python -m fastpeft ...`: see fastpeft/cli.py."""
+
+import sys
+
+from fastpeft.cli import main
+
+sys.exit(main())
