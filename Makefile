@@ -1,0 +1,136 @@
+# fastpeft: the whole contract on a fresh machine is `make demo` and `make test`.
+#
+#   make deps         create $(VENV) with torch and the test/bench tools
+#   make build        pip install -e . (compiles fastpeft._C; CUDA for sm_80/sm_90 when nvcc exists)
+#   make test         build, then the CPU test suite (Triton kernels run in the interpreter)
+#   make demo         build, then `python -m fastpeft demo`
+#   make cuda-check   the CUDA sources compile for sm_80 and sm_90 (no GPU needed)
+#   make triton-check Triton kernels compile ahead of time for real GPUs (no GPU needed)
+#   make clean        build outputs (keeps $(VENV)); `make distclean` also removes $(VENV)
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# nvcc on PATH may be a wrapper outside the toolkit (from which torch would infer a CUDA_HOME
+# without headers): point at the real toolkit unless told otherwise.
+ifeq ($(origin CUDA_HOME),undefined)
+  ifneq ($(wildcard /usr/local/cuda),)
+    CUDA_HOME := /usr/local/cuda
+  endif
+endif
+ifdef CUDA_HOME
+  export CUDA_HOME
+endif
+export MAX_JOBS ?= 2
+
+FASTPEFT_BUILD_BACKEND ?= auto
+export FASTPEFT_BUILD_BACKEND
+
+STAMPS := .stamps
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+# The build stamp must also go stale when the requested backend or arch list changes, not only
+# when files do: record them in a file that is rewritten only when its content changes.
+BUILD_CONFIG := $(STAMPS)/build-config
+BUILD_CONFIG_TEXT := backend=$(FASTPEFT_BUILD_BACKEND) archs=$(TORCH_CUDA_ARCH_LIST) cuda_home=$(CUDA_HOME)
+$(shell mkdir -p $(STAMPS); echo '$(BUILD_CONFIG_TEXT)' | cmp -s - $(BUILD_CONFIG) || echo '$(BUILD_CONFIG_TEXT)' > $(BUILD_CONFIG))
+
+# cuobjdump ships with full CUDA toolkits; minimal ones (like the build machines') lack it,
+# but Triton bundles one.
+CUOBJDUMP ?= $(firstword $(wildcard $(CUDA_HOME)/bin/cuobjdump) \
+    $(shell $(PY) -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null))
+CUDA_CHECK_DIR := build/cuda-check
+
+.PHONY: deps build test demo cuda-check triton-check clean distclean
+
+deps: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-stamp: Makefile pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 timm pybind11 ninja pytest pytest-benchmark rich matplotlib
+	touch $@
+
+build: $(STAMPS)/build
+
+$(STAMPS)/build: $(VENV)/.deps-stamp $(CSRC) setup.py fastpeft/version.py pyproject.toml $(BUILD_CONFIG)
+	@# --no-build-isolation: compile against the torch in $(VENV), not a fresh copy.
+	$(PIP) install -e . --no-build-isolation
+	touch $@
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m fastpeft demo
+
+# With a CUDA build, the installed .so must carry sm_80 and sm_90 cubins. Otherwise (CPU-only
+# torch, or FASTPEFT_BUILD_BACKEND=cpu|none) compile csrc/cuda/*.cu directly, so CUDA code is
+# still proven to compile for both targets.
+cuda-check: build
+	@test -x "$(CUOBJDUMP)" || { echo "cuda-check: no cuobjdump (set CUOBJDUMP=...)"; exit 1; }
+	@backend=$$($(PY) -c "import json; print(json.load(open('fastpeft/_build_info.json'))['backend'])"); \
+	if [ "$$backend" = cuda ]; then \
+	  so=$$(ls fastpeft/_C*.so) && elfs=$$($(CUOBJDUMP) --list-elf $$so) || exit 1; \
+	  echo "$$elfs"; \
+	  for sm in sm_80 sm_90; do \
+	    echo "$$elfs" | grep -q "\.$$sm\.cubin" || { echo "cuda-check: FAIL: no $$sm cubin in $$so"; exit 1; }; \
+	  done; \
+	  echo "cuda-check: OK: $$so has sm_80 and sm_90 cubins"; \
+	else \
+	  echo "cuda-check: build backend is '$$backend'; compiling csrc/cuda/*.cu for sm_80 and sm_90 into $(CUDA_CHECK_DIR)/"; \
+	  test -x "$(CUDA_HOME)/bin/nvcc" || { echo "cuda-check: FAIL: no nvcc at $(CUDA_HOME)/bin/nvcc"; exit 1; }; \
+	  mkdir -p $(CUDA_CHECK_DIR); \
+	  flags=$$($(PY) -c "from torch.utils import cpp_extension as c; import sysconfig; \
+	    print(' '.join(['-I' + p for p in c.include_paths('cuda') + [sysconfig.get_paths()['include']]] + c.COMMON_NVCC_FLAGS))") || exit 1; \
+	  for cu in csrc/cuda/*.cu; do \
+	    obj=$(CUDA_CHECK_DIR)/$$(basename $$cu .cu).o; \
+	    $(CUDA_HOME)/bin/nvcc -c $$cu -o $$obj -std=c++20 -O3 -Xcompiler -fPIC -DFASTPEFT_WITH_CUDA -Icsrc/include $$flags \
+	      -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 || exit 1; \
+	    elfs=$$($(CUOBJDUMP) --list-elf $$obj) || exit 1; \
+	    for sm in sm_80 sm_90; do \
+	      echo "$$elfs" | grep -q "\.$$sm\.cubin" || { echo "cuda-check: FAIL: no $$sm cubin in $$obj"; exit 1; }; \
+	    done; \
+	    echo "cuda-check: OK: $$cu compiles for sm_80 and sm_90"; \
+	  done; \
+	fi
+
+# Compiles every shipped Triton kernel config for sm_80/sm_90 and checks shared memory and
+# spills (see kernels/aot.py once it exists).
+triton-check: build
+	@if $(PY) -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('fastpeft.kernels.aot') else 1)" 2>/dev/null; then \
+	  $(PY) -m fastpeft.kernels.aot; \
+	else \
+	  echo "triton-check: no fastpeft.kernels.aot yet; nothing to check"; \
+	fi
+
+clean:
+	rm -rf build dist *.egg-info $(STAMPS) fastpeft/_C*.so fastpeft/_build_info.json .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
+
+# --- benchmarks (bench/, pytest-benchmark; see README "Benchmarks") --------------------------
+#   make bench        the full suite on this machine (~20 min on 2 CPU cores): writes
+#                     bench/results/<device>-<date>.{json,md,png} and README's Benchmarks table.
+#                     GPU setting of shared/guides/performance.md:
+#                     make bench BENCH_ARGS="--bench-model vit_base_patch16_224 --bench-batch 128 \
+#                       --bench-dtype bf16 --bench-device cuda --bench-compile all --bench-op-sizes 128x197x768"
+#                     baseline memory rows (ViT-B/16, batch 8, fp32, CPU):
+#                     make bench BENCH_ARGS="--bench-model vit_base_patch16_224 --bench-rounds 3 -k 'e2e and train'"
+#   make bench-smoke  every contender's code path on a tiny model, untimed (tests/test_bench_smoke.py runs it too)
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke
+
+$(VENV)/.bench-deps-stamp: $(VENV)/.deps-stamp
+	$(PIP) install peft matplotlib
+	touch $@
+
+bench: build $(VENV)/.bench-deps-stamp
+	$(PY) -m pytest bench -p no:cacheprovider --benchmark-columns=median,iqr,rounds --bench-save bench/results $(BENCH_ARGS)
+	$(PY) -m bench.report --latest bench/results --readme README.md
+
+bench-smoke: build
+	$(PY) -m bench.smoke
