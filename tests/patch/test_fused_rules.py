@@ -1,0 +1,118 @@
+"""Default `fastpeft.patch` on each method: same logits and gradients as the reference (fp32),
+never more saved activation bytes, the same Parameter objects and state_dict names, and an exact
+`unpatch`. The Triton backend is exercised through the interpreter on a one-block model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.profile import saved_activation_bytes
+from tests.methods.conftest import grads_of, images, make_vit, randomize_
+
+# fp32 tolerances: the fused ops accumulate in a different order than the eager chain
+ATOL, RTOL = 1e-5, 1e-4
+
+CASES = {
+    "ssf": lambda: fastpeft.SSF(),
+    "adaptformer-parallel": lambda: fastpeft.AdaptFormer(dim=8, dropout=0.0),
+    "adaptformer-sequential": lambda: fastpeft.AdaptFormer(dim=8, dropout=0.0, mode="sequential"),
+    "adaptformer-learnable-scale": lambda: fastpeft.AdaptFormer(dim=8, dropout=0.0, learnable_scale=True),
+    "adapter-noah": lambda: fastpeft.Adapter(dim=8, dropout=0.0),
+    "adapter-vpt": lambda: fastpeft.Adapter(dim=8, style="vpt", init="lora"),
+    "noah": lambda: fastpeft.NOAH(adapter_dims=[4, 8], lora_ranks=[0, 0], prompt_lens=[0, 0], dropout=0.0),
+}
+
+
+def build(case: str, **kw):
+    m = make_vit(**kw)
+    fastpeft.inject(m, CASES[case]())
+    randomize_([p for _, p in fastpeft.trainable_parameters(m)])
+    return m.train()
+
+
+def run(m, x):
+    m.zero_grad(set_to_none=True)
+    out = m(x)
+    out.square().mean().backward()
+    return out.detach(), grads_of(m)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_patch_matches_reference(case):
+    m, x = build(case), images()
+    out0, g0 = run(m, x)
+    params = {n: p for n, p in m.named_parameters()}
+    keys = list(m.state_dict())
+    report = fastpeft.patch(m, backend="torch")
+    assert report, str(report)
+    assert all(p is params[n] for n, p in m.named_parameters())
+    assert list(m.state_dict()) == keys
+    out1, g1 = run(m, x)
+    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    fastpeft.unpatch(m)
+    out2, g2 = run(m, x)
+    assert torch.equal(out2, out0)
+    assert all(torch.equal(g2[n], g0[n]) for n in g0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_patch_never_saves_more(case):
+    m, x = build(case), images()
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch")
+    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert fused <= ref
+
+
+def test_ssf_fusion_saves_at_most_three_quarters_at_base_width():
+    # ViT-B/16 width and token count (2 blocks to stay fast): the issue's <= 0.75x SSF target
+    m = make_vit("vit_base_patch16_224", depth=2, img_size=224)
+    fastpeft.inject(m, fastpeft.SSF())
+    m.train()
+    x = images(batch=2, img_size=224)
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    report = fastpeft.patch(m, backend="torch")
+    assert "LayerNorm + SSF" in str(report) and "fc1 -> SSF -> GELU" in str(report)
+    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert fused <= 0.75 * ref, (fused, ref)
+
+
+def test_recompute_on_top_of_fusion_is_exact_and_small():
+    m, x = build("ssf"), images()
+    ref_bytes = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    out0, g0 = run(m, x)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    out1, g1 = run(m, x)
+    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    assert saved_activation_bytes(lambda: m(x).sum(), exclude=[m]) <= 0.4 * ref_bytes
+
+
+@pytest.mark.parametrize("case", ["ssf", "adaptformer-parallel", "adapter-noah"])
+def test_triton_backend_through_the_interpreter(case):
+    m, x = build(case, depth=1, img_size=32), images(batch=1, img_size=32)
+    out0, g0 = run(m, x)
+    report = fastpeft.patch(m, backend="triton")
+    assert report.backend == "triton"
+    out1, g1 = run(m, x)
+    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+
+
+def test_train_mode_dropout_is_active_in_fused_adapter():
+    m = make_vit()
+    fastpeft.inject(m, fastpeft.AdaptFormer(dim=8, dropout=0.5))
+    randomize_([p for _, p in fastpeft.trainable_parameters(m)], std=0.5)
+    fastpeft.patch(m, backend="torch")
+    x = images()
+    m.train()
+    a, b = m(x), m(x)
+    assert not torch.equal(a, b)
+    m.eval()
+    assert torch.equal(m(x), m(x))
