@@ -1,0 +1,183 @@
+"""Ahead-of-time compile check of every shipped Triton kernel configuration for real GPUs.
+
+    python -m fastpeft.kernels.aot [--arch 80 90] [--jobs 2] [--only adapter_fwd,...] [--smoke]
+
+No GPU is needed: each (kernel, constexpr config, dtype) the launchers can pick (the `CONFIGS`
+tables in the kernel modules, enumerated by their `aot_specs()`) is compiled with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the cubin is inspected with
+`cuobjdump --dump-resource-usage`. Fails (exit 1, with a table of offenders) on a compile error,
+dynamic shared memory above the arch's per-block limit, or any STACK/LOCAL use (register
+spills). `--smoke` checks one (the smallest) config per kernel (tests/kernels/test_aot.py).
+
+Pointer arguments and the row width are compiled with 16-divisibility, as the JIT specialises
+them for contiguous tensors with D % 16 == 0 (all ViT widths); the other integer/float arguments
+are runtime values (`do_not_specialize`), so these binaries are the ones launched.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+# Per-block dynamic shared memory limits (bytes), engineering guide §3.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+MODULES = ("fastpeft.kernels.adapter", "fastpeft.kernels.ssf", "fastpeft.kernels.lowrank",
+           "fastpeft.kernels.convpass")
+DIVISIBLE_INTS = ("D",)  # integer args compiled as multiples of 16 (see docstring)
+
+
+def _specs():
+    import importlib
+    out = []
+    for mod in MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a broken import inside the module is an error, not "absent"
+                raise
+            print(f"aot: {mod} is not present; skipped", file=sys.stderr)
+            continue
+        for i, spec in enumerate(m.aot_specs()):
+            out.append((mod, i, spec))
+    return out
+
+
+def _cuobjdump() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise SystemExit(f"cuobjdump not found at {path}")
+    return path
+
+
+def _compile_one(job):
+    """Worker: compile spec `idx` of module `mod` for `arch`; returns a result row (dict)."""
+    mod, idx, arch, workdir = job
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, fn, sig, constexprs, cfg, dtype = importlib.import_module(mod).aot_specs()[idx]
+    row = {"kernel": name, "dtype": dtype.replace("torch.", ""), "arch": arch,
+           "config": ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",w={cfg.num_warps},s={cfg.num_stages}",
+           "regs": None, "shared": None, "stack": None, "local": None, "error": None, "seconds": 0.0}
+    t0 = time.time()
+    try:
+        names = list(sig)
+        attrs = {}
+        for i, (arg, ty) in enumerate(sig.items()):
+            if ty.startswith("*") or arg in DIVISIBLE_INTS:
+                attrs[(names.index(arg),)] = [["tt.divisibility", 16]]
+        full_sig = dict(sig)
+        for k in constexprs:
+            full_sig[k] = "constexpr"
+        src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        row["shared"] = int(k.metadata.shared)
+        cubin = os.path.join(workdir, f"{name}_{idx}_sm{arch}.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True,
+                             text=True, check=True).stdout
+        for key in ("REG", "STACK", "LOCAL"):
+            mm = re.search(rf"\b{key}:(\d+)", res)
+            row[key.lower() if key != "REG" else "regs"] = int(mm.group(1)) if mm else None
+    except Exception as e:  # noqa: BLE001 - reported as an offender
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def offences(row) -> list[str]:
+    out = []
+    if row["error"]:
+        out.append(row["error"])
+    else:
+        if row["shared"] is not None and row["shared"] > SHARED_LIMIT[row["arch"]]:
+            out.append(f"shared {row['shared']} B > sm_{row['arch']} limit {SHARED_LIMIT[row['arch']]} B")
+        if row["stack"] is None or row["stack"] > 0:
+            out.append(f"STACK {row['stack']} (register spills)")
+        if row["local"] is not None and row["local"] > 0:
+            out.append(f"LOCAL {row['local']} (register spills)")
+    return out
+
+
+def run(archs=(80, 90), jobs=2, only=None, smoke=False, verbose=True):
+    """Compile the matrix; returns (rows, bad_rows, seconds)."""
+    t0 = time.time()
+    specs = _specs()
+    if only:
+        specs = [s for s in specs if s[2][0] in only]
+    if smoke:  # one config per kernel name: the first listed (fp16, the smallest R_PAD / block)
+        seen, kept = set(), []
+        for s in specs:
+            if s[2][0] not in seen:
+                seen.add(s[2][0])
+                kept.append(s)
+        specs = kept
+    with tempfile.TemporaryDirectory(prefix="fastpeft_aot_") as workdir:
+        work = [(mod, idx, arch, workdir) for mod, idx, _ in specs for arch in archs]
+        jobs = max(1, min(jobs, 2, len(work)))
+        if jobs == 1:
+            rows = [_compile_one(w) for w in work]
+        else:
+            import multiprocessing as mp
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+                rows = list(ex.map(_compile_one, work))
+    bad = [r for r in rows if offences(r)]
+    secs = time.time() - t0
+    if verbose:
+        print_table(rows)
+        print(f"\n{len(rows)} compilations ({len(specs)} configs x {len(archs)} archs) in {secs:.1f} s "
+              f"with {jobs} process(es); {len(bad)} offender(s)")
+        if bad:
+            print("\nOFFENDERS:")
+            for r in bad:
+                print(f"  {r['kernel']:<18} {r['dtype']:<9} sm_{r['arch']}  {r['config']}: {'; '.join(offences(r))}")
+    return rows, bad, secs
+
+
+def print_table(rows) -> None:
+    hdr = f"{'kernel':<18} {'dtype':<9} {'arch':<6} {'regs':>4} {'shared':>7} {'stack':>5}  config"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        def fmt(v):
+            return "-" if v is None else str(v)
+        print(f"{r['kernel']:<18} {r['dtype']:<9} sm_{r['arch']:<3} {fmt(r['regs']):>4} {fmt(r['shared']):>7} "
+              f"{fmt(r['stack']):>5}  {r['config']}{'  ERROR' if r['error'] else ''}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastpeft.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2)")
+    ap.add_argument("--only", default="", help="comma-separated kernel names")
+    ap.add_argument("--smoke", action="store_true", help="one config per kernel")
+    ap.add_argument("--json", default="", help="also write the result rows to this JSON file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # triton.jit picked the interpreter at import time; compile from a clean process.
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET")
+        return subprocess.call([sys.executable, "-m", "fastpeft.kernels.aot", *(argv if argv is not None else sys.argv[1:])], env=env)
+    only = {s for s in args.only.split(",") if s}
+    rows, bad, secs = run(tuple(args.arch), args.jobs, only, args.smoke)
+    if args.json:
+        import json
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"seconds": secs, "kernels": sorted({s[2][0] for s in _specs()}), "rows": rows,
+                       "offenders": len(bad)}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
