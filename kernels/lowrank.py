@@ -1,0 +1,823 @@
+"""Low-rank deltas fused into a frozen projection: LoRA (NOAH, PETL-ViT), FacT-TT/TK, KAdaptation.
+
+Every method here adds a rank-R term to the output of a frozen nn.Linear (W [N, D], bias [N]):
+
+    out = x W^T + bias + u B^T,     u = drop(x A^T)   (dropout after the down projection)
+                                 or u = drop(x) A^T   (dropout on the input, NOAH LoRA)
+
+with an *effective* down matrix A [R, D] and up matrix B [N, R] that each method's functional
+builds, differentiably and in plain torch, from its (tiny) parameters (spec shared/spec/methods.md):
+
+  lora_noah_qkv   §4.1  A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
+  lora_petl_qkv   §4.2  A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
+  fact_linear     §5    A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
+                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); TK cores come from
+                        FacTc/FacTp through `fastpeft.methods.fact.fact_cores` (official interleave)
+  kadaptation_qkv §11   H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
+                        (x Dn^T) Up with Dn[(i,al,be), a*m+k] = L_i[a,al] WL_i[k,be] and
+                        Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
+                        (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
+                        so neither H nor any per-token D x D product is ever formed.
+
+The rank-R GEMMs and the frozen GEMM share one pass over the output ("K-concatenation"):
+out = [x | u] @ [W | B]^T + bias, i.e. the main kernel runs its K loop over D and then R more
+columns (u and B are tiny), with one fp32 accumulator and one store. Kernels:
+
+  _lowrank_down_kernel  u[M, R] = epi(drop_in(X)[M, D] @ P[R, D]^T); P by runtime strides (A in the
+                        forward, B^T in the backward); epilogue: +bias, QuickGELU, saved fp32
+                        pre-activation, output dropout, scale (the Convpass down projection uses it)
+  _lowrank_gemm_kernel  OUT[M, N] = X[M, D] @ W^T + U[M, R] @ B^T (+ bias); TRANS picks the layouts
+                        (forward: W [N, D], B [N, R]; backward dx: W [D, N], A [R, N]); LR_MASK
+                        multiplies the rank term by the input-dropout mask (NOAH's dx)
+  _lowrank_dw_kernel    per-split fp32 partials of P[M, R]^T Q[M, C] (Q optionally input-dropped)
+                        and of colsum(Q): deterministic (no atomics), the launcher sums the splits
+
+Forward: 2 launches (down, gemm). Backward: 4 (dz = drop'(g B); dx = g W + dz A via the same gemm;
+dB^T = u^T g with colsum(g) = dbias; dA = dz^T drop(x)). Saved for backward: x (the projection
+input) and u [M, R] in x's dtype -- plus the int64 seed; the dropout mask is never stored (Philox
+`tl.rand(seed, offset)` regenerated, bit-exact with `adapter.dropout_keep_mask` in torch; offsets
+row * width + col of the tensor it drops: [M, D] for input dropout, [M, R] for rank dropout).
+W is frozen (no gradient, asserted by the functionals); bias gets colsum(g) when it requires grad.
+
+tl.dot needs every dim >= 16 on sm_80/sm_90: the rank is padded to R_PAD = max(16, pow2(R)) with
+masked (zero) loads, which is exact. R > MAX_RANK falls back to the torch path of the same op.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of, tl,
+                      triton, use_triton)
+from .adapter import Cfg, dropout_keep_mask
+
+MAX_RANK = 128
+R_PADS = (16, 32, 64, 128)
+ACT_NONE, ACT_QUICK_GELU = 0, 1
+
+# ----------------------------------------------------------------------------------------------
+# Configurations: the single source of truth for the launchers and kernels/aot.py.
+# ----------------------------------------------------------------------------------------------
+CONFIGS: dict[str, dict[int, Cfg]] = {
+    # keyed by (R_PAD, IN_DROP): acc [BLOCK_M, R_PAD] fp32 in registers, D streamed in BLOCK_K
+    # chunks. BLOCK_K 64 spilled for fp32 on sm_80 (the ieee fp32 dot is FMA: STACK up to 3568
+    # at R_PAD 32/64), and with IN_DROP (a Philox number per x element of the tile, NOAH's input
+    # dropout) up to 1176: every variant streams 32 columns.
+    "lowrank_down": {
+        (16, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
+        (32, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
+        (64, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+        (128, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+        (16, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
+        (32, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
+        (64, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+        (128, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+    },
+    # keyed by (LR_MASK, element bytes); R is a runtime loop bound over BLOCK_K chunks, like D.
+    # 128x128x32 tiles, 3 stages: 48 KiB shared in fp16, 96 KiB in fp32 (< sm_80's 163 KiB).
+    # The input-dropout dx variant (LR_MASK) keeps a second fp32 accumulator and a Philox tile:
+    # 128x128 spilled on sm_80 (fp16 STACK 16), in fp32 128x64x32 (STACK 24) and 64x64x32 (16) too.
+    "lowrank_gemm": {
+        (0, 2): Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        (0, 4): Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        (1, 2): Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        (1, 4): Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
+    },
+    # keyed by R_PAD: acc [R_PAD, BLOCK_N] fp32; rows streamed in BLOCK_M chunks per split.
+    "lowrank_dw": {
+        16: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        32: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        64: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        128: Cfg(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    },
+}
+GROUP_M = 8  # program swizzle of the gemm: 8 row blocks share W column tiles in L2
+
+
+def r_pad_of(rank: int) -> int:
+    return max(16, next_pow2(rank))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed_ptr, rows64, cols, width, p, inv_keep):
+    """Dropout multiplier keep/(1-p) of elements (row, col) of a [*, width] tensor."""
+    seed = tl.load(seed_ptr)
+    u = tl.rand(seed, rows64[:, None] * width + cols[None, :])
+    return tl.where(u >= p, inv_keep, 0.0)
+
+
+@triton.jit
+def _quick_gelu(a):
+    return a * tl.sigmoid(1.702 * a)
+
+
+@triton.jit(do_not_specialize=["M", "R", "stride_pr", "stride_pk", "p", "inv_keep", "scale",
+                               "out_drop", "has_bias", "act", "save_pre"])
+def _lowrank_down_kernel(
+    X,      # [M, D] input rows (x dtype), contiguous
+    P,      # [R, D] down matrix, element (r, k) at r * stride_pr + k * stride_pk
+    BIAS,   # [R]    added when has_bias
+    SEED,   # [1]    int64, read when in_drop or out_drop
+    OUT,    # [M, R] output (x dtype)
+    PRE,    # [M, R] fp32 pre-activation (after bias, before act/dropout), written when save_pre
+    M, D, R, stride_pr, stride_pk, p, inv_keep, scale, out_drop, has_bias, act, save_pre,
+    IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        if IN_DROP:
+            x = (x.to(tl.float32) * _keep(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
+        pt = tl.load(P + rk[None, :] * stride_pr + cols[:, None] * stride_pk,
+                     mask=kmask[None, :] & cmask[:, None], other=0.0)
+        acc = tl.dot(x, pt, acc, input_precision="ieee")
+    rkmask = rmask[:, None] & kmask[None, :]
+    offs = rows64[:, None] * R + rk[None, :]
+    if has_bias:
+        acc += tl.load(BIAS + rk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    if save_pre:
+        tl.store(PRE + offs, acc, mask=rkmask)
+    if act == 1:
+        acc = _quick_gelu(acc)
+    if out_drop:
+        acc = acc * _keep(SEED, rows64, rk, R, p, inv_keep)
+    acc = acc * scale
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=rkmask)
+
+
+@triton.jit(do_not_specialize=["M", "R", "has_bias", "p", "inv_keep"])
+def _lowrank_gemm_kernel(
+    X,     # [M, D] rows (x dtype), contiguous
+    W,     # TRANS=0: [N, D] (frozen weight, forward); TRANS=1: [D, N] (the weight, for dx = g W)
+    U,     # [M, R] rank activations (x dtype), contiguous
+    B,     # TRANS=0: [N, R] (up matrix); TRANS=1: [R, N] (down matrix A, for dx)
+    BIAS,  # [N] added when has_bias
+    SEED,  # [1] int64, read when LR_MASK
+    OUT,   # [M, N] output (x dtype)
+    M, N, D, R, has_bias, p, inv_keep,
+    TRANS: tl.constexpr, LR_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    # grouped program order: GROUP row blocks walk the same column tiles (L2 reuse of W)
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * n_n
+    first_m = (pid // per_group) * GROUP
+    gsize = tl.minimum(n_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % gsize
+    pid_n = (pid % per_group) // gsize
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # frozen projection: K loop over D
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        x = tl.load(X + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if TRANS:
+            w = tl.load(W + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            w = tl.load(W + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    # low-rank term: the same K loop continued over R more columns ([x | u] @ [W | B]^T)
+    if LR_MASK:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc2 = acc
+    for r0 in range(0, R, BLOCK_K):
+        rs = r0 + tl.arange(0, BLOCK_K)
+        smask = rs < R
+        u = tl.load(U + rows64[:, None] * R + rs[None, :], mask=rmask[:, None] & smask[None, :], other=0.0)
+        if TRANS:
+            b = tl.load(B + rs[:, None] * N + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
+        else:
+            b = tl.load(B + cols[None, :] * R + rs[:, None], mask=smask[:, None] & cmask[None, :], other=0.0)
+        acc2 = tl.dot(u, b, acc2, input_precision="ieee")
+    if LR_MASK:
+        acc = acc + acc2 * _keep(SEED, rows64, cols, N, p, inv_keep)
+    else:
+        acc = acc2
+    if has_bias:
+        acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rows64[:, None] * N + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "R", "S", "p", "inv_keep", "q_drop", "want_colsum"])
+def _lowrank_dw_kernel(
+    P,     # [M, R] (x dtype), contiguous
+    Q,     # [M, D] (x dtype), contiguous
+    SEED,  # [1] int64, read when q_drop
+    PW,    # [S, R, D] fp32 out: partial P^T drop(Q)
+    PC,    # [S, D]    fp32 out: partial colsum(Q), written when want_colsum
+    M, D, R, S, p, inv_keep, q_drop, want_colsum,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    csum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(pid_s * BLOCK_M, M, S * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        rows64 = rows.to(tl.int64)
+        q = tl.load(Q + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        if want_colsum:
+            csum += tl.sum(q.to(tl.float32), axis=0)
+        if q_drop:
+            q = (q.to(tl.float32) * _keep(SEED, rows64, cols, D, p, inv_keep)).to(Q.dtype.element_ty)
+        pm = tl.load(P + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(pm), q, acc, input_precision="ieee")
+    base = pid_s.to(tl.int64) * R * D
+    tl.store(PW + base + rk[:, None] * D + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
+    if want_colsum:
+        tl.store(PC + pid_s.to(tl.int64) * D + cols, csum, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (Triton path): check, reshape, allocate, launch
+# ----------------------------------------------------------------------------------------------
+def _dummy(device, dtype=torch.float32):
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def _seed_or_zero(seed, p, device):
+    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def _inv_keep(p):
+    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
+
+
+def _row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
+    """Row splits of the weight-grad kernel: ~4 programs per SM in total (2 per column block
+    under the interpreter, which still exercises the strided row loop)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * n_col_blocks
+    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
+
+
+def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, save_pre=False,
+                p=0.0, seed=None, in_drop=False, out_drop=False, scale=1.0):
+    """u [M, r] (x dtype) = epi(drop_in(x2) @ P^T); returns (u, pre fp32 [M, r] or None)."""
+    m, d = x2.shape
+    dev = x2.device
+    out = torch.empty((m, r), dtype=x2.dtype, device=dev)
+    pre = torch.empty((m, r), dtype=torch.float32, device=dev) if save_pre else None
+    if m == 0:
+        return out, pre
+    rp = r_pad_of(r)
+    in_drop = int(in_drop and p > 0)
+    c = CONFIGS["lowrank_down"][(rp, in_drop)]
+    _lowrank_down_kernel[(cdiv(m, c.BLOCK_M),)](
+        x2, p_mat, bias if bias is not None else _dummy(dev), _seed_or_zero(seed, p, dev), out,
+        pre if save_pre else _dummy(dev),
+        m, d, r, stride_pr, stride_pk, float(p), _inv_keep(p), float(scale),
+        int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre),
+        IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out, pre
+
+
+def launch_gemm(x2, w, u, b, n, *, bias=None, trans=False, lr_mask=False, p=0.0, seed=None):
+    """OUT [M, n] = x2 @ W^T + u @ B^T (+ bias), layouts per `trans` (see the kernel)."""
+    m, d = x2.shape
+    r = u.shape[1]
+    dev = x2.device
+    out = torch.empty((m, n), dtype=x2.dtype, device=dev)
+    if m == 0 or n == 0:
+        return out
+    lr_mask = bool(lr_mask and p > 0)
+    c = CONFIGS["lowrank_gemm"][(int(lr_mask), x2.element_size())]
+    grid = (cdiv(m, c.BLOCK_M) * cdiv(n, c.BLOCK_N),)
+    _lowrank_gemm_kernel[grid](
+        x2, w, u, b, bias if bias is not None else _dummy(dev), _seed_or_zero(seed, p, dev), out,
+        m, n, d, r, int(bias is not None), float(p), _inv_keep(p),
+        TRANS=bool(trans), LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+        BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
+
+
+def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
+    """(P^T drop(Q) [R, D] fp32, colsum(Q) [D] fp32 or None): deterministic split-row sums."""
+    m, r = pm.shape
+    d = q.shape[1]
+    dev = q.device
+    if m == 0:
+        return (torch.zeros((r, d), dtype=torch.float32, device=dev),
+                torch.zeros(d, dtype=torch.float32, device=dev) if colsum else None)
+    rp = r_pad_of(r)
+    c = CONFIGS["lowrank_dw"][rp]
+    ncol = cdiv(d, c.BLOCK_N)
+    s = _row_splits(m, c.BLOCK_M, ncol, dev)
+    pw = torch.empty((s, r, d), dtype=torch.float32, device=dev)
+    pc = torch.empty((s, d), dtype=torch.float32, device=dev) if colsum else _dummy(dev)
+    _lowrank_dw_kernel[(ncol, s)](
+        pm, q, _seed_or_zero(seed, p, dev), pw, pc, m, d, r, s, float(p), _inv_keep(p),
+        int(q_drop and p > 0), int(colsum),
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+    return pw.sum(0), (pc.sum(0) if colsum else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (ValueError before any launch)
+# ----------------------------------------------------------------------------------------------
+def _validate(x, weight, bias, a, b, p, seed):
+    op = "lowrank_linear"
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    d = x.shape[-1]
+    check_tensor(op, "weight", weight, dim=2, like=x)
+    n = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must be [N, D] = [N, {d}], got weight {describe(weight)} for x {describe(x)}")
+    if weight.numel() >= 2**31:
+        raise ValueError(f"{op}: weight {describe(weight)} has >= 2^31 elements (32-bit offsets)")
+    check_tensor(op, "a", a, dim=2, like=x)
+    r = a.shape[0]
+    if a.shape[1] != d or r == 0:
+        raise ValueError(f"{op}: a (down) must be [R, D] = [R, {d}] with R >= 1, got a {describe(a)} for x {describe(x)}")
+    check_tensor(op, "b", b, shape=(n, r), like=x)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(n,), like=x)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
+    if p > 0.0:
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
+                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
+        if seed.device != x.device:
+            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but x is on {x.device}")
+
+
+def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """Triton forward: (out [..., N] x dtype, u [M, R] x dtype)."""
+    _validate(x, weight, bias, a, b, p, seed)
+    x2 = rows_of(x)
+    n, r = weight.shape[0], a.shape[0]
+    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
+    u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
+    out = launch_gemm(x2, w_c, u, b_c, n, bias=bias.contiguous() if bias is not None else None)
+    return out.view(*x.shape[:-1], n), u
+
+
+def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
+    """Triton backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
+    d, n, r = x.shape[-1], weight.shape[0], a.shape[0]
+    x2 = rows_of(x)
+    g2 = rows_of(grad_out)
+    if g2.shape != (x2.shape[0], n) or u.shape != (x2.shape[0], r):
+        raise ValueError(f"lowrank_linear_backward: grad_out {describe(grad_out)} / u {describe(u)} do "
+                         f"not match x {describe(x)}, weight {describe(weight)}, rank {r}")
+    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
+    # dz = drop'(g B) [M, R]: B [N, R] read as P(r, k) = B[k, r]
+    dz, _ = launch_down(g2, b_c, 1, r, r, p=p, seed=seed, out_drop=not drop_input)
+    # dx = g W + dz A  (NOAH: + (du A) * keep_x)
+    dx = launch_gemm(g2, w_c, dz, a_c, d, trans=True, lr_mask=drop_input, p=p, seed=seed)
+    dbt, dbias = launch_dw(u, g2, colsum=True)
+    da, _ = launch_dw(dz, x2, q_drop=drop_input, p=p, seed=seed)
+    dt = x.dtype
+    return dx.view(x.shape), da.to(dt), dbt.t().to(dt), dbias.to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch math with the kernels' saving policy (CPU / no Triton / R > MAX_RANK): saves x and u.
+# ----------------------------------------------------------------------------------------------
+def _keep_torch(seed, rows, width, p):
+    return dropout_keep_mask(seed, rows, width, p).to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
+    _validate(x, weight, bias, a, b, p, seed)
+    f32 = torch.float32
+    d, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, d).to(f32)
+    m = x2.shape[0]
+    xin = x2 * _keep_torch(seed, m, d, p) if (p > 0 and drop_input) else x2
+    z = xin @ a.to(f32).t()
+    if p > 0 and not drop_input:
+        z = z * _keep_torch(seed, m, a.shape[0], p)
+    u = z.to(x.dtype)
+    out = x2 @ weight.to(f32).t() + u.to(f32) @ b.to(f32).t()
+    if bias is not None:
+        out = out + bias.to(f32)
+    return out.to(x.dtype).view(*x.shape[:-1], n), u
+
+
+def _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    f32 = torch.float32
+    d, n, r = x.shape[-1], weight.shape[0], a.shape[0]
+    g = grad_out.reshape(-1, n).to(f32)
+    x2 = x.reshape(-1, d).to(f32)
+    m = x2.shape[0]
+    dz = g @ b.to(f32)
+    if p > 0 and not drop_input:
+        dz = dz * _keep_torch(seed, m, r, p)
+    dz = dz.to(x.dtype).to(f32)  # the kernel feeds dz to its GEMMs in x's dtype
+    lr = dz @ a.to(f32)
+    xin = x2
+    if p > 0 and drop_input:
+        keep = _keep_torch(seed, m, d, p)
+        lr = lr * keep
+        xin = x2 * keep
+    dx = g @ weight.to(f32) + lr
+    da = dz.t() @ xin
+    db = g.t() @ u.to(f32)
+    dt = x.dtype
+    return dx.to(dt).view(x.shape), da.to(dt), db.to(dt), g.sum(0).to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+def _triton_ok(x, a) -> bool:
+    return use_triton(x) and a.shape[0] <= MAX_RANK
+
+
+@torch.library.custom_op("fastpeft::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                       b: torch.Tensor, p: float, seed: torch.Tensor | None,
+                       drop_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = lowrank_linear_fwd if _triton_ok(x, a) else _lowrank_linear_fwd_torch
+    return fn(x, weight, bias, a, b, p, seed, drop_input)
+
+
+@_lowrank_linear_op.register_fake
+def _lowrank_linear_fake(x, weight, bias, a, b, p, seed, drop_input):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, a.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, p: float,
+                                seed: torch.Tensor | None, drop_input: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    fn = lowrank_linear_bwd if _triton_ok(x, a) else _lowrank_linear_bwd_torch
+    return fn(grad_out, x, weight, a, b, u, p, seed, drop_input)
+
+
+@_lowrank_linear_backward_op.register_fake
+def _lowrank_linear_backward_fake(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a),
+            torch.empty_like(b), x.new_empty((weight.shape[0],)))
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, p, seed, drop_input = inputs
+    _, u = output
+    ctx.save_for_backward(x, weight, a, b, u, seed)
+    ctx.p, ctx.drop_input = p, drop_input
+
+
+def _lowrank_backward(ctx, grad_out, _grad_u):
+    x, weight, a, b, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db, dbias = torch.ops.fastpeft.lowrank_linear_backward(
+        grad_out, x, weight, a, b, u, ctx.p, seed, ctx.drop_input)
+    # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
+    return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+            db if need[4] else None, None, None, None)
+
+
+_lowrank_linear_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functionals
+# ----------------------------------------------------------------------------------------------
+def _cast(t, dtype):
+    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
+        return t.to(dtype)
+    return t
+
+
+def _check_frozen(op, weight):
+    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: the frozen projection weight {describe(weight)} requires grad; the fused "
+                         "op gives it no gradient (PETL freezes the backbone): call weight.requires_grad_(False)")
+
+
+def _seed(p, seed, x):
+    if p > 0.0 and seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    return seed if p > 0.0 else None
+
+
+def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
+                   training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x W^T + bias + u B^T with u = drop(x A^T) (or drop(x) A^T when `drop_input`).
+
+    x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
+    None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
+    when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
+    """
+    op = "lowrank_linear"
+    check_tensor(op, "x", x)
+    _check_frozen(op, weight)
+    weight, bias, a, b = (_cast(t, x.dtype) for t in (weight, bias, a, b))
+    p = float(dropout_p) if training else 0.0
+    seed = _seed(p, seed, x)
+    _validate(x, weight, bias, a, b, p, seed)
+    out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
+    return out
+
+
+def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """[n, c] with `block` at rows start.. and zeros elsewhere (differentiable)."""
+    pieces = []
+    if start:
+        pieces.append(block.new_zeros((start, block.shape[1])))
+    pieces.append(block)
+    rest = n - start - block.shape[0]
+    if rest:
+        pieces.append(block.new_zeros((rest, block.shape[1])))
+    return torch.cat(pieces, 0) if len(pieces) > 1 else block
+
+
+def segmented_up(n: int, segments) -> torch.Tensor:
+    """B [n, sum r_t] from segments (row_start, B_t [n_t, r_t], s_t): output rows row_start..
+    get s_t * B_t on rank columns of segment t, zeros elsewhere."""
+    cols = [_place_rows(bt * s if s != 1.0 else bt, start, n) for start, bt, s in segments]
+    return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+
+
+def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
+                  dropout_p: float = 0.1, training: bool = False, seed=None):
+    """NOAH LoRA (spec §4.1): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
+    r = lora_a.shape[0] if rank is None else int(rank)
+    a = lora_a[:r]
+    b = lora_b[:, :r]
+    if scale != 1.0:
+        b = b * scale
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training, seed=seed)
+
+
+_QKV = ("q", "k", "v")
+
+
+def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0, dropout_p: float = 0.1,
+                  training: bool = False, seed=None):
+    """PETL-ViT LoRA (spec §4.2): qkv[t] += s * U_t drop(D_t x) for t in downs (subset of q, k, v).
+
+    downs[t] = lora_t.adapter_down.weight [r, D]; ups[t] = lora_t.adapter_up.weight [N/3, r];
+    `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
+    the order of `downs`.
+    """
+    n = weight.shape[0]
+    if n % 3:
+        raise ValueError(f"lora_petl_qkv: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
+    ad = n // 3
+    targets = list(downs)
+    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
+        raise ValueError(f"lora_petl_qkv: downs/ups must name the same targets among {_QKV}, got "
+                         f"{list(downs)} / {list(ups)}")
+    sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    a = torch.cat([downs[t] for t in targets], 0)
+    b = segmented_up(n, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
+
+
+FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
+
+
+def fact_tk_cores(fact_c: torch.Tensor, fact_p: torch.Tensor, block: int) -> dict:
+    """FacT-TK cores of block `block` as matrices on column vectors (q, k, v, proj [r, r],
+    fc1 [4r, r], fc2 [r, 4r]) -- `fastpeft.methods.fact.fact_cores` (official interleave)."""
+    from fastpeft.methods.fact import fact_cores
+    return fact_cores(types.SimpleNamespace(FacTc=fact_c, FacTp=fact_p, blocks=[None] * (block + 1)), "tk", block)
+
+
+def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale: float):
+    """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (spec §5.1); `core`: qkv: a
+    [3r, r] tensor or a (M_q, M_k, M_v) sequence; proj [r, r]; fc1 [4r, r]; fc2 [r, 4r]."""
+    if layer not in FACT_LAYERS:
+        raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
+    if layer == "qkv" and not isinstance(core, torch.Tensor):
+        core = torch.cat(list(core), 0)
+    bv = v_w * scale if scale != 1.0 else v_w
+    if layer == "qkv":
+        return core @ u_w, torch.block_diag(bv, bv, bv)
+    if layer == "proj":
+        return core @ u_w, bv
+    if layer == "fc1":
+        return core @ u_w, torch.block_diag(bv, bv, bv, bv)
+    return core @ torch.block_diag(u_w, u_w, u_w, u_w), bv  # fc2: U per D-chunk of the 4D input
+
+
+def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
+                dropout_p: float = 0.1, training: bool = False, seed=None):
+    """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (spec §5): out = x W^T + b + s V dp(M U x)
+    per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
+    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fact_tk_cores(FacTc, FacTp, i)[layer...]`).
+    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r])."""
+    a, b = fact_effective(layer, fact_u, fact_v, core, scale)
+    if a.shape[1] != x.shape[-1] or b.shape[0] != weight.shape[0]:
+        raise ValueError(f"fact_linear({layer}): the delta maps {a.shape[1]} -> {b.shape[0]} features but x is "
+                         f"{describe(x)} and weight {describe(weight)}")
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
+
+
+def kron_factors(rule_left, rule_right, w_left, w_right):
+    """(Dn [R, n*m], Up [R, n*m]) with x @ sum_i kron(A_i, B_i) = (x Dn^T) Up, R = n*k1*k2,
+    A_i = rule_left[i] @ rule_right[i] ([n, k1] @ [k1, n]), B_i = w_left[i] @ w_right[i]."""
+    n, m = rule_left.shape[1], w_left.shape[1]
+    dn = torch.einsum("iaA,ikB->iABak", rule_left, w_left).reshape(-1, n * m)
+    up = torch.einsum("iAc,iBp->iABcp", rule_right, w_right).reshape(-1, n * m)
+    return dn, up
+
+
+def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
+                    q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
+    """KAdaptation on a fused qkv (spec §11; `fastpeft.methods.kadaptation` semantics):
+    q += q_mult * (x drop(H_q) * scale + b), v += x drop(H_v) * scale + b, H = sum_i A_i (x) B_i.
+
+    rule1/rule2 = (phm_rule_left [n, n, k1], phm_rule_right [n, k1, n]); q_factors/v_factors =
+    (adapter1_left [n, m, k2], adapter1_right [n, k2, m]) (pass q's for v to reproduce the
+    official v_uses_q_factors); b_shared [D]. Without dropout (eval, or p = 0) the delta is the
+    rank-2R fused kernel (R = n k1 k2). With dropout in training the official semantics drop
+    entries of the D x D matrix H itself, which destroys the Kronecker/low-rank structure: then H
+    is materialised once per call (not per token), masked (Philox, q offsets [0, D^2), v [D^2,
+    2 D^2)) and folded into the frozen weight in plain torch, as the official code does.
+    """
+    _check_frozen("kadaptation_qkv", weight)
+    d = x.shape[-1]
+    n_out = weight.shape[0]
+    if n_out != 3 * d:
+        raise ValueError(f"kadaptation_qkv: weight {describe(weight)} must be a fused qkv [3D, D] for x {describe(x)}")
+    dn_q, up_q = kron_factors(rule1[0], rule1[1], q_factors[0], q_factors[1])
+    dn_v, up_v = kron_factors(rule2[0], rule2[1], v_factors[0], v_factors[1])
+    if dn_q.shape[1] != d:
+        raise ValueError(f"kadaptation_qkv: the Kronecker factors build a {dn_q.shape[1]}-wide H but x is {describe(x)}")
+    zeros = b_shared.new_zeros(d)
+    b_eff = torch.cat([b_shared * q_mult, zeros, b_shared])
+    bias_eff = b_eff if bias is None else bias + b_eff
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0:
+        seed = _seed(p, seed, x)
+        keep = dropout_keep_mask(seed, 2 * d, d, p).to(up_q.dtype) / (1.0 - p)
+        h_q = (dn_q.t() @ up_q) * keep[:d]
+        h_v = (dn_v.t() @ up_v) * keep[d:]
+        delta = torch.cat([h_q.t() * (scale * q_mult), h_q.new_zeros(d, d), h_v.t() * scale], 0)
+        return torch.nn.functional.linear(x, weight + delta.to(weight.dtype), _cast(bias_eff, x.dtype))
+    a = torch.cat([dn_q, dn_v], 0)
+    b = segmented_up(n_out, [(0, up_q.t(), scale * q_mult), (2 * d, up_v.t(), scale)])
+    return lowrank_linear(x, weight, bias_eff, a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# References (clarity first; autograd-differentiable; the test oracles). Computed in fp32, cast
+# to x's dtype. Dropout uses the kernels' Philox masks (`dropout_keep_mask`) for `seed`.
+# ----------------------------------------------------------------------------------------------
+def _f(t):
+    return t.to(torch.float32) if isinstance(t, torch.Tensor) else t
+
+
+def _drop_ref(t, p, seed):
+    if p <= 0.0:
+        return t
+    rows = t.numel() // t.shape[-1]
+    keep = dropout_keep_mask(seed, rows, t.shape[-1], p).view(t.shape)
+    return t * keep / (1.0 - p)
+
+
+def lowrank_linear_ref(x, weight, bias, a, b, *, dropout_p=0.0, drop_input=False, seed=None):
+    F = torch.nn.functional
+    x32 = _f(x)
+    base = F.linear(x32, _f(weight), _f(bias))
+    if drop_input:
+        u = F.linear(_drop_ref(x32, dropout_p, seed), _f(a))
+    else:
+        u = _drop_ref(F.linear(x32, _f(a)), dropout_p, seed)
+    return (base + F.linear(u, _f(b))).to(x.dtype)
+
+
+def lora_noah_qkv_ref(x, weight, bias, lora_a, lora_b, *, rank=None, scale=1.0, dropout_p=0.0, seed=None):
+    """NOAH: out + s * (drop(x) @ A[:r].T) @ B[:, :r].T (as NoahLoRAHook)."""
+    F = torch.nn.functional
+    r = lora_a.shape[0] if rank is None else rank
+    x32 = _f(x)
+    d = F.linear(F.linear(_drop_ref(x32, dropout_p, seed), _f(lora_a)[:r]), _f(lora_b)[:, :r])
+    return (F.linear(x32, _f(weight), _f(bias)) + scale * d).to(x.dtype)
+
+
+def lora_petl_qkv_ref(x, weight, bias, downs, ups, *, scale=1.0, dropout_p=0.0, seed=None):
+    """PETL-ViT: qkv chunk t += s_t * up_t(drop(down_t(x))) (as PetlLoRAHook); the masks are the
+    column blocks of one [M, sum r] mask in the order of `downs`."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    out = F.linear(x32, _f(weight), _f(bias))
+    parts = list(out.chunk(3, dim=-1))
+    z = torch.cat([F.linear(x32, _f(downs[t])) for t in downs], -1)
+    z = _drop_ref(z, dropout_p, seed)
+    c = 0
+    for t in downs:
+        r = downs[t].shape[0]
+        s = scale[t] if isinstance(scale, dict) else scale
+        j = _QKV.index(t)
+        parts[j] = parts[j] + F.linear(z[..., c:c + r], _f(ups[t])) * s
+        c += r
+    return torch.cat(parts, -1).to(x.dtype)
+
+
+def fact_linear_ref(x, weight, bias, fact_u, fact_v, core, *, layer, scale=1.0, dropout_p=0.0, seed=None):
+    """FacT as the official forward computes it (`fastpeft.methods.fact._FacTHook.apply`)."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    U, V = _f(fact_u), _f(fact_v)
+    out = F.linear(x32, _f(weight), _f(bias))
+    if layer == "qkv":
+        cores = torch.cat([_f(c) for c in core], 0) if not isinstance(core, torch.Tensor) else _f(core)
+        t = _drop_ref(F.linear(F.linear(x32, U), cores), dropout_p, seed)  # [..., 3r]
+        d = F.linear(t.unflatten(-1, (3, -1)), V).flatten(-2)
+    elif layer == "proj":
+        d = F.linear(_drop_ref(F.linear(F.linear(x32, U), _f(core)), dropout_p, seed), V)
+    elif layer == "fc1":
+        t = _drop_ref(F.linear(F.linear(x32, U), _f(core)), dropout_p, seed)  # [..., 4r]
+        d = F.linear(t.unflatten(-1, (4, -1)), V).flatten(-2)
+    else:
+        w = F.linear(x32.unflatten(-1, (4, -1)), U).flatten(-2)  # [..., 4r], index j*r + a
+        d = F.linear(_drop_ref(F.linear(w, _f(core)), dropout_p, seed), V)
+    return (out + d * scale).to(x.dtype)
+
+
+def kron_sum_ref(rule_left, rule_right, w_left, w_right):
+    """H = sum_i kron(rule_left[i] @ rule_right[i], w_left[i] @ w_right[i]) (explicit torch.kron)."""
+    return sum(torch.kron(rule_left[i] @ rule_right[i], w_left[i] @ w_right[i]) for i in range(rule_left.shape[0]))
+
+
+def kadaptation_qkv_ref(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale, q_mult=1.0,
+                        dropout_p=0.0, seed=None):
+    """As `fastpeft.methods.kadaptation._KAdaptHook.apply` (dense H), dropout mask from `seed`."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    d = x.shape[-1]
+    out = F.linear(x32, _f(weight), _f(bias))
+    h_q = kron_sum_ref(*(_f(t) for t in (*rule1, *q_factors)))
+    h_v = kron_sum_ref(*(_f(t) for t in (*rule2, *v_factors)))
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, 2 * d, d, dropout_p).to(torch.float32) / (1.0 - dropout_p)
+        h_q, h_v = h_q * keep[:d], h_v * keep[d:]
+    q, k, v = out.chunk(3, dim=-1)
+    bb = _f(b_shared)
+    dq = (x32 @ h_q * scale + bb) * q_mult
+    dv = x32 @ h_v * scale + bb
+    return torch.cat([q + dq, k, v + dv], -1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (kernels/aot.py). The reduction width is the `D` argument of every
+# kernel (compiled 16-divisible, as the JIT specialises it for ViT widths).
+# ----------------------------------------------------------------------------------------------
+def aot_specs():
+    specs = []
+    for dt in AOT_DTYPES:
+        P = TRITON_PTR[dt]
+        for (rp, in_drop), c in CONFIGS["lowrank_down"].items():
+            sig = {"X": P, "P": P, "BIAS": P, "SEED": "*i64", "OUT": P, "PRE": "*fp32",
+                   "M": "i32", "D": "i32", "R": "i32", "stride_pr": "i32", "stride_pk": "i32",
+                   "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "out_drop": "i32",
+                   "has_bias": "i32", "act": "i32", "save_pre": "i32"}
+            specs.append(("lowrank_down_indrop" if in_drop else "lowrank_down", _lowrank_down_kernel, sig,
+                          dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp), c, str(dt)))
+        sig = {"X": P, "W": P, "U": P, "B": P, "BIAS": P, "SEED": "*i64", "OUT": P,
+               "M": "i32", "N": "i32", "D": "i32", "R": "i32", "has_bias": "i32", "p": "fp32",
+               "inv_keep": "fp32"}
+        for name, trans, lr_mask in (("lowrank_gemm", 0, 0), ("lowrank_gemm_dx", 1, 0),
+                                     ("lowrank_gemm_dx_drop", 1, 1)):
+            c = CONFIGS["lowrank_gemm"][(lr_mask, dt.itemsize)]
+            specs.append((name, _lowrank_gemm_kernel, sig,
+                          dict(TRANS=trans, LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                               BLOCK_K=c.BLOCK_K, GROUP=GROUP_M), c, str(dt)))
+        for rp in R_PADS:
+            c = CONFIGS["lowrank_dw"][rp]
+            sig = {"P": P, "Q": P, "SEED": "*i64", "PW": "*fp32", "PC": "*fp32", "M": "i32", "D": "i32",
+                   "R": "i32", "S": "i32", "p": "fp32", "inv_keep": "fp32", "q_drop": "i32", "want_colsum": "i32"}
+            specs.append(("lowrank_dw", _lowrank_dw_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+    return specs
