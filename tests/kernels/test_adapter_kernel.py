@@ -19,8 +19,14 @@ import torch  # noqa: E402
 import fastpeft.kernels.adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="kernel tests run on CPU through the Triton interpreter")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    """CPU tests drive the kernels through the interpreter; `gpu` tests need it off."""
+    if "gpu" not in request.keywords and not INTERPRETING:
+        pytest.skip("kernel tests run on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
 
 # Tolerances of the fused op vs the fp32-upcast reference, per dtype (outputs and every grad).
 # atol is scaled by max(1, max|reference|): weight grads are sums over rows and grow with them.
@@ -320,3 +326,28 @@ def test_bad_base_seed_act_p():
     # the launcher itself validates too (direct callers)
     with pytest.raises(ValueError, match=r"w_up must have shape"):
         K.adapter_fwd(t["x"], t["w_down"], None, t["w_down"], None, None, None, None, 1.0, 0, 0.0, None, False)
+
+
+# ---- compiled kernels on a GPU (skipped without one; run with TRITON_INTERPRET=0) ------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETING, reason="needs compiled Triton kernels: run with TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r,act,layout,p,learnable", [(8, "relu", "parallel", 0.1, False),
+                                                      (64, "gelu", "sequential", 0.1, True),
+                                                      (96, "quick_gelu", "noah", 0.0, False)])
+def test_gpu_matches_reference(dtype, r, act, layout, p, learnable):
+    rows, d = 2 * 197 + 1, 768
+    t, kw = make_inputs(rows, d, r, layout, learnable, dtype)
+    t = {k: v.cuda() for k, v in t.items()}
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    seed_t = torch.tensor([4242], dtype=torch.int64, device="cuda")
+    grad = torch.randn(rows, d, device="cuda").to(dtype)
+    out, grads = run(K.adapter, t, kw, layout, act, p, seed_t, grad)
+    ref_out, ref_grads = reference(t, kw, layout, act, p, seed_t, grad)
+    tol = TOL[dtype] if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-3)
+    assert_close("out", out, ref_out, tol)
+    for k in grads:
+        assert_close(f"grad {k}", grads[k], ref_grads[k], tol)
+    u = K.philox_uniform_triton(seed_t, 4096)
+    assert torch.equal(u.cpu(), K.philox_uniform(seed_t.cpu(), torch.arange(4096)))

@@ -18,8 +18,14 @@ import torch  # noqa: E402
 import fastpeft.kernels.ssf as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="kernel tests run on CPU through the Triton interpreter")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    """CPU tests drive the kernels through the interpreter; `gpu` tests need it off."""
+    if "gpu" not in request.keywords and not INTERPRETING:
+        pytest.skip("kernel tests run on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
 
 # vs the fp32-upcast reference; atol is scaled by max(1, max|reference|) (column sums grow with rows)
 TOL = {
@@ -232,3 +238,20 @@ def test_bad_arguments_raise_value_error():
     # launchers validate on their own too
     with pytest.raises(ValueError, match=r"dtype mismatch"):
         K.ssf_fwd(x, scale.half(), shift, 0)
+
+
+# ---- compiled kernels on a GPU (skipped without one; run with TRITON_INTERPRET=0) ------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETING, reason="needs compiled Triton kernels: run with TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [768, 1000, 3072])
+def test_gpu_matches_reference(dtype, d):
+    m = 2 * 197 + 1
+    x = (2 * torch.randn(m, d, device="cuda")).to(dtype)
+    grad = torch.randn(m, d, device="cuda").to(dtype)
+    lnw, lnb, scale, shift = (p.cuda() for p in params(d, dtype, n=4))
+    check(K.ssf, K.ssf_ref, [x, scale, shift], grad, dtype, ["x", "scale", "shift"])
+    check(K.ssf_gelu, K.ssf_gelu_ref, [x, scale, shift], grad, dtype, ["z", "scale", "shift"])
+    check(K.layernorm_ssf, K.layernorm_ssf_ref, [x, lnw, lnb, scale, shift], grad, dtype,
+          ["x", "ln_weight", "ln_bias", "scale", "shift"], eps=1e-6)
