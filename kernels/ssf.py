@@ -374,7 +374,8 @@ def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
 # ----------------------------------------------------------------------------------------------
 def _ssf_fwd_torch(x, scale, shift, act):
     _validate_ssf("ssf", x, scale, shift)
-    return ssf_gelu_ref(x, scale, shift) if act == 1 else ssf_ref(x, scale, shift)
+    y = ssf_gelu_ref(x, scale, shift) if act == 1 else ssf_ref(x, scale, shift)
+    return y.contiguous()  # the op's contract (and its fake): contiguous, whatever x's strides
 
 
 def _ssf_bwd_torch(grad_out, x, scale, shift, act):
