@@ -176,7 +176,7 @@ def chart(doc: dict, path: Path) -> bool:
             ax.bar(xs, ys, width, label=c)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(ncol=len(contenders), fontsize=8, loc="upper left")
+    axes[0].legend(ncol=len(contenders), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     axes[-1].set_xticks(range(len(methods)))
     axes[-1].set_xticklabels(methods, rotation=30, ha="right")
     c, m = doc["config"], doc["machine"]
@@ -187,13 +187,16 @@ def chart(doc: dict, path: Path) -> bool:
     return True
 
 
-def update_readme(readme: Path, text: str) -> None:
-    body = readme.read_text()
+def update_readme(readme: Path, text: str) -> bool:
+    body = readme.read_text() if readme.exists() else ""
     if BEGIN not in body or END not in body:
-        raise SystemExit(f"bench.report: {readme} has no {BEGIN} ... {END} markers (in its Benchmarks section)")
+        print(f"bench.report: {readme} has no {BEGIN} ... {END} markers (README's Benchmarks section); "
+              "left unchanged", file=sys.stderr)
+        return False
     pre, rest = body.split(BEGIN, 1)
     _, post = rest.split(END, 1)
     readme.write_text(f"{pre}{BEGIN}\n{text.rstrip()}\n{END}{post}")
+    return True
 
 
 def latest(directory: Path) -> Path:
@@ -224,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         readme = Path(args.readme)
         rel = os.path.relpath(png, readme.parent) if has_chart else None
-        update_readme(readme, markdown(doc, rel))
-        print(f"bench.report: updated the Benchmarks section of {readme}")
+        if update_readme(readme, markdown(doc, rel)):
+            print(f"bench.report: updated the Benchmarks section of {readme}")
     return 0
 
 
