@@ -75,21 +75,27 @@ CONFIGS: dict[str, dict[int, Cfg]] = {
         (128, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
     },
     # keyed by (LR_MASK, element bytes); R is a runtime loop bound over BLOCK_K chunks, like D.
-    # 128x128x32 tiles, 3 stages: 48 KiB shared in fp16, 96 KiB in fp32 (< sm_80's 163 KiB).
+    # 128x128x32 tiles, 3 stages, 48 KiB shared in fp16/bf16. fp32 (an ieee dot: FMA, no tensor
+    # cores) spilled at 128x128x32 on sm_80 (STACK 16 / 96 for dx): 64x64x16 there.
     # The input-dropout dx variant (LR_MASK) keeps a second fp32 accumulator and a Philox tile:
     # 128x128 spilled on sm_80 (fp16 STACK 16), in fp32 128x64x32 (STACK 24) and 64x64x32 (16) too.
     "lowrank_gemm": {
         (0, 2): Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        (0, 4): Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        (0, 4): Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
         (1, 2): Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
         (1, 4): Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
     },
-    # keyed by R_PAD: acc [R_PAD, BLOCK_N] fp32; rows streamed in BLOCK_M chunks per split.
+    # keyed by (R_PAD, element bytes): acc [R_PAD, BLOCK_N] fp32; rows streamed in BLOCK_M
+    # chunks per split. fp32 R_PAD 32 at 128 columns / 4 warps spilled (STACK 8): 8 warps.
     "lowrank_dw": {
-        16: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
-        32: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
-        64: Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-        128: Cfg(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        (16, 2): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        (32, 2): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        (64, 2): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        (128, 2): Cfg(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        (16, 4): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=2),
+        (32, 4): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        (64, 4): Cfg(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        (128, 4): Cfg(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     },
 }
 GROUP_M = 8  # program swizzle of the gemm: 8 row blocks share W column tiles in L2
@@ -329,7 +335,7 @@ def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
         return (torch.zeros((r, d), dtype=torch.float32, device=dev),
                 torch.zeros(d, dtype=torch.float32, device=dev) if colsum else None)
     rp = r_pad_of(r)
-    c = CONFIGS["lowrank_dw"][rp]
+    c = CONFIGS["lowrank_dw"][(rp, q.element_size())]
     ncol = cdiv(d, c.BLOCK_N)
     s = _row_splits(m, c.BLOCK_M, ncol, dev)
     pw = torch.empty((s, r, d), dtype=torch.float32, device=dev)
@@ -815,7 +821,7 @@ def aot_specs():
                           dict(TRANS=trans, LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
                                BLOCK_K=c.BLOCK_K, GROUP=GROUP_M), c, str(dt)))
         for rp in R_PADS:
-            c = CONFIGS["lowrank_dw"][rp]
+            c = CONFIGS["lowrank_dw"][(rp, dt.itemsize)]
             sig = {"P": P, "Q": P, "SEED": "*i64", "PW": "*fp32", "PC": "*fp32", "M": "i32", "D": "i32",
                    "R": "i32", "S": "i32", "p": "fp32", "inv_keep": "fp32", "q_drop": "i32", "want_colsum": "i32"}
             specs.append(("lowrank_dw", _lowrank_dw_kernel, sig,

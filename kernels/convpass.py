@@ -1,0 +1,546 @@
+"""Fused Convpass bypass (spec shared/spec/methods.md §6; `fastpeft.methods.convpass.ConvpassModule`):
+
+    out = base + s * up(drop(QuickGELU(conv(QuickGELU(down(h))))))
+
+h [B, N, D] is the LayerNorm'd input, laid out [prefix tokens (P), patch grid (Gh x Gw, row-major)];
+the 3x3 conv (pad 1) runs on the d-channel patch grid (d = 8 officially) and every prefix token goes
+through the conv's centre tap + bias (a 1x1 image with padding 1 sees only the centre tap).
+
+Three stages, two fused ops around a plain-torch conv:
+
+  fastpeft::convpass_down  u = QuickGELU(h W_d^T + b_d)                 [M, d]  (lowrank's down kernel:
+                           bias + QuickGELU epilogue; saves h and the fp32 pre-activation a [M, d])
+  conv (torch)             c = conv3x3(u on the grid) | centre tap for prefix tokens
+  fastpeft::convpass_up    out = base + s * (drop(QuickGELU(c)) W_u^T + b_u) [M, D]
+                           (_convpass_up_fwd_kernel; saves c [M, d] only)
+
+Why the conv stays in torch: it reads and writes [B, N, d] tensors, d / D = 1/96 of the D-wide
+traffic of the two fused ops (9 d^2 = 576 MACs per token vs 2 d D = 12,288 for down + up), and its
+backward (input and weight grads over the grid, boundary handling) is exactly what cuDNN / ATen
+already provide; a dedicated kernel would save two small launches, not bytes that matter.
+
+Backward (deterministic; no atomics):
+  _convpass_up_bwd_kernel    dh = g W_u over D; dc = s * dh * keep * QuickGELU'(c); also writes
+                             h = drop(QuickGELU(c)) [M, d] for dW_u
+  lowrank's dw kernel        dW_u = s * h^T g and db_u = s * colsum(g) (one pass over g);
+                             dW_d = da^T h_in
+  _convpass_down_bwd_kernel  da = du * QuickGELU'(a); dx = da W_d over D
+Saved for backward: h (the bypass input, x dtype), a [M, d] fp32, c [M, d] (x dtype), the seed;
+the conv saves its own input u [M, d]. The dropout mask is regenerated (Philox, offsets
+row * d + col of the [M, d] activation; `adapter.dropout_keep_mask` in torch).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, rows_of, tl, triton, use_triton
+from .adapter import Cfg, dropout_keep_mask
+from .lowrank import ACT_QUICK_GELU, _keep, _quick_gelu, launch_down, launch_dw, r_pad_of
+
+MAX_DIM = 32  # bypass widths d above this (official: 8) run the torch math of the same ops
+DIM_PADS = (16, 32)
+
+# keyed by (padded bypass width max(16, pow2(d)), element bytes): acc [BLOCK_M, DIM_PAD] fp32,
+# D in BLOCK_N chunks. fp32 uses 32x32 tiles: at 64x64 its ieee (FMA) dots spilled on sm_80
+# (STACK 32..3712).
+_HALF = Cfg(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+_F32 = Cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+CONFIGS: dict[str, dict[tuple[int, int], Cfg]] = {
+    name: {(dp, size): (_F32 if size == 4 else _HALF) for dp in DIM_PADS for size in (2, 4)}
+    for name in ("convpass_up_fwd", "convpass_up_bwd", "convpass_down_bwd")
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _quick_gelu_grad(a):
+    sg = tl.sigmoid(1.702 * a)
+    return sg + 1.702 * a * sg * (1.0 - sg)
+
+
+@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "has_bias", "has_base", "use_dropout"])
+def _convpass_up_fwd_kernel(
+    C,      # [M, R] conv output (x dtype), contiguous
+    WU,     # [D, R] up weight
+    BU,     # [D]    up bias, added when has_bias
+    BASE,   # [M, D] added when has_base
+    SEED,   # [1]    int64, read when use_dropout
+    OUT,    # [M, D]
+    M, D, R, p, inv_keep, scale, has_bias, has_base, use_dropout,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    c = tl.load(C + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    h = _quick_gelu(c.to(tl.float32))
+    if use_dropout:
+        h = h * _keep(SEED, rows64, rk, R, p, inv_keep)
+    h = h.to(C.dtype.element_ty)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        wut = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        o = tl.dot(h, wut, input_precision="ieee")
+        if has_bias:
+            o += tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        o = o * scale
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = rows64[:, None] * D + cols[None, :]
+        if has_base:
+            o += tl.load(BASE + offs, mask=m2, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "use_dropout"])
+def _convpass_up_bwd_kernel(
+    G,      # [M, D] grad of out (x dtype), contiguous
+    C,      # [M, R] saved conv output
+    WU,     # [D, R]
+    SEED,   # [1] int64
+    DC,     # [M, R] out: grad of c (x dtype)
+    H,      # [M, R] out: drop(QuickGELU(c)) (x dtype), for dW_u
+    M, D, R, p, inv_keep, scale, use_dropout,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        wu = tl.load(WU + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        dh = tl.dot(g, wu, dh, input_precision="ieee")
+    rkmask = rmask[:, None] & kmask[None, :]
+    offs = rows64[:, None] * R + rk[None, :]
+    c = tl.load(C + offs, mask=rkmask, other=0.0).to(tl.float32)
+    h = _quick_gelu(c)
+    dact = _quick_gelu_grad(c)
+    if use_dropout:
+        keep = _keep(SEED, rows64, rk, R, p, inv_keep)
+        h = h * keep
+        dact = dact * keep
+    tl.store(DC + offs, (scale * dh * dact).to(DC.dtype.element_ty), mask=rkmask)
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=rkmask)
+
+
+@triton.jit(do_not_specialize=["M", "R"])
+def _convpass_down_bwd_kernel(
+    GU,     # [M, R] grad of u = QuickGELU(a) (x dtype), contiguous
+    A,      # [M, R] fp32 saved pre-activation
+    WD,     # [R, D] down weight
+    DA,     # [M, R] out: grad of a (x dtype), for dW_d / db_d
+    DX,     # [M, D] out: grad of the bypass input
+    M, D, R,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    rkmask = rmask[:, None] & kmask[None, :]
+    offs = rows64[:, None] * R + rk[None, :]
+    gu = tl.load(GU + offs, mask=rkmask, other=0.0).to(tl.float32)
+    a = tl.load(A + offs, mask=rkmask, other=0.0)
+    da = (gu * _quick_gelu_grad(a)).to(DA.dtype.element_ty)
+    tl.store(DA + offs, da, mask=rkmask)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        dx = tl.dot(da, wd, input_precision="ieee")
+        tl.store(DX + rows64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _validate_down(x, w_down, b_down):
+    op = "convpass_down"
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    check_tensor(op, "w_down", w_down, dim=2, like=x)
+    d = w_down.shape[0]
+    if w_down.shape[1] != x.shape[-1] or d < 1:
+        raise ValueError(f"{op}: w_down must be [d, D] = [d, {x.shape[-1]}] with d >= 1, "
+                         f"got w_down {describe(w_down)} for x {describe(x)}")
+    if b_down is not None:
+        check_tensor(op, "b_down", b_down, shape=(d,), like=x)
+
+
+def _validate_up(c, w_up, b_up, base, p, seed):
+    op = "convpass_up"
+    check_tensor(op, "c", c)
+    if c.dim() < 1 or c.shape[-1] < 1:
+        raise ValueError(f"{op}: c must be [..., d] with d >= 1, got c {describe(c)}")
+    d = c.shape[-1]
+    check_tensor(op, "w_up", w_up, dim=2, like=c)
+    if w_up.shape[1] != d:
+        raise ValueError(f"{op}: w_up must be [D, d] = [D, {d}], got w_up {describe(w_up)} for c {describe(c)}")
+    D = w_up.shape[0]
+    if b_up is not None:
+        check_tensor(op, "b_up", b_up, shape=(D,), like=c)
+    if base is not None:
+        check_tensor(op, "base", base, shape=(*c.shape[:-1], D), like=c)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
+    if p > 0.0:
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
+                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
+        if seed.device != c.device:
+            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but c is on {c.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (Triton path)
+# ----------------------------------------------------------------------------------------------
+def _seed1(seed, p, dev):
+    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=dev)
+
+
+def convpass_down_fwd(x, w_down, b_down):
+    """(u [..., d] x dtype, a [M, d] fp32)."""
+    _validate_down(x, w_down, b_down)
+    x2 = rows_of(x)
+    d = w_down.shape[0]
+    wd = w_down.contiguous()
+    u, a = launch_down(x2, wd, wd.shape[1], 1, d, bias=b_down.contiguous() if b_down is not None else None,
+                       act=ACT_QUICK_GELU, save_pre=True)
+    return u.view(*x.shape[:-1], d), a
+
+
+def convpass_down_bwd(grad_u, x, a, w_down):
+    """(dx like x, dw_down [d, D], db_down [d]) in x's dtype."""
+    x2 = rows_of(x)
+    gu = rows_of(grad_u)
+    m, D = x2.shape
+    d = w_down.shape[0]
+    if gu.shape != (m, d) or a.shape != (m, d):
+        raise ValueError(f"convpass_down_backward: grad_u {describe(grad_u)} / a {describe(a)} do not match "
+                         f"x {describe(x)} and w_down {describe(w_down)}")
+    dev, dt = x.device, x.dtype
+    dx = torch.empty((m, D), dtype=dt, device=dev)
+    da = torch.empty((m, d), dtype=dt, device=dev)
+    if m:
+        dp = r_pad_of(d)
+        c = CONFIGS["convpass_down_bwd"][(dp, x.element_size())]
+        _convpass_down_bwd_kernel[(cdiv(m, c.BLOCK_M),)](
+            gu, a, w_down.contiguous(), da, dx, m, D, d,
+            BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, num_warps=c.num_warps, num_stages=c.num_stages)
+    dw, _ = launch_dw(da, x2)
+    return dx.view(x.shape), dw.to(dt), da.float().sum(0).to(dt)
+
+
+def convpass_up_fwd(c, w_up, b_up, base, scale: float, p: float, seed):
+    _validate_up(c, w_up, b_up, base, p, seed)
+    c2 = rows_of(c)
+    m, d = c2.shape
+    D = w_up.shape[0]
+    dev = c.device
+    out = torch.empty((m, D), dtype=c.dtype, device=dev)
+    if m:
+        dp = r_pad_of(d)
+        cf = CONFIGS["convpass_up_fwd"][(dp, c.element_size())]
+        dummy = torch.empty(1, dtype=c.dtype, device=dev)
+        _convpass_up_fwd_kernel[(cdiv(m, cf.BLOCK_M),)](
+            c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else dummy,
+            rows_of(base) if base is not None else dummy, _seed1(seed, p, dev), out,
+            m, D, d, float(p), 1.0 / (1.0 - p), float(scale), int(b_up is not None), int(base is not None),
+            int(p > 0.0), BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp,
+            num_warps=cf.num_warps, num_stages=cf.num_stages)
+    return out.view(*c.shape[:-1], D)
+
+
+def convpass_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
+    """(dc like c, dw_up [D, d], db_up [D]) in c's dtype."""
+    c2 = rows_of(c)
+    m, d = c2.shape
+    D = w_up.shape[0]
+    g2 = rows_of(grad_out)
+    if g2.shape != (m, D):
+        raise ValueError(f"convpass_up_backward: grad_out {describe(grad_out)} does not match c {describe(c)}, "
+                         f"w_up {describe(w_up)}")
+    dev, dt = c.device, c.dtype
+    dc = torch.empty((m, d), dtype=dt, device=dev)
+    h = torch.empty((m, d), dtype=dt, device=dev)
+    if m:
+        dp = r_pad_of(d)
+        cf = CONFIGS["convpass_up_bwd"][(dp, c.element_size())]
+        _convpass_up_bwd_kernel[(cdiv(m, cf.BLOCK_M),)](
+            g2, c2, w_up.contiguous(), _seed1(seed, p, dev), dc, h,
+            m, D, d, float(p), 1.0 / (1.0 - p) if p > 0 else 1.0, float(scale), int(p > 0.0),
+            BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, num_warps=cf.num_warps, num_stages=cf.num_stages)
+    hg, colsum = launch_dw(h, g2, colsum=True)
+    return dc.view(c.shape), (scale * hg.t()).to(dt), (scale * colsum).to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch math with the kernels' saving policy
+# ----------------------------------------------------------------------------------------------
+def _qg(a):
+    return a * torch.sigmoid(1.702 * a)
+
+
+def _qg_grad(a):
+    sg = torch.sigmoid(1.702 * a)
+    return sg + 1.702 * a * sg * (1.0 - sg)
+
+
+def _convpass_down_fwd_torch(x, w_down, b_down):
+    _validate_down(x, w_down, b_down)
+    f32 = torch.float32
+    a = x.reshape(-1, x.shape[-1]).to(f32) @ w_down.to(f32).t()
+    if b_down is not None:
+        a = a + b_down.to(f32)
+    return _qg(a).to(x.dtype).view(*x.shape[:-1], w_down.shape[0]), a
+
+
+def _convpass_down_bwd_torch(grad_u, x, a, w_down):
+    f32 = torch.float32
+    d = w_down.shape[0]
+    da = (grad_u.reshape(-1, d).to(f32) * _qg_grad(a)).to(x.dtype).to(f32)
+    x2 = x.reshape(-1, x.shape[-1]).to(f32)
+    dt = x.dtype
+    return (da @ w_down.to(f32)).to(dt).view(x.shape), (da.t() @ x2).to(dt), da.sum(0).to(dt)
+
+
+def _keep_torch(seed, m, d, p):
+    return dropout_keep_mask(seed, m, d, p).to(torch.float32) / (1.0 - p)
+
+
+def _convpass_up_fwd_torch(c, w_up, b_up, base, scale, p, seed):
+    _validate_up(c, w_up, b_up, base, p, seed)
+    f32 = torch.float32
+    d, D = c.shape[-1], w_up.shape[0]
+    c2 = c.reshape(-1, d).to(f32)
+    h = _qg(c2)
+    if p > 0:
+        h = h * _keep_torch(seed, c2.shape[0], d, p)
+    o = h.to(c.dtype).to(f32) @ w_up.to(f32).t()
+    if b_up is not None:
+        o = o + b_up.to(f32)
+    o = o * scale
+    if base is not None:
+        o = o + base.reshape(-1, D).to(f32)
+    return o.to(c.dtype).view(*c.shape[:-1], D)
+
+
+def _convpass_up_bwd_torch(grad_out, c, w_up, scale, p, seed):
+    f32 = torch.float32
+    d, D = c.shape[-1], w_up.shape[0]
+    c2 = c.reshape(-1, d).to(f32)
+    g = grad_out.reshape(-1, D).to(f32)
+    h, dact = _qg(c2), _qg_grad(c2)
+    if p > 0:
+        keep = _keep_torch(seed, c2.shape[0], d, p)
+        h, dact = h * keep, dact * keep
+    dc = scale * (g @ w_up.to(f32)) * dact
+    dt = c.dtype
+    return dc.to(dt).view(c.shape), (scale * (g.t() @ h.to(dt).to(f32))).to(dt), (scale * g.sum(0)).to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastpeft::convpass_down", mutates_args=())
+def _convpass_down_op(x: torch.Tensor, w_down: torch.Tensor,
+                      b_down: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = convpass_down_fwd if use_triton(x) and w_down.shape[0] <= MAX_DIM else _convpass_down_fwd_torch
+    return fn(x, w_down, b_down)
+
+
+@_convpass_down_op.register_fake
+def _convpass_down_fake(x, w_down, b_down):
+    d = w_down.shape[0]
+    return x.new_empty((*x.shape[:-1], d)), x.new_empty((x.numel() // x.shape[-1], d), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::convpass_down_backward", mutates_args=())
+def _convpass_down_backward_op(grad_u: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                               w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_u = grad_u.contiguous()
+    fn = convpass_down_bwd if use_triton(x) and w_down.shape[0] <= MAX_DIM else _convpass_down_bwd_torch
+    return fn(grad_u, x, a, w_down)
+
+
+@_convpass_down_backward_op.register_fake
+def _convpass_down_backward_fake(grad_u, x, a, w_down):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w_down),
+            w_down.new_empty((w_down.shape[0],)))
+
+
+def _down_setup(ctx, inputs, output):
+    x, w_down, b_down = inputs
+    ctx.save_for_backward(x, output[1], w_down)
+
+
+def _down_backward(ctx, grad_u, _grad_a):
+    x, a, w_down = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = torch.ops.fastpeft.convpass_down_backward(grad_u, x, a, w_down)
+    return dx if need[0] else None, dw if need[1] else None, db if need[2] else None
+
+
+_convpass_down_op.register_autograd(_down_backward, setup_context=_down_setup)
+
+
+@torch.library.custom_op("fastpeft::convpass_up", mutates_args=())
+def _convpass_up_op(c: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None, base: torch.Tensor | None,
+                    scale: float, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    fn = convpass_up_fwd if use_triton(c) and c.shape[-1] <= MAX_DIM else _convpass_up_fwd_torch
+    return fn(c, w_up, b_up, base, scale, p, seed)
+
+
+@_convpass_up_op.register_fake
+def _convpass_up_fake(c, w_up, b_up, base, scale, p, seed):
+    return c.new_empty((*c.shape[:-1], w_up.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::convpass_up_backward", mutates_args=())
+def _convpass_up_backward_op(grad_out: torch.Tensor, c: torch.Tensor, w_up: torch.Tensor, scale: float,
+                             p: float, seed: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    fn = convpass_up_bwd if use_triton(c) and c.shape[-1] <= MAX_DIM else _convpass_up_bwd_torch
+    return fn(grad_out, c, w_up, scale, p, seed)
+
+
+@_convpass_up_backward_op.register_fake
+def _convpass_up_backward_fake(grad_out, c, w_up, scale, p, seed):
+    return (torch.empty_like(c, memory_format=torch.contiguous_format), torch.empty_like(w_up),
+            w_up.new_empty((w_up.shape[0],)))
+
+
+def _up_setup(ctx, inputs, output):
+    c, w_up, b_up, base, scale, p, seed = inputs
+    ctx.save_for_backward(c, w_up, seed)
+    ctx.scale, ctx.p, ctx.has_base = scale, p, base is not None
+
+
+def _up_backward(ctx, grad_out):
+    c, w_up, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dc, dw, db = torch.ops.fastpeft.convpass_up_backward(grad_out, c, w_up, ctx.scale, ctx.p, seed)
+    return (dc if need[0] else None, dw if need[1] else None, db if need[2] else None,
+            grad_out if ctx.has_base and need[3] else None, None, None, None)
+
+
+_convpass_up_op.register_autograd(_up_backward, setup_context=_up_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional and reference
+# ----------------------------------------------------------------------------------------------
+def _cast(t, dtype):
+    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
+        return t.to(dtype)
+    return t
+
+
+def conv_tokens(u, conv_w, conv_b, grid, num_prefix):
+    """The Convpass conv on u [B, P + Gh*Gw, d]: 3x3 (pad 1) over the patch grid; prefix tokens
+    through the centre tap W[:, :, 1, 1] + bias (what the official 1x1-image conv computes)."""
+    B, N, d = u.shape
+    gh, gw = grid
+    if N != num_prefix + gh * gw:
+        raise ValueError(f"convpass: expected {num_prefix} prefix + {gh}x{gw} patch tokens = "
+                         f"{num_prefix + gh * gw}, got u {describe(u)}")
+    patches = u[:, num_prefix:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.conv2d(patches, conv_w, conv_b, padding=1).permute(0, 2, 3, 1).reshape(B, gh * gw, d)
+    if not num_prefix:
+        return patches
+    prefix = torch.nn.functional.linear(u[:, :num_prefix], conv_w[:, :, 1, 1], conv_b)
+    return torch.cat([prefix, patches], 1)
+
+
+def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, conv_w: torch.Tensor,
+             conv_b: torch.Tensor | None, w_up: torch.Tensor, b_up: torch.Tensor | None, *, grid: tuple[int, int],
+             num_prefix: int = 1, scale: float = 1.0, base: torch.Tensor | None = None, dropout_p: float = 0.1,
+             training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """base + scale * C(h), C the Convpass bypass (module docstring).
+
+    h [B, P + Gh*Gw, D] float32/float16/bfloat16; w_down [d, D], b_down [d], conv_w [d, d, 3, 3],
+    conv_b [d], w_up [D, d], b_up [D] (cast to h.dtype, differentiably); d <= MAX_DIM (32) runs
+    the Triton kernels, wider bypasses the torch math of the same ops. base [B, N, D]
+    or None (the residual stream the bypass is added to; keep it None when a DropPath acts on the
+    bypass and apply DropPath to the result). Dropout p on the d-wide activation when `training`.
+    """
+    check_tensor("convpass", "h", h, dim=3)
+    w_down, b_down, conv_w, conv_b, w_up, b_up = (_cast(t, h.dtype) for t in (w_down, b_down, conv_w, conv_b, w_up, b_up))
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
+    _validate_down(h, w_down, b_down)
+    u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
+    c = conv_tokens(u, conv_w, conv_b, grid, num_prefix).contiguous()
+    _validate_up(c, w_up, b_up, base, p, seed)
+    return torch.ops.fastpeft.convpass_up(c, w_up, b_up, base, float(scale), p, seed if p > 0 else None)
+
+
+def convpass_ref(h, w_down, b_down, conv_w, conv_b, w_up, b_up, *, grid, num_prefix=1, scale=1.0, base=None,
+                 dropout_p=0.0, seed=None):
+    """`ConvpassModule.forward` (official math: prefix tokens as 1x1 images through the conv) in
+    fp32, times scale, plus base; dropout mask from `seed` (offsets row * d + col)."""
+    F = torch.nn.functional
+    f = (lambda t: t.to(torch.float32) if isinstance(t, torch.Tensor) else t)
+    B, N, _ = h.shape
+    gh, gw = grid
+    P = num_prefix
+    u = _qg(F.linear(f(h), f(w_down), f(b_down)))
+    d = u.shape[-1]
+    patches = u[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    patches = F.conv2d(patches, f(conv_w), f(conv_b), padding=1).permute(0, 2, 3, 1).reshape(B, gh * gw, d)
+    if P:
+        prefix = u[:, :P].reshape(B * P, 1, 1, d).permute(0, 3, 1, 2)
+        prefix = F.conv2d(prefix, f(conv_w), f(conv_b), padding=1).reshape(B, P, d)
+        u = torch.cat([prefix, patches], 1)
+    else:
+        u = patches
+    u = _qg(u)
+    if dropout_p > 0:
+        u = u * dropout_keep_mask(seed, B * N, d, dropout_p).view(B, N, d) / (1.0 - dropout_p)
+    out = F.linear(u, f(w_up), f(b_up)) * scale
+    if base is not None:
+        out = out + f(base)
+    return out.to(h.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (kernels/aot.py); the down projection is lowrank's down kernel.
+# ----------------------------------------------------------------------------------------------
+def aot_specs():
+    specs = []
+    for dt in AOT_DTYPES:
+        P = TRITON_PTR[dt]
+        for dp in DIM_PADS:
+            c = CONFIGS["convpass_up_fwd"][(dp, dt.itemsize)]
+            sig = {"C": P, "WU": P, "BU": P, "BASE": P, "SEED": "*i64", "OUT": P, "M": "i32", "D": "i32",
+                   "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "has_bias": "i32",
+                   "has_base": "i32", "use_dropout": "i32"}
+            specs.append(("convpass_up_fwd", _convpass_up_fwd_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
+            c = CONFIGS["convpass_up_bwd"][(dp, dt.itemsize)]
+            sig = {"G": P, "C": P, "WU": P, "SEED": "*i64", "DC": P, "H": P, "M": "i32", "D": "i32",
+                   "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "use_dropout": "i32"}
+            specs.append(("convpass_up_bwd", _convpass_up_bwd_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
+            c = CONFIGS["convpass_down_bwd"][(dp, dt.itemsize)]
+            sig = {"GU": P, "A": "*fp32", "WD": P, "DA": P, "DX": P, "M": "i32", "D": "i32", "R": "i32"}
+            specs.append(("convpass_down_bwd", _convpass_down_bwd_kernel, sig,
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
+    return specs
