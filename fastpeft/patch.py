@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, vit_info
+from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, state_of, vit_info
 
 __all__ = ["patch", "unpatch", "PatchReport", "resolve_backend", "Rule", "RULES"]
 
@@ -157,8 +157,35 @@ class RecomputeRule(Rule):
             del blk._fastpeft_orig_class
 
 
+class _CompactHeadInput:
+    """Forward pre-hook on a trainable head: a token-pooled feature `x[:, 0]` is a view of the
+    whole [B, N, D] final-norm output, and the head's Linear saves its input for the weight
+    gradient, which keeps that whole storage alive. A [B, D] copy is what it needs."""
+
+    def __call__(self, module, args):
+        (x,) = args
+        return (x.contiguous(),) if not x.is_contiguous() else None
+
+
+class HeadRule(Rule):
+    name = "head"
+
+    def apply(self, model, info, backend, recompute, report):
+        head = getattr(model, "head", None)
+        if not state_of(model) or not isinstance(head, nn.Linear) or not head.weight.requires_grad:
+            return []  # only fastpeft-injected models (a plain model has nothing to patch)
+        head.register_forward_pre_hook(_CompactHeadInput())
+        report.patched.append(("head", "saves the pooled [B, D] input, not a view of the [B, N, D] tokens", "torch"))
+        return ["head"]
+
+    def undo(self, model, record):
+        hooks = model.get_submodule(record)._forward_pre_hooks
+        for hid in [h for h, fn in hooks.items() if isinstance(fn, _CompactHeadInput)]:
+            del hooks[hid]
+
+
 #: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
-RULES: list[Rule] = [RecomputeRule()]
+RULES: list[Rule] = [RecomputeRule(), HeadRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:

@@ -212,7 +212,9 @@ class PetlBlock:
         if attn_mask is not None or is_causal:
             kw = {"attn_mask": attn_mask, "is_causal": is_causal}
         recompute = self.__dict__.get("_fastpeft_recompute")
-        if recompute is not None and torch.is_grad_enabled():
+        if recompute is not None and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
             # fastpeft.patch(recompute=True): each half is checkpointed with a policy that keeps the
             # attention outputs and recomputes everything cheap (fastpeft/recompute.py).
             return recompute(self, x, kw)

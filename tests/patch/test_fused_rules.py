@@ -116,3 +116,21 @@ def test_train_mode_dropout_is_active_in_fused_adapter():
     assert not torch.equal(a, b)
     m.eval()
     assert torch.equal(m(x), m(x))
+
+
+def test_linear_probe_head_saves_pooled_features_only_and_recompute_adds_nothing():
+    m = make_vit()
+    fastpeft.inject(m, fastpeft.LinearProbe())
+    m.train()
+    x = images()
+    tokens = 1 + (64 // 16) ** 2
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    out0 = m(x)
+    report = fastpeft.patch(m, backend="torch")
+    assert "head" in str(report)
+    compact = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert compact * tokens <= ref  # [B, D] instead of the [B, N, D] token tensor
+    assert torch.equal(m(x), out0)
+    # nothing in the blocks needs a gradient: selective recompute must not keep anything there
+    fastpeft.patch(m, backend="torch", recompute=True)
+    assert saved_activation_bytes(lambda: m(x).sum(), exclude=[m]) == compact
