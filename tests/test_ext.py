@@ -179,3 +179,50 @@ def test_import_fastpeft_does_not_load_the_extension(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+# --- build-time backend selection (setup.py), decided from the toolchain alone ----------------
+
+SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
+
+
+@pytest.fixture
+def setup_module():
+    if not SETUP_PY.exists():
+        pytest.skip("not a source checkout")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastpeft_setup", SETUP_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only; setup() runs under __main__
+    return module
+
+
+@pytest.mark.parametrize(
+    ("requested", "torch_cuda", "nvcc", "expected"),
+    [
+        ("auto", "13.0", "13.0", "cuda"),
+        ("auto", "13.0", None, "cpu"),  # no toolkit
+        ("auto", None, "13.0", "cpu"),  # CPU-only torch
+        ("auto", "13.0", "12.4", "cpu"),  # nvcc torch cannot build with
+        ("cpu", "13.0", "13.0", "cpu"),
+        ("none", None, None, "none"),
+        ("cuda", "13.0", "13.1", "cuda"),  # minor versions may differ
+    ],
+)
+def test_choose_backend(setup_module, requested, torch_cuda, nvcc, expected):
+    assert setup_module.choose_backend(requested, torch_cuda, nvcc) == expected
+
+
+@pytest.mark.parametrize(
+    ("torch_cuda", "nvcc", "message"),
+    [
+        (None, "13.0", "torch is CPU-only"),
+        ("13.0", None, "no nvcc at"),
+        ("13.0", "12.4", "nvcc 12.4"),
+        ("12.8", "13.0", "torch's CUDA 12.8"),
+    ],
+)
+def test_cuda_backend_fails_naming_the_missing_piece(setup_module, torch_cuda, nvcc, message):
+    with pytest.raises(SystemExit, match=message):
+        setup_module.choose_backend("cuda", torch_cuda, nvcc)
