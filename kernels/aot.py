@@ -55,24 +55,37 @@ def _cuobjdump() -> str:
     return path
 
 
+def _describe_spec(spec) -> dict:
+    name, _fn, _sig, constexprs, cfg, dtype = spec
+    return {"kernel": name, "dtype": dtype.replace("torch.", ""),
+            "config": ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",w={cfg.num_warps},s={cfg.num_stages}"}
+
+
 def _compile_one(job):
-    """Worker: compile spec `idx` of module `mod` for `arch`; returns a result row (dict)."""
-    mod, idx, arch, workdir = job
-    import importlib
+    """Worker: compile spec `idx` of module `mod` for `arch`; returns a result row (dict). Never
+    raises: any failure (including the module changing under us) becomes the row's error."""
+    mod, idx, arch, workdir, expect = job
+    row = {**expect, "arch": arch, "regs": None, "shared": None, "stack": None, "local": None,
+           "error": None, "seconds": 0.0}
+    try:
+        import importlib
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
 
-    name, fn, sig, constexprs, cfg, dtype = importlib.import_module(mod).aot_specs()[idx]
-    row = {"kernel": name, "dtype": dtype.replace("torch.", ""), "arch": arch,
-           "config": ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",w={cfg.num_warps},s={cfg.num_stages}",
-           "regs": None, "shared": None, "stack": None, "local": None, "error": None, "seconds": 0.0}
+        spec = importlib.import_module(mod).aot_specs()[idx]
+        if _describe_spec(spec) != expect:
+            raise RuntimeError(f"{mod}.aot_specs() changed while checking (entry {idx})")
+        name, fn, sig, constexprs, cfg, dtype = spec
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:200]
+        return row
     t0 = time.time()
     try:
         names = list(sig)
         attrs = {}
-        for i, (arg, ty) in enumerate(sig.items()):
+        for arg, ty in sig.items():
             if ty.startswith("*") or arg in DIVISIBLE_INTS:
                 attrs[(names.index(arg),)] = [["tt.divisibility", 16]]
         full_sig = dict(sig)
@@ -124,36 +137,54 @@ def run(archs=(80, 90), jobs=2, only=None, smoke=False, verbose=True):
                 kept.append(s)
         specs = kept
     with tempfile.TemporaryDirectory(prefix="fastpeft_aot_") as workdir:
-        work = [(mod, idx, arch, workdir) for mod, idx, _ in specs for arch in archs]
+        work = [(mod, idx, arch, workdir, _describe_spec(spec)) for mod, idx, spec in specs for arch in archs]
         jobs = max(1, min(jobs, 2, len(work)))
+        if verbose:
+            print_header()
+        rows = []
         if jobs == 1:
-            rows = [_compile_one(w) for w in work]
+            results = map(_compile_one, work)
         else:
             import multiprocessing as mp
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-                rows = list(ex.map(_compile_one, work))
+            ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+            results = ex.map(_compile_one, work)
+        for row in results:  # in order, printed as they finish (CI logs show progress)
+            rows.append(row)
+            if verbose:
+                print_row(row)
+        if jobs > 1:
+            ex.shutdown()
     bad = [r for r in rows if offences(r)]
     secs = time.time() - t0
     if verbose:
-        print_table(rows)
         print(f"\n{len(rows)} compilations ({len(specs)} configs x {len(archs)} archs) in {secs:.1f} s "
               f"with {jobs} process(es); {len(bad)} offender(s)")
         if bad:
             print("\nOFFENDERS:")
             for r in bad:
-                print(f"  {r['kernel']:<18} {r['dtype']:<9} sm_{r['arch']}  {r['config']}: {'; '.join(offences(r))}")
+                print(f"  {r['kernel']:<22} {r['dtype']:<9} sm_{r['arch']}  {r['config']}: {'; '.join(offences(r))}")
     return rows, bad, secs
 
 
+_HDR = f"{'kernel':<22} {'dtype':<9} {'arch':<6} {'regs':>4} {'shared':>7} {'stack':>5}  config"
+
+
+def print_header() -> None:
+    print(_HDR)
+    print("-" * len(_HDR), flush=True)
+
+
+def print_row(r) -> None:
+    def fmt(v):
+        return "-" if v is None else str(v)
+    print(f"{r['kernel']:<22} {r['dtype']:<9} sm_{r['arch']:<3} {fmt(r['regs']):>4} {fmt(r['shared']):>7} "
+          f"{fmt(r['stack']):>5}  {r['config']}{'  ' + ', '.join(offences(r)) if offences(r) else ''}", flush=True)
+
+
 def print_table(rows) -> None:
-    hdr = f"{'kernel':<18} {'dtype':<9} {'arch':<6} {'regs':>4} {'shared':>7} {'stack':>5}  config"
-    print(hdr)
-    print("-" * len(hdr))
+    print_header()
     for r in rows:
-        def fmt(v):
-            return "-" if v is None else str(v)
-        print(f"{r['kernel']:<18} {r['dtype']:<9} sm_{r['arch']:<3} {fmt(r['regs']):>4} {fmt(r['shared']):>7} "
-              f"{fmt(r['stack']):>5}  {r['config']}{'  ERROR' if r['error'] else ''}")
+        print_row(r)
 
 
 def main(argv=None) -> int:
