@@ -50,6 +50,47 @@ def read_version() -> str:
     return version
 
 
+def wheel_local_version(backend: str, torch_version: str | None, torch_cuda: str | None) -> str:
+    """The PEP 440 local suffix naming what a wheel's binary was built for ("" = portable).
+
+    cuda: cu<CUDA major><minor>torch<A.B>, e.g. torch 2.14.1+cu130 -> "cu130torch2.14" (the
+    flash-attention/xformers convention: pip users pick the wheel matching their torch/CUDA).
+    cpu:  cputorch<A.B> (the .so still links libtorch's C++ ABI of that torch minor release).
+    none: "" (pure Python, runs on any torch >= the declared minimum).
+    """
+    if backend == "none":
+        return ""
+    if not torch_version:
+        raise SystemExit(f"a {backend} wheel needs torch installed to name it (torch is missing)")
+    match = re.match(r"(\d+)\.(\d+)", torch_version)
+    if not match:
+        raise SystemExit(f"cannot parse the torch version {torch_version!r}")
+    torch_tag = f"torch{match.group(1)}.{match.group(2)}"
+    if backend == "cpu":
+        return "cpu" + torch_tag
+    if backend != "cuda":
+        raise SystemExit(f"no wheel naming for backend {backend!r}")
+    if not torch_cuda:
+        raise SystemExit(f"a CUDA wheel needs a CUDA build of torch; torch {torch_version} is CPU-only")
+    major, minor = (torch_cuda.split(".") + ["0"])[:2]
+    return f"cu{int(major)}{int(minor)}{torch_tag}"
+
+
+def arch_names(arch_list: str | None) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") -> ["sm_80", "sm_90", "compute_90"] (PTX last)."""
+    if not arch_list:
+        return []
+    sms, ptx = [], []
+    for item in re.split(r"[;\s,]+", arch_list.strip()):
+        if not item:
+            continue
+        num = item.split("+")[0].replace(".", "")
+        sms.append(f"sm_{num}")
+        if item.upper().endswith("+PTX"):
+            ptx.append(f"compute_{num}")
+    return sms + ptx
+
+
 def default_cuda_home() -> None:
     # `nvcc` on PATH may be a wrapper (e.g. /usr/local/bin/nvcc), from which torch would infer a
     # CUDA_HOME without headers. Must run before torch.utils.cpp_extension is imported: it reads
@@ -98,10 +139,12 @@ def choose_backend(requested: str, torch_cuda: str | None, nvcc: str | None) -> 
     if torch_cuda is None:
         problems.append("the installed torch is CPU-only (torch.version.cuda is None)")
     if nvcc is None:
-        problems.append(f"no nvcc at {nvcc_path} (set CUDA_HOME to the CUDA toolkit)")
+        wanted = f"a CUDA {torch_cuda.split('.')[0]}.x toolkit, matching torch's CUDA {torch_cuda}" if torch_cuda else "the CUDA toolkit"
+        problems.append(f"no nvcc at {nvcc_path} (set CUDA_HOME to {wanted})")
     if not problems and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
         problems.append(
-            f"nvcc {nvcc} ({nvcc_path}) and torch's CUDA {torch_cuda} differ in major version"
+            f"nvcc {nvcc} ({nvcc_path}) and torch's CUDA {torch_cuda} differ in major version "
+            f"(use a CUDA {torch_cuda.split('.')[0]}.x toolkit, or a torch built for CUDA {nvcc.split('.')[0]})"
         )
     if not problems:
         return "cuda"
@@ -112,6 +155,8 @@ def choose_backend(requested: str, torch_cuda: str | None, nvcc: str | None) -> 
 
 
 def git_sha() -> str:
+    if os.environ.get("FASTPEFT_GIT_SHA"):  # set by `make wheel`, which builds from a copy of the tree
+        return os.environ["FASTPEFT_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -187,6 +232,10 @@ def main() -> None:
                 "nvcc": nvcc,
                 "backend": backend,
                 "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if backend == "cuda" else None,
+                # What a CUDA binary was built for: torch's CUDA (the wheel's +cuXYZ) and the
+                # compiled GPU targets ("sm_80", "sm_90", "compute_90" = PTX).
+                "cuda": torch_cuda if backend == "cuda" else None,
+                "archs": arch_names(os.environ["TORCH_CUDA_ARCH_LIST"]) if backend == "cuda" else [],
                 "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI) if torch else None,
                 "python": platform.python_version(),
                 "git_sha": git_sha(),
