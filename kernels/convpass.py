@@ -386,6 +386,7 @@ def _convpass_down_backward_fake(grad_u, x, a, w_down):
 
 def _down_setup(ctx, inputs, output):
     x, w_down, b_down = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], w_down)
 
 

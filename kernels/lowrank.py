@@ -496,6 +496,7 @@ def _lowrank_linear_backward_fake(grad_out, x, weight, a, b, u, p, seed, drop_in
 def _lowrank_setup_context(ctx, inputs, output):
     x, weight, bias, a, b, p, seed, drop_input = inputs
     _, u = output
+    ctx.mark_non_differentiable(u)
     ctx.save_for_backward(x, weight, a, b, u, seed)
     ctx.p, ctx.drop_input = p, drop_input
 

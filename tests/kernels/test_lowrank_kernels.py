@@ -75,7 +75,7 @@ def check_against(fn, ref, leaves, grad, tol, **kw):
 # ----------------------------------------------------------------------------------------------
 # (rows, D, N, R, p, drop_input)
 CASES = [
-    (1, 192, 576, 1, 0.0, False),
+    (1, 768, 192, 1, 0.0, False),
     (7, 384, 384, 16, 0.1, False),
     (37, 192, 576, 8, 0.1, True),        # NOAH: input dropout
     (37, 200, 130, 5, 0.3, False),       # widths not a multiple of any block
