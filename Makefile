@@ -113,7 +113,7 @@ distclean: clean
 	rm -rf $(VENV)
 
 # --- benchmarks (bench/, pytest-benchmark; see README "Benchmarks") --------------------------
-#   make bench        the full suite on this machine (~20 min on 2 CPU cores): writes
+#   make bench        the full suite on this machine (~18 min on 2 idle CPU cores): writes
 #                     bench/results/<device>-<date>.{json,md,png} and README's Benchmarks table.
 #                     GPU setting of shared/guides/performance.md:
 #                     make bench BENCH_ARGS="--bench-model vit_base_patch16_224 --bench-batch 128 \
