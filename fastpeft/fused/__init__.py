@@ -9,6 +9,8 @@ from .common import AbsorbedHook, kernel_call, swap_hook  # noqa: F401
 def rules():
     """The fusion rules, in the order `patch` tries them (imported lazily: they import Triton)."""
     from .adapter import AdapterRule
+    from .convpass import ConvpassRule
+    from .lowrank import LowRankRule
     from .ssf import SSFRule
 
-    return [SSFRule(), AdapterRule()]
+    return [SSFRule(), LowRankRule(), AdapterRule(), ConvpassRule()]

@@ -1,0 +1,53 @@
+"""Convpass under `fastpeft.patch`: each bypass slot (s * DP(C(h))) is swapped in place for the
+fused bypass of kernels.convpass (down + QuickGELU in one kernel, the 3x3 token-grid conv, then
+QuickGELU + dropout + up + scale in one kernel; saves h and the dim-wide intermediates only).
+DropPath stays outside (DP(s C) = s DP(C): it is a per-sample scale)."""
+from __future__ import annotations
+
+import torch
+
+from ..methods.base import PetlBlock, SlotFn
+from ..methods.convpass import _Bypass
+from .common import kernel_call
+
+
+class FusedBypass(SlotFn):
+    def __init__(self, original: _Bypass, backend: str):
+        self.original = original
+        self.backend = backend
+
+    def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        from ..kernels import convpass as kc
+
+        o = self.original
+        c = o.conv
+        out = kernel_call(
+            self.backend, normed.device.type, kc.convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
+            c.adapter_conv.weight, c.adapter_conv.bias, c.adapter_up.weight, c.adapter_up.bias, grid=c.grid,
+            num_prefix=c.num_prefix, scale=o.scale, dropout_p=c.dropout, training=c.training,
+        )
+        return o.drop_path(out)
+
+
+class ConvpassRule:
+    name = "convpass"
+
+    def apply(self, model, info, backend, recompute, report):
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if not isinstance(blk, PetlBlock):
+                continue
+            for slot, fns in blk._fastpeft_slots.items():
+                for j, fn in enumerate(fns):
+                    if type(fn) is _Bypass:
+                        fns[j] = FusedBypass(fn, backend)
+                        fns[j].key = fn.key
+                        records.append((f"blocks.{i}", slot, j))
+        if records:
+            report.patched.append((f"{len(records)} Convpass bypasses", "fused down/act and act/dropout/up/scale around the grid conv", backend))
+        return records
+
+    def undo(self, model, record):
+        path, slot, j = record
+        fns = model.get_submodule(path)._fastpeft_slots[slot]
+        fns[j] = fns[j].original

@@ -1,0 +1,135 @@
+"""Low-rank methods under `fastpeft.patch`: LoRA (NOAH, PETL-ViT), FacT-TT/TK and KAdaptation add
+`delta(x)` to a frozen Linear's output through a reference hook. Fused, the Linear itself computes
+`x W^T + b + u B^T` in one pass (kernels.lowrank: the rank-r product shares the frozen GEMM's
+accumulator), saving x and the rank-r u only; the dropout mask is regenerated from a seed.
+
+The Linear is re-classed (`FusedLowRankLinear`, same weight/bias objects) and the reference hook
+stays registered but absorbed, so later hooks on the same layer (e.g. SSF after qkv) still run
+after it, in their order. Fused only where the low-rank hook is the layer's first hook (so the
+order of effects is unchanged) and the frozen weight really is frozen.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..methods.base import OutputHook
+from ..methods.fact import _FacTHook, fact_cores
+from ..methods.kadaptation import _KAdaptHook
+from ..methods.lora import NoahLoRAHook, PetlLoRAHook
+from .common import AbsorbedHook, kernel_call, swap_hook
+
+
+def _noah(layer, hook: NoahLoRAHook, x):
+    from ..kernels import lowrank as kl
+
+    a = hook.attn
+    return kl.lora_noah_qkv(x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight, rank=hook.rank,
+                            scale=hook.scale, dropout_p=hook.dropout_p, training=a.training)
+
+
+def _petl(layer, hook: PetlLoRAHook, x):
+    from ..kernels import lowrank as kl
+
+    mods = {t: getattr(hook.attn, f"lora_{t}") for t in hook.targets}
+    drop = next(iter(mods.values())).dropout
+    return kl.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
+                            {t: m.adapter_up.weight for t, m in mods.items()}, scale=hook.scale,
+                            dropout_p=drop.p, training=drop.training)
+
+
+def _fact(layer, hook: _FacTHook, x):
+    from ..kernels import lowrank as kl
+
+    blk, root = hook.block, hook.root
+    owner = blk.mlp if hook.layer in ("fc1", "fc2") else blk.attn
+    if hook.kind == "tt":
+        if hook.layer == "qkv":
+            core = (blk.attn.q_FacTs.weight, blk.attn.k_FacTs.weight, blk.attn.v_FacTs.weight)
+        else:
+            core = getattr(owner, f"{hook.layer}_FacTs").weight
+    else:
+        c = fact_cores(root, "tk", hook.i)
+        core = (c["q"], c["k"], c["v"]) if hook.layer == "qkv" else c[hook.layer]
+    return kl.fact_linear(x, layer.weight, layer.bias, root.FacTu.weight, root.FacTv.weight, core,
+                          layer=hook.layer, scale=hook.scale, dropout_p=owner.dp.p, training=owner.dp.training)
+
+
+def _kadapt(layer, hook: _KAdaptHook, x):
+    from ..kernels import lowrank as kl
+
+    a, r = hook.attn, hook.root
+    qf = (a.q_proj_adapter1_left, a.q_proj_adapter1_right)
+    vf = qf if hook.v_uses_q else (a.v_proj_adapter1_left, a.v_proj_adapter1_right)
+    return kl.kadaptation_qkv(x, layer.weight, layer.bias, (r.phm_rule1_left, r.phm_rule1_right),
+                              (r.phm_rule2_left, r.phm_rule2_right), qf, vf, a.b, scale=hook.scale,
+                              q_mult=hook.q_mult, dropout_p=a.kdropout.p, training=a.kdropout.training)
+
+
+_FUSED = {NoahLoRAHook: _noah, PetlLoRAHook: _petl, _FacTHook: _fact, _KAdaptHook: _kadapt}
+_WHAT = {NoahLoRAHook: "LoRA (NOAH)", PetlLoRAHook: "LoRA (PETL-ViT)", _FacTHook: "FacT", _KAdaptHook: "KAdaptation"}
+
+
+#: On the CPU backends the fused op is torch math: it is only worth installing where it saves
+#: bytes. Measured on ViT-B/16 (batch 2, fp32, default patch): NOAH LoRA 0.92x the reference
+#: (its input dropout mask [M, D] is never stored), but these keep their effective factors
+#: A [R, D] and B [N, R] (block-diagonal for FacT's shared V, Kronecker factors for KAdaptation)
+#: for backward, which the reference never materialises: FacT 1.05x, PETL LoRA 1.01x,
+#: KAdaptation 1.09x. On the Triton backend all are fused (one pass over the output).
+_CPU_REFERENCE = {
+    _FacTHook: "CPU path: the reference saves fewer bytes (the fused op keeps block-diagonal [R, D] factors)",
+    PetlLoRAHook: "CPU path: the reference saves fewer bytes (the fused op keeps its segmented [N, R] up-projection)",
+    _KAdaptHook: "CPU path: the reference saves fewer bytes (the fused op keeps its Kronecker factors)",
+}
+
+
+class FusedLowRankLinear(nn.Linear):
+    """A frozen nn.Linear computing its output and a method's low-rank delta in one op.
+    `_fp_hook` is the (absorbed) reference hook whose parameters it reads."""
+
+    _fp_hook: OutputHook
+    _fp_backend: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = _FUSED[type(self._fp_hook)]
+        return kernel_call(self._fp_backend, x.device.type, fn, self, self._fp_hook, x)
+
+
+class LowRankRule:
+    name = "lowrank"
+
+    def apply(self, model, info, backend, recompute, report):
+        records = []
+        for path, layer in model.named_modules():
+            hooks = list(layer._forward_hooks.values())
+            lowrank = [h for h in hooks if type(h) in _FUSED]
+            if not lowrank:
+                continue
+            hook = lowrank[0]
+            what = _WHAT[type(hook)]
+            if type(layer) is not nn.Linear:
+                report.left_alone.append((f"{path} {what}", f"{type(layer).__name__} is not a plain nn.Linear"))
+            elif layer.weight.requires_grad:
+                report.left_alone.append((f"{path} {what}", "the projection weight is trainable (the fused op freezes it)"))
+            elif backend in ("torch", "cpp") and type(hook) in _CPU_REFERENCE:
+                report.left_alone.append((f"{path} {what}", _CPU_REFERENCE[type(hook)]))
+            elif hooks[0] is not hook or len(lowrank) > 1:
+                report.left_alone.append((f"{path} {what}", "another hook acts first on this layer; order kept by the reference"))
+            else:
+                swap_hook(layer, hook, AbsorbedHook(hook, by="FusedLowRankLinear"))
+                layer.__class__ = FusedLowRankLinear
+                layer._fp_hook, layer._fp_backend = hook, backend
+                records.append(path)
+        if records:
+            kinds = sorted({_WHAT[type(model.get_submodule(p)._fp_hook)] for p in records})
+            report.patched.append((f"{len(records)} projections", f"frozen GEMM + low-rank delta in one op ({', '.join(kinds)})", backend))
+        return records
+
+    def undo(self, model, path):
+        layer = model.get_submodule(path)
+        hook = layer._fp_hook
+        for fn in list(layer._forward_hooks.values()):
+            if isinstance(fn, AbsorbedHook) and fn.original is hook:
+                swap_hook(layer, fn, hook)
+        layer.__class__ = nn.Linear
+        del layer._fp_hook, layer._fp_backend
