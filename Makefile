@@ -6,6 +6,12 @@
 #   make demo         build, then `python -m fastpeft demo`
 #   make cuda-check   the CUDA sources compile for sm_80 and sm_90 (no GPU needed)
 #   make triton-check Triton kernels compile ahead of time for real GPUs (no GPU needed)
+#   make wheel        dist/fastpeft-<ver>+cu<CUDA>torch<A.B>-cpXY-cpXY-linux_x86_64.whl for the installed
+#                     torch and nvcc, built from a clean copy of the tree; BACKEND=none: the portable
+#                     pure-Python wheel (no suffix); BACKEND=cpu: +cputorch<A.B>
+#   make sdist        dist/fastpeft-<ver>.tar.gz (csrc/ and kernels/ included; builds like the tree)
+#   make wheel-check  wheel + sdist, then tools/wheel_check.py: fresh venv install, imports, CPU ops,
+#                     cubins per arch, mismatch fallback, a wheel built from the sdist
 #   make clean        build outputs (keeps $(VENV)); `make distclean` also removes $(VENV)
 
 VENV ?= .venv
@@ -104,6 +110,52 @@ triton-check: build
 	else \
 	  echo "triton-check: no fastpeft.kernels.aot yet; nothing to check"; \
 	fi
+
+# --- wheels (see README "Wheels") -------------------------------------------------------------
+# Built from a copy of the tracked + untracked-but-not-ignored files in build/wheel-src, so no
+# in-place fastpeft/_C*.so, _build_info.json or stale build/ of the editable install can leak in.
+BACKEND ?= cuda
+WHEEL_SRC := build/wheel-src
+WHEEL_CHECK_DEPS ?= wheel sdist
+# `make deps` sets up the default venv; another VENV (e.g. one with a torch for another CUDA,
+# README "Wheels") is the caller's own and is used as it is.
+WHEEL_VENV := $(if $(filter .venv,$(VENV)),$(VENV)/.deps-stamp,$(PY))
+ifdef NVCC_THREADS
+  export NVCC_THREADS
+endif
+ifdef TORCH_CUDA_ARCH_LIST
+  export TORCH_CUDA_ARCH_LIST
+endif
+# The commit a wheel is built from (+"-dirty" when tracked files differ from it).
+GIT_SHA = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
+COPY_TREE = rm -rf $(1) && mkdir -p $(1) && git ls-files -z --cached --others --exclude-standard \
+    | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(1)
+
+.PHONY: wheel sdist wheel-check
+
+wheel: $(WHEEL_VENV)
+	@# Preflight: names the wheel, and for BACKEND=cuda fails here (before compiling anything)
+	@# without nvcc or with an nvcc whose major version differs from torch's CUDA.
+	@local=$$($(PY) tools/wheel_tag.py local $(BACKEND)) || exit 1; \
+	name=$$($(PY) tools/wheel_tag.py wheel-name $(BACKEND)) || exit 1; \
+	echo "make wheel: BACKEND=$(BACKEND) archs=$${TORCH_CUDA_ARCH_LIST:-default} MAX_JOBS=$(MAX_JOBS) NVCC_THREADS=$${NVCC_THREADS:-unset} -> $$name"; \
+	$(call COPY_TREE,$(WHEEL_SRC)) && rm -f $$name && \
+	start=$$(date +%s) && \
+	( cd $(WHEEL_SRC) && FASTPEFT_BUILD_BACKEND=$(BACKEND) FASTPEFT_LOCAL_VERSION=$$local FASTPEFT_GIT_SHA=$(GIT_SHA) \
+	  $(abspath $(PY)) -m pip wheel . --no-build-isolation --no-deps -w $(CURDIR)/dist ) && \
+	test -f $$name || { echo "make wheel: FAIL: expected $$name"; exit 1; }; \
+	echo "make wheel: built $$name in $$(( $$(date +%s) - start ))s"
+
+sdist: $(WHEEL_VENV)
+	@$(call COPY_TREE,build/sdist-src) && echo $(GIT_SHA) > build/sdist-src/GIT_SHA && \
+	( cd build/sdist-src && FASTPEFT_BUILD_BACKEND=none \
+	  $(abspath $(PY)) -c "import setuptools.build_meta as b; print('make sdist: built dist/' + b.build_sdist('$(CURDIR)/dist'))" )
+
+# Installs the wheel into a fresh venv outside the tree and checks it (tools/wheel_check.py).
+# `make wheel-check WHEEL_CHECK_DEPS=` checks the existing dist/ files without rebuilding.
+wheel-check: $(WHEEL_CHECK_DEPS)
+	@$(PY) tools/wheel_check.py --wheel $$($(PY) tools/wheel_tag.py wheel-name $(BACKEND)) \
+	  --sdist dist/fastpeft-$$($(PY) tools/wheel_tag.py version).tar.gz --cuobjdump "$(CUOBJDUMP)"
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fastpeft/_C*.so fastpeft/_build_info.json .pytest_cache

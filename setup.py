@@ -157,6 +157,11 @@ def choose_backend(requested: str, torch_cuda: str | None, nvcc: str | None) -> 
 def git_sha() -> str:
     if os.environ.get("FASTPEFT_GIT_SHA"):  # set by `make wheel`, which builds from a copy of the tree
         return os.environ["FASTPEFT_GIT_SHA"]
+    try:  # an sdist carries the commit it was made from (`make sdist` writes GIT_SHA)
+        with open(os.path.join(ROOT, "GIT_SHA"), encoding="utf-8") as f:
+            return f.read().strip() or "unknown"
+    except OSError:
+        pass
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True

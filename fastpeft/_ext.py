@@ -84,7 +84,10 @@ def probe() -> ExtensionStatus:
         return fallback("fastpeft was built without its extension (FASTPEFT_BUILD_BACKEND=none)")
     mismatch = compare_build(info, torch.__version__, torch.version.cuda)
     if mismatch:
-        return fallback(f"{mismatch}; rebuild with `pip install -e . --no-build-isolation`")
+        return fallback(
+            f"{mismatch}; rebuild with `pip install -e . --no-build-isolation`, or install the "
+            f"fastpeft wheel built for this torch and CUDA (+cu<CUDA>torch<A.B>, see README 'Wheels')"
+        )
     try:
         module = importlib.import_module("fastpeft._C")
     except Exception as exc:  # noqa: BLE001  (ImportError/OSError mostly; never fail the import)
