@@ -6,7 +6,10 @@
 // [d][tile] so the logits of one query row are `tile`-wide vector updates over j (the same
 // ascending-j accumulation as vqt::logit, but with lanes = keys: no horizontal reductions),
 // and V (and K for the backward's dq) row-major so p_n * v_n and ds_n * k_n are d-wide
-// vector updates. The packed tiles are reused by every query row of the task.
+// vector updates (fp32 rows are read in place, other dtypes converted once). The packed tiles
+// are reused by every query row of the task, kRowBlock rows at a time (register blocking).
+// Measured (1 thread, ViT-B shapes B=8 H=12 N=197 d=64): the blocking took Q=50 fwd+bwd from
+// ~55 ms to ~20 ms, the blocked transpose took the Q=1 backward from 2.0 to 0.6 ms.
 //
 // The hot per-(row, tile) functions are compiled for AVX-512, AVX2 and baseline x86-64 and
 // picked at load time (GCC target_clones): the wheel stays portable (no -march) while the
@@ -17,6 +20,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "fastpeft/vqt.h"
@@ -62,13 +66,37 @@ at::Tensor unit_last_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t
 template <typename T>
 void pack_transposed(const View4<T>& src, int64_t b, int64_t h, int64_t n0, int64_t tn,
                      int64_t d, float* dst) {
-  for (int64_t n = 0; n < tn; ++n) {
-    const T* r = src.row(b, h, n0 + n);
-    for (int64_t j = 0; j < d; ++j) dst[j * kTile + n] = static_cast<float>(r[j]);
+  // Blocks of 8 head dims: reads stay within a few cache lines per key, writes are 8 runs of
+  // contiguous columns (~2x faster than a row-by-row scatter at d = 64).
+  const T* base = src.row(b, h, n0);
+  for (int64_t j0 = 0; j0 < d; j0 += 8) {
+    const int64_t jn = std::min<int64_t>(8, d - j0);
+    for (int64_t n = 0; n < tn; ++n) {
+      const T* r = base + n * src.sn + j0;
+      for (int64_t j = 0; j < jn; ++j) dst[(j0 + j) * kTile + n] = static_cast<float>(r[j]);
+    }
   }
   for (int64_t j = 0; j < d; ++j) {
     for (int64_t n = tn; n < kTile; ++n) dst[j * kTile + n] = 0.0f;
   }
+}
+
+// fp32 rows are used where they are (row stride sn), other dtypes are converted by pack_rows.
+template <typename T>
+bool rows_in_place(const View4<T>& src, int64_t b, int64_t h, int64_t n0, const float** rows,
+                   int64_t* stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    *rows = src.row(b, h, n0);
+    *stride = src.sn;
+    return true;
+  } else {
+    return false;
+  }
+}
+
+template <typename T>
+bool same_view(const View4<T>& a, const View4<T>& b) {
+  return a.p == b.p && a.sb == b.sb && a.sh == b.sh && a.sn == b.sn;
 }
 
 // Tile rows [n0, n0 + tn) of one (b, h) -> dst [tn][d] fp32.
@@ -81,60 +109,118 @@ void pack_rows(const View4<T>& src, int64_t b, int64_t h, int64_t n0, int64_t tn
   }
 }
 
-// x[n] = scale * (a . col_n) for the kTile columns of a packed [d][kTile] tile (vq::logit's
-// ascending-j accumulation, kTile lanes at once); columns >= tn are set to -inf.
-inline void tile_logits(const float* a, const float* kt, int64_t d, float scale, int64_t tn,
-                        float* x) {
-  float s[kTile];
-  for (int n = 0; n < kTile; ++n) s[n] = 0.0f;
+// Query rows are processed kRowBlock at a time so every packed K^T / V / K element loaded from
+// L1 serves kRowBlock rows (register blocking: 4 rows x 64 keys = 16 AVX-512 accumulators).
+// Each row's arithmetic and its order are exactly those of a single row.
+constexpr int kRowBlock = 4;
+
+// x[r][n] = scale * (a_r . col_n) for the kTile columns of a packed [d][kTile] tile and R rows
+// a_r = a + r * d (vq::logit's ascending-j accumulation, kTile lanes at once); columns >= tn
+// are set to -inf (or `fill`).
+template <int R>
+__attribute__((always_inline)) inline void tile_logits(const float* a, const float* kt, int64_t d,
+                                                       float scale, int64_t tn, float fill,
+                                                       float (*x)[kTile]) {
+  float s[R][kTile];
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < kTile; ++n) s[r][n] = 0.0f;
+  }
   for (int64_t j = 0; j < d; ++j) {
-    const float aj = a[j];
-    const float* r = kt + j * kTile;
-    for (int n = 0; n < kTile; ++n) s[n] = vq::mul_add(aj, r[n], s[n]);
+    const float* col = kt + j * kTile;
+    float aj[R];
+    for (int r = 0; r < R; ++r) aj[r] = a[r * d + j];
+    for (int n = 0; n < kTile; ++n) {
+      const float kv = col[n];
+      for (int r = 0; r < R; ++r) s[r][n] = vq::mul_add(aj[r], kv, s[r][n]);
+    }
   }
-  for (int n = 0; n < kTile; ++n) x[n] = n < tn ? s[n] * scale : vq::neg_inf();
-}
-
-// One query row through one key tile (forward): online-softmax update of `st` and the
-// unnormalised output accumulator acc[d].
-FASTPEFT_CPU_CLONES
-void forward_row_tile(const float* q, const float* kt, const float* vr, int64_t tn, int64_t d,
-                      float scale, vq::RowState& st, float* acc) {
-  float x[kTile];
-  tile_logits(q, kt, d, scale, tn, x);
-  float tile_max = vq::neg_inf();
-  for (int64_t n = 0; n < tn; ++n) tile_max = vq::fmax2(tile_max, x[n]);
-  const float alpha = vq::enter_tile(st, tile_max);
-  float p[kTile];
-  for (int n = 0; n < kTile; ++n) p[n] = vq::prob_in_tile(st, x[n]);  // masked columns: 0
-  float l = st.l;
-  for (int64_t n = 0; n < tn; ++n) l += p[n];
-  st.l = l;
-  if (alpha != 1.0f) {
-    for (int64_t j = 0; j < d; ++j) acc[j] *= alpha;
-  }
-  for (int64_t n = 0; n < tn; ++n) {
-    const float pn = p[n];
-    const float* v = vr + n * d;
-    for (int64_t j = 0; j < d; ++j) acc[j] = vq::mul_add(pn, v[j], acc[j]);
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < kTile; ++n) x[r][n] = n < tn ? s[r][n] * scale : fill;
   }
 }
 
-// One query row through one key tile (backward): dq[d] += sum_n p_n (dp_n - delta) k_n.
-FASTPEFT_CPU_CLONES
-void backward_row_tile(const float* q, const float* dout, const float* kt, const float* vt,
-                       const float* kr, int64_t tn, int64_t d, float scale, float lse,
-                       float delta, float* dq) {
-  float x[kTile];
-  float dp[kTile];
-  tile_logits(q, kt, d, scale, tn, x);
-  tile_logits(dout, vt, d, 1.0f, tn, dp);
-  float ds[kTile];
-  for (int n = 0; n < kTile; ++n) ds[n] = vq::dlogit(vq::prob_from_lse(x[n], lse), dp[n], delta);
+// R query rows through one key tile (forward): online-softmax update of st[r] and of the
+// unnormalised output accumulators acc + r * d.
+template <int R>
+__attribute__((always_inline)) inline void forward_rows_tile(const float* q, const float* kt,
+                                                             const float* vr, int64_t vs,
+                                                             int64_t tn, int64_t d, float scale,
+                                                             vq::RowState* st, float* acc) {
+  float x[R][kTile];
+  tile_logits<R>(q, kt, d, scale, tn, vq::neg_inf(), x);
+  float p[R][kTile];
+  for (int r = 0; r < R; ++r) {
+    float tile_max = vq::neg_inf();
+    for (int64_t n = 0; n < tn; ++n) tile_max = vq::fmax2(tile_max, x[r][n]);
+    const float alpha = vq::enter_tile(st[r], tile_max);
+    for (int n = 0; n < kTile; ++n) p[r][n] = vq::prob_in_tile(st[r], x[r][n]);  // masked: 0
+    float l = st[r].l;
+    for (int64_t n = 0; n < tn; ++n) l += p[r][n];
+    st[r].l = l;
+    if (alpha != 1.0f) {
+      float* a = acc + r * d;
+      for (int64_t j = 0; j < d; ++j) a[j] *= alpha;
+    }
+  }
   for (int64_t n = 0; n < tn; ++n) {
-    const float dsn = ds[n];
-    const float* k = kr + n * d;
-    for (int64_t j = 0; j < d; ++j) dq[j] = vq::mul_add(dsn, k[j], dq[j]);
+    const float* v = vr + n * vs;
+    float pn[R];
+    for (int r = 0; r < R; ++r) pn[r] = p[r][n];
+    for (int64_t j = 0; j < d; ++j) {
+      const float vj = v[j];
+      for (int r = 0; r < R; ++r) acc[r * d + j] = vq::mul_add(pn[r], vj, acc[r * d + j]);
+    }
+  }
+}
+
+// R query rows through one key tile (backward): dq_r += sum_n p_n (dp_n - delta_r) k_n.
+template <int R>
+__attribute__((always_inline)) inline void backward_rows_tile(
+    const float* q, const float* dout, const float* kt, const float* vt, const float* kr,
+    int64_t ks, int64_t tn, int64_t d, float scale, const float* lse, const float* delta,
+    float* dq) {
+  float x[R][kTile];
+  float dp[R][kTile];
+  tile_logits<R>(q, kt, d, scale, tn, vq::neg_inf(), x);
+  tile_logits<R>(dout, vt, d, 1.0f, tn, 0.0f, dp);
+  float ds[R][kTile];
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < kTile; ++n) ds[r][n] = vq::dlogit(vq::prob_from_lse(x[r][n], lse[r]), dp[r][n], delta[r]);
+  }
+  for (int64_t n = 0; n < tn; ++n) {
+    const float* k = kr + n * ks;
+    float dsn[R];
+    for (int r = 0; r < R; ++r) dsn[r] = ds[r][n];
+    for (int64_t j = 0; j < d; ++j) {
+      const float kj = k[j];
+      for (int r = 0; r < R; ++r) dq[r * d + j] = vq::mul_add(dsn[r], kj, dq[r * d + j]);
+    }
+  }
+}
+
+// Rows [0, nr) of a task through one tile: blocks of kRowBlock, then single rows.
+FASTPEFT_CPU_CLONES
+void forward_tile(const float* q, const float* kt, const float* vr, int64_t vs, int64_t nr,
+                  int64_t tn, int64_t d, float scale, vq::RowState* st, float* acc) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= nr; r += kRowBlock) {
+    forward_rows_tile<kRowBlock>(q + r * d, kt, vr, vs, tn, d, scale, st + r, acc + r * d);
+  }
+  for (; r < nr; ++r) forward_rows_tile<1>(q + r * d, kt, vr, vs, tn, d, scale, st + r, acc + r * d);
+}
+
+FASTPEFT_CPU_CLONES
+void backward_tile(const float* q, const float* dout, const float* kt, const float* vt,
+                   const float* kr, int64_t ks, int64_t nr, int64_t tn, int64_t d, float scale,
+                   const float* lse, const float* delta, float* dq) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= nr; r += kRowBlock) {
+    backward_rows_tile<kRowBlock>(q + r * d, dout + r * d, kt, vt, kr, ks, tn, d, scale,
+                                  lse + r, delta + r, dq + r * d);
+  }
+  for (; r < nr; ++r) {
+    backward_rows_tile<1>(q + r * d, dout + r * d, kt, vt, kr, ks, tn, d, scale, lse + r,
+                          delta + r, dq + r * d);
   }
 }
 
@@ -171,11 +257,13 @@ std::tuple<at::Tensor, at::Tensor> vqt_query_attention_cpu(const at::Tensor& q_i
         for (int64_t n0 = 0; n0 < N; n0 += kTile) {
           const int64_t tn = std::min<int64_t>(kTile, N - n0);
           pack_transposed(kv, b, h, n0, tn, d, kt.data());
-          pack_rows(vv, b, h, n0, tn, d, vr.data());
-          for (int64_t r = 0; r < nr; ++r) {
-            forward_row_tile(qf.data() + r * d, kt.data(), vr.data(), tn, d, sc, st[r],
-                             acc.data() + r * d);
+          const float* vrow = nullptr;
+          int64_t vstride = d;
+          if (!rows_in_place(vv, b, h, n0, &vrow, &vstride)) {
+            pack_rows(vv, b, h, n0, tn, d, vr.data());
+            vrow = vr.data();
           }
+          forward_tile(qf.data(), kt.data(), vrow, vstride, nr, tn, d, sc, st.data(), acc.data());
         }
         for (int64_t r = 0; r < nr; ++r) {
           const float inv = vq::inv_sum(st[r]);
@@ -231,13 +319,21 @@ at::Tensor vqt_query_attention_backward_cpu(const at::Tensor& grad_out_in, const
         for (int64_t n0 = 0; n0 < N; n0 += kTile) {
           const int64_t tn = std::min<int64_t>(kTile, N - n0);
           pack_transposed(kv, b, h, n0, tn, d, kt.data());
-          pack_transposed(vv, b, h, n0, tn, d, vt.data());
-          pack_rows(kv, b, h, n0, tn, d, kr.data());
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t row = bh * Q + r0 + r;
-            backward_row_tile(qf.data() + r * d, gf.data() + r * d, kt.data(), vt.data(),
-                              kr.data(), tn, d, sc, lp[row], dp[row], dq.data() + r * d);
+          // k == v (the fused VQT block's absorbed backward passes h twice): pack once.
+          const float* vtile = kt.data();
+          if (!same_view(kv, vv)) {
+            pack_transposed(vv, b, h, n0, tn, d, vt.data());
+            vtile = vt.data();
           }
+          const float* krow = nullptr;
+          int64_t kstride = d;
+          if (!rows_in_place(kv, b, h, n0, &krow, &kstride)) {
+            pack_rows(kv, b, h, n0, tn, d, kr.data());
+            krow = kr.data();
+          }
+          const int64_t row = bh * Q + r0;
+          backward_tile(qf.data(), gf.data(), kt.data(), vtile, krow, kstride, nr, tn, d, sc,
+                        lp + row, dp + row, dq.data());
         }
         for (int64_t i = 0; i < nr * d; ++i) dqp[base + i] = static_cast<scalar_t>(dq[i] * sc);
       }
