@@ -152,10 +152,12 @@ sdist: $(WHEEL_VENV)
 	  $(abspath $(PY)) -c "import setuptools.build_meta as b; print('make sdist: built dist/' + b.build_sdist('$(CURDIR)/dist'))" )
 
 # Installs the wheel into a fresh venv outside the tree and checks it (tools/wheel_check.py).
-# `make wheel-check WHEEL_CHECK_DEPS=` checks the existing dist/ files without rebuilding.
+# `make wheel-check WHEEL_CHECK_DEPS=` checks the existing dist/ files without rebuilding;
+# WHEEL_CHECK_SDIST= skips the sdist part (which builds a CPU wheel from the sdist).
+WHEEL_CHECK_SDIST ?= 1
 wheel-check: $(WHEEL_CHECK_DEPS)
-	@$(PY) tools/wheel_check.py --wheel $$($(PY) tools/wheel_tag.py wheel-name $(BACKEND)) \
-	  --sdist dist/fastpeft-$$($(PY) tools/wheel_tag.py version).tar.gz --cuobjdump "$(CUOBJDUMP)"
+	@$(PY) tools/wheel_check.py --wheel $$($(PY) tools/wheel_tag.py wheel-name $(BACKEND)) --cuobjdump "$(CUOBJDUMP)" \
+	  $(if $(WHEEL_CHECK_SDIST),--sdist dist/fastpeft-$$($(PY) tools/wheel_tag.py version).tar.gz)
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fastpeft/_C*.so fastpeft/_build_info.json .pytest_cache
