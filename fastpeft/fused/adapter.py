@@ -9,8 +9,8 @@ import torch
 
 from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
 from ..methods.adaptformer import _Parallel, _Sequential
-from ..methods.base import PetlBlock, SlotFn
-from .common import kernel_call
+from ..methods.base import SlotFn
+from .common import SlotRule, kernel_call
 
 
 def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
@@ -76,31 +76,12 @@ _FUSED = {_Parallel: FusedAdaptFormer, _Sequential: FusedAdaptFormer, AdapterAft
           _PfeifferOnMLP: FusedPfeiffer}
 
 
-class AdapterRule:
+class AdapterRule(SlotRule):
     name = "adapter"
+    fused = _FUSED
+    what = "fused bottleneck adapter"
 
-    def apply(self, model, info, backend, recompute, report):
-        records = []
-        for i, blk in enumerate(model.blocks):
-            if not isinstance(blk, PetlBlock):
-                continue
-            for slot, fns in blk._fastpeft_slots.items():
-                for j, fn in enumerate(fns):
-                    fused = _FUSED.get(type(fn))
-                    if fused is None:
-                        continue
-                    if isinstance(fn, (_Parallel, _Sequential)) and fn.adapter.layernorm_option != "none":
-                        report.left_alone.append((f"blocks.{i} adaptmlp", "adapter LayerNorm option: kept as reference"))
-                        continue
-                    fns[j] = fused(fn, backend)
-                    fns[j].key = fn.key
-                    records.append((f"blocks.{i}", slot, j))
-        if records:
-            kinds = sorted({type(model.get_submodule(p)._fastpeft_slots[s][j]).__name__ for p, s, j in records})
-            report.patched.append((f"{len(records)} adapter slots", "fused bottleneck adapter (" + ", ".join(kinds) + ")", backend))
-        return records
-
-    def undo(self, model, record):
-        path, slot, j = record
-        fns = model.get_submodule(path)._fastpeft_slots[slot]
-        fns[j] = fns[j].original
+    def skip(self, fn):
+        if isinstance(fn, (_Parallel, _Sequential)) and fn.adapter.layernorm_option != "none":
+            return "AdaptFormer's adapter LayerNorm option: kept as reference"
+        return None

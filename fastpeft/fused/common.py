@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 
 from torch import nn
 
-from ..methods.base import OutputHook
+from ..methods.base import OutputHook, PetlBlock, SlotFn
 
 T = TypeVar("T")
 
@@ -58,3 +58,43 @@ def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **k
         return fn(*args, **kwargs)
     with _common.backend(want):
         return fn(*args, **kwargs)
+
+
+class SlotRule:
+    """A patch rule that swaps reference slot functions (by exact type, see `fused`) for fused
+    twins at the same position in their block slot. A fused twin is built as `cls(original,
+    backend)` and keeps `.original` for `unpatch`. `skip(fn)` may return a reason to leave one."""
+
+    name = "slots"
+    fused: dict[type, type] = {}
+    what = "fused slot"
+
+    def skip(self, fn: SlotFn) -> str | None:
+        return None
+
+    def apply(self, model, info, backend, recompute, report):
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if not isinstance(blk, PetlBlock):
+                continue
+            for slot, fns in blk._fastpeft_slots.items():
+                for j, fn in enumerate(fns):
+                    cls = self.fused.get(type(fn))
+                    if cls is None:
+                        continue
+                    why = self.skip(fn)
+                    if why:
+                        report.left_alone.append((f"blocks.{i} {slot}", why))
+                        continue
+                    fns[j] = cls(fn, backend)
+                    fns[j].key = fn.key
+                    records.append((f"blocks.{i}", slot, j))
+        if records:
+            kinds = sorted({type(model.get_submodule(p)._fastpeft_slots[s][j]).__name__ for p, s, j in records})
+            report.patched.append((f"{len(records)} {self.name} slots", f"{self.what} ({', '.join(kinds)})", backend))
+        return records
+
+    def undo(self, model, record):
+        path, slot, j = record
+        fns = model.get_submodule(path)._fastpeft_slots[slot]
+        fns[j] = fns[j].original

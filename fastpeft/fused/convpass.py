@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.base import PetlBlock, SlotFn
+from ..methods.base import SlotFn
 from ..methods.convpass import _Bypass
-from .common import kernel_call
+from .common import SlotRule, kernel_call
 
 
 class FusedBypass(SlotFn):
@@ -29,25 +29,7 @@ class FusedBypass(SlotFn):
         return o.drop_path(out)
 
 
-class ConvpassRule:
-    name = "convpass"
-
-    def apply(self, model, info, backend, recompute, report):
-        records = []
-        for i, blk in enumerate(model.blocks):
-            if not isinstance(blk, PetlBlock):
-                continue
-            for slot, fns in blk._fastpeft_slots.items():
-                for j, fn in enumerate(fns):
-                    if type(fn) is _Bypass:
-                        fns[j] = FusedBypass(fn, backend)
-                        fns[j].key = fn.key
-                        records.append((f"blocks.{i}", slot, j))
-        if records:
-            report.patched.append((f"{len(records)} Convpass bypasses", "fused down/act and act/dropout/up/scale around the grid conv", backend))
-        return records
-
-    def undo(self, model, record):
-        path, slot, j = record
-        fns = model.get_submodule(path)._fastpeft_slots[slot]
-        fns[j] = fns[j].original
+class ConvpassRule(SlotRule):
+    name = "Convpass"
+    fused = {_Bypass: FusedBypass}
+    what = "fused down/act and act/dropout/up/scale around the grid conv"
