@@ -145,3 +145,103 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# Launcher helpers shared by the kernel families.
+def dummy(device, dtype=torch.float32) -> torch.Tensor:
+    """A one-element stand-in for a pointer argument the kernel does not read."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def seed_or_zero(seed, p: float, device) -> torch.Tensor:
+    """The int64 [1] dropout seed the kernels read (a zero seed when p == 0: never used)."""
+    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def inv_keep(p: float) -> float:
+    """1 / (1 - p), the scale of the kept elements (1.0 without dropout)."""
+    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
+
+
+def row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
+    """Row splits S of a column-reduction (weight-grad) kernel: about 4 programs per SM in total
+    on a GPU, 2 per column block under the interpreter (still exercising the strided row loop)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * n_col_blocks
+    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton pieces shared by the rank-r kernel families (adapter, lowrank, convpass). `triton.jit`
+# helpers are inlined into each calling kernel, so the compiled kernels are the same.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def keep_scale(seed_ptr, rows64, cols, width, p, inv_keep):
+    """Dropout multiplier keep/(1-p) of elements (row, col) of a [*, width] tensor: Philox
+    tl.rand(seed, row * width + col), bit-exact with `adapter.dropout_keep_mask` in torch."""
+    seed = tl.load(seed_ptr)
+    u = tl.rand(seed, rows64[:, None] * width + cols[None, :])
+    return tl.where(u >= p, inv_keep, 0.0)
+
+
+@triton.jit
+def row_rank_tile(M, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """This program's BLOCK_M rows and the padded rank columns of a one-axis row grid:
+    (pid, rows64, rmask, rk, kmask)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    rk = tl.arange(0, R_PAD)
+    kmask = rk < R
+    return pid, rows64, rmask, rk, kmask
+
+
+@triton.jit
+def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
+              IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+    """fp32 [BLOCK_M, R_PAD] = drop(X[rows, :D]) @ P^T with D streamed in BLOCK_K chunks; X is
+    [M, D] contiguous, P[r, k] sits at r * stride_pr + k * stride_pk. Padded rank columns stay
+    exactly 0. IN_DROP drops X's elements (offsets row * D + col)."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        if IN_DROP:
+            x = (x.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
+        pt = tl.load(P + rk[None, :] * stride_pr + cols[:, None] * stride_pk,
+                     mask=kmask[None, :] & cmask[:, None], other=0.0)
+        acc = tl.dot(x, pt, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                R_PAD: tl.constexpr):
+    """fp32 [BLOCK_M, R_PAD] = G[rows, :D] @ WT with WT [D, R] contiguous (the up weight: dh = g W_u
+    in the backward), D streamed in BLOCK_N chunks. `rank_down` with P = WT^T computes the same,
+    but its address and mask order changed the backward kernels' register allocation
+    (kernels/aot.py), so this keeps the loop those kernels were tuned with."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        wt = tl.load(WT + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(g, wt, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr):
+    """OUT[rows, :D] = da [BLOCK_M, R_PAD] @ WD [R, D] (WD contiguous), one BLOCK_N chunk at a time."""
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < D
+        wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        dx = tl.dot(da, wd, input_precision="ieee")
+        tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import tl, triton
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of,
-                      use_triton)
+from ._common import keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
+                      row_splits, rows_of, seed_or_zero, use_triton)
 
 ACTS = {"relu": 0, "gelu": 1, "quick_gelu": 2}
 MAX_RANK = 128
@@ -130,14 +130,6 @@ def _act_bwd(a, act):
     return d
 
 
-@triton.jit
-def _keep_scale(seed_ptr, rows64, rk, R, p, inv_keep):
-    """Dropout multiplier mask/(1-p) for elements (row, col) of the [M, R] activation."""
-    seed = tl.load(seed_ptr)
-    u = tl.rand(seed, rows64[:, None] * R + rk[None, :])
-    return tl.where(u >= p, inv_keep, 0.0)
-
-
 @triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "has_base",
                                "has_res", "save_a", "use_dropout"])
 def _adapter_fwd_kernel(
@@ -155,21 +147,10 @@ def _adapter_fwd_kernel(
     M, D, R, act, p, inv_keep, scale, use_scale_t, has_base, has_res, save_a, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
+    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
 
     # a = x @ W_d^T + b_d, accumulated over D in fp32; padded rank columns stay exactly 0.
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < D
-        x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        wdT = tl.load(WD + rk[None, :] * D + cols[:, None], mask=kmask[None, :] & cmask[:, None], other=0.0)
-        acc = tl.dot(x, wdT, acc, input_precision="ieee")
+    acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD)
     bd = tl.load(BD + rk, mask=kmask, other=0.0).to(tl.float32)
     a = acc + bd[None, :]
     if save_a:
@@ -177,7 +158,7 @@ def _adapter_fwd_kernel(
 
     h = _act_fwd(a, act)
     if use_dropout:
-        h = h * _keep_scale(SEED, rows64, rk, R, p, inv_keep)
+        h = h * keep_scale(SEED, rows64, rk, R, p, inv_keep)
     h = h.to(X.dtype.element_ty)
 
     s = scale
@@ -217,28 +198,17 @@ def _adapter_bwd_kernel(
     M, D, R, act, p, inv_keep, scale, use_scale_t, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
+    pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
 
     # dh = g @ W_u (unscaled), over D.
-    dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
-        g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        wu = tl.load(WU + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        dh = tl.dot(g, wu, dh, input_precision="ieee")
+    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD)
 
     a = tl.load(A + rows64[:, None] * R + rk[None, :], mask=rkmask, other=0.0)
     h = _act_fwd(a, act)
     dact = _act_bwd(a, act)
     if use_dropout:
-        keep = _keep_scale(SEED, rows64, rk, R, p, inv_keep)
+        keep = keep_scale(SEED, rows64, rk, R, p, inv_keep)
         h = h * keep
         dact = dact * keep
     s = scale
@@ -252,13 +222,7 @@ def _adapter_bwd_kernel(
     tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
 
     # dx = da @ W_d, over D.
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < D
-        wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        dx = tl.dot(da_lo, wd, input_precision="ieee")
-        tl.store(DX + rows64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["R", "S"])
@@ -440,9 +404,7 @@ def _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, se
 # Launchers: check, reshape, allocate, launch (Triton path only)
 # ----------------------------------------------------------------------------------------------
 def _flags(p, scale_t):
-    use_dropout = 1 if p > 0.0 else 0
-    inv_keep = 1.0 / (1.0 - p) if p > 0.0 else 1.0
-    return use_dropout, inv_keep, 1 if scale_t is not None else 0
+    return (1 if p > 0.0 else 0), inv_keep(p), (1 if scale_t is not None else 0)
 
 
 def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: float, act: int,
@@ -461,32 +423,18 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: f
     bu = b_up.contiguous() if b_up is not None else x.new_zeros(d)
     base2 = rows_of(base) if base is not None else x2
     res2 = rows_of(residual) if residual is not None else x2
-    dummy = _dummy(x.device)
-    st = scale_t.reshape(1).float() if scale_t is not None else dummy
-    use_dropout, inv_keep, use_st = _flags(p, scale_t)
-    sd = seed.reshape(1) if use_dropout else torch.zeros(1, dtype=torch.int64, device=x.device)
+    unused = dummy(x.device)
+    st = scale_t.reshape(1).float() if scale_t is not None else unused
+    use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
+    sd = seed_or_zero(seed, p, x.device)
     rp, c = config("adapter_fwd", r, x.dtype)
     _adapter_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
-        x2, wd, bd, wu, bu, base2, res2, st, sd, out, a if save else dummy,
-        m, d, r, act, p, inv_keep, float(scale), use_st, int(base is not None),
+        x2, wd, bd, wu, bu, base2, res2, st, sd, out, a if save else unused,
+        m, d, r, act, p, inv_keep_p, float(scale), use_st, int(base is not None),
         int(residual is not None), int(save), use_dropout,
         BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp,
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out.view(x.shape), a
-
-
-def _num_row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
-    """Row splits S of the weight-grad kernel: about 4 programs per SM in total (fewer under the
-    interpreter, where 2 still exercises the strided row loop)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2 * n_col_blocks
-    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
-
-
-def _dummy(device):
-    return torch.empty(1, dtype=torch.float32, device=device)
 
 
 def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
@@ -505,9 +453,9 @@ def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
         z = torch.zeros
         return (dx.view(x.shape), z(r, d, dtype=dt, device=dev), z(r, dtype=dt, device=dev),
                 z(d, r, dtype=dt, device=dev), z(d, dtype=dt, device=dev), z(1, device=dev))
-    use_dropout, inv_keep, use_st = _flags(p, scale_t)
-    st = scale_t.reshape(1).float() if scale_t is not None else _dummy(dev)
-    sd = seed.reshape(1) if use_dropout else torch.zeros(1, dtype=torch.int64, device=dev)
+    use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
+    st = scale_t.reshape(1).float() if scale_t is not None else dummy(dev)
+    sd = seed_or_zero(seed, p, dev)
     rp, c1 = config("adapter_bwd", r, dt)
     p1 = cdiv(m, c1.BLOCK_M)
     h = torch.empty((m, r), dtype=dt, device=dev)
@@ -517,12 +465,12 @@ def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     wd, wu = w_down.contiguous(), w_up.contiguous()
     _adapter_bwd_kernel[(p1,)](
         g2, a, wd, wu, st, sd, dx, h, da, pbd, pds,
-        m, d, r, act, p, inv_keep, float(scale), use_st, use_dropout,
+        m, d, r, act, p, inv_keep_p, float(scale), use_st, use_dropout,
         BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
     _, c2 = config("adapter_bwd_dw", r, dt)
     ncol = cdiv(d, c2.BLOCK_N)
-    s_splits = _num_row_splits(m, c2.BLOCK_M, ncol, dev)
+    s_splits = row_splits(m, c2.BLOCK_M, ncol, dev)
     pwu = torch.empty((s_splits, d, r), dtype=torch.float32, device=dev)
     pwd = torch.empty((s_splits, r, d), dtype=torch.float32, device=dev)
     pbu = torch.empty((s_splits, d), dtype=torch.float32, device=dev)

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, rows_of, tl, triton, use_triton
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+                      rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton)
 from .adapter import Cfg, dropout_keep_mask
-from .lowrank import ACT_QUICK_GELU, _keep, _quick_gelu, launch_down, launch_dw, r_pad_of
+from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, launch_dw, r_pad_of
 
 MAX_DIM = 32  # bypass widths d above this (official: 8) run the torch math of the same ops
 DIM_PADS = (16, 32)
@@ -71,16 +72,11 @@ def _convpass_up_fwd_kernel(
     M, D, R, p, inv_keep, scale, has_bias, has_base, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
+    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     c = tl.load(C + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     h = _quick_gelu(c.to(tl.float32))
     if use_dropout:
-        h = h * _keep(SEED, rows64, rk, R, p, inv_keep)
+        h = h * keep_scale(SEED, rows64, rk, R, p, inv_keep)
     h = h.to(C.dtype.element_ty)
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -108,26 +104,15 @@ def _convpass_up_bwd_kernel(
     M, D, R, p, inv_keep, scale, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
-    dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
-        g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        wu = tl.load(WU + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        dh = tl.dot(g, wu, dh, input_precision="ieee")
+    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     c = tl.load(C + offs, mask=rkmask, other=0.0).to(tl.float32)
     h = _quick_gelu(c)
     dact = _quick_gelu_grad(c)
     if use_dropout:
-        keep = _keep(SEED, rows64, rk, R, p, inv_keep)
+        keep = keep_scale(SEED, rows64, rk, R, p, inv_keep)
         h = h * keep
         dact = dact * keep
     tl.store(DC + offs, (scale * dh * dact).to(DC.dtype.element_ty), mask=rkmask)
@@ -144,25 +129,14 @@ def _convpass_down_bwd_kernel(
     M, D, R,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
+    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     gu = tl.load(GU + offs, mask=rkmask, other=0.0).to(tl.float32)
     a = tl.load(A + offs, mask=rkmask, other=0.0)
     da = (gu * _quick_gelu_grad(a)).to(DA.dtype.element_ty)
     tl.store(DA + offs, da, mask=rkmask)
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
-        wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        dx = tl.dot(da, wd, input_precision="ieee")
-        tl.store(DX + rows64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+    rank_up_store(DX, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +183,10 @@ def _validate_up(c, w_up, b_up, base, p, seed):
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton path)
 # ----------------------------------------------------------------------------------------------
-def _seed1(seed, p, dev):
-    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=dev)
+def _config(kernel: str, d: int, t: torch.Tensor):
+    """(padded bypass width, Cfg) that `kernel` launches with for bypass width d and t's dtype."""
+    dp = r_pad_of(d)
+    return dp, CONFIGS[kernel][(dp, t.element_size())]
 
 
 def convpass_down_fwd(x, w_down, b_down):
@@ -237,8 +213,7 @@ def convpass_down_bwd(grad_u, x, a, w_down):
     dx = torch.empty((m, D), dtype=dt, device=dev)
     da = torch.empty((m, d), dtype=dt, device=dev)
     if m:
-        dp = r_pad_of(d)
-        c = CONFIGS["convpass_down_bwd"][(dp, x.element_size())]
+        dp, c = _config("convpass_down_bwd", d, x)
         _convpass_down_bwd_kernel[(cdiv(m, c.BLOCK_M),)](
             gu, a, w_down.contiguous(), da, dx, m, D, d,
             BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -254,13 +229,12 @@ def convpass_up_fwd(c, w_up, b_up, base, scale: float, p: float, seed):
     dev = c.device
     out = torch.empty((m, D), dtype=c.dtype, device=dev)
     if m:
-        dp = r_pad_of(d)
-        cf = CONFIGS["convpass_up_fwd"][(dp, c.element_size())]
-        dummy = torch.empty(1, dtype=c.dtype, device=dev)
+        dp, cf = _config("convpass_up_fwd", d, c)
+        unused = dummy(dev, c.dtype)
         _convpass_up_fwd_kernel[(cdiv(m, cf.BLOCK_M),)](
-            c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else dummy,
-            rows_of(base) if base is not None else dummy, _seed1(seed, p, dev), out,
-            m, D, d, float(p), 1.0 / (1.0 - p), float(scale), int(b_up is not None), int(base is not None),
+            c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else unused,
+            rows_of(base) if base is not None else unused, seed_or_zero(seed, p, dev), out,
+            m, D, d, float(p), inv_keep(p), float(scale), int(b_up is not None), int(base is not None),
             int(p > 0.0), BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp,
             num_warps=cf.num_warps, num_stages=cf.num_stages)
     return out.view(*c.shape[:-1], D)
@@ -279,11 +253,10 @@ def convpass_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
     dc = torch.empty((m, d), dtype=dt, device=dev)
     h = torch.empty((m, d), dtype=dt, device=dev)
     if m:
-        dp = r_pad_of(d)
-        cf = CONFIGS["convpass_up_bwd"][(dp, c.element_size())]
+        dp, cf = _config("convpass_up_bwd", d, c)
         _convpass_up_bwd_kernel[(cdiv(m, cf.BLOCK_M),)](
-            g2, c2, w_up.contiguous(), _seed1(seed, p, dev), dc, h,
-            m, D, d, float(p), 1.0 / (1.0 - p) if p > 0 else 1.0, float(scale), int(p > 0.0),
+            g2, c2, w_up.contiguous(), seed_or_zero(seed, p, dev), dc, h,
+            m, D, d, float(p), inv_keep(p), float(scale), int(p > 0.0),
             BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, num_warps=cf.num_warps, num_stages=cf.num_stages)
     hg, colsum = launch_dw(h, g2, colsum=True)
     return dc.view(c.shape), (scale * hg.t()).to(dt), (scale * colsum).to(dt)

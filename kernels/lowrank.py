@@ -48,8 +48,9 @@ import types
 
 import torch
 
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of, tl,
-                      triton, use_triton)
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+                      next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
+                      use_triton)
 from .adapter import Cfg, dropout_keep_mask
 
 MAX_RANK = 128
@@ -109,14 +110,6 @@ def r_pad_of(rank: int) -> int:
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _keep(seed_ptr, rows64, cols, width, p, inv_keep):
-    """Dropout multiplier keep/(1-p) of elements (row, col) of a [*, width] tensor."""
-    seed = tl.load(seed_ptr)
-    u = tl.rand(seed, rows64[:, None] * width + cols[None, :])
-    return tl.where(u >= p, inv_keep, 0.0)
-
-
-@triton.jit
 def _quick_gelu(a):
     return a * tl.sigmoid(1.702 * a)
 
@@ -133,22 +126,9 @@ def _lowrank_down_kernel(
     M, D, R, stride_pr, stride_pk, p, inv_keep, scale, out_drop, has_bias, act, save_pre,
     IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
-    rk = tl.arange(0, R_PAD)
-    kmask = rk < R
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < D
-        x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        if IN_DROP:
-            x = (x.to(tl.float32) * _keep(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
-        pt = tl.load(P + rk[None, :] * stride_pr + cols[:, None] * stride_pk,
-                     mask=kmask[None, :] & cmask[:, None], other=0.0)
-        acc = tl.dot(x, pt, acc, input_precision="ieee")
+    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    acc = rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
+                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     if has_bias:
@@ -158,7 +138,7 @@ def _lowrank_down_kernel(
     if act == 1:
         acc = _quick_gelu(acc)
     if out_drop:
-        acc = acc * _keep(SEED, rows64, rk, R, p, inv_keep)
+        acc = acc * keep_scale(SEED, rows64, rk, R, p, inv_keep)
     acc = acc * scale
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=rkmask)
 
@@ -217,7 +197,7 @@ def _lowrank_gemm_kernel(
             b = tl.load(B + cols[None, :] * R + rs[:, None], mask=smask[:, None] & cmask[None, :], other=0.0)
         acc2 = tl.dot(u, b, acc2, input_precision="ieee")
     if LR_MASK:
-        acc = acc + acc2 * _keep(SEED, rows64, cols, N, p, inv_keep)
+        acc = acc + acc2 * keep_scale(SEED, rows64, cols, N, p, inv_keep)
     else:
         acc = acc2
     if has_bias:
@@ -252,7 +232,7 @@ def _lowrank_dw_kernel(
         if want_colsum:
             csum += tl.sum(q.to(tl.float32), axis=0)
         if q_drop:
-            q = (q.to(tl.float32) * _keep(SEED, rows64, cols, D, p, inv_keep)).to(Q.dtype.element_ty)
+            q = (q.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(Q.dtype.element_ty)
         pm = tl.load(P + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(pm), q, acc, input_precision="ieee")
     base = pid_s.to(tl.int64) * R * D
@@ -264,28 +244,6 @@ def _lowrank_dw_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton path): check, reshape, allocate, launch
 # ----------------------------------------------------------------------------------------------
-def _dummy(device, dtype=torch.float32):
-    return torch.empty(1, dtype=dtype, device=device)
-
-
-def _seed_or_zero(seed, p, device):
-    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
-
-
-def _inv_keep(p):
-    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
-
-
-def _row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
-    """Row splits of the weight-grad kernel: ~4 programs per SM in total (2 per column block
-    under the interpreter, which still exercises the strided row loop)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2 * n_col_blocks
-    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
-
-
 def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, save_pre=False,
                 p=0.0, seed=None, in_drop=False, out_drop=False, scale=1.0):
     """u [M, r] (x dtype) = epi(drop_in(x2) @ P^T); returns (u, pre fp32 [M, r] or None)."""
@@ -299,9 +257,9 @@ def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, 
     in_drop = int(in_drop and p > 0)
     c = CONFIGS["lowrank_down"][(rp, in_drop)]
     _lowrank_down_kernel[(cdiv(m, c.BLOCK_M),)](
-        x2, p_mat, bias if bias is not None else _dummy(dev), _seed_or_zero(seed, p, dev), out,
-        pre if save_pre else _dummy(dev),
-        m, d, r, stride_pr, stride_pk, float(p), _inv_keep(p), float(scale),
+        x2, p_mat, bias if bias is not None else dummy(dev), seed_or_zero(seed, p, dev), out,
+        pre if save_pre else dummy(dev),
+        m, d, r, stride_pr, stride_pk, float(p), inv_keep(p), float(scale),
         int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre),
         IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
     return out, pre
@@ -319,8 +277,8 @@ def launch_gemm(x2, w, u, b, n, *, bias=None, trans=False, lr_mask=False, p=0.0,
     c = CONFIGS["lowrank_gemm"][(int(lr_mask), x2.element_size())]
     grid = (cdiv(m, c.BLOCK_M) * cdiv(n, c.BLOCK_N),)
     _lowrank_gemm_kernel[grid](
-        x2, w, u, b, bias if bias is not None else _dummy(dev), _seed_or_zero(seed, p, dev), out,
-        m, n, d, r, int(bias is not None), float(p), _inv_keep(p),
+        x2, w, u, b, bias if bias is not None else dummy(dev), seed_or_zero(seed, p, dev), out,
+        m, n, d, r, int(bias is not None), float(p), inv_keep(p),
         TRANS=bool(trans), LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
         BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
@@ -337,11 +295,11 @@ def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
     rp = r_pad_of(r)
     c = CONFIGS["lowrank_dw"][(rp, q.element_size())]
     ncol = cdiv(d, c.BLOCK_N)
-    s = _row_splits(m, c.BLOCK_M, ncol, dev)
+    s = row_splits(m, c.BLOCK_M, ncol, dev)
     pw = torch.empty((s, r, d), dtype=torch.float32, device=dev)
-    pc = torch.empty((s, d), dtype=torch.float32, device=dev) if colsum else _dummy(dev)
+    pc = torch.empty((s, d), dtype=torch.float32, device=dev) if colsum else dummy(dev)
     _lowrank_dw_kernel[(ncol, s)](
-        pm, q, _seed_or_zero(seed, p, dev), pw, pc, m, d, r, s, float(p), _inv_keep(p),
+        pm, q, seed_or_zero(seed, p, dev), pw, pc, m, d, r, s, float(p), inv_keep(p),
         int(q_drop and p > 0), int(colsum),
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
     return pw.sum(0), (pc.sum(0) if colsum else None)

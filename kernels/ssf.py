@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from ._common import tl, triton
-from ._common import AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, rows_of, use_triton
+from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, row_splits, rows_of,
+                      use_triton)
 from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
@@ -266,16 +267,6 @@ def _validate_ln(x, ln_weight, ln_bias, scale, shift, eps):
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton path)
 # ----------------------------------------------------------------------------------------------
-def _row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
-    """Programs along the rows for the column reductions: ~4 per SM in total on a GPU, 2 per
-    column block under the interpreter (still exercising the strided row loop)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2 * n_col_blocks
-    return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
-
-
 def ssf_fwd(x, scale, shift, act: int):
     """y = act(x * scale + shift); returns a contiguous tensor like x."""
     _validate_ssf("ssf", x, scale, shift)
@@ -304,7 +295,7 @@ def ssf_bwd(grad_out, x, scale, shift, act: int):
         return dx.view(x.shape), z, z.clone()
     c = CONFIGS["ssf_bwd"][0]
     ncol = cdiv(d, c.BLOCK_N)
-    s = _row_splits(m, c.BLOCK_M, ncol, x.device)
+    s = row_splits(m, c.BLOCK_M, ncol, x.device)
     ps1 = torch.empty((s, d), dtype=torch.float32, device=x.device)
     ps0 = torch.empty((s, d), dtype=torch.float32, device=x.device)
     _ssf_bwd_kernel[(ncol, s)](
@@ -346,7 +337,7 @@ def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     dx = torch.empty((m, d), dtype=dt, device=dev)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
-    s = _row_splits(m, c.BLOCK_M, 1, dev) if m else 0
+    s = row_splits(m, c.BLOCK_M, 1, dev) if m else 0
     ps1 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
     ps0 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
     sc = scale.contiguous()
