@@ -18,15 +18,9 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
+from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    """CPU tests drive the kernels through the interpreter; `gpu` tests need it off."""
-    if "gpu" not in request.keywords and not INTERPRETING:
-        pytest.skip("kernel tests run on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 
 # Tolerances of the fused op vs the fp32-upcast reference, per dtype (outputs and every grad).
 # atol is scaled by max(1, max|reference|): weight grads are sums over rows and grow with them.
@@ -98,13 +92,6 @@ def reference(t, kw, layout, act, p, seed_t, grad):
     up = {k: v.float() for k, v in t.items()}
     kw = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     return run(K.adapter_ref, up, kw, layout, act, p, seed_t, grad.float())
-
-
-def assert_close(name, got, want, tol):
-    want = want.float()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.float(), want, atol=tol["atol"] * scale, rtol=tol["rtol"],
-                               msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -9,10 +9,7 @@ counts are odd (1, 7, 13, 37 rows per image), widths 64..768, bypass dims 5 and 
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -21,9 +18,9 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.convpass as C  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
+from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="kernel tests run on CPU through the Triton interpreter")
+pytestmark = interpreter_only
 
 # Tolerances vs the fp32-upcast reference, per dtype (output and every grad); atol is scaled by
 # max(1, max|reference|).
@@ -43,13 +40,6 @@ CASES = [
 ]
 IDS = [f"B{c[0]}-g{c[1][0]}x{c[1][1]}-P{c[2]}-D{c[3]}-d{c[4]}-p{c[5]}{'-base' if c[6] else ''}" for c in CASES]
 NAMES = ("h", "w_down", "b_down", "conv_w", "conv_b", "w_up", "b_up")
-
-
-def assert_close(name, got, want, tol):
-    want = want.float()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.float(), want, atol=tol["atol"] * scale, rtol=tol["rtol"],
-                               msg=lambda m: f"{name}: {m}")
 
 
 def make(case, dtype, seed=0):
@@ -224,19 +214,4 @@ AOT_KERNELS = ("convpass_up_fwd", "convpass_up_bwd", "convpass_down_bwd")
 
 
 def test_aot_smoke(tmp_path):
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("triton's bundled cuobjdump is missing")
-    out = tmp_path / "aot.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "fastpeft.kernels.aot", "--smoke", "--jobs", "2", "--only",
-                           ",".join(AOT_KERNELS), "--json", str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in AOT_KERNELS for a in (80, 90)}
-    for r in rows:
-        assert r["error"] is None, r
-        assert r["stack"] == 0 and (r["local"] or 0) == 0, r
-        assert r["shared"] <= {80: 166912, 90: 232448}[r["arch"]], r
+    check_aot_smoke(tmp_path, AOT_KERNELS)

@@ -11,10 +11,7 @@ matrices the functionals build).
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -24,9 +21,9 @@ import torch  # noqa: E402
 import fastpeft.kernels.lowrank as L  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from fastpeft.kernels.adapter import dropout_keep_mask  # noqa: E402
+from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="kernel tests run on CPU through the Triton interpreter")
+pytestmark = interpreter_only
 
 # Tolerances of the fused op vs the fp32-upcast reference, per dtype (outputs and every grad).
 # atol is scaled by max(1, max|reference|): weight grads are sums over rows and grow with them.
@@ -35,13 +32,6 @@ TOL = {
     torch.float16: dict(atol=1e-2, rtol=1e-2),
     torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
 }
-
-
-def assert_close(name, got, want, tol):
-    want = want.float()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.float(), want, atol=tol["atol"] * scale, rtol=tol["rtol"],
-                               msg=lambda m: f"{name}: {m}")
 
 
 def rnd(g, *shape, std=1.0, dtype=torch.float32):
@@ -422,19 +412,4 @@ AOT_KERNELS = ("lowrank_down", "lowrank_down_indrop", "lowrank_gemm", "lowrank_g
 
 
 def test_aot_smoke(tmp_path):
-    triton = pytest.importorskip("triton")
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
-        pytest.skip("triton's bundled cuobjdump is missing")
-    out = tmp_path / "aot.json"
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the interpreter would replace the real compiler
-    proc = subprocess.run([sys.executable, "-m", "fastpeft.kernels.aot", "--smoke", "--jobs", "2", "--only",
-                           ",".join(AOT_KERNELS), "--json", str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in AOT_KERNELS for a in (80, 90)}
-    for r in rows:
-        assert r["error"] is None, r
-        assert r["stack"] == 0 and (r["local"] or 0) == 0, r
-        assert r["shared"] <= {80: 166912, 90: 232448}[r["arch"]], r
+    check_aot_smoke(tmp_path, AOT_KERNELS)

@@ -17,15 +17,9 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.ssf as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
+from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    """CPU tests drive the kernels through the interpreter; `gpu` tests need it off."""
-    if "gpu" not in request.keywords and not INTERPRETING:
-        pytest.skip("kernel tests run on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 
 # vs the fp32-upcast reference; atol is scaled by max(1, max|reference|) (column sums grow with rows)
 TOL = {
@@ -36,13 +30,6 @@ TOL = {
 
 SHAPES = [(1, 192), (7, 384), (37, 768), (7, 1024), (37, 200), (5, 1000)]
 SHAPE_IDS = [f"M{m}-D{d}" for m, d in SHAPES]
-
-
-def assert_close(name, got, want, tol):
-    want = want.float()
-    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-    torch.testing.assert_close(got.float(), want, atol=tol["atol"] * scale, rtol=tol["rtol"],
-                               msg=lambda m: f"{name}: {m}")
 
 
 def params(d, dtype, seed=0, n=2):
