@@ -6,6 +6,8 @@ import pytest
 import timm
 import torch
 
+import fastpeft
+
 
 def make_vit(name: str = "vit_tiny_patch16_224", *, depth: int | None = 2, num_classes: int = 10,
              img_size: int = 64, seed: int = 0, **kw) -> torch.nn.Module:
@@ -23,6 +25,48 @@ def images(batch: int = 2, img_size: int = 64, seed: int = 1) -> torch.Tensor:
 
 def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def vitb_meta(**kw) -> torch.nn.Module:
+    """ViT-B/16 on the meta device (no memory, no weights): for parameter counts and names."""
+    with torch.device("meta"):
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, **kw)
+
+
+def method_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters a method added or unfroze (the classifier head left out)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
+
+
+def assert_grads_reach_only_trainable(model: torch.nn.Module) -> None:
+    """After a backward: every trainable parameter has a nonzero grad, every frozen one none."""
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().max() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def assert_out_and_grads_match(out, ref, params, proj) -> None:
+    """out == ref (the reference math) and, for the loss (· * proj).sum(), each param's grad is
+    nonzero and matches the reference's."""
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g1 = torch.autograd.grad((out * proj).sum(), params)
+    g2 = torch.autograd.grad((ref * proj).sum(), params)
+    for a, b in zip(g1, g2):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def assert_inject_refused_unchanged(model: torch.nn.Module, cfg, match: str) -> None:
+    """inject(model, cfg) raises ValueError matching `match` and leaves the model's keys and
+    requires_grad flags as they were."""
+    keys = list(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        fastpeft.inject(model, cfg)
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def randomize_(params, std: float = 0.02, seed: int = 3) -> None:

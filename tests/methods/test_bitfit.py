@@ -5,18 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
 import fastpeft
 from fastpeft import BitFit, LinearProbe
 
-from .conftest import images, make_vit
-
-
-def vitb_meta():
-    with torch.device("meta"):
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
+from .conftest import assert_grads_reach_only_trainable, images, make_vit, vitb_meta
 
 
 def test_bitfit_count_vitb():
@@ -49,11 +43,7 @@ def test_linear_probe_trains_only_the_head():
 def test_gradients_reach_only_trainable(cfg):
     m = fastpeft.inject(make_vit(), cfg).train()
     m(images()).sum().backward()
-    for n, p in m.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().max() > 0, n
-        else:
-            assert p.grad is None, n
+    assert_grads_reach_only_trainable(m)
 
 
 @pytest.mark.parametrize("cfg", [BitFit(), LinearProbe()])

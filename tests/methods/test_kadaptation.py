@@ -7,7 +7,6 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
 from torch.func import functional_call
 
@@ -15,18 +14,10 @@ import fastpeft
 from fastpeft import KAdaptation
 from fastpeft.methods.base import vit_info
 
-from .conftest import images, make_vit, randomize_
+from .conftest import (assert_inject_refused_unchanged, images, make_vit, method_params, randomize_,
+                       vitb_meta)
 
 D = 192  # vit_tiny: 3 heads of 64
-
-
-def vitb_meta():
-    with torch.device("meta"):
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
-
-
-def method_params(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
 
 
 def inject(model, cfg):
@@ -191,13 +182,7 @@ def test_dropout_on_H_follows_train_eval():
     (KAdaptation(lora_dim=0), "lora_dim"),
 ])
 def test_bad_configs(cfg, words):
-    m = make_vit()
-    keys = list(m.state_dict())
-    flags = {n: p.requires_grad for n, p in m.named_parameters()}
-    with pytest.raises(ValueError, match=words):
-        fastpeft.inject(m, cfg)
-    assert list(m.state_dict()) == keys
-    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert_inject_refused_unchanged(make_vit(), cfg, words)
 
 
 def test_inject_twice_raises():

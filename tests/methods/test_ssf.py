@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -14,18 +13,10 @@ import fastpeft
 from fastpeft import SSF
 from fastpeft.methods import ssf as ssf_mod
 
-from .conftest import images, make_vit, randomize_
+from .conftest import (assert_grads_reach_only_trainable, assert_out_and_grads_match, images, make_vit,
+                       method_params, randomize_, vitb_meta)
 
 D = 192
-
-
-def vitb_meta(**kw):
-    with torch.device("meta"):
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, **kw)
-
-
-def method_params(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
 
 
 # ---------------------------------------------------------------------------------------------- counts & init
@@ -102,22 +93,13 @@ def test_forward_and_grads_match_explicit_math(kw):
     proj = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
     out = m(x)
     ref = reference_forward(m, x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    g1 = torch.autograd.grad((out * proj).sum(), params)
-    g2 = torch.autograd.grad((ref * proj).sum(), params)
-    for a, b in zip(g1, g2):
-        assert a.abs().max() > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_out_and_grads_match(out, ref, params, proj)
 
 
 def test_gradients_reach_only_trainable_parameters():
     m = fastpeft.inject(make_vit(), SSF()).train()
     m(images()).sum().backward()
-    for n, p in m.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().max() > 0, n
-        else:
-            assert p.grad is None, n
+    assert_grads_reach_only_trainable(m)
 
 
 def test_identity_ssf_reproduces_frozen_logits():
