@@ -33,3 +33,4 @@ class ConvpassRule(SlotRule):
     name = "Convpass"
     fused = {_Bypass: FusedBypass}
     what = "fused down/act and act/dropout/up/scale around the grid conv"
+    cpu_reason = "CPU path: the eager reference saves within 1% as much and is not slower (fused on the Triton backend)"

@@ -53,8 +53,8 @@ def test_patch_matches_reference(case):
     keys = list(m.state_dict())
     report = fastpeft.patch(m, backend="torch")
     assert report, str(report)
-    if case in ("fact-tt", "fact-tk", "kadaptation", "lora-petl-qv"):
-        assert "the reference saves fewer bytes" in str(report)  # CPU keeps the leaner reference
+    if case not in ("ssf",):
+        assert "CPU path: the eager reference" in str(report)  # speed fusions are Triton-only
     assert all(p is params[n] for n, p in m.named_parameters())
     assert list(m.state_dict()) == keys
     out1, g1 = run(m, x)
