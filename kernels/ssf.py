@@ -375,14 +375,27 @@ def _ssf_bwd_torch(grad_out, x, scale, shift, act):
     x2 = x.reshape(-1, d).float()
     if act == 1:
         t = x2 * scale.float() + shift.float()
-        g = g * (0.5 * (1.0 + torch.erf(t * 0.7071067811865476)) + t * 0.3989422804014327 * torch.exp(-0.5 * t * t))
+        g = torch.ops.aten.gelu_backward(g, t)  # erf GELU'(t) * g in one native pass
     dx = (g * scale.float()).to(x.dtype).view(x.shape)
     return dx, (g * x2).sum(0).to(x.dtype), g.sum(0).to(x.dtype)
+
+
+def _folded_affine(ln_weight, ln_bias, scale, shift):
+    """LN(x; a, c) * γ + β == x̂ * (a γ) + (c γ + β): the SSF folded into LayerNorm's affine."""
+    w = scale if ln_weight is None else ln_weight * scale
+    b = shift if ln_bias is None else ln_bias * scale + shift
+    return w, b
 
 
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
     _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
     d = x.shape[-1]
+    if x.dtype == torch.float32:
+        # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
+        # ~3x faster than the step-by-step math below); mean/rstd come out of the same pass
+        w, b = _folded_affine(ln_weight, ln_bias, scale, shift)
+        y, mean, rstd = torch.native_layer_norm(x.reshape(-1, d), (d,), w, b, eps)
+        return y.view(x.shape), mean.view(-1), rstd.view(-1)
     x2 = x.reshape(-1, d).float()
     var, mean = torch.var_mean(x2, dim=1, correction=0)
     rstd = torch.rsqrt(var + eps)
@@ -397,6 +410,13 @@ def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
 
 def _layernorm_ssf_bwd_torch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     d = x.shape[-1]
+    if x.dtype == torch.float32:
+        # native backward with the folded affine: its weight/bias grads are S1 = Σ g x̂ and S0 = Σ g
+        w, b = _folded_affine(ln_weight, ln_bias, scale, torch.zeros_like(scale))
+        dx, s1, s0 = torch.ops.aten.native_layer_norm_backward(
+            grad_out.reshape(-1, d), x.reshape(-1, d), (d,), mean.view(-1, 1), rstd.view(-1, 1), w, b,
+            [True, True, True])
+        return _ln_finalize(dx.view(x.shape), s1, s0, ln_weight, ln_bias, scale)
     g = grad_out.reshape(-1, d).float()
     xhat = (x.reshape(-1, d).float() - mean[:, None]) * rstd[:, None]
     w = scale.float() * (ln_weight.float() if ln_weight is not None else 1.0)
