@@ -156,17 +156,6 @@ def make_vqt_aggregate(gen, B, N, D, dev, dt):
 
 # --- fused calls: how each fastpeft.ops functional is called with the same inputs ---------------
 
-def _call(fn, *args, **kwargs):
-    """Call fn with the keyword arguments its signature accepts."""
-    try:
-        params = inspect.signature(fn).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            kwargs = {k: v for k, v in kwargs.items() if k in params}
-    except (TypeError, ValueError):
-        pass
-    return fn(*args, **kwargs)
-
-
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -176,7 +165,7 @@ class OpSpec:
     name: str
     make: Callable
     ref: Callable
-    fused_names: tuple[str, ...]  # candidates in fastpeft.ops, first found wins
+    fused_names: tuple[str, ...]  # dotted paths under fastpeft, first found wins
     fused: Callable  # (fn, inputs) -> output
     units: Callable[[int, int, int], int]  # tokens per call
     unit: str = "tokens/s"
@@ -186,24 +175,31 @@ def _tokens(B, N, D):
     return B * N
 
 
+def _fc1_then(fn, p):
+    """The fused form of fc1 -> SSF -> GELU: the frozen GEMM, then one op for scale-shift + GELU
+    (saving fc1's output only)."""
+    return fn(F.linear(p["x"], p["w1"], p["b1"]), p["gamma"], p["beta"])
+
+
+# fused_names: dotted paths under `fastpeft` (the Triton-kernel functionals dispatch to Triton on
+# CUDA and to their torch math, with the same saving policy, on CPU)
 OPS = [
-    OpSpec("adapter", make_adapter, adapter_ref, ("adapter", "adaptformer"),
-           lambda fn, p: _first(_call(fn, p["x"], p["w_down"], p["b_down"], p["w_up"], p["b_up"],
-                                      scale=ADAPTER_SCALE, act="relu")), _tokens),
-    OpSpec("lora", make_lora, lora_ref, ("lora_linear", "lora"),
-           lambda fn, p: _first(_call(fn, p["x"], p["w"], p["b"], p["lora_a"], p["lora_b"], scale=1.0)), _tokens),
-    OpSpec("fact", make_fact, fact_ref, ("fact_linear", "fact"),
-           lambda fn, p: _first(_call(fn, p["x"], p["w"], p["b"], p["fact_u"], p["fact_v"],
-                                      torch.stack([p["core_q"], p["core_k"], p["core_v"]]), scale=1.0)), _tokens),
-    OpSpec("layernorm+ssf", make_ln_ssf, ln_ssf_ref, ("layer_norm_scale_shift", "ln_scale_shift"),
-           lambda fn, p: _first(_call(fn, p["x"], p["ln_w"], p["ln_b"], p["gamma"], p["beta"], eps=1e-6)), _tokens),
-    OpSpec("fc1+ssf+gelu", make_fc1_ssf_gelu, fc1_ssf_gelu_ref, ("linear_scale_shift_gelu", "fc1_scale_shift_gelu"),
-           lambda fn, p: _first(_call(fn, p["x"], p["w1"], p["b1"], p["gamma"], p["beta"])), _tokens),
-    OpSpec("scale_shift", make_scale_shift, scale_shift_ref, ("scale_shift",),
+    OpSpec("adapter", make_adapter, adapter_ref, ("kernels.adapter.adapter",),
+           lambda fn, p: fn(p["x"], p["w_down"], p["b_down"], p["w_up"], p["b_up"], scale=ADAPTER_SCALE, act="relu"),
+           _tokens),
+    OpSpec("lora", make_lora, lora_ref, ("kernels.lowrank.lora_noah_qkv",),
+           lambda fn, p: fn(p["x"], p["w"], p["b"], p["lora_a"], p["lora_b"], scale=1.0), _tokens),
+    OpSpec("fact", make_fact, fact_ref, ("kernels.lowrank.fact_linear",),
+           lambda fn, p: fn(p["x"], p["w"], p["b"], p["fact_u"], p["fact_v"],
+                            (p["core_q"], p["core_k"], p["core_v"]), layer="qkv", scale=1.0), _tokens),
+    OpSpec("layernorm+ssf", make_ln_ssf, ln_ssf_ref, ("kernels.ssf.layernorm_ssf",),
+           lambda fn, p: fn(p["x"], p["ln_w"], p["ln_b"], p["gamma"], p["beta"], 1e-6), _tokens),
+    OpSpec("fc1+ssf+gelu", make_fc1_ssf_gelu, fc1_ssf_gelu_ref, ("kernels.ssf.ssf_gelu",), _fc1_then, _tokens),
+    OpSpec("scale_shift", make_scale_shift, scale_shift_ref, ("ops.scale_shift",),
            lambda fn, p: fn(p["x"], p["gamma"], p["beta"]), _tokens),
-    OpSpec("vqt_attention", make_vqt_attention, vqt_attention_ref, ("vqt_query_attention",),
+    OpSpec("vqt_attention", make_vqt_attention, vqt_attention_ref, ("ops.vqt_query_attention",),
            lambda fn, p: _first(fn(p["q"], p["k"], p["v"])), lambda B, N, D: B * VQT_QUERIES, "query tokens/s"),
-    OpSpec("vqt_aggregate", make_vqt_aggregate, vqt_aggregate_ref, ("vqt_aggregate",),
+    OpSpec("vqt_aggregate", make_vqt_aggregate, vqt_aggregate_ref, ("ops.vqt_aggregate",),
            lambda fn, p: _first(fn(p["cls"], p["queries"])), lambda B, N, D: B, "images/s"),
 ]
 CONTENDERS = ("eager", "compile", "fastpeft")
@@ -226,15 +222,17 @@ def pytest_generate_tests(metafunc):
 
 
 def _fused_fn(spec: OpSpec):
-    try:
-        import fastpeft.ops as ops
-    except Exception as e:  # noqa: BLE001  (a broken extension load is reported as the skip reason)
-        return None, f"fastpeft.ops failed to import: {type(e).__name__}: {e}"
-    for n in spec.fused_names:
-        fn = getattr(ops, n, None)
+    import importlib
+
+    for path in spec.fused_names:
+        mod, _, attr = f"fastpeft.{path}".rpartition(".")
+        try:
+            fn = getattr(importlib.import_module(mod), attr, None)
+        except Exception as e:  # noqa: BLE001  (e.g. no triton, a broken extension: the skip reason)
+            return None, f"{mod} failed to import: {type(e).__name__}: {e}"
         if fn is not None:
-            return fn, f"fastpeft.ops.{n}"
-    return None, f"fastpeft.ops.{spec.fused_names[0]} not yet available"
+            return fn, f"fastpeft.{path}"
+    return None, f"fastpeft.{spec.fused_names[0]} not available"
 
 
 @pytest.mark.bench_op
