@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -144,6 +145,19 @@ _PROFILER_SKIP = re.compile(
     r"lift_fresh|_unsafe_view|contiguous|clone_if_needed|set_)$"
 )
 
+
+
+def first_call(step, compiled: bool) -> tuple[float, dict]:
+    """The warm-up call of a row, timed: for torch.compile it is the compile itself, and the
+    compiled graphs' kernel bytes are counted into the returned dict's "bytes"."""
+    graph_bytes: dict = {"bytes": 0}
+    t0 = time.perf_counter()
+    if compiled:
+        with compiled_graph_bytes() as graph_bytes:
+            step()
+    else:
+        step()
+    return time.perf_counter() - t0, graph_bytes
 
 def profiled_launches(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
     """Kernel launches of `fn()` as the profiler sees them. CUDA: device kernels. CPU: Inductor's

@@ -14,7 +14,6 @@ recorded as skipped with the reason.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import pytest
@@ -205,16 +204,10 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
             sync()
 
     # First call: warmup, and for torch.compile the compile itself (its kernels' bytes counted).
-    t0 = time.perf_counter()
     try:
-        if contender == "compile":
-            with measure.compiled_graph_bytes() as graph_bytes:
-                step()
-        else:
-            step()
+        row["first_call_s"], graph_bytes = measure.first_call(step, contender == "compile")
     except Exception as e:  # noqa: BLE001  (a contender that fails here is reported, not fatal)
         skip(collector, row, f"{contender} failed on {method} ({mode}): {type(e).__name__}: {str(e)[:300]}")
-    row["first_call_s"] = time.perf_counter() - t0
 
     if mode == "train":
         row["saved_bytes"] = measure.saved_bytes(step, model)

@@ -11,7 +11,6 @@ Dropout is off in every op row (p = 0) so all contenders compute the same functi
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -284,16 +283,10 @@ def test_op(benchmark, bench_cfg, collector, compiler_problem, op, size, size_in
                 f()
             sync()
 
-    t0 = time.perf_counter()
     try:
-        if contender == "compile":
-            with measure.compiled_graph_bytes() as graph_bytes:
-                step()
-        else:
-            step()
+        row["first_call_s"], graph_bytes = measure.first_call(step, contender == "compile")
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
         skip(collector, row, f"{contender} failed on {op} {size} ({mode}): {type(e).__name__}: {str(e)[:300]}")
-    row["first_call_s"] = time.perf_counter() - t0
 
     if mode == "fwd+bwd":
         row["saved_bytes"] = measure.saved_bytes(step, exclude)
