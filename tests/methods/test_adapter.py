@@ -18,7 +18,7 @@ import fastpeft
 from fastpeft import AdaptFormer, Adapter
 from fastpeft.methods.base import PetlBlock
 
-from .conftest import images, make_vit, randomize_
+from .conftest import images, make_vit, randomize_, assert_train_forward_deterministic
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,11 +226,7 @@ def test_dropout_follows_train_eval(x):
     # with dropout 0 the train-mode forward is deterministic: the randomness above was the adapter's
     model2 = make_vit(depth=2)
     fastpeft.inject(model2, Adapter(dim=8, dropout=0.0))
-    model2.train()
-    torch.manual_seed(0)
-    c = model2(x)
-    torch.manual_seed(1)
-    assert torch.equal(c, model2(x))
+    assert_train_forward_deterministic(model2, x)
 
 
 def test_vpt_style_droppath_wraps_adapter():
