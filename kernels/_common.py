@@ -134,6 +134,19 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, shape=None,
         raise ValueError(f"{op}: {name} must be {dtype}, got {name} {describe(t)}")
 
 
+def check_dropout(op: str, p: float, seed, like: torch.Tensor, like_name: str = "x") -> None:
+    """ValueError unless p is in [0, 1) and, when p > 0, `seed` is a one-element int64 tensor on
+    `like`'s device (the Philox seed the masks are regenerated from)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
+    if p > 0.0:
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
+                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
+        if seed.device != like.device:
+            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but {like_name} is on {like.device}")
+
+
 def rows_of(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] as a contiguous [M, D] view (a copy only when x is not contiguous)."""
     return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
+from ._common import check_dropout, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
                       row_splits, rows_of, seed_or_zero, use_triton)
 
@@ -390,14 +390,7 @@ def _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, se
             raise ValueError(f"{op}: a tensor scale must have one element, got scale {describe(scale_t)}")
     if act not in ACTS.values():
         raise ValueError(f"{op}: act code {act} is not one of {ACTS}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
-    if p > 0.0:
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
-                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
-        if seed.device != x.device:
-            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but x is on {x.device}")
+    check_dropout(op, p, seed, x, "x")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton)
 from .adapter import Cfg, dropout_keep_mask
 from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, launch_dw, r_pad_of
@@ -170,14 +170,7 @@ def _validate_up(c, w_up, b_up, base, p, seed):
         check_tensor(op, "b_up", b_up, shape=(D,), like=c)
     if base is not None:
         check_tensor(op, "base", base, shape=(*c.shape[:-1], D), like=c)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
-    if p > 0.0:
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
-                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
-        if seed.device != c.device:
-            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but c is on {c.device}")
+    check_dropout(op, p, seed, c, "c")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import types
 
 import torch
 
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -327,14 +327,7 @@ def _validate(x, weight, bias, a, b, p, seed):
     check_tensor(op, "b", b, shape=(n, r), like=x)
     if bias is not None:
         check_tensor(op, "bias", bias, shape=(n,), like=x)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p}")
-    if p > 0.0:
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"{op}: dropout p = {p} needs an int64 seed tensor with one element, "
-                             f"got {describe(seed) if isinstance(seed, torch.Tensor) else seed!r}")
-        if seed.device != x.device:
-            raise ValueError(f"{op}: device mismatch: seed is on {seed.device} but x is on {x.device}")
+    check_dropout(op, p, seed, x, "x")
 
 
 def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
