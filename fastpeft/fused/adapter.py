@@ -25,6 +25,7 @@ class FusedAdaptFormer(SlotFn):
     def __init__(self, original: _Parallel | _Sequential, backend: str):
         self.original = original
         self.backend = backend
+        self.reads_norm = original.reads_norm
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         ad = self.original.adapter

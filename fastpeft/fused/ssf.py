@@ -75,6 +75,8 @@ class SSFGELU(nn.Module):
 class FusedSSFHook(OutputHook):
     """The standalone scale-shift after a Linear (or the patch embedding) as one op."""
 
+    saves_output = True  # the scale gradient is sum(grad * out)
+
     def __init__(self, original: SSFHook, backend: str):
         self.original = original
         self.backend = backend

@@ -65,6 +65,8 @@ class AdaptMLP(nn.Module):
 
 
 class _Parallel(SlotFn):
+    reads_norm = False  # the official adapter reads the residual stream y, not norm2(y)
+
     def __init__(self, adapter: AdaptMLP):
         self.adapter = adapter
 

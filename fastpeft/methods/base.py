@@ -142,6 +142,9 @@ class OutputHook:
     """
 
     key: str = ""
+    #: whether the hook's backward needs the layer's output (SSF's scale gradient): then
+    #: `patch(recompute=True)` keeps that output rather than re-running a frozen GEMM for it.
+    saves_output: bool = False
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -188,6 +191,10 @@ class SlotFn:
     """Base for slot callables; `key` names the owning injection."""
 
     key: str = ""
+    #: branch slots (attn_branch, ffn_branch) only: whether the callable reads its second
+    #: argument (the LayerNorm output). `patch(recompute=True)` runs a branch that does not
+    #: outside the checkpointed region, so the recompute can stop after the last op it needs.
+    reads_norm: bool = True
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

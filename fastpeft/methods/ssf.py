@@ -50,6 +50,8 @@ class SSFHook(OutputHook):
     `channel_dim=1` is for NCHW conv outputs (patch_embed.proj when a patch-embed norm follows).
     """
 
+    saves_output = True  # the scale gradient is sum(grad * out)
+
     def __init__(self, owner: nn.Module, scale_name: str, shift_name: str, channel_dim: int = -1):
         self.owner = owner
         self.scale_name = scale_name
