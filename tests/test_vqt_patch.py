@@ -88,22 +88,58 @@ def test_qkv_without_bias_and_train_mode_dropout():
     _assert_same_step(ref, fused, images(), seed=5)
 
 
+def _block_io(model):
+    """Record every block's input and output for the next forward."""
+    rec = {"in": [], "out": []}
+
+    def hook(mod, inp, out):
+        rec["in"].append(inp[0].detach().clone())
+        rec["out"].append(out.detach().clone())
+
+    for blk in model.blocks:
+        blk.register_forward_hook(hook)
+    return rec
+
+
 def test_original_tokens_bit_identical_to_frozen_model():
     frozen = make_vit(depth=3)
     fused = fastpeft.inject(copy.deepcopy(frozen), fastpeft.VQT(num_queries=2))
-    fastpeft.patch(fused)
-    outs = {"frozen": [], "fused": []}
-    for key, model in (("frozen", frozen), ("fused", fused)):
-        for blk in model.blocks:
-            blk.register_forward_hook(lambda mod, inp, out, key=key: outs[key].append(out.detach().clone()))
+    report = fastpeft.patch(fused)
+    assert any("class token row only" in what for _, what, _ in report.patched), str(report)
+    ref, got = _block_io(frozen), _block_io(fused)
     x = images()
     with torch.no_grad():
         frozen(x)
     fused(x).sum().backward()
-    assert len(outs["fused"]) == len(outs["frozen"]) == 3
-    for a, b in zip(outs["fused"], outs["frozen"]):
+    # model(x): every hidden state the queries read (each block's input, so every key/value) is
+    # the frozen model's, bit for bit; nothing on the token path carries autograd
+    assert len(got["in"]) == len(ref["in"]) == 3
+    for a, b in zip(got["in"], ref["in"]):
         assert torch.equal(a, b)
         assert not a.requires_grad
+    for a, b in zip(got["out"][:-1], ref["out"][:-1]):
+        assert torch.equal(a, b)
+    # the last block computes only the class token's row (what the head reads): same math on
+    # one row instead of N, equal to fp32 rounding
+    last = got["out"][-1]
+    assert last.shape == (x.shape[0], 1, ref["out"][-1].shape[-1]) and not last.requires_grad
+    torch.testing.assert_close(last, ref["out"][-1][:, :1], atol=1e-5, rtol=1e-5)
+    # forward_features is the whole token path, bit-identical in every block
+    for rec in (ref, got):
+        rec["in"].clear(), rec["out"].clear()
+    with torch.no_grad():
+        frozen.forward_features(x)
+        fused.forward_features(x)
+    for a, b in zip(got["out"], ref["out"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_class_token_shortcut_only_where_the_head_reads_the_class_token_alone():
+    for kw, why in (({"global_pool": "avg"}, "reads every token"), ({"proj_drop_rate": 0.1}, "dropout")):
+        ref, fused, report = _vqt_pair(Q=1, depth=2, **kw)
+        assert "forward" not in fused.__dict__
+        assert any(why in reason for _, reason in report.left_alone), str(report)
+        _assert_same_step(ref.eval(), fused.eval(), images())
 
 
 def test_saved_bytes_at_most_a_fifth_of_the_reference():
@@ -204,5 +240,5 @@ def test_without_the_extension_vqt_runs_on_the_reference_with_one_warning(tmp_pa
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(report["warnings"]) == 1 and "FASTPEFT_DISABLE_EXT" in report["warnings"][0], report
     assert report["backend"] == "torch"
-    assert [p[2] for p in report["patched"] if "VQT" in p[1]] == ["torch", "torch"]
+    assert [p[2] for p in report["patched"] if "VQT" in p[1]] == ["torch", "torch", "torch"]
     assert report["err"] < 1e-4 and report["grad"]

@@ -50,7 +50,7 @@ from ..methods.base import PetlBlock, SlotFn, dropout
 from ..methods.vqt import _VQTBlock, _VQTForwardHead, vqt_features
 from ..patch import PatchReport, Rule
 
-__all__ = ["FusedVQTBlock", "FusedVQTForwardHead", "VQTRule"]
+__all__ = ["FusedVQTBlock", "FusedVQTForward", "FusedVQTForwardHead", "VQTRule"]
 
 _ATTN = "fastpeft::vqt_query_attention"
 
@@ -158,6 +158,9 @@ class FusedVQTBlock(SlotFn):
         self.ref = ref
         self.impl = impl
         self.key = ref.key
+        #: set by `FusedVQTForward` around `model(x)` on the last block: compute the class token's
+        #: row only (the only original-token row VQT's head reads)
+        self.cls_only = False
 
     def __call__(self, block: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         ref = self.ref
@@ -173,11 +176,18 @@ class FusedVQTBlock(SlotFn):
 
         capture = _CaptureQKV()
         with torch.no_grad():
-            handle = block.attn.qkv.register_forward_hook(capture)
-            try:
-                x_next = block._fastpeft_orig_class.forward(block, x)
-            finally:
-                handle.remove()
+            if self.cls_only:
+                # keys/values of every token, then the class token through the block exactly like
+                # a query row (it attends over all N keys, its own included)
+                capture.h = block.norm1(x)
+                capture.qkv = block.attn.qkv(capture.h)
+                x_next = self._query_path(block, x[:, :1], capture.h, capture.qkv)
+            else:
+                handle = block.attn.qkv.register_forward_hook(capture)
+                try:
+                    x_next = block._fastpeft_orig_class.forward(block, x)
+                finally:
+                    handle.remove()
         ref.outputs.items.append(self._query_path(block, q, capture.h, capture.qkv))
         return x_next
 
@@ -199,6 +209,44 @@ class FusedVQTBlock(SlotFn):
             o = o * attn.gate(hq).sigmoid()
         t = q + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(o))))
         return t + block.drop_path2(block.ls2(block.mlp(block.norm2(t))))
+
+
+class FusedVQTForward:
+    """`model.forward` of a patched VQT model whose head reads the class token only
+    (global_pool='token'): runs the model's own forward with the last block computing just the
+    class token's row. The rest of the last block's token rows (proj, MLP and their attention
+    rows for N - 1 tokens, ~6% of the frozen forward on ViT-B/16) feed nothing VQT reads.
+
+    Every hidden state the queries read (each block's input, hence every key/value) stays
+    bit-identical to the frozen model; the final class-token feature is the same math computed
+    on one row instead of N, so it matches to fp32 rounding (a GEMM over B rows rounds
+    differently from one over B * N), not bit for bit. `forward_features` is not affected.
+    """
+
+    def __init__(self, model: nn.Module, last: FusedVQTBlock):
+        self.model = model
+        self.last = last
+
+    def __call__(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        model = self.model
+        if attn_mask is not None or is_causal:
+            return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
+        self.last.cls_only = True
+        try:
+            return type(model).forward(model, x)
+        finally:
+            self.last.cls_only = False
+
+
+def _cls_only_why_not(model: nn.Module, last: nn.Module) -> str | None:
+    if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
+        return f"global_pool={getattr(model, 'global_pool', None)!r} reads every token"
+    if "forward" in model.__dict__:
+        return "model.forward is already replaced"
+    drops = [last.attn.proj_drop] + [m for m in last.mlp.modules() if isinstance(m, nn.Dropout)]
+    if any(m.p > 0 for m in drops):
+        return "the last block has dropout (its draws cover every token row)"
+    return None
 
 
 class FusedVQTForwardHead:
@@ -289,6 +337,16 @@ class VQTRule(Rule):
             where = f"blocks.{done[0]}..{done[-1]}" if len(done) > 1 else f"blocks.{done[0]}"
             report.patched.append((where, "VQT block: frozen tokens without autograd, query-only attention "
                                           "(saves LN1 output, not K/V)", label))
+        if done and done[-1] == len(model.blocks) - 1:
+            last = model.blocks[done[-1]]._fastpeft_slots["block_fn"][0]
+            why = _cls_only_why_not(model, model.blocks[done[-1]])
+            if why:
+                report.left_alone.append(("model.forward (last block: class token only)", why))
+            else:
+                model.__dict__["forward"] = FusedVQTForward(model, last)
+                records.append(("forward", "forward"))
+                report.patched.append(("forward", "VQT: last block computes the class token row only "
+                                                  "(the only token row the head reads)", "torch"))
         head = model.__dict__.get("forward_head")
         if isinstance(head, _VQTForwardHead):
             model.__dict__["forward_head"] = FusedVQTForwardHead(head, impl)
@@ -302,6 +360,9 @@ class VQTRule(Rule):
             fns = model.get_submodule(path)._fastpeft_slots["block_fn"]
             if fns and isinstance(fns[0], FusedVQTBlock):
                 fns[0] = fns[0].ref
+        elif kind == "forward":
+            if isinstance(model.__dict__.get(path), FusedVQTForward):
+                del model.__dict__[path]
         else:
             head = model.__dict__.get(path)
             if isinstance(head, FusedVQTForwardHead):
