@@ -147,10 +147,23 @@ class RecomputeRule(Rule):
             )
         return records
 
+    def finish(self, model: nn.Module, probe, report: PatchReport) -> None:
+        """After every rule: spend the byte budget on keeping GEMM outputs (recompute.plan_keeps)."""
+        from .recompute import BYTE_BUDGET, plan_keeps
+
+        plan = plan_keeps(model, probe) if probe is not None else {}
+        for i, keep in plan.items():
+            model.blocks[i]._fastpeft_keep = keep
+        if plan:
+            what = ", ".join(f"{i}: {'+'.join(sorted(k))}" for i, k in sorted(plan.items()))
+            report.patched.append((f"blocks {what}", f"recompute also keeps these GEMM outputs (measured: "
+                                                     f"within {BYTE_BUDGET}x the reference's saved bytes)", "torch"))
+
     def undo(self, model, record):
         path, was_petl = record
         blk = model.get_submodule(path)
         del blk._fastpeft_recompute
+        blk.__dict__.pop("_fastpeft_keep", None)
         if not was_petl and not any(blk._fastpeft_slots.values()):
             blk.__class__ = blk._fastpeft_orig_class
             del blk._fastpeft_slots
@@ -185,7 +198,8 @@ class HeadRule(Rule):
 
 
 #: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
-RULES: list[Rule] = [RecomputeRule(), HeadRule()]
+_RECOMPUTE = RecomputeRule()
+RULES: list[Rule] = [_RECOMPUTE, HeadRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:
@@ -212,10 +226,17 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
             return st.report
         unpatch(model)
     report = PatchReport(backend=resolved, recompute=recompute)
+    probe = None
+    if recompute:  # the reference's saved bytes per block, measured before anything is swapped
+        from .recompute import probe_reference
+
+        probe = probe_reference(model)
     undo: list[tuple[Rule, Any]] = []
     for rule in _all_rules(report):
         for rec in rule.apply(model, info, resolved, recompute, report):
             undo.append((rule, rec))
+    if recompute:
+        _RECOMPUTE.finish(model, probe, report)
     if undo:
         model.__dict__["_fastpeft_patch"] = _PatchState(resolved, recompute, report, undo)
     return report

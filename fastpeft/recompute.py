@@ -31,6 +31,7 @@ x but re-runs the whole block including attention.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -78,14 +79,114 @@ _PLAIN_CONTEXT = functools.partial(create_selective_checkpoint_contexts, functoo
 
 
 def _kept_weights(block) -> frozenset[int]:
-    """Data pointers of the D-wide frozen Linears whose output a hook saves anyway (module docstring)."""
+    """Data pointers of the frozen Linears whose outputs the policy keeps: D-wide ones whose hook
+    saves the output anyway, and the qkv / fc1 the byte-budget plan picked for this block."""
     ptrs = set()
     for layer in (getattr(block.attn, "proj", None), getattr(block.mlp, "fc2", None)):
         if isinstance(layer, nn.Linear) and not layer.weight.requires_grad and any(
             h.saves_output for h in active_hooks(layer)
         ):
             ptrs.add(layer.weight.data_ptr())
+    for name in block.__dict__.get("_fastpeft_keep", ()):
+        ptrs.add(_PLANNED[name](block).weight.data_ptr())
     return frozenset(ptrs)
+
+
+#: frozen GEMM outputs `plan_keeps` may keep on top of the minimal set, by name
+_PLANNED = {"fc1": lambda blk: blk.mlp.fc1, "qkv": lambda blk: blk.attn.qkv}
+
+#: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
+#: the kernels issue's 0.4x, less a margin for what a batch-1 probe does not see
+BYTE_BUDGET = 0.36
+
+
+@dataclass
+class Probe:
+    """Random images (batch 1 and 2), and the saved activation bytes of the reference's forward
+    on each: their difference is the per-image part, the rest does not grow with the batch."""
+
+    images: tuple[torch.Tensor, torch.Tensor]
+    reference: tuple[int, int]
+
+
+def _saved_per_batch(model: nn.Module, images) -> tuple[int, int]:
+    from .profile import saved_activation_bytes
+
+    with torch.random.fork_rng(devices=_rng_devices(model)), torch.enable_grad():
+        return tuple(saved_activation_bytes(lambda: model(im), exclude=[model]) for im in images)
+
+
+def probe_reference(model: nn.Module) -> Probe | None:
+    """Measure the reference (still unpatched) model for `plan_keeps`: the saved activation bytes
+    (fastpeft.profile) of its forward on one and on two random images. None if the model has no
+    image-sized patch embedding to probe with."""
+    pe = getattr(model, "patch_embed", None)
+    size, proj = getattr(pe, "img_size", None), getattr(pe, "proj", None)
+    if size is None or not isinstance(proj, nn.Conv2d):
+        return None
+    p = next(model.parameters())
+    images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2))
+    return Probe(images, _saved_per_batch(model, images))
+
+
+def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> dict[int, frozenset[str]]:
+    """Spend the byte budget the minimal plan leaves on not recomputing GEMMs.
+
+    The minimal plan keeps ~3 [B, N, D] tensors per block; the reference keeps ~10 (AdaptFormer)
+    to ~21 (SSF) and 0.4x of that is the target, so most methods have room left. A block may
+    also keep its fc1 output (4D wide: no fc1 GEMM in backward) and/or its qkv output (3D: no qkv
+    GEMM), leaving its recompute nothing but LayerNorms and activations. Measured, not modelled:
+    the patched model's saved bytes on the probe images (minimal plan) against the reference's
+    (`probe_reference`, taken before patching), at batch 1 and per extra image (saved tensors
+    that do not grow with the batch, e.g. weight-sized deltas, must not buy room that large
+    batches lack); an option costs exactly its GEMM output per image. Blocks get options from
+    the last block back while both totals stay within `budget` x the reference's. Returns
+    {block index: kept names} for the blocks that keep anything.
+    """
+    rows: dict[tuple[int, str], int] = {}
+    layers: dict[tuple[int, str], nn.Linear] = {}
+    for i, blk in enumerate(model.blocks):
+        if "_fastpeft_recompute" in blk.__dict__:
+            for n, get in _PLANNED.items():
+                mod = _get(blk, get)
+                if isinstance(mod, nn.Linear):
+                    layers[i, n] = mod
+
+    def count(key):
+        def hook(mod, args):
+            rows[key] = args[0].numel() // args[0].shape[-1]  # the last probe: batch 2
+        return hook
+
+    handles = [mod.register_forward_pre_hook(count(key)) for key, mod in layers.items()]
+    try:
+        kept = _saved_per_batch(model, probe.images)
+    finally:
+        for h in handles:
+            h.remove()
+    ref = probe.reference
+    per_image = {key: rows[key] // 2 * mod.out_features * mod.weight.element_size()
+                 for key, mod in layers.items() if key in rows}
+    room = min(budget * ref[0] - kept[0], budget * (ref[1] - ref[0]) - (kept[1] - kept[0]))
+    plan = {}
+    for i in sorted({i for i, _ in per_image}, reverse=True):
+        for keep in (("qkv", "fc1"), ("fc1",), ("qkv",)):
+            extra = sum(per_image.get((i, n), room + 1) for n in keep)
+            if extra <= room:
+                plan[i] = frozenset(keep)
+                room -= extra
+                break
+    return plan
+
+
+def _get(blk: nn.Module, get):
+    try:
+        return get(blk)
+    except AttributeError:
+        return None
+
+
+def _rng_devices(model: nn.Module) -> list:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _attn_core(block, x: torch.Tensor, kw: dict):
