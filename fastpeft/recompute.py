@@ -93,7 +93,28 @@ def _kept_weights(block) -> frozenset[int]:
 
 
 #: frozen GEMM outputs `plan_keeps` may keep on top of the minimal set, by name
-_PLANNED = {"fc1": lambda blk: blk.mlp.fc1, "qkv": lambda blk: blk.attn.qkv}
+_PLANNED = {
+    "qkv": lambda blk: blk.attn.qkv,
+    "proj": lambda blk: blk.attn.proj,
+    "fc1": lambda blk: blk.mlp.fc1,
+    "fc2": lambda blk: blk.mlp.fc2,
+}
+
+
+def _reruns(block, name: str) -> bool:
+    """Whether the minimal plan's recompute re-runs this GEMM: always qkv and fc1 (their outputs
+    feed saved tensors); proj / fc2 only when something after them in the region saves a tensor
+    (a hook on the layer, an MLP-output slot, a branch inside the region), unless already kept."""
+    if name in ("qkv", "fc1"):
+        return True
+    slots = block._fastpeft_slots
+    layer = _PLANNED[name](block)
+    hooks = active_hooks(layer)
+    if any(h.saves_output for h in hooks):
+        return False  # kept by the minimal plan (_kept_weights)
+    if name == "proj":
+        return bool(hooks) or any(fn.reads_norm for fn in slots["attn_branch"])
+    return bool(hooks or slots["mlp_out"] or slots["ffn_out"]) or any(fn.reads_norm for fn in slots["ffn_branch"])
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
 #: the kernels issue's 0.4x, less a margin for what a batch-1 probe does not see
@@ -135,12 +156,14 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     The minimal plan keeps ~3 [B, N, D] tensors per block; the reference keeps ~10 (AdaptFormer)
     to ~21 (SSF) and 0.4x of that is the target, so most methods have room left. A block may
     also keep its fc1 output (4D wide: no fc1 GEMM in backward) and/or its qkv output (3D: no qkv
-    GEMM), leaving its recompute nothing but LayerNorms and activations. Measured, not modelled:
+    GEMM), and its proj / fc2 outputs where the minimal recompute re-runs those (`_reruns`: e.g.
+    FacT's hooks on them), leaving its recompute nothing but LayerNorms and activations. The
+    options are taken greedily by GEMM work saved per byte kept. Measured, not modelled:
     the patched model's saved bytes on the probe images (minimal plan) against the reference's
     (`probe_reference`, taken before patching), at batch 1 and per extra image (saved tensors
     that do not grow with the batch, e.g. weight-sized deltas, must not buy room that large
-    batches lack); an option costs exactly its GEMM output per image. Blocks get options from
-    the last block back while both totals stay within `budget` x the reference's. Returns
+    batches lack); an option costs exactly its GEMM output per image. Options are taken while
+    both totals stay within `budget` x the reference's. Returns
     {block index: kept names} for the blocks that keep anything.
     """
     rows: dict[tuple[int, str], int] = {}
@@ -149,7 +172,7 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
         if "_fastpeft_recompute" in blk.__dict__:
             for n, get in _PLANNED.items():
                 mod = _get(blk, get)
-                if isinstance(mod, nn.Linear):
+                if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and _reruns(blk, n):
                     layers[i, n] = mod
 
     def count(key):
@@ -167,15 +190,13 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     per_image = {key: rows[key] // 2 * mod.out_features * mod.weight.element_size()
                  for key, mod in layers.items() if key in rows}
     room = min(budget * ref[0] - kept[0], budget * (ref[1] - ref[0]) - (kept[1] - kept[0]))
-    plan = {}
-    for i in sorted({i for i, _ in per_image}, reverse=True):
-        for keep in (("qkv", "fc1"), ("fc1",), ("qkv",)):
-            extra = sum(per_image.get((i, n), room + 1) for n in keep)
-            if extra <= room:
-                plan[i] = frozenset(keep)
-                room -= extra
-                break
-    return plan
+    # greedy by GEMM work saved per byte kept (in_features: fc2 first), later blocks first
+    plan: dict[int, set[str]] = {}
+    for i, n in sorted(per_image, key=lambda key: (-layers[key].in_features, -key[0])):
+        if per_image[i, n] <= room:
+            plan.setdefault(i, set()).add(n)
+            room -= per_image[i, n]
+    return {i: frozenset(keep) for i, keep in plan.items()}
 
 
 def _get(blk: nn.Module, get):
