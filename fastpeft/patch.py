@@ -154,10 +154,13 @@ class RecomputeRule(Rule):
         plan = plan_keeps(model, probe) if probe is not None else {}
         for i, keep in plan.items():
             model.blocks[i]._fastpeft_keep = keep
-        if plan:
-            what = ", ".join(f"{i}: {'+'.join(sorted(k))}" for i, k in sorted(plan.items()))
-            report.patched.append((f"blocks {what}", f"recompute also keeps these GEMM outputs (measured: "
-                                                     f"within {BYTE_BUDGET}x the reference's saved bytes)", "torch"))
+        by_keep: dict[str, list[int]] = {}
+        for i, keep in sorted(plan.items()):
+            by_keep.setdefault("+".join(sorted(keep)), []).append(i)
+        for keep, blocks in by_keep.items():
+            where = f"blocks {_ranges(blocks)}"
+            report.patched.append((where, f"recompute also keeps the {keep} output (measured plan: within "
+                                          f"{BYTE_BUDGET}x the reference's saved bytes)", "torch"))
 
     def undo(self, model, record):
         path, was_petl = record
@@ -168,6 +171,17 @@ class RecomputeRule(Rule):
             blk.__class__ = blk._fastpeft_orig_class
             del blk._fastpeft_slots
             del blk._fastpeft_orig_class
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 class _CompactHeadInput:
