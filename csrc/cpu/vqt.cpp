@@ -7,13 +7,28 @@
 // ascending-j accumulation as vqt::logit, but with lanes = keys: no horizontal reductions),
 // and V (and K for the backward's dq) row-major so p_n * v_n and ds_n * k_n are d-wide
 // vector updates (fp32 rows are read in place, other dtypes converted once). The packed tiles
-// are reused by every query row of the task, kRowBlock rows at a time (register blocking).
-// Measured (1 thread, ViT-B shapes B=8 H=12 N=197 d=64): the blocking took Q=50 fwd+bwd from
-// ~55 ms to ~20 ms, the blocked transpose took the Q=1 backward from 2.0 to 0.6 ms.
+// are reused by every query row of the task, a block of rows at a time (register blocking).
+// Head dims 32/64/96/128 take the "fast path" below (explicit vectors, compile-time head dim,
+// accumulators in registers; below kTransposeMinRows query rows, logits straight from the key
+// rows instead of a packed K^T); other head dims the generic loops.
 //
-// The hot per-(row, tile) functions are compiled for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time (GCC target_clones): the wheel stays portable (no -march) while the
-// loops vectorise 16-wide where the CPU allows.
+// Measured fwd+bwd (fwd op, delta = rowsum(dO * out), bwd op), ViT-B shapes B=8 H=12 N=197
+// d=64 fp32, 2-core AMD EPYC (AVX-512), median ms at 1 / 2 threads; eager = autograd through
+// softmax(scale q k^T) v:
+//                Q = 1          Q = 10         Q = 50
+//   eager        0.43 / 0.25    2.53 / 1.11    9.23 / 4.98
+//   before       1.00 / 0.53    3.94 / 1.67   12.15 / 7.32   (generic loops for every head dim)
+//   now          0.25 / 0.15    1.16 / 0.58    5.54 / 2.57   (fast path)
+//   functional   0.32 / 0.19    1.34 / 0.64    5.76 / 2.88   (now + Python autograd)
+// (run-to-run spread ~10%.) With the AVX2 / baseline instantiations forced on the same machine,
+// Q=50 at 1 thread went from 22.6 to 14.8 ms / 32.5 to 23.2 ms. Q=1 now reads K and V at about
+// the L3 bandwidth (~90 GB/s) in each pass; a software prefetch of the next tile measured no
+// gain (within 2%) and was left out. Earlier: the row blocking took Q=50 from ~55 ms to ~20 ms,
+// the blocked transpose the Q=1 backward from 2.0 to 0.6 ms.
+//
+// The hot functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time
+// (GCC target_clones for the generic loops, fast_kernels() for the fast path): the wheel stays
+// portable (no -march) while the loops vectorise 16-wide where the CPU allows.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -21,6 +36,7 @@
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastpeft/vqt.h"
@@ -224,6 +240,444 @@ void backward_tile(const float* q, const float* dout, const float* kt, const flo
   }
 }
 
+// ---- fast path: head dim 32, 64, 96 or 128 (a compile-time constant) ----------------------
+//
+// The tiles, online softmax and row blocks of the generic path above, written with explicit
+// W-lane vectors (GCC vector extensions) for a compile-time head dim D so that every accumulator
+// is a register: with the generic loops' runtime `d`, GCC keeps the P V / dS K accumulators (and
+// at 4 rows x 64 keys part of the logits) in memory, a load and a store per key and row.
+// W = 16 (AVX-512), 8 (AVX2) or 4 (baseline x86-64, other GCC targets); each ISA has its own
+// instantiations, picked once per process by fast_kernels().
+//   logits    lanes = keys from a packed K^T tile (the generic path's ascending-j arithmetic,
+//             R rows x 4 key vectors per block; the tile is transposed in registers, W x W at
+//             a time), or for Q < kTransposeMinRows straight from the key rows: lanes = head
+//             dim, per key W partial sums over j = l, l + W, ... then a fixed tree across lanes
+//             (no pack, whose cost few rows cannot amortise).
+//   P V, dS K R rows x C head-dim vectors of accumulators, keys ascending (generic arithmetic).
+//   tile sum  sum_n p_n lanewise over the tile's key vectors, then a fixed tree across lanes
+//             (the generic path's one-by-one scalar adds are a dependency chain: ~15% of the
+//             forward).
+// So the rounding differs from the generic path and between ISAs by a few ulp; the order is
+// fixed by the shapes and W alone, never by the thread count.
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12  // __builtin_shufflevector
+#define FASTPEFT_VQT_FAST 1
+// The always-inline helpers return 32/64-byte vectors by value; they are only ever inlined into
+// functions compiled for the matching ISA, so GCC's ABI warning about them is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define FASTPEFT_INLINE __attribute__((always_inline)) inline
+#else
+#define FASTPEFT_VQT_FAST 0
+#endif
+
+// One tile of the forward: rows [0, nr) of a task against keys [n0, n0 + tn).
+struct FwdTile {
+  const float* q;  // [nr][d] fp32
+  int64_t nr;
+  const float* k;  // the tile's key rows (fp32, row stride ks), values likewise
+  int64_t ks;
+  const float* v;
+  int64_t vs;
+  int64_t tn;
+  float scale;
+  bool transposed;  // logits from a packed K^T tile (else straight from the key rows)
+  float* kt;        // scratch [d][kTile]
+  vq::RowState* st;
+  float* acc;  // [nr][d]
+};
+
+struct BwdTile {
+  const float* q;  // [nr][d] fp32
+  const float* g;  // grad_out rows [nr][d] fp32
+  int64_t nr;
+  const float* k;
+  int64_t ks;
+  const float* v;
+  int64_t vs;
+  bool kv_same;  // k and v are the same rows (pack one transposed tile)
+  int64_t tn;
+  float scale;
+  bool transposed;
+  float* kt;  // scratch [d][kTile] x 2
+  float* vt;
+  const float* lse;
+  const float* delta;
+  float* dq;  // [nr][d]
+};
+
+struct FastKernels {
+  void (*forward)(const FwdTile&);
+  void (*backward)(const BwdTile&);
+};
+
+// Below this many query rows the fast path computes logits from the key/value rows directly
+// (one horizontal reduction per row and key) instead of packing transposed K^T (and V^T) tiles,
+// whose cost only pays off over enough rows: measured break-even between Q = 10 and 12 (ViT-B,
+// 1 thread); at Q = 1 the (scalar) pack was 2/3 of the old kernel's time. Chosen from Q, never
+// from a task's share of the rows, so a row's arithmetic does not depend on the thread count.
+constexpr int64_t kTransposeMinRows = 12;
+
+#if FASTPEFT_VQT_FAST
+
+template <int W>
+struct Simd {
+  typedef float V __attribute__((vector_size(4 * W)));
+  typedef float U __attribute__((vector_size(4 * W), aligned(4), __may_alias__));
+  static FASTPEFT_INLINE V load(const float* p) { return *reinterpret_cast<const U*>(p); }
+  static FASTPEFT_INLINE void store(float* p, const V& x) { *reinterpret_cast<U*>(p) = x; }
+  static FASTPEFT_INLINE V zero() { return V{}; }
+};
+
+// Horizontal sums of W vectors at once: out[i] = sum of the lanes of v[i], by a fixed tree.
+// Level with half-width h2 adds, for each pair (x, y) = (v[i], v[i + h2]), the two halves of
+// every lane group of size 2 h2 and interleaves x's and y's groups; after log2(W) levels lane i
+// holds v[i]'s sum (lanes added pairwise: (l, l + W/2), then (l, l + W/4), ...).
+constexpr int tree_lane(int w, int h2, int lane) {
+  return (lane / h2 % 2) * w + (lane / h2 / 2) * 2 * h2 + lane % h2;
+}
+
+template <int W, int H2, int... L>
+FASTPEFT_INLINE typename Simd<W>::V tree_step(const typename Simd<W>::V& x,
+                                              const typename Simd<W>::V& y,
+                                              std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(x, y, tree_lane(W, H2, L)...) +
+         __builtin_shufflevector(x, y, (tree_lane(W, H2, L) + H2)...);
+}
+
+template <int W, int H2>
+FASTPEFT_INLINE typename Simd<W>::V sum_lanes(typename Simd<W>::V* v) {
+  for (int i = 0; i < H2; ++i) {
+    v[i] = tree_step<W, H2>(v[i], v[i + H2], std::make_integer_sequence<int, W>{});
+  }
+  if constexpr (H2 == 1) {
+    return v[0];
+  } else {
+    return sum_lanes<W, H2 / 2>(v);
+  }
+}
+
+// Lane 0 of the result = op over all W lanes, by a fixed tree (lane l with l + W/2, then with
+// l + W/4, ...).
+struct AddOp {
+  template <typename V>
+  FASTPEFT_INLINE V operator()(const V& a, const V& b) const { return a + b; }
+};
+struct MaxOp {  // vq::fmax2 lanewise
+  template <typename V>
+  FASTPEFT_INLINE V operator()(const V& a, const V& b) const { return a > b ? a : b; }
+};
+
+template <int W, int H, typename Op, int... J>
+FASTPEFT_INLINE typename Simd<W>::V fold_step(const typename Simd<W>::V& v, Op op,
+                                              std::integer_sequence<int, J...>) {
+  return op(v, __builtin_shufflevector(v, v, ((J + H) % W)...));
+}
+
+template <int W, int H, typename Op>
+FASTPEFT_INLINE typename Simd<W>::V fold_lanes(const typename Simd<W>::V& v, Op op) {
+  const typename Simd<W>::V f = fold_step<W, H>(v, op, std::make_integer_sequence<int, W>{});
+  if constexpr (H > 1) {
+    return fold_lanes<W, H / 2>(f, op);
+  } else {
+    return f;
+  }
+}
+
+// In-register transpose of a W x W block (r[i] = row i): for each bit h of the index, swap the
+// off-diagonal h-blocks of row pairs (i, i + h).
+template <int W, int H, int... J>
+FASTPEFT_INLINE void transpose_step(typename Simd<W>::V& a, typename Simd<W>::V& b,
+                                    std::integer_sequence<int, J...>) {
+  const typename Simd<W>::V lo = __builtin_shufflevector(a, b, ((J & H) == 0 ? J : W + J - H)...);
+  const typename Simd<W>::V hi = __builtin_shufflevector(a, b, ((J & H) == 0 ? J + H : W + J)...);
+  a = lo;
+  b = hi;
+}
+
+template <int W, int H>
+FASTPEFT_INLINE void transpose_block(typename Simd<W>::V* r) {
+  for (int i = 0; i < W; ++i) {
+    if ((i & H) == 0) transpose_step<W, H>(r[i], r[i + H], std::make_integer_sequence<int, W>{});
+  }
+  if constexpr (H > 1) transpose_block<W, H / 2>(r);
+}
+
+template <int W, int D>
+struct Fast {
+  using S = Simd<W>;
+  using V = typename S::V;
+  static_assert(D % W == 0 && kTile % W == 0, "head dim and tile must be whole vectors");
+  static constexpr int DV = D / W;     // vectors per head-dim row
+  static constexpr int KV = kTile / W;  // key vectors per tile
+  // Register blocking, for the logits (R rows x KC = 4 key vectors) and for P V / dS K (R rows x
+  // C <= 4 head-dim vectors): up to 24 of AVX-512's 32 registers hold accumulators (R = 6; R = 4
+  // measured ~10% slower at Q = 10..50), 8 of AVX2's / SSE's 16 (R = 2).
+  static constexpr int R = W >= 16 ? 6 : 2;
+  static constexpr int KC = KV < 4 ? KV : 4;
+  static constexpr int C = DV % 4 == 0 ? 4 : DV % 3 == 0 ? 3 : DV % 2 == 0 ? 2 : 1;
+
+  // Key rows [0, tn) (fp32, row stride rs) -> kt [D][kTile]; key columns [tn, nw) are zero
+  // (nw = tn rounded up to W; columns past nw are never read).
+  static FASTPEFT_INLINE void pack_transposed(const float* rows, int64_t rs, int tn, float* kt) {
+    int n0 = 0;
+    for (; n0 + W <= tn; n0 += W) pack_block(rows + n0 * rs, rs, W, kt + n0);
+    if (n0 < tn) pack_block(rows + n0 * rs, rs, tn - n0, kt + n0);
+  }
+
+  // m <= W key rows -> W columns of kt (zero past m).
+  static FASTPEFT_INLINE void pack_block(const float* rows, int64_t rs, int m, float* kt) {
+    for (int j0 = 0; j0 < D; j0 += W) {
+      V r[W];
+      if (m == W) {
+        for (int i = 0; i < W; ++i) r[i] = S::load(rows + i * rs + j0);
+      } else {
+        for (int i = 0; i < W; ++i) r[i] = i < m ? S::load(rows + i * rs + j0) : S::zero();
+      }
+      transpose_block<W, W / 2>(r);
+      for (int i = 0; i < W; ++i) S::store(kt + (j0 + i) * kTile, r[i]);
+    }
+  }
+
+  // x[r][k0 W .. (k0 + NK) W) = scale * (a_r . column n) for NR rows a_r = a + r D: the
+  // ascending-j accumulation of vq::logit, lanes = keys (identical rounding).
+  template <int NR, int NK>
+  static FASTPEFT_INLINE void logits_block(const float* a, const float* kt, int k0, float scale,
+                                           float* x) {
+    V s[NR][NK];
+    for (int r = 0; r < NR; ++r) {
+      for (int c = 0; c < NK; ++c) s[r][c] = S::zero();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < D; ++j) {
+      const float* col = kt + j * kTile + k0 * W;
+      V kv[NK];
+      for (int c = 0; c < NK; ++c) kv[c] = S::load(col + c * W);
+      for (int r = 0; r < NR; ++r) {
+        const float aj = a[r * D + j];
+        for (int c = 0; c < NK; ++c) s[r][c] += kv[c] * aj;
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      for (int c = 0; c < NK; ++c) S::store(x + r * kTile + (k0 + c) * W, s[r][c] * scale);
+    }
+  }
+
+  // Logits of NR rows over the tile's first nkv key vectors (packed K^T).
+  template <int NR>
+  static FASTPEFT_INLINE void logits_transposed(const float* a, const float* kt, int nkv,
+                                                float scale, float* x) {
+    int k0 = 0;
+    for (; k0 + KC <= nkv; k0 += KC) logits_block<NR, KC>(a, kt, k0, scale, x);
+    if constexpr (KC == 4) {
+      switch (nkv - k0) {
+        case 3: logits_block<NR, 3>(a, kt, k0, scale, x); break;
+        case 2: logits_block<NR, 2>(a, kt, k0, scale, x); break;
+        case 1: logits_block<NR, 1>(a, kt, k0, scale, x); break;
+        default: break;
+      }
+    }
+  }
+
+  // Logits of one row straight from key rows [0, tn) (fp32, stride ks): per key the W partial
+  // sums over j = l, l + W, ... (ascending), then sum_lanes' fixed tree. Lanes [tn, nw) are 0.
+  static FASTPEFT_INLINE void logits_rows(const float* a, const float* kr, int64_t ks, int tn,
+                                          float scale, float* x) {
+    V qa[DV];
+    for (int c = 0; c < DV; ++c) qa[c] = S::load(a + c * W);
+    for (int n0 = 0; n0 < tn; n0 += W) {
+      const int m = std::min(W, tn - n0);
+      V part[W];
+      for (int i = 0; i < W; ++i) {
+        if (i < m) {
+          const float* k = kr + (n0 + i) * ks;
+          V t = S::load(k) * qa[0];
+          for (int c = 1; c < DV; ++c) t += S::load(k + c * W) * qa[c];
+          part[i] = t;
+        } else {
+          part[i] = S::zero();
+        }
+      }
+      S::store(x + n0, sum_lanes<W, W / 2>(part) * scale);
+    }
+  }
+
+  // NR rows of x ([NR][kTile]) -> logits, from the packed tile or from the rows.
+  template <int NR>
+  static FASTPEFT_INLINE void logits(const float* a, const float* kt, const float* kr,
+                                     int64_t ks, int tn, int nkv, bool transposed, float scale,
+                                     float* x) {
+    if (transposed) {
+      logits_transposed<NR>(a, kt, nkv, scale, x);
+    } else {
+      for (int r = 0; r < NR; ++r) logits_rows(a + r * D, kr, ks, tn, scale, x + r * kTile);
+    }
+  }
+
+  // acc_r = acc_r * alpha_r + sum_{n < tn} w[r][n] row_n for NR rows (alpha = null: 1), rows
+  // fp32 with stride rs: the ascending-n mul_add of the generic path, C vectors of the head dim
+  // at a time.
+  template <int NR>
+  static FASTPEFT_INLINE void weights_times_rows(const float* w, const float* rows, int64_t rs,
+                                                 int tn, const float* alpha, float* acc) {
+    for (int c0 = 0; c0 < DV; c0 += C) {
+      V a[NR][C];
+      for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < C; ++c) {
+          a[r][c] = S::load(acc + r * D + (c0 + c) * W);
+          if (alpha != nullptr) a[r][c] *= alpha[r];  // alpha = 1 is exact: as if skipped
+        }
+      }
+      for (int n = 0; n < tn; ++n) {
+        const float* row = rows + n * rs + c0 * W;
+        V b[C];
+        for (int c = 0; c < C; ++c) b[c] = S::load(row + c * W);
+        for (int r = 0; r < NR; ++r) {
+          const float wn = w[r * kTile + n];
+          for (int c = 0; c < C; ++c) a[r][c] += b[c] * wn;
+        }
+      }
+      for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < C; ++c) S::store(acc + r * D + (c0 + c) * W, a[r][c]);
+      }
+    }
+  }
+
+  // Online-softmax step of one row over its tile logits x[0, nw) (lanes >= tn are -inf):
+  // x <- p_n (exactly 0 past tn), returns alpha (vq::enter_tile) and adds the tile's sum
+  // (lanewise over the key vectors, then fold_lanes' tree) to st.l.
+  static FASTPEFT_INLINE float softmax_tile(float* x, int nkv, vq::RowState& st) {
+    V m = S::load(x);
+    for (int c = 1; c < nkv; ++c) {
+      const V y = S::load(x + c * W);
+      m = m > y ? m : y;
+    }
+    const float alpha = vq::enter_tile(st, fold_lanes<W, W / 2>(m, MaxOp{})[0]);
+    const int nw = nkv * W;
+    for (int n = 0; n < nw; ++n) x[n] = vq::prob_in_tile(st, x[n]);  // exactly 0 past tn
+    V l = S::load(x);
+    for (int c = 1; c < nkv; ++c) l += S::load(x + c * W);
+    st.l += fold_lanes<W, W / 2>(l, AddOp{})[0];
+    return alpha;
+  }
+
+  template <int NR>
+  static FASTPEFT_INLINE void forward_rows(const FwdTile& t, int64_t r0, int tn, int nkv) {
+    alignas(64) float x[NR][kTile];
+    float alpha[NR];
+    const float* q = t.q + r0 * D;
+    logits<NR>(q, t.kt, t.k, t.ks, tn, nkv, t.transposed, t.scale, &x[0][0]);
+    for (int r = 0; r < NR; ++r) {
+      for (int n = tn; n < nkv * W; ++n) x[r][n] = vq::neg_inf();
+      alpha[r] = softmax_tile(x[r], nkv, t.st[r0 + r]);
+    }
+    weights_times_rows<NR>(&x[0][0], t.v, t.vs, tn, alpha, t.acc + r0 * D);
+  }
+
+  template <int NR>
+  static FASTPEFT_INLINE void backward_rows(const BwdTile& t, const float* vt, int64_t r0, int tn,
+                                            int nkv) {
+    alignas(64) float x[NR][kTile];
+    alignas(64) float dp[NR][kTile];
+    const int64_t off = r0 * D;
+    logits<NR>(t.q + off, t.kt, t.k, t.ks, tn, nkv, t.transposed, t.scale, &x[0][0]);
+    logits<NR>(t.g + off, vt, t.v, t.vs, tn, nkv, t.transposed, 1.0f, &dp[0][0]);
+    for (int r = 0; r < NR; ++r) {
+      const float lse = t.lse[r0 + r], delta = t.delta[r0 + r];
+      // Lanes [tn, nw) come from zero padding; dq reads only n < tn.
+      for (int n = 0; n < nkv * W; ++n) {
+        x[r][n] = vq::dlogit(vq::prob_from_lse(x[r][n], lse), dp[r][n], delta);
+      }
+    }
+    weights_times_rows<NR>(&x[0][0], t.k, t.ks, tn, nullptr, t.dq + off);
+  }
+
+  // The last nr < R rows of a task: one block of exactly nr rows.
+  template <int NR>
+  static FASTPEFT_INLINE void forward_rest(const FwdTile& t, int64_t r0, int nr, int tn, int nkv) {
+    if (nr == NR) {
+      forward_rows<NR>(t, r0, tn, nkv);
+    } else if constexpr (NR > 1) {
+      forward_rest<NR - 1>(t, r0, nr, tn, nkv);
+    }
+  }
+
+  template <int NR>
+  static FASTPEFT_INLINE void backward_rest(const BwdTile& t, const float* vt, int64_t r0, int nr,
+                                            int tn, int nkv) {
+    if (nr == NR) {
+      backward_rows<NR>(t, vt, r0, tn, nkv);
+    } else if constexpr (NR > 1) {
+      backward_rest<NR - 1>(t, vt, r0, nr, tn, nkv);
+    }
+  }
+
+  static FASTPEFT_INLINE void forward_tile(const FwdTile& t) {
+    const int tn = static_cast<int>(t.tn), nkv = (tn + W - 1) / W;
+    if (t.transposed) pack_transposed(t.k, t.ks, tn, t.kt);
+    int64_t r0 = 0;
+    for (; r0 + R <= t.nr; r0 += R) forward_rows<R>(t, r0, tn, nkv);
+    if (r0 < t.nr) forward_rest<R - 1>(t, r0, static_cast<int>(t.nr - r0), tn, nkv);
+  }
+
+  static FASTPEFT_INLINE void backward_tile(const BwdTile& t) {
+    const int tn = static_cast<int>(t.tn), nkv = (tn + W - 1) / W;
+    const float* vt = t.kt;
+    if (t.transposed) {
+      pack_transposed(t.k, t.ks, tn, t.kt);
+      if (!t.kv_same) {
+        pack_transposed(t.v, t.vs, tn, t.vt);
+        vt = t.vt;
+      }
+    }
+    int64_t r0 = 0;
+    for (; r0 + R <= t.nr; r0 += R) backward_rows<R>(t, vt, r0, tn, nkv);
+    if (r0 < t.nr) backward_rest<R - 1>(t, vt, r0, static_cast<int>(t.nr - r0), tn, nkv);
+  }
+};
+
+// One instantiation per (ISA, head dim); the target attribute makes GCC compile the inlined
+// Fast<W, D> code for that ISA.
+#define FASTPEFT_VQT_ENTRY(TARGET, NAME, W)                                                     \
+  template <int D>                                                                            \
+  TARGET void NAME##_forward(const FwdTile& t) { Fast<W, D>::forward_tile(t); }               \
+  template <int D>                                                                            \
+  TARGET void NAME##_backward(const BwdTile& t) { Fast<W, D>::backward_tile(t); }             \
+  template <int D>                                                                            \
+  FastKernels NAME##_kernels() { return FastKernels{&NAME##_forward<D>, &NAME##_backward<D>}; }
+
+FASTPEFT_VQT_ENTRY(, base, 4)
+#if defined(__x86_64__)
+FASTPEFT_VQT_ENTRY(__attribute__((target("avx2"))), avx2, 8)
+FASTPEFT_VQT_ENTRY(__attribute__((target("avx512f"))), avx512, 16)
+#endif
+#undef FASTPEFT_VQT_ENTRY
+
+template <int D>
+FastKernels kernels_for_cpu() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return avx512_kernels<D>();
+  if (__builtin_cpu_supports("avx2")) return avx2_kernels<D>();
+#endif
+  return base_kernels<D>();
+}
+
+// The fast kernels for head dim d, or nulls (use the generic path).
+FastKernels fast_kernels(int64_t d) {
+  switch (d) {
+    case 32: { static const FastKernels k = kernels_for_cpu<32>(); return k; }
+    case 64: { static const FastKernels k = kernels_for_cpu<64>(); return k; }
+    case 96: { static const FastKernels k = kernels_for_cpu<96>(); return k; }
+    case 128: { static const FastKernels k = kernels_for_cpu<128>(); return k; }
+    default: return FastKernels{nullptr, nullptr};
+  }
+}
+
+#else  // no GCC vector extensions: generic path only
+
+FastKernels fast_kernels(int64_t) { return FastKernels{nullptr, nullptr}; }
+
+#endif  // FASTPEFT_VQT_FAST
+
 std::tuple<at::Tensor, at::Tensor> vqt_query_attention_cpu(const at::Tensor& q_in,
                                                            const at::Tensor& k_in,
                                                            const at::Tensor& v_in, double scale) {
@@ -239,13 +693,15 @@ std::tuple<at::Tensor, at::Tensor> vqt_query_attention_cpu(const at::Tensor& q_i
   const int64_t rows = rows_per_task(B * H, Q);
   const int64_t blocks = (Q + rows - 1) / rows;
   const float sc = static_cast<float>(scale);
+  const FastKernels fast = fast_kernels(d);
+  const bool transposed = fast.forward == nullptr || Q >= kTransposeMinRows;
   FASTPEFT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "fastpeft::vqt_query_attention_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
     const View4<scalar_t> kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> kt(d * kTile), vr(kTile * d), qf(rows * d), acc(rows * d);
+      std::vector<float> kt(d * kTile), kr(kTile * d), vr(kTile * d), qf(rows * d), acc(rows * d);
       std::vector<vq::RowState> st(rows);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks, b = bh / H, h = bh % H;
@@ -256,14 +712,26 @@ std::tuple<at::Tensor, at::Tensor> vqt_query_attention_cpu(const at::Tensor& q_i
         std::fill(st.begin(), st.end(), vq::row_init());
         for (int64_t n0 = 0; n0 < N; n0 += kTile) {
           const int64_t tn = std::min<int64_t>(kTile, N - n0);
-          pack_transposed(kv, b, h, n0, tn, d, kt.data());
           const float* vrow = nullptr;
           int64_t vstride = d;
           if (!rows_in_place(vv, b, h, n0, &vrow, &vstride)) {
             pack_rows(vv, b, h, n0, tn, d, vr.data());
             vrow = vr.data();
           }
-          forward_tile(qf.data(), kt.data(), vrow, vstride, nr, tn, d, sc, st.data(), acc.data());
+          if (fast.forward != nullptr) {
+            const float* krow = nullptr;
+            int64_t kstride = d;
+            if (!rows_in_place(kv, b, h, n0, &krow, &kstride)) {
+              pack_rows(kv, b, h, n0, tn, d, kr.data());
+              krow = kr.data();
+            }
+            fast.forward(FwdTile{qf.data(), nr, krow, kstride, vrow, vstride, tn, sc, transposed,
+                                 kt.data(), st.data(), acc.data()});
+          } else {
+            pack_transposed(kv, b, h, n0, tn, d, kt.data());
+            forward_tile(qf.data(), kt.data(), vrow, vstride, nr, tn, d, sc, st.data(),
+                         acc.data());
+          }
         }
         for (int64_t r = 0; r < nr; ++r) {
           const float inv = vq::inv_sum(st[r]);
@@ -297,6 +765,8 @@ at::Tensor vqt_query_attention_backward_cpu(const at::Tensor& grad_out_in, const
   const int64_t rows = rows_per_task(B * H, Q);
   const int64_t blocks = (Q + rows - 1) / rows;
   const float sc = static_cast<float>(scale);
+  const FastKernels fast = fast_kernels(d);
+  const bool transposed = fast.backward == nullptr || Q >= kTransposeMinRows;
   FASTPEFT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "fastpeft::vqt_query_attention_backward_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -304,8 +774,10 @@ at::Tensor vqt_query_attention_backward_cpu(const at::Tensor& grad_out_in, const
     const float* lp = lse.data_ptr<float>();
     const float* dp = delta.data_ptr<float>();
     const View4<scalar_t> kv = view4<scalar_t>(k), vv = view4<scalar_t>(v);
+    // k == v (the fused VQT block's absorbed backward passes h twice): pack/convert once.
+    const bool kv_same = same_view(kv, vv);
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> kt(d * kTile), vt(d * kTile), kr(kTile * d);
+      std::vector<float> kt(d * kTile), vt(d * kTile), kr(kTile * d), vr(kTile * d);
       std::vector<float> qf(rows * d), gf(rows * d), dq(rows * d);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks, b = bh / H, h = bh % H;
@@ -316,24 +788,35 @@ at::Tensor vqt_query_attention_backward_cpu(const at::Tensor& grad_out_in, const
           gf[i] = static_cast<float>(gp[base + i]);
         }
         std::fill(dq.begin(), dq.end(), 0.0f);
+        const int64_t row = bh * Q + r0;
         for (int64_t n0 = 0; n0 < N; n0 += kTile) {
           const int64_t tn = std::min<int64_t>(kTile, N - n0);
-          pack_transposed(kv, b, h, n0, tn, d, kt.data());
-          // k == v (the fused VQT block's absorbed backward passes h twice): pack once.
-          const float* vtile = kt.data();
-          if (!same_view(kv, vv)) {
-            pack_transposed(vv, b, h, n0, tn, d, vt.data());
-            vtile = vt.data();
-          }
           const float* krow = nullptr;
           int64_t kstride = d;
           if (!rows_in_place(kv, b, h, n0, &krow, &kstride)) {
             pack_rows(kv, b, h, n0, tn, d, kr.data());
             krow = kr.data();
           }
-          const int64_t row = bh * Q + r0;
-          backward_tile(qf.data(), gf.data(), kt.data(), vtile, krow, kstride, nr, tn, d, sc,
-                        lp + row, dp + row, dq.data());
+          if (fast.backward != nullptr) {
+            const float* vrow = krow;
+            int64_t vstride = kstride;
+            if (!kv_same && !rows_in_place(vv, b, h, n0, &vrow, &vstride)) {
+              pack_rows(vv, b, h, n0, tn, d, vr.data());
+              vrow = vr.data();
+            }
+            fast.backward(BwdTile{qf.data(), gf.data(), nr, krow, kstride, vrow, vstride, kv_same,
+                                  tn, sc, transposed, kt.data(), vt.data(), lp + row, dp + row,
+                                  dq.data()});
+          } else {
+            pack_transposed(kv, b, h, n0, tn, d, kt.data());
+            const float* vtile = kt.data();
+            if (!kv_same) {
+              pack_transposed(vv, b, h, n0, tn, d, vt.data());
+              vtile = vt.data();
+            }
+            backward_tile(qf.data(), gf.data(), kt.data(), vtile, krow, kstride, nr, tn, d, sc,
+                          lp + row, dp + row, dq.data());
+          }
         }
         for (int64_t i = 0; i < nr * d; ++i) dqp[base + i] = static_cast<scalar_t>(dq[i] * sc);
       }
