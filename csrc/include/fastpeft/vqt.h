@@ -17,10 +17,13 @@
 // the segments of one sample are its final-norm CLS feature and each layer's flattened query
 // outputs; backward dx_s = (g_s - y_s (y_s . g_s)) / ||x_s|| (or g_s / eps below eps).
 //
-// Rounding: every reduction is fp32 and runs in a fixed order per row (dot products over the
-// head dim in ascending j, tile sums in ascending n on the CPU). The CPU build rounds each
-// multiply and add separately (-ffp-contract=off); `mul_add` on the device is an explicit FMA
-// (one rounding). The two therefore agree to a few ulp, not bit for bit.
+// Rounding: every reduction is fp32 and runs in a fixed order per row, set by the shapes (never
+// by the thread count): dot products over the head dim in ascending j, tile sums in ascending n
+// on the CPU (warp reductions on the GPU). The CPU kernels for head dims 32/64/96/128 use fixed
+// trees instead for each tile's sum and, below 12 query rows, for the dot products; that order
+// also depends on the CPU's vector width (csrc/cpu/vqt.cpp, "fast path"). The CPU build rounds
+// each multiply and add separately (-ffp-contract=off); `mul_add` on the device is an explicit
+// FMA (one rounding). The two therefore agree to a few ulp, not bit for bit.
 #pragma once
 
 #include "fastpeft/common.h"
