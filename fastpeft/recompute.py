@@ -31,6 +31,7 @@ x but re-runs the whole block including attention.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,13 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .methods.base import active_hooks
+
+# Newer torch can route what selective checkpointing keeps through saved_tensors_hooks (opt-in,
+# `respect_saved_tensors_hooks`); older torch (2.11) keeps it out of the hooks' sight, so
+# saved-tensor byte counts (fastpeft.profile) miss the kept GEMM outputs there, while device
+# memory counters (torch.cuda.memory_allocated) still see them.
+SAC_SEEN_BY_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+_SAC_HOOK_OPTS = {"respect_saved_tensors_hooks": True} if SAC_SEEN_BY_HOOKS else {}
 
 aten = torch.ops.aten
 
@@ -259,7 +267,7 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
         keep = _kept_weights(block)
         if keep:
             context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, keep))
-    opts = dict(use_reentrant=False, context_fn=context_fn, respect_saved_tensors_hooks=True)
+    opts = dict(use_reentrant=False, context_fn=context_fn, **_SAC_HOOK_OPTS)
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         y = checkpoint(block._attn_half, x, kw, **opts)

@@ -252,7 +252,8 @@ def convpass_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
             m, D, d, float(p), inv_keep(p), float(scale), int(p > 0.0),
             BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, num_warps=cf.num_warps, num_stages=cf.num_stages)
     hg, colsum = launch_dw(h, g2, colsum=True)
-    return dc.view(c.shape), (scale * hg.t()).to(dt), (scale * colsum).to(dt)
+    # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
+    return dc.view(c.shape), (scale * hg.t()).to(dt).contiguous(), (scale * colsum).to(dt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -357,7 +357,8 @@ def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input:
     dbt, dbias = launch_dw(u, g2, colsum=True)
     da, _ = launch_dw(dz, x2, q_drop=drop_input, p=p, seed=seed)
     dt = x.dtype
-    return dx.view(x.shape), da.to(dt), dbt.t().to(dt), dbias.to(dt)
+    # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
+    return dx.view(x.shape), da.to(dt), dbt.t().to(dt).contiguous(), dbias.to(dt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,12 +153,14 @@ def test_saved_tensors_are_the_input_and_rank_d_intermediates():
     assert all(s.numel() <= B * 37 * 9 * d for s in act if s.shape[-1] != D)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("which", ["triton", "torch"])
+def test_opcheck(which, device="cpu"):
     case = CASES[1]
     t, grad = make(case, torch.float32)
-    seed = torch.tensor([5], dtype=torch.int64)
+    t = {k: v.to(device) for k, v in t.items()}
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
     h2 = t["h"].reshape(-1, t["h"].shape[-1])
-    with backend("torch"):
+    with backend(which):
         torch.library.opcheck(torch.ops.fastpeft.convpass_down,
                               (h2.clone().requires_grad_(), t["w_down"].clone().requires_grad_(),
                                t["b_down"].clone().requires_grad_()))

@@ -175,11 +175,12 @@ def test_saves_only_x_and_u():
     assert shapes == [(37, 8), (37, 64)], shapes
 
 
-def test_opcheck():
+@pytest.mark.parametrize("which", ["triton", "torch"])
+def test_opcheck(which, device="cpu"):
     leaves, grad = generic_inputs(7, 64, 96, 8, torch.float32)
-    x, w, bias, a, b = (leaves[k][0] for k in ("x", "weight", "bias", "a", "b"))
-    seed = torch.tensor([5], dtype=torch.int64)
-    with backend("torch"):
+    x, w, bias, a, b, grad = (t.to(device) for t in [leaves[k][0] for k in ("x", "weight", "bias", "a", "b")] + [grad])
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    with backend(which):
         for p, di in ((0.0, False), (0.2, True)):
             torch.library.opcheck(torch.ops.fastpeft.lowrank_linear,
                                   (x.requires_grad_(), w, bias.requires_grad_(), a.requires_grad_(),
