@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine (the lent device, or any GPU box): build fastpeft._C for this GPU's
+# arch against the python3 there, then run the stages named in $1 (comma-separated):
+#   tests   TRITON_INTERPRET=0 pytest -m gpu tests (compiled Triton kernels, CUDA extension)
+#   bench   pytest bench --bench-device cuda ($BENCH_ARGS appended, -k "$BENCH_K" when set)
+#   profile tools/gpu_profile.py (step times, GPU-busy fraction, top kernels; $PROFILE_ARGS)
+#   ops     the op rows only (-k "not e2e"), faster than a whole bench
+# Logs and results land in $OUT (default /tmp/fastpeft-gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastpeft-gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+STAGES=${1:-tests}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, triton, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)"
+  nvcc --version | tail -2
+} 2>&1 | tee "$OUT/env.txt"
+
+arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export TORCH_CUDA_ARCH_LIST=$arch FASTPEFT_BUILD_BACKEND=cuda MAX_JOBS=${MAX_JOBS:-16}
+# A build from an earlier call can be carried back in (fastpeft/_C*.so, fastpeft/_build_info.json):
+# reused when it loads against this torch, else rebuilt.
+if ! $PY -c "import sys, fastpeft._ext as e; sys.exit(0 if e.load().has_cuda else 1)" 2>/dev/null; then
+  start=$(date +%s)
+  $PY -m pip install -e . --no-build-isolation --no-deps -q >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build (sm_${arch/./}): $(( $(date +%s) - start )) s"
+  cp fastpeft/_C*.so fastpeft/_build_info.json "$OUT/" && strip --strip-debug "$OUT"/_C*.so
+fi
+$PY -c "import json, fastpeft._ext as e; print(json.dumps(e.build_info()))" | tee -a "$OUT/env.txt"
+
+rc=0
+if [[ ",$STAGES," == *",tests,"* ]]; then
+  $PY -m pytest -m gpu tests -q -rfE -p no:cacheprovider -n ${WORKERS:-6} --timeout 300 \
+      --junitxml="$OUT/gpu-tests.xml" ${TEST_ARGS:-} >"$OUT/gpu-tests.log" 2>&1 || rc=1
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | cut -c1-300 | head -40
+  tail -3 "$OUT/gpu-tests.log"
+fi
+if [[ ",$STAGES," == *",profile,"* ]]; then
+  $PY tools/gpu_profile.py --out "$OUT" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 || rc=1
+  grep -v Warn "$OUT/profile.log" | head -${PROFILE_LINES:-200}
+fi
+for stage in bench ops; do
+  [[ ",$STAGES," == *",$stage,"* ]] || continue
+  sel=(-k "${BENCH_K:-not nothing}"); [[ $stage == ops ]] && sel=(-k "not e2e")
+  $PY -m pytest bench -p no:cacheprovider --bench-device cuda --bench-save "$OUT" "${sel[@]}" ${BENCH_ARGS:-} \
+      >"$OUT/$stage.log" 2>&1 || rc=1
+  grep -vE "^(bench/|\s*$)" "$OUT/$stage.log" | tail -60
+done
+exit $rc
