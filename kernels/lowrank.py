@@ -611,6 +611,46 @@ def kron_factors(rule_left, rule_right, w_left, w_right):
     return dn, up
 
 
+def _fold_qv(weight, h_q, h_v, c_q: float, c_v: float):
+    """weight [3D, D] + [c_q H_q^T; 0; c_v H_v^T] in weight's dtype."""
+    d = weight.shape[1]
+    delta = torch.cat([h_q.t() * c_q, h_q.new_zeros(d, d), h_v.t() * c_v], 0)
+    return weight + delta.to(weight.dtype)
+
+
+class _QVFoldedLinear(torch.autograd.Function):
+    """x W_eff^T + bias with W_eff = `_fold_qv(weight, h_q, h_v, c_q, c_v)`: one GEMM, like folding
+    the delta into the weight by hand, but saving only x and the two [D, D] matrices (what the
+    eager reference keeps), not the [3D, D] W_eff, which backward rebuilds (one elementwise pass
+    over the frozen weight). The frozen weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h_q, h_v, c_q: float, c_v: float):
+        # only what the needed grads read: x for dH, H (and the resident weight) for dx
+        need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(x if need_dh else None, weight, *((h_q, h_v) if need_dx else (None, None)))
+        ctx.c = (c_q, c_v)
+        return torch.nn.functional.linear(x, _fold_qv(weight, h_q, h_v, c_q, c_v), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, h_q, h_v = ctx.saved_tensors
+        c_q, c_v = ctx.c
+        d = weight.shape[1]
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, d)
+        gx = gb = gh_q = gh_v = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_out @ _fold_qv(weight, h_q, h_v, c_q, c_v)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        # d out / d W_eff = g^T x; W_eff[:D] = c_q H_q^T -> dH_q = c_q x^T g[:, :D] (v alike)
+        if ctx.needs_input_grad[3]:
+            gh_q = (c_q * (x2.t() @ g2[:, :d])).to(h_q.dtype)
+        if ctx.needs_input_grad[4]:
+            gh_v = (c_v * (x2.t() @ g2[:, 2 * d:])).to(h_v.dtype)
+        return gx, None, gb, gh_q, gh_v, None, None
+
+
 def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
                     q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
     """KAdaptation on a fused qkv (spec §11; `fastpeft.methods.kadaptation` semantics):
@@ -639,11 +679,11 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     p = float(dropout_p) if training else 0.0
     if p > 0.0:
         seed = _seed(p, seed, x)
-        keep = dropout_keep_mask(seed, 2 * d, d, p).to(up_q.dtype) / (1.0 - p)
-        h_q = (dn_q.t() @ up_q) * keep[:d]
-        h_v = (dn_v.t() @ up_v) * keep[d:]
-        delta = torch.cat([h_q.t() * (scale * q_mult), h_q.new_zeros(d, d), h_v.t() * scale], 0)
-        return torch.nn.functional.linear(x, weight + delta.to(weight.dtype), _cast(bias_eff, x.dtype))
+        drop = ~dropout_keep_mask(seed, 2 * d, d, p)  # bool: autograd keeps 1 byte per entry
+        h_q = (dn_q.t() @ up_q).masked_fill(drop[:d], 0.0)
+        h_v = (dn_v.t() @ up_v).masked_fill(drop[d:], 0.0)
+        c = scale / (1.0 - p)
+        return _QVFoldedLinear.apply(x, weight, _cast(bias_eff, x.dtype), h_q, h_v, c * q_mult, c)
     a = torch.cat([dn_q, dn_v], 0)
     b = segmented_up(n_out, [(0, up_q.t(), scale * q_mult), (2 * d, up_v.t(), scale)])
     return lowrank_linear(x, weight, bias_eff, a, b)

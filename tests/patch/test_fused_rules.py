@@ -79,6 +79,35 @@ def test_patch_never_saves_more(case):
     assert fused <= ref
 
 
+# training dropout on (the kernels regenerate masks from a seed; KAdaptation's dropout acts on
+# the D x D matrix H and takes its dense path)
+DROPOUT_CASES = {
+    "adaptformer": lambda: fastpeft.AdaptFormer(dim=16, dropout=0.1),
+    "adapter-noah": lambda: fastpeft.Adapter(dim=8, dropout=0.1),
+    "lora-noah": lambda: fastpeft.LoRA(rank=8, dropout=0.1),
+    "fact-tt": lambda: fastpeft.FacT(kind="tt", rank=8, dropout=0.1),
+    "fact-tk": lambda: fastpeft.FacT(kind="tk", rank=8, dropout=0.1),
+    "kadaptation": lambda: fastpeft.KAdaptation(init="trainable", dropout=0.1),
+    "convpass": lambda: fastpeft.Convpass(dim=8, dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROPOUT_CASES))
+def test_triton_path_never_saves_more(case):
+    # What the GPU runs (the Triton kernels, here through the interpreter) at 197 tokens, two
+    # blocks (the first block's input needs no grad, the second's does). KAdaptation at ViT-B
+    # width: its dense path's D x D intermediates weigh as they do in the bench.
+    m = make_vit("vit_base_patch16_224" if case == "kadaptation" else "vit_tiny_patch16_224", depth=2, img_size=224)
+    fastpeft.inject(m, DROPOUT_CASES[case]())
+    m.train()
+    x = images(batch=2, img_size=224)
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    report = fastpeft.patch(m, backend="triton")
+    assert "[triton]" in str(report), str(report)
+    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert fused <= ref, (fused / ref, fused, ref)
+
+
 def test_ssf_fusion_saves_at_most_three_quarters_at_base_width():
     # ViT-B/16 width and token count (2 blocks to stay fast): the issue's <= 0.75x SSF target
     m = make_vit("vit_base_patch16_224", depth=2, img_size=224)
