@@ -6,6 +6,7 @@
 #   make demo         build, then `python -m fastpeft demo`
 #   make cuda-check   the CUDA sources compile for sm_80 and sm_90 (no GPU needed)
 #   make triton-check Triton kernels compile ahead of time for real GPUs (no GPU needed)
+#   make test-gpu     on a CUDA machine: compiled Triton kernels + CUDA extension tests (pytest -m gpu)
 #   make wheel        dist/fastpeft-<ver>+cu<CUDA>torch<A.B>-cpXY-cpXY-linux_x86_64.whl for the installed
 #                     torch and nvcc, built from a clean copy of the tree; BACKEND=none: the portable
 #                     pure-Python wheel (no suffix); BACKEND=cpu: +cputorch<A.B>
@@ -48,7 +49,7 @@ CUOBJDUMP ?= $(firstword $(wildcard $(CUDA_HOME)/bin/cuobjdump) \
     $(shell $(PY) -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null))
 CUDA_CHECK_DIR := build/cuda-check
 
-.PHONY: deps build test demo cuda-check triton-check clean distclean
+.PHONY: deps build test test-gpu demo cuda-check triton-check clean distclean
 
 deps: $(VENV)/.deps-stamp
 
@@ -67,6 +68,11 @@ $(STAMPS)/build: $(VENV)/.deps-stamp $(CSRC) setup.py fastpeft/version.py pyproj
 
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# The `gpu` tests (tests/gpu and the kernels' GPU cases) with compiled, not interpreted, kernels.
+# On a machine without a venv-managed torch, tools/gpu_session.sh does the same with its python3.
+test-gpu: build
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu tests
 
 demo: build
 	$(PY) -m fastpeft demo

@@ -10,11 +10,13 @@ Dropout is off in every op row (p = 0) so all contenders compute the same functi
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -141,10 +143,10 @@ def make_scale_shift(gen, B, N, D, dev, dt):
     return p
 
 
-def make_vqt_attention(gen, B, N, D, dev, dt):
+def make_vqt_attention(gen, B, N, D, dev, dt, queries=VQT_QUERIES):
     H = max(1, D // 64)
     d = D // H
-    return {"q": _t(gen, B, H, VQT_QUERIES, d, device=dev, dtype=dt, grad=True),
+    return {"q": _t(gen, B, H, queries, d, device=dev, dtype=dt, grad=True),
             "k": _t(gen, B, H, N, d, device=dev, dtype=dt), "v": _t(gen, B, H, N, d, device=dev, dtype=dt)}
 
 
@@ -196,8 +198,11 @@ OPS = [
     OpSpec("fc1+ssf+gelu", make_fc1_ssf_gelu, fc1_ssf_gelu_ref, ("kernels.ssf.ssf_gelu",), _fc1_then, _tokens),
     OpSpec("scale_shift", make_scale_shift, scale_shift_ref, ("ops.scale_shift",),
            lambda fn, p: fn(p["x"], p["gamma"], p["beta"]), _tokens),
-    OpSpec("vqt_attention", make_vqt_attention, vqt_attention_ref, ("ops.vqt_query_attention",),
-           lambda fn, p: _first(fn(p["q"], p["k"], p["v"])), lambda B, N, D: B * VQT_QUERIES, "query tokens/s"),
+    # the query-attention op at 1, 10 (VQT_QUERIES) and 50 query tokens per head
+    *(OpSpec(f"vqt_attention{'' if q == VQT_QUERIES else f'_q{q}'}",
+             functools.partial(make_vqt_attention, queries=q), vqt_attention_ref, ("ops.vqt_query_attention",),
+             lambda fn, p: _first(fn(p["q"], p["k"], p["v"])), lambda B, N, D, q=q: B * q, "query tokens/s")
+      for q in (1, VQT_QUERIES, 50)),
     OpSpec("vqt_aggregate", make_vqt_aggregate, vqt_aggregate_ref, ("ops.vqt_aggregate",),
            lambda fn, p: _first(fn(p["cls"], p["queries"])), lambda B, N, D: B, "images/s"),
 ]
