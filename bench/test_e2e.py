@@ -212,6 +212,13 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
     if mode == "train":
         row["saved_bytes"] = measure.saved_bytes(step, model)
         row["saved_method"] = "fastpeft.profile.saved_activation_bytes (storages, params/buffers excluded)"
+        if contender == "patch-recompute":
+            from fastpeft.recompute import SAC_SEEN_BY_HOOKS
+
+            if not SAC_SEEN_BY_HOOKS:  # torch without checkpoint(respect_saved_tensors_hooks=...)
+                row["note"] = ((row.get("note") or "") + " saved bytes miss the GEMM outputs selective "
+                               "checkpointing keeps (this torch hides them from saved-tensor hooks); "
+                               "cuda_memory sees them").strip()
     row["cuda_memory"] = measure.cuda_peak(step, device)
 
     if contender == "compile":
