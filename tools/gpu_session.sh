@@ -21,13 +21,17 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST=$arch FASTPEFT_BUILD_BACKEND=cuda MAX_JOBS=${MAX_JOBS:-16}
-# A build from an earlier call can be carried back in (fastpeft/_C*.so, fastpeft/_build_info.json):
-# reused when it loads against this torch, else rebuilt.
-if ! $PY -c "import sys, fastpeft._ext as e; sys.exit(0 if e.load().has_cuda else 1)" 2>/dev/null; then
+# A build from an earlier call can be carried back in (its $OUT files _C.so.gz and _build_info.json
+# in a folder .devbuild/, named in the call's carry): reused when it loads against this torch.
+if [ -f .devbuild/_C.so.gz ]; then
+  gunzip -c .devbuild/_C.so.gz >"fastpeft/_C.cpython-$($PY -c 'import sys; print("%d%d" % sys.version_info[:2])')-x86_64-linux-gnu.so"
+  cp .devbuild/_build_info.json fastpeft/
+fi
+if ! $PY -c "import sys, fastpeft._ext as e; s = e.probe(); print(s.reason or '', file=sys.stderr); sys.exit(0 if s.has_cuda else 1)"; then
   start=$(date +%s)
   $PY -m pip install -e . --no-build-isolation --no-deps -q >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "build (sm_${arch/./}): $(( $(date +%s) - start )) s"
-  cp fastpeft/_C*.so fastpeft/_build_info.json "$OUT/" && strip --strip-debug "$OUT"/_C*.so
+  gzip -c fastpeft/_C*.so >"$OUT/_C.so.gz" && cp fastpeft/_build_info.json "$OUT/"
 fi
 $PY -c "import json, fastpeft._ext as e; print(json.dumps(e.build_info()))" | tee -a "$OUT/env.txt"
 
