@@ -100,6 +100,10 @@ def _kept_weights(block) -> frozenset[int]:
     return frozenset(ptrs)
 
 
+def _weight_ptrs(module: nn.Module) -> frozenset[int]:
+    return frozenset(p.data_ptr() for p in module.parameters())
+
+
 #: frozen GEMM outputs `plan_keeps` may keep on top of the minimal set, by name
 _PLANNED = {
     "qkv": lambda blk: blk.attn.qkv,
@@ -260,14 +264,19 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     saved tensor it must rebuild, so the MLP's ends at the GELU input instead of re-running the
     fc2 GEMM only to reach the adapter's saved tensors.
     """
-    # respect_saved_tensors_hooks: what the policy keeps goes through saved-tensor hooks like any
-    # other saved tensor, so memory profilers (and offloading hooks) see it.
+    # (traced tensors have no data pointers to match: nothing but attention is kept under compile)
+    keep = frozenset() if torch.compiler.is_compiling() else _kept_weights(block)
     context_fn = _PLAIN_CONTEXT
-    if not torch.compiler.is_compiling():  # (traced tensors have no data pointers to match)
-        keep = _kept_weights(block)
-        if keep:
-            context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, keep))
+    if keep:
+        context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, keep))
+    # Regions with attention or a kept GEMM run under the selective-checkpoint policy (a dispatch
+    # mode that sees every op: host time); the others (the MLP without kept GEMMs, the branches)
+    # under plain checkpointing, which recomputes the same way. respect_saved_tensors_hooks: what
+    # the policy keeps goes through saved-tensor hooks like any other saved tensor, so memory
+    # profilers (and offloading hooks) see it.
     opts = dict(use_reentrant=False, context_fn=context_fn, **_SAC_HOOK_OPTS)
+    plain = dict(use_reentrant=False)
+    mlp_opts = opts if keep & _weight_ptrs(block.mlp) else plain
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         y = checkpoint(block._attn_half, x, kw, **opts)
@@ -277,13 +286,13 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
             x, a = a
         y = x + block.drop_path1(block.ls1(a))
         for fn in slots["attn_branch"]:
-            y = y + checkpoint(_branch, fn, x, **opts)
+            y = y + checkpoint(_branch, fn, x, **plain)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
-        return checkpoint(block._mlp_half, y, **opts)
-    f = checkpoint(_mlp_core, block, y, **opts)
+        return checkpoint(block._mlp_half, y, **mlp_opts)
+    f = checkpoint(_mlp_core, block, y, **mlp_opts)
     z = y + (f if slots["ffn_out"] else block.drop_path2(block.ls2(f)))
     for fn in slots["ffn_branch"]:
-        z = z + checkpoint(_branch, fn, y, **opts)
+        z = z + checkpoint(_branch, fn, y, **plain)
     for fn in slots["block_out"]:
         z = fn(z)
     return z
