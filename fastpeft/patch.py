@@ -123,7 +123,7 @@ class Rule:
 
 class RecomputeRule(Rule):
     """`recompute=True`: every block runs as two selectively checkpointed halves
-    (fastpeft/recompute.py): keeps x, y and the attention outputs, recomputes the rest."""
+    (fastpeft/recompute.py): keeps x and y, recomputes the rest (less what the plan keeps)."""
 
     name = "recompute"
 
@@ -143,12 +143,12 @@ class RecomputeRule(Rule):
             records.append((f"blocks.{i}", was_petl))
         if records:
             report.patched.append(
-                (f"blocks.0..{info.depth - 1}", "selective recompute (keep block inputs + attention outputs)", "torch")
+                (f"blocks.0..{info.depth - 1}", "selective recompute (keep block inputs, recompute the rest)", "torch")
             )
         return records
 
     def finish(self, model: nn.Module, probe, report: PatchReport) -> None:
-        """After every rule: spend the byte budget on keeping GEMM outputs (recompute.plan_keeps)."""
+        """After every rule: spend the byte budget on keeping GEMM / attention outputs (recompute.plan_keeps)."""
         from .recompute import BYTE_BUDGET, plan_keeps
 
         plan = plan_keeps(model, probe) if probe is not None else {}

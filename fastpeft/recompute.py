@@ -8,14 +8,16 @@ autograd keeps is cheap to rebuild from the block input.
 Each block runs its frozen paths (norm1 -> attention, norm2 -> MLP, with every method hook and
 slot inside them) as checkpointed regions under torch's selective-activation-checkpoint policy:
 
-* kept: each region's input (x and y: 2 x [B, N, D]) and the attention kernel's outputs (out and
-  the log-sum-exp, [B, N, D] + small), so the attention forward is never run twice; and the
-  output of a D-wide frozen Linear (attn.proj, mlp.fc2) whose hook needs it for its own
-  backward anyway (SSF's scale): keeping it costs nothing the eager model does not keep, and
-  saves re-running that GEMM;
+* kept: each region's input (x and y: 2 x [B, N, D]), and the output of a D-wide frozen Linear
+  (attn.proj, mlp.fc2) whose hook needs it for its own backward anyway (SSF's scale): keeping it
+  costs nothing the eager model does not keep, and saves re-running that GEMM;
 * recomputed in backward: LayerNorms, q/k/v (one [D, 3D] GEMM from the saved input), the
-  fc1 GEMM and its activation, every method's cheap intermediates (adapters, scale-shifts,
-  low-rank products); dropout and DropPath masks are regenerated from the saved RNG state.
+  attention forward, the fc1 GEMM and its activation, every method's cheap intermediates
+  (adapters, scale-shifts, low-rank products); dropout and DropPath masks are regenerated from
+  the saved RNG state.
+* planned (`plan_keeps`): with the bytes the 0.4x budget leaves, GEMM outputs (fc2 where it is
+  re-run, then qkv / fc1) and attention outputs (out + log-sum-exp, [B, N, D]: the attention
+  forward is not re-run), by compute saved per byte kept.
 
 A region's recompute stops at the last saved tensor it must rebuild (torch's early stop), so the
 GEMMs after it (proj, fc2) are not re-run; branches that read the residual stream rather than a
@@ -23,10 +25,10 @@ LayerNorm output (AdaptFormer's parallel adapter) are therefore checkpointed on 
 of after the MLP inside its region (they keep only the residual stream, which the MLP region
 keeps anyway).
 
-That is ~3 [B, N, D] tensors per block instead of ~10 (AdaptFormer) to ~21 (SSF), for the cost
+That is ~2 [B, N, D] tensors per block instead of ~10 (AdaptFormer) to ~21 (SSF), for the cost
 of re-running the qkv and fc1 GEMMs (7 of the 24 D^2-per-token GEMM FLOPs of a frozen block's
-forward + input-gradient backward), versus timm's `set_grad_checkpointing()`, which keeps only
-x but re-runs the whole block including attention.
+forward + input-gradient backward) and the attention forward, less what the plan keeps, versus
+timm's `set_grad_checkpointing()`, which keeps only x but re-runs the whole block.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ _SAC_HOOK_OPTS = {"respect_saved_tensors_hooks": True} if SAC_SEEN_BY_HOOKS else
 
 aten = torch.ops.aten
 
-#: ops whose outputs are kept rather than recomputed: the attention kernels (expensive to re-run,
-#: and their outputs are exactly what their backward needs).
-KEEP_OPS = frozenset(
+#: the attention kernels: their outputs (exactly what their backward needs) are kept where the
+#: plan keeps "attn", else the attention forward is re-run in backward.
+ATTENTION_OPS = frozenset(
     op
     for op in (
         getattr(aten, name, None)
@@ -69,8 +71,8 @@ KEEP_OPS = frozenset(
 _GEMMS = frozenset({aten.addmm.default, aten.mm.default})
 
 
-def _policy(keep_ptrs: frozenset[int], ctx, op, *args, **kwargs):
-    if op in KEEP_OPS or getattr(op, "overloadpacket", None) in KEEP_OPS:
+def _policy(keep_ptrs: frozenset[int], keep_attention: bool, ctx, op, *args, **kwargs):
+    if keep_attention and (op in ATTENTION_OPS or getattr(op, "overloadpacket", None) in ATTENTION_OPS):
         return CheckpointPolicy.MUST_SAVE
     # a kept Linear: its GEMM's second operand is a view of the kept weight (same data pointer)
     if keep_ptrs and op in _GEMMS:
@@ -83,7 +85,6 @@ def _policy(keep_ptrs: frozenset[int], ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_PLAIN_CONTEXT = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, frozenset()))
 
 
 def _kept_weights(block) -> frozenset[int]:
@@ -96,7 +97,8 @@ def _kept_weights(block) -> frozenset[int]:
         ):
             ptrs.add(layer.weight.data_ptr())
     for name in block.__dict__.get("_fastpeft_keep", ()):
-        ptrs.add(_PLANNED[name](block).weight.data_ptr())
+        if name in _PLANNED:
+            ptrs.add(_PLANNED[name](block).weight.data_ptr())
     return frozenset(ptrs)
 
 
@@ -163,14 +165,15 @@ def probe_reference(model: nn.Module) -> Probe | None:
 
 
 def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> dict[int, frozenset[str]]:
-    """Spend the byte budget the minimal plan leaves on not recomputing GEMMs.
+    """Spend the byte budget the minimal plan leaves on not recomputing GEMMs and attention.
 
-    The minimal plan keeps ~3 [B, N, D] tensors per block; the reference keeps ~10 (AdaptFormer)
+    The minimal plan keeps ~2 [B, N, D] tensors per block; the reference keeps ~10 (AdaptFormer)
     to ~21 (SSF) and 0.4x of that is the target, so most methods have room left. A block may
     also keep its fc1 output (4D wide: no fc1 GEMM in backward) and/or its qkv output (3D: no qkv
-    GEMM), and its proj / fc2 outputs where the minimal recompute re-runs those (`_reruns`: e.g.
-    FacT's hooks on them), leaving its recompute nothing but LayerNorms and activations. The
-    options are taken greedily by GEMM work saved per byte kept. Measured, not modelled:
+    GEMM), its proj / fc2 outputs where the minimal recompute re-runs those (`_reruns`: e.g.
+    FacT's hooks on them), and its attention outputs ([B, N, D] + the log-sum-exp: no attention
+    forward in backward), leaving its recompute nothing but LayerNorms and activations. The
+    options are taken greedily by compute saved per byte kept. Measured, not modelled:
     the patched model's saved bytes on the probe images (minimal plan) against the reference's
     (`probe_reference`, taken before patching), at batch 1 and per extra image (saved tensors
     that do not grow with the batch, e.g. weight-sized deltas, must not buy room that large
@@ -178,37 +181,51 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     both totals stay within `budget` x the reference's. Returns
     {block index: kept names} for the blocks that keep anything.
     """
-    rows: dict[tuple[int, str], int] = {}
-    layers: dict[tuple[int, str], nn.Linear] = {}
+    shapes: dict[tuple[int, str], torch.Size] = {}
+    layers: dict[tuple[int, str], nn.Module] = {}
     for i, blk in enumerate(model.blocks):
         if "_fastpeft_recompute" in blk.__dict__:
             for n, get in _PLANNED.items():
                 mod = _get(blk, get)
                 if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and _reruns(blk, n):
                     layers[i, n] = mod
+            if getattr(blk.attn, "fused_attn", False):  # (timm's explicit-softmax path: no kernel to keep)
+                layers[i, "attn"] = blk.attn
 
-    def count(key):
+    def record(key):
         def hook(mod, args):
-            rows[key] = args[0].numel() // args[0].shape[-1]  # the last probe: batch 2
+            shapes[key] = args[0].shape  # the last probe: batch 2
         return hook
 
-    handles = [mod.register_forward_pre_hook(count(key)) for key, mod in layers.items()]
+    handles = [mod.register_forward_pre_hook(record(key)) for key, mod in layers.items()]
     try:
         kept = _saved_per_batch(model, probe.images)
     finally:
         for h in handles:
             h.remove()
+    options = {key: _option(layers[key], shapes[key]) for key in layers if key in shapes}
     ref = probe.reference
-    per_image = {key: rows[key] // 2 * mod.out_features * mod.weight.element_size()
-                 for key, mod in layers.items() if key in rows}
     room = min(budget * ref[0] - kept[0], budget * (ref[1] - ref[0]) - (kept[1] - kept[0]))
-    # greedy by GEMM work saved per byte kept (in_features: fc2 first), later blocks first
+    # greedy by compute saved per byte kept (fc2 first, then qkv / fc1, attention at ViT token
+    # counts), later blocks first
     plan: dict[int, set[str]] = {}
-    for i, n in sorted(per_image, key=lambda key: (-layers[key].in_features, -key[0])):
-        if per_image[i, n] <= room:
+    for i, n in sorted(options, key=lambda key: (-options[key][1], -key[0])):
+        if options[i, n][0] <= room:
             plan.setdefault(i, set()).add(n)
-            room -= per_image[i, n]
+            room -= options[i, n][0]
     return {i: frozenset(keep) for i, keep in plan.items()}
+
+
+def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, int]:
+    """(bytes kept per image, FLOPs saved per element kept) of keeping `mod`'s output, given its
+    input shape on the batch-2 probe. A Linear: its [N, out] output, 2 * in_features FLOPs per
+    element; attention: out [N, H * d] + the fp32 log-sum-exp [H, N], 4 * N FLOPs per element
+    (QK^T and PV)."""
+    if isinstance(mod, nn.Linear):
+        per_image = shape.numel() // shape[-1] // 2
+        return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features
+    n, heads = shape[1], mod.num_heads
+    return n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4), 4 * n
 
 
 def _get(blk: nn.Module, get):
@@ -264,24 +281,23 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     saved tensor it must rebuild, so the MLP's ends at the GELU input instead of re-running the
     fc2 GEMM only to reach the adapter's saved tensors.
     """
-    # (traced tensors have no data pointers to match: nothing but attention is kept under compile)
+    # (traced tensors have no data pointers to match: no GEMM output is kept under compile)
     keep = frozenset() if torch.compiler.is_compiling() else _kept_weights(block)
-    context_fn = _PLAIN_CONTEXT
-    if keep:
-        context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, keep))
-    # Regions with attention or a kept GEMM run under the selective-checkpoint policy (a dispatch
-    # mode that sees every op: host time); the others (the MLP without kept GEMMs, the branches)
-    # under plain checkpointing, which recomputes the same way. respect_saved_tensors_hooks: what
-    # the policy keeps goes through saved-tensor hooks like any other saved tensor, so memory
-    # profilers (and offloading hooks) see it.
-    opts = dict(use_reentrant=False, context_fn=context_fn, **_SAC_HOOK_OPTS)
+    keep_attention = "attn" in block.__dict__.get("_fastpeft_keep", ())
+    # Regions that keep something run under the selective-checkpoint policy (a dispatch mode that
+    # sees every op: host time); the others under plain checkpointing, which recomputes the same
+    # way. respect_saved_tensors_hooks: what the policy keeps goes through saved-tensor hooks like
+    # any other saved tensor, so memory profilers (and offloading hooks) see it.
     plain = dict(use_reentrant=False)
-    mlp_opts = opts if keep & _weight_ptrs(block.mlp) else plain
+    policy = functools.partial(_policy, keep, keep_attention)
+    sac = dict(plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **_SAC_HOOK_OPTS)
+    attn_opts = sac if keep_attention or keep & _weight_ptrs(block.attn) else plain
+    mlp_opts = sac if keep & _weight_ptrs(block.mlp) else plain
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
-        y = checkpoint(block._attn_half, x, kw, **opts)
+        y = checkpoint(block._attn_half, x, kw, **attn_opts)
     else:
-        a = checkpoint(_attn_core, block, x, kw, **opts)
+        a = checkpoint(_attn_core, block, x, kw, **attn_opts)
         if slots["block_in"]:
             x, a = a
         y = x + block.drop_path1(block.ls1(a))

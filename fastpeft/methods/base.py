@@ -222,8 +222,8 @@ class PetlBlock:
         if recompute is not None and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
-            # fastpeft.patch(recompute=True): each half is checkpointed with a policy that keeps the
-            # attention outputs and recomputes everything cheap (fastpeft/recompute.py).
+            # fastpeft.patch(recompute=True): each half is checkpointed, keeping what the byte-budget
+            # plan keeps and recomputing the rest (fastpeft/recompute.py).
             return recompute(self, x, kw)
         return self._mlp_half(self._attn_half(x, kw))
 

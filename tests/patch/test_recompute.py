@@ -115,3 +115,36 @@ def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case):
         want = {n: 1 + (n in RERUN[case] and n not in plan[i]) for n in ("qkv", "proj", "fc1", "fc2")}
         got = {n: mode.calls[f"{i}.{n}"] for n in want}
         assert got == want, (i, plan[i], got)
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.n = ops, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in self.ops or getattr(func, "overloadpacket", None) in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_is_rerun_in_backward_unless_the_plan_keeps_it():
+    from fastpeft.recompute import ATTENTION_OPS
+
+    m, x = build("adaptformer", depth=4, name="vit_small_patch16_224", img_size=224), images(img_size=224)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    runs = {}
+    for kept in (frozenset(), frozenset({"attn"})):
+        for blk in m.blocks:
+            blk.__dict__.pop("_fastpeft_keep", None)
+        m.blocks[2]._fastpeft_keep = kept
+        loss, grads = step(m, x)
+        out = m(x).sum()
+        with _Count(ATTENTION_OPS) as mode:
+            out.backward()
+        runs[kept] = mode.n, saved_activation_bytes(lambda: m(x).sum(), exclude=[m]), loss, grads
+    (n0, b0, l0, g0), (n1, b1, l1, g1) = runs.values()
+    # blocks 1-3 need their attention in backward (block 0's input and attention need no grad)
+    assert (n0, n1) == (3, 2)
+    tokens, width = 197 * x.shape[0], m.embed_dim
+    assert b1 - b0 >= tokens * width * 4  # the kept attention output
+    assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
