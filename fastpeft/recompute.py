@@ -6,7 +6,8 @@ frozen backbone, the Linear layers save nothing for their (frozen) weights, so e
 autograd keeps is cheap to rebuild from the block input.
 
 Each block runs its frozen paths (norm1 -> attention, norm2 -> MLP, with every method hook and
-slot inside them) as checkpointed regions under torch's selective-activation-checkpoint policy:
+slot inside them) as checkpointed regions (under torch's selective-activation-checkpoint policy
+where a region keeps something, plain checkpointing elsewhere):
 
 * kept: each region's input (x and y: 2 x [B, N, D]), and the output of a D-wide frozen Linear
   (attn.proj, mlp.fc2) whose hook needs it for its own backward anyway (SSF's scale): keeping it
@@ -83,8 +84,6 @@ def _policy(keep_ptrs: frozenset[int], keep_attention: bool, ctx, op, *args, **k
         if ptr in keep_ptrs:
             return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 
 
 def _kept_weights(block) -> frozenset[int]:
