@@ -86,23 +86,20 @@ def _policy(keep_ptrs: frozenset[int], keep_attention: bool, ctx, op, *args, **k
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _kept_weights(block) -> frozenset[int]:
-    """Data pointers of the frozen Linears whose outputs the policy keeps: D-wide ones whose hook
-    saves the output anyway, and the qkv / fc1 the byte-budget plan picked for this block."""
-    ptrs = set()
-    for layer in (getattr(block.attn, "proj", None), getattr(block.mlp, "fc2", None)):
+def _kept_weights(block) -> tuple[frozenset[int], frozenset[int]]:
+    """Data pointers of the frozen Linears whose outputs the policy keeps, in the attention path
+    (qkv, proj) and in the MLP (fc1, fc2): D-wide ones whose hook saves the output anyway, and
+    those the byte-budget plan picked for this block."""
+    attn, mlp = set(), set()
+    for layer, into in ((getattr(block.attn, "proj", None), attn), (getattr(block.mlp, "fc2", None), mlp)):
         if isinstance(layer, nn.Linear) and not layer.weight.requires_grad and any(
             h.saves_output for h in active_hooks(layer)
         ):
-            ptrs.add(layer.weight.data_ptr())
+            into.add(layer.weight.data_ptr())
     for name in block.__dict__.get("_fastpeft_keep", ()):
         if name in _PLANNED:
-            ptrs.add(_PLANNED[name](block).weight.data_ptr())
-    return frozenset(ptrs)
-
-
-def _weight_ptrs(module: nn.Module) -> frozenset[int]:
-    return frozenset(p.data_ptr() for p in module.parameters())
+            (attn if name in ("qkv", "proj") else mlp).add(_PLANNED[name](block).weight.data_ptr())
+    return frozenset(attn), frozenset(mlp)
 
 
 #: frozen GEMM outputs `plan_keeps` may keep on top of the minimal set, by name
@@ -281,17 +278,17 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     fc2 GEMM only to reach the adapter's saved tensors.
     """
     # (traced tensors have no data pointers to match: no GEMM output is kept under compile)
-    keep = frozenset() if torch.compiler.is_compiling() else _kept_weights(block)
+    keep_attn, keep_mlp = (frozenset(), frozenset()) if torch.compiler.is_compiling() else _kept_weights(block)
     keep_attention = "attn" in block.__dict__.get("_fastpeft_keep", ())
     # Regions that keep something run under the selective-checkpoint policy (a dispatch mode that
     # sees every op: host time); the others under plain checkpointing, which recomputes the same
     # way. respect_saved_tensors_hooks: what the policy keeps goes through saved-tensor hooks like
     # any other saved tensor, so memory profilers (and offloading hooks) see it.
     plain = dict(use_reentrant=False)
-    policy = functools.partial(_policy, keep, keep_attention)
+    policy = functools.partial(_policy, keep_attn | keep_mlp, keep_attention)
     sac = dict(plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **_SAC_HOOK_OPTS)
-    attn_opts = sac if keep_attention or keep & _weight_ptrs(block.attn) else plain
-    mlp_opts = sac if keep & _weight_ptrs(block.mlp) else plain
+    attn_opts = sac if keep_attention or keep_attn else plain
+    mlp_opts = sac if keep_mlp else plain
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         y = checkpoint(block._attn_half, x, kw, **attn_opts)

@@ -5,12 +5,10 @@ Without a GPU every test here is skipped (tests/conftest.py), so CI collects the
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.kernels.conftest import INTERPRETING
 
 # Applied to every module here: a CUDA device and compiled (not interpreted) Triton kernels.
 on_gpu = [pytest.mark.gpu,
