@@ -16,6 +16,9 @@ where a region keeps something, plain checkpointing elsewhere):
   attention forward, the fc1 GEMM and its activation, every method's cheap intermediates
   (adapters, scale-shifts, low-rank products); dropout and DropPath masks are regenerated from
   the saved RNG state.
+* Convpass-style branches that read a LayerNorm output run before the frozen path inside its region
+  when that path draws no random numbers (`_branches_first`), so its recompute ends at SDPA / the
+  GELU input instead of re-running proj / fc2 to reach them;
 * planned (`plan_keeps`): with the bytes the 0.4x budget leaves, GEMM outputs (fc2 where it is
   re-run, then qkv / fc1) and attention outputs (out + log-sum-exp, [B, N, D]: the attention
   forward is not re-run), by compute saved per byte kept.
@@ -123,8 +126,38 @@ def _reruns(block, name: str) -> bool:
     if any(h.saves_output for h in hooks):
         return False  # kept by the minimal plan (_kept_weights)
     if name == "proj":
-        return bool(hooks) or any(fn.reads_norm for fn in slots["attn_branch"])
-    return bool(hooks or slots["mlp_out"] or slots["ffn_out"]) or any(fn.reads_norm for fn in slots["ffn_branch"])
+        return bool(hooks) or (any(fn.reads_norm for fn in slots["attn_branch"]) and not _branches_first(block, "attn"))
+    return bool(hooks or slots["mlp_out"] or slots["ffn_out"]) or (
+        any(fn.reads_norm for fn in slots["ffn_branch"]) and not _branches_first(block, "mlp")
+    )
+
+
+def _draws_rng(mod: nn.Module) -> bool:
+    """Whether running `mod` may draw random numbers, conservatively: a Dropout or DropPath with
+    a non-zero rate anywhere inside, or any forward hook (a method's, which may have dropout)."""
+    for m in mod.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if getattr(m, "drop_prob", 0) > 0:  # timm DropPath
+            return True
+    return False
+
+
+def _branches_first(block, half: str) -> bool:
+    """Whether a half's branches that read the LayerNorm output (Convpass) may run before its frozen
+    path (attention or MLP) in the checkpointed region: the recompute then stops at the frozen
+    path's last saved tensor (SDPA's, or the GELU input) and never re-runs proj / fc2 to reach
+    the branches'. The sum keeps the reference's order; the values are the same because the frozen
+    path draws no random numbers (else the branches' dropout would draw different ones) and has
+    no method hooks or slots after it inside the region."""
+    if half == "attn":
+        return not any(_draws_rng(m) for m in (block.attn, block.ls1, block.drop_path1))
+    slots = block._fastpeft_slots
+    return not (slots["mlp_out"] or slots["ffn_out"]) and not any(
+        _draws_rng(m) for m in (block.mlp, block.ls2, block.drop_path2)
+    )
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
 #: the kernels issue's 0.4x, less a margin for what a batch-1 probe does not see
@@ -262,6 +295,33 @@ def _mlp_core(block, y: torch.Tensor) -> torch.Tensor:
     return f
 
 
+def _attn_half_branches_first(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    """`PetlBlock._attn_half` with the branches computed before the attention (`_branches_first`)."""
+    slots = block._fastpeft_slots
+    for fn in slots["block_in"]:
+        x = fn(x)
+    h = block.norm1(x)
+    deltas = [fn(x, h) for fn in slots["attn_branch"]]
+    y = x + block.drop_path1(block.ls1(block.attn(h, **kw)))
+    for d in deltas:
+        y = y + d
+    return y
+
+
+def _mlp_half_branches_first(block, y: torch.Tensor) -> torch.Tensor:
+    """`PetlBlock._mlp_half` with the branches computed before the MLP (`_branches_first`: no
+    mlp_out / ffn_out slots)."""
+    slots = block._fastpeft_slots
+    h2 = block.norm2(y)
+    deltas = [fn(y, h2) for fn in slots["ffn_branch"]]
+    z = y + block.drop_path2(block.ls2(block.mlp(h2)))
+    for d in deltas:
+        z = z + d
+    for fn in slots["block_out"]:
+        z = fn(z)
+    return z
+
+
 def _branch(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x, None)  # reads_norm is False: the branch does not read its second argument
 
@@ -291,7 +351,10 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     mlp_opts = sac if keep_mlp else plain
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
-        y = checkpoint(block._attn_half, x, kw, **attn_opts)
+        if _branches_first(block, "attn"):
+            y = checkpoint(_attn_half_branches_first, block, x, kw, **attn_opts)
+        else:
+            y = checkpoint(block._attn_half, x, kw, **attn_opts)
     else:
         a = checkpoint(_attn_core, block, x, kw, **attn_opts)
         if slots["block_in"]:
@@ -300,6 +363,8 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
         for fn in slots["attn_branch"]:
             y = y + checkpoint(_branch, fn, x, **plain)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
+        if _branches_first(block, "mlp"):
+            return checkpoint(_mlp_half_branches_first, block, y, **mlp_opts)
         return checkpoint(block._mlp_half, y, **mlp_opts)
     f = checkpoint(_mlp_core, block, y, **mlp_opts)
     z = y + (f if slots["ffn_out"] else block.drop_path2(block.ls2(f)))

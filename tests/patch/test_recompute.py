@@ -32,8 +32,8 @@ METHODS = {
 }
 
 
-def build(case: str, depth: int = 2, **kw):
-    m = make_vit(depth=depth, drop_path_rate=0.1, **kw)
+def build(case: str, depth: int = 2, drop_path_rate: float = 0.1, **kw):
+    m = make_vit(depth=depth, drop_path_rate=drop_path_rate, **kw)
     fastpeft.inject(m, METHODS[case](depth))
     randomize_([p for _, p in fastpeft.trainable_parameters(m)])
     return m.train()
@@ -47,9 +47,10 @@ def step(m, x, seed=3):
     return loss.detach(), grads_of(m)
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.1, 0.0], ids=["droppath", "no-droppath"])
 @pytest.mark.parametrize("case", sorted(METHODS))
-def test_recompute_is_bit_exact(case):
-    m, x = build(case), images()
+def test_recompute_is_bit_exact(case, drop_path_rate):
+    m, x = build(case, drop_path_rate=drop_path_rate), images()
     fastpeft.patch(m, backend="torch")
     loss0, g0 = step(m, x)
     fastpeft.patch(m, backend="torch", recompute=True)
@@ -89,17 +90,21 @@ class _GemmsByWeight(TorchDispatchMode):
 
 # the frozen GEMMs the minimal plan re-runs in backward: qkv and fc1 always; proj / fc2 only when
 # something after them in their region saves a tensor (FacT's hooks on them, a serial adapter on
-# the FFN output, Convpass's branches reading the LayerNorm output inside the region)
+# the FFN output, Convpass's branches reading the LayerNorm output inside the region: unless the
+# frozen path draws no random numbers, when the branches run first and the recompute stops at the
+# frozen path's last saved tensor)
 RERUN = {
     "adaptformer": {"qkv", "fc1"}, "ssf": {"qkv", "fc1"}, "bitfit": {"qkv", "fc1"}, "lora": {"qkv", "fc1"},
     "adapter-noah": {"qkv", "fc1", "fc2"}, "fact-tt": {"qkv", "proj", "fc1", "fc2"},
-    "convpass": {"qkv", "proj", "fc1", "fc2"},
+    "convpass": {"qkv", "proj", "fc1", "fc2"}, "convpass@no-droppath": {"qkv", "fc1"},
 }
 
 
 @pytest.mark.parametrize("case", sorted(RERUN))
 def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case):
-    m = build(case, depth=4, name="vit_small_patch16_224", img_size=224)
+    method, _, variant = case.partition("@")
+    m = build(method, depth=4, name="vit_small_patch16_224", img_size=224,
+              drop_path_rate=0.0 if variant == "no-droppath" else 0.1)
     x = images(img_size=224)
     report = fastpeft.patch(m, backend="torch", recompute=True)
     plan = {i: blk.__dict__.get("_fastpeft_keep", frozenset()) for i, blk in enumerate(m.blocks)}
