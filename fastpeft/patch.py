@@ -173,6 +173,51 @@ class RecomputeRule(Rule):
             del blk._fastpeft_orig_class
 
 
+class DeltaFirstRule(Rule):
+    """`recompute=True`: a frozen attn.proj / mlp.fc2 whose hooks only add a delta of the layer's
+    input (FacT) computes the deltas before its GEMM (`recompute.DeltaFirstLinear`), so backward
+    rebuilds the deltas' saved tensors without re-running (or keeping) the GEMM's output."""
+
+    name = "delta-first"
+
+    def apply(self, model, info, backend, recompute, report):
+        if not recompute:
+            return []
+        from .fused.common import AbsorbedHook, swap_hook
+        from .recompute import DeltaFirstLinear, delta_first_hooks
+
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if "_fastpeft_recompute" not in blk.__dict__:
+                continue
+            for part, name in (("attn", "proj"), ("mlp", "fc2")):
+                path = f"blocks.{i}.{part}.{name}"
+                layer = getattr(getattr(blk, part, None), name, None)
+                hooks = delta_first_hooks(layer) if isinstance(layer, nn.Module) else None
+                if hooks is None:
+                    continue
+                for h in hooks:
+                    swap_hook(layer, h, AbsorbedHook(h, by="DeltaFirstLinear"))
+                layer.__class__ = DeltaFirstLinear
+                layer._fp_hooks = tuple(hooks)
+                records.append(path)
+        if records:
+            report.patched.append((f"{len(records)} proj / fc2 layers", "recompute: additive deltas before the frozen GEMM "
+                                   "(backward re-runs the delta, not the GEMM)", "torch"))
+        return records
+
+    def undo(self, model, path):
+        from .fused.common import swap_hook
+
+        layer = model.get_submodule(path)
+        originals = {id(h): h for h in layer._fp_hooks}
+        for fn in list(layer._forward_hooks.values()):
+            if id(getattr(fn, "original", None)) in originals:
+                swap_hook(layer, fn, fn.original)
+        layer.__class__ = nn.Linear
+        del layer._fp_hooks
+
+
 def _ranges(idx: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
     runs: list[list[int]] = []
@@ -213,7 +258,7 @@ class HeadRule(Rule):
 
 #: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
 _RECOMPUTE = RecomputeRule()
-RULES: list[Rule] = [_RECOMPUTE, HeadRule()]
+RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:

@@ -114,6 +114,34 @@ _PLANNED = {
 }
 
 
+class DeltaFirstLinear(nn.Linear):
+    """A frozen proj / fc2 under `patch(recompute=True)` whose hooks are all additive
+    (`OutputHook.additive`, e.g. FacT): computes the hooks' deltas from the input first, then the
+    frozen GEMM, then adds them in the hooks' order (the same sums as the hooks, so the same
+    values). A region's recompute then reaches the deltas' saved tensors without re-running the
+    GEMM, which nothing in backward needs. `_fp_hooks`: the absorbed hooks, in order."""
+
+    _fp_hooks: tuple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deltas = [h.delta(x) for h in self._fp_hooks]
+        out = nn.functional.linear(x, self.weight, self.bias)
+        for d in deltas:
+            out = out + d
+        return out
+
+
+def delta_first_hooks(layer: nn.Module) -> list | None:
+    """The hooks `DeltaFirstLinear` would absorb from `layer`, or None where it does not apply: a
+    plain frozen nn.Linear with at least one forward hook, all of them additive fastpeft hooks."""
+    if type(layer) is not nn.Linear or layer.weight.requires_grad or layer._forward_pre_hooks:
+        return None
+    hooks = list(layer._forward_hooks.values())
+    if not hooks or not all(getattr(h, "additive", False) and not h.saves_output for h in hooks):
+        return None
+    return hooks
+
+
 def _reruns(block, name: str) -> bool:
     """Whether the minimal plan's recompute re-runs this GEMM: always qkv and fc1 (their outputs
     feed saved tensors); proj / fc2 only when something after them in the region saves a tensor
@@ -122,7 +150,8 @@ def _reruns(block, name: str) -> bool:
         return True
     slots = block._fastpeft_slots
     layer = _PLANNED[name](block)
-    hooks = active_hooks(layer)
+    # (a DeltaFirstLinear's absorbed hooks run before its GEMM: they need no re-run of it)
+    hooks = [] if isinstance(layer, DeltaFirstLinear) else active_hooks(layer)
     if any(h.saves_output for h in hooks):
         return False  # kept by the minimal plan (_kept_weights)
     if name == "proj":

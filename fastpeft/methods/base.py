@@ -145,8 +145,15 @@ class OutputHook:
     #: whether the hook's backward needs the layer's output (SSF's scale gradient): then
     #: `patch(recompute=True)` keeps that output rather than re-running a frozen GEMM for it.
     saves_output: bool = False
+    #: whether `apply(x, out)` is exactly `out + self.delta(x)`: `patch(recompute=True)` then
+    #: computes the delta before a frozen proj / fc2 GEMM, so a backward that needs only the
+    #: delta's saved tensors stops its recompute before re-running that GEMM.
+    additive: bool = False
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,12 @@ class _FacTHook(OutputHook):
             return getattr(owner, f"{name}_FacTs").weight
         return fact_cores(self.root, "tk", self.i)[name]
 
+    additive = True
+
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out + self.delta(x)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
         U, V, s = self.root.FacTu, self.root.FacTv, self.scale
         if self.layer == "qkv":
             if self.kind == "tt":
@@ -90,17 +95,17 @@ class _FacTHook(OutputHook):
                 cores = [c["q"], c["k"], c["v"]]
             t = self.block.attn.dp(nn.functional.linear(U(x), torch.cat(cores, 0)))  # [..., 3r]
             d = V(t.unflatten(-1, (3, -1))).flatten(-2)  # [q | k | v], each D
-            return out + d * s
+            return d * s
         if self.layer == "proj":
             t = self.block.attn.dp(nn.functional.linear(U(x), self._core("proj")))
-            return out + V(t) * s
+            return V(t) * s
         if self.layer == "fc1":
             t = self.block.mlp.dp(nn.functional.linear(U(x), self._core("fc1")))  # [..., 4r]
-            return out + V(t.unflatten(-1, (4, -1))).flatten(-2) * s  # chunk p -> outputs p*D..
+            return V(t.unflatten(-1, (4, -1))).flatten(-2) * s  # chunk p -> outputs p*D..
         # fc2: input chunks of D -> U each -> flattened 4r (index j*r + a) -> core -> V
         w = U(x.unflatten(-1, (4, -1))).flatten(-2)
         t = self.block.mlp.dp(nn.functional.linear(w, self._core("fc2")))
-        return out + V(t) * s
+        return V(t) * s
 
 
 @dataclass

@@ -89,13 +89,14 @@ class _GemmsByWeight(TorchDispatchMode):
 
 
 # the frozen GEMMs the minimal plan re-runs in backward: qkv and fc1 always; proj / fc2 only when
-# something after them in their region saves a tensor (FacT's hooks on them, a serial adapter on
-# the FFN output, Convpass's branches reading the LayerNorm output inside the region: unless the
-# frozen path draws no random numbers, when the branches run first and the recompute stops at the
-# frozen path's last saved tensor)
+# something after them in their region saves a tensor (a serial adapter on the FFN output,
+# Convpass's branches reading the LayerNorm output inside the region: unless the frozen path draws
+# no random numbers, when the branches run first and the recompute stops at the frozen path's last
+# saved tensor). FacT's hooks on proj / fc2 add a delta of the layer input, which
+# recompute computes before the GEMM: neither is re-run.
 RERUN = {
     "adaptformer": {"qkv", "fc1"}, "ssf": {"qkv", "fc1"}, "bitfit": {"qkv", "fc1"}, "lora": {"qkv", "fc1"},
-    "adapter-noah": {"qkv", "fc1", "fc2"}, "fact-tt": {"qkv", "proj", "fc1", "fc2"},
+    "adapter-noah": {"qkv", "fc1", "fc2"}, "fact-tt": {"qkv", "fc1"}, "fact-tk": {"qkv", "fc1"},
     "convpass": {"qkv", "proj", "fc1", "fc2"}, "convpass@no-droppath": {"qkv", "fc1"},
 }
 
@@ -153,3 +154,37 @@ def test_attention_is_rerun_in_backward_unless_the_plan_keeps_it():
     tokens, width = 197 * x.shape[0], m.embed_dim
     assert b1 - b0 >= tokens * width * 4  # the kept attention output
     assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+@pytest.mark.parametrize("case", ["fact-tt", "fact-tk"])
+def test_additive_hooks_run_before_the_frozen_gemm_and_unpatch_restores_them(case):
+    from fastpeft.methods.base import active_hooks
+    from fastpeft.recompute import DeltaFirstLinear
+
+    m, x = build(case), images()
+    layers = [m.blocks[i].attn.proj for i in range(2)] + [m.blocks[i].mlp.fc2 for i in range(2)]
+    hooks = [list(layer._forward_hooks.values()) for layer in layers]
+    fastpeft.patch(m, backend="torch")
+    loss0, g0 = step(m, x)
+    report = fastpeft.patch(m, backend="torch", recompute=True)
+    assert all(type(layer) is DeltaFirstLinear for layer in layers) and "additive deltas" in str(report)
+    assert [list(layer._fp_hooks) for layer in layers] == hooks
+    loss1, g1 = step(m, x)
+    assert torch.equal(loss0, loss1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    fastpeft.unpatch(m)
+    assert all(type(layer) is torch.nn.Linear for layer in layers)
+    assert [active_hooks(layer) for layer in layers] == hooks
+    loss2, g2 = step(m, x)
+    assert torch.equal(loss0, loss2) and all(torch.equal(g0[n], g2[n]) for n in g0)
+
+
+def test_delta_first_applies_only_to_additive_hooks_on_frozen_linears():
+    from fastpeft.recompute import delta_first_hooks
+
+    m = build("ssf")  # SSF's hooks scale the output: not additive
+    assert delta_first_hooks(m.blocks[0].attn.proj) is None
+    m = build("fact-tt")
+    proj = m.blocks[0].attn.proj
+    assert delta_first_hooks(proj) == list(proj._forward_hooks.values())
+    proj.weight.requires_grad_(True)
+    assert delta_first_hooks(proj) is None
