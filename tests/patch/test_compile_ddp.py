@@ -17,6 +17,10 @@ METHODS = {
     "ssf": lambda: fastpeft.SSF(),
     "adaptformer": lambda: fastpeft.AdaptFormer(dim=8, dropout=0.0),
     "adapter": lambda: fastpeft.Adapter(dim=8, dropout=0.0),
+    # recompute=True: FacT's proj / fc2 compute their additive deltas before the GEMM,
+    # Convpass's branches run before the frozen path in their region
+    "fact-tt": lambda: fastpeft.FacT(kind="tt", rank=4, dropout=0.0),
+    "convpass": lambda: fastpeft.Convpass(dim=8, dropout=0.0),
 }
 
 
