@@ -630,6 +630,7 @@ class _QVFoldedLinear(torch.autograd.Function):
         need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(x if need_dh else None, weight, *((h_q, h_v) if need_dx else (None, None)))
         ctx.c = (c_q, c_v)
+        ctx.h_dtypes = (h_q.dtype, h_v.dtype)  # (the H themselves are not saved when x needs no grad)
         return torch.nn.functional.linear(x, _fold_qv(weight, h_q, h_v, c_q, c_v), bias)
 
     @staticmethod
@@ -645,9 +646,9 @@ class _QVFoldedLinear(torch.autograd.Function):
             gb = g2.sum(0)
         # d out / d W_eff = g^T x; W_eff[:D] = c_q H_q^T -> dH_q = c_q x^T g[:, :D] (v alike)
         if ctx.needs_input_grad[3]:
-            gh_q = (c_q * (x2.t() @ g2[:, :d])).to(h_q.dtype)
+            gh_q = (c_q * (x2.t() @ g2[:, :d])).to(ctx.h_dtypes[0])
         if ctx.needs_input_grad[4]:
-            gh_v = (c_v * (x2.t() @ g2[:, 2 * d:])).to(h_v.dtype)
+            gh_v = (c_v * (x2.t() @ g2[:, 2 * d:])).to(ctx.h_dtypes[1])
         return gx, None, gb, gh_q, gh_v, None, None
 
 

@@ -365,13 +365,14 @@ def _kad_ref(x, weight, bias, rl1, rr1, rl2, rr2, ql, qr, b_shared, p, seed):
                                  q_mult=8.0, dropout_p=p, seed=seed)
 
 
-@pytest.mark.parametrize("rows,p", [(7, 0.0), (37, 0.5)])
-def test_kadaptation(rows, p):
+@pytest.mark.parametrize("rows,p,x_grad", [(7, 0.0, True), (37, 0.5, True), (37, 0.5, False)])
+def test_kadaptation(rows, p, x_grad):
     """n = 8 Kronecker terms of [8, 8] (x) [8, 8] on D = 64; official-style rank-1 factors (v uses
-    the q factors). p = 0: the fused rank-2R kernel; p = 0.5: the dense-H path (dropout on H)."""
+    the q factors). p = 0: the fused rank-2R kernel; p = 0.5: the dense-H path (dropout on H),
+    also where x needs no gradient (a first block's input: the H are then not saved)."""
     g = torch.Generator().manual_seed(6)
     n, m, D = 8, 8, 64
-    leaves = {"x": (rnd(g, rows, D), True), "weight": (rnd(g, 3 * D, D, std=D ** -0.5), False),
+    leaves = {"x": (rnd(g, rows, D), x_grad), "weight": (rnd(g, 3 * D, D, std=D ** -0.5), False),
               "bias": (rnd(g, 3 * D, std=0.1), False),
               "rl1": (rnd(g, n, n, 1, std=0.1), True), "rr1": (rnd(g, n, 1, n, std=0.1), True),
               "rl2": (rnd(g, n, n, 1, std=0.1), True), "rr2": (rnd(g, n, 1, n, std=0.1), True),
