@@ -246,7 +246,9 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
         if "_fastpeft_recompute" in blk.__dict__:
             for n, get in _PLANNED.items():
                 mod = _get(blk, get)
-                if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and _reruns(blk, n):
+                # (only layers whose GEMM runs on their own weight, which `_policy` can recognise:
+                # not the fused ones, whose GEMM is a custom op or runs on a folded weight)
+                if type(mod) in (nn.Linear, DeltaFirstLinear) and not mod.weight.requires_grad and _reruns(blk, n):
                     layers[i, n] = mod
             if getattr(blk.attn, "fused_attn", False):  # (timm's explicit-softmax path: no kernel to keep)
                 layers[i, "attn"] = blk.attn

@@ -188,3 +188,14 @@ def test_delta_first_applies_only_to_additive_hooks_on_frozen_linears():
     assert delta_first_hooks(proj) == list(proj._forward_hooks.values())
     proj.weight.requires_grad_(True)
     assert delta_first_hooks(proj) is None
+
+
+def test_plan_keeps_only_gemms_the_policy_can_recognise():
+    # CPU KAdaptation folds its delta into the qkv weight: that GEMM runs on a fresh folded weight,
+    # which the keep policy (matching a GEMM by its weight's storage) cannot see; keeping "qkv"
+    # there would be budgeted and never happen
+    m = build("kadaptation", depth=4, name="vit_small_patch16_224", img_size=224)
+    report = fastpeft.patch(m, backend="torch", recompute=True)
+    assert "folded into the frozen weight" in str(report)
+    plan = [blk.__dict__.get("_fastpeft_keep", frozenset()) for blk in m.blocks]
+    assert any(plan) and not any("qkv" in keep for keep in plan), plan
