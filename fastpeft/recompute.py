@@ -300,14 +300,52 @@ def _rng_devices(model: nn.Module) -> list:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
-def _attn_core(block, x: torch.Tensor, kw: dict):
+def _predraw_hook(block):
+    """The NOAH-style LoRA hook on qkv whose input dropout `_predraw` may draw before the attention
+    region, or None: it must be the region's first random draw (no block_in slots, no other hook
+    before it, a plain frozen qkv, a LayerNorm without hooks) and active (training, 0 < p < 1)."""
+    from .methods.lora import NoahLoRAHook
+
+    qkv = getattr(block.attn, "qkv", None)
+    if type(qkv) is not nn.Linear or qkv._forward_pre_hooks or block._fastpeft_slots["block_in"]:
+        return None
+    hooks = list(qkv._forward_hooks.values())
+    hook = hooks[0] if hooks else None
+    if type(hook) is not NoahLoRAHook or hook.rank == 0 or not hook.attn.training or not 0.0 < hook.dropout_p < 1.0:
+        return None
+    return None if _draws_rng(block.norm1) else hook
+
+
+def _predraw(block, x: torch.Tensor) -> tuple:
+    """Draw the LoRA input-dropout mask of the attention region before the region starts, exactly
+    as F.dropout draws it (CPU: bernoulli_ on an empty tensor shaped like its input, which is
+    norm1(x), shaped like x), and return it as a bool tensor (1 byte per entry) for the region to
+    take as an input: the region keeps it like its other inputs, and backward's recompute reuses it
+    instead of drawing a new [B, N, D] mask (CPU bernoulli_: ~7 ms per ViT-B batch-8 block). The
+    region's later draws are unchanged: they follow this one, as in the reference. Only where
+    F.dropout draws with bernoulli_ (CPU: fused kernels elsewhere) and not under torch.compile."""
+    hook = _predraw_hook(block)
+    if hook is None or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return ()
+    return (torch.empty_like(x).bernoulli_(1.0 - hook.dropout_p).bool(),)
+
+
+def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
     """The frozen attention path: x -> (x', attn(norm1(x'))), x' = block_in(x) (returned only
     when block_in slots change it). LayerScale and DropPath run outside: DropPath's saved mask
-    would otherwise make the recompute re-run the proj GEMM to reach it."""
+    would otherwise make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s
+    mask, handed to the LoRA hook for this call (forward and recompute alike)."""
     slots = block._fastpeft_slots
     for fn in slots["block_in"]:
         x = fn(x)
-    a = block.attn(block.norm1(x), **kw)
+    if predrawn:
+        hook = _predraw_hook(block)
+        hook._fp_predrawn = predrawn[0]
+    try:
+        a = block.attn(block.norm1(x), **kw)
+    finally:
+        if predrawn:
+            hook.__dict__.pop("_fp_predrawn", None)
     return (x, a) if slots["block_in"] else a
 
 
@@ -388,7 +426,7 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
         else:
             y = checkpoint(block._attn_half, x, kw, **attn_opts)
     else:
-        a = checkpoint(_attn_core, block, x, kw, **attn_opts)
+        a = checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts)
         if slots["block_in"]:
             x, a = a
         y = x + block.drop_path1(block.ls1(a))

@@ -95,7 +95,11 @@ class NoahLoRAHook(OutputHook):
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.rank == 0:
             return out
-        h = dropout(x, self.dropout_p, self.attn)
+        keep = self.__dict__.pop("_fp_predrawn", None)  # patch(recompute=True): see recompute._predraw
+        if keep is not None:  # the same values as F.dropout with the same draws: x * (noise / (1 - p))
+            h = x * keep.to(x.dtype).div_(1.0 - self.dropout_p)
+        else:
+            h = dropout(x, self.dropout_p, self.attn)
         d = nn.functional.linear(h, self.attn.LoRA_a.weight[: self.rank])
         d = nn.functional.linear(d, self.attn.LoRA_b.weight[:, : self.rank])
         if self.scale != 1.0:

@@ -199,3 +199,21 @@ def test_plan_keeps_only_gemms_the_policy_can_recognise():
     assert "folded into the frozen weight" in str(report)
     plan = [blk.__dict__.get("_fastpeft_keep", frozenset()) for blk in m.blocks]
     assert any(plan) and not any("qkv" in keep for keep in plan), plan
+
+
+def test_lora_input_dropout_mask_is_drawn_once_not_again_in_backward():
+    # NOAH-style LoRA drops its [B, N, D] input: recompute draws that mask before the attention
+    # region (same draws as F.dropout, test_recompute_is_bit_exact) and backward reuses it
+    bernoulli = {torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor, torch.ops.aten.bernoulli.p,
+                 torch.ops.aten.bernoulli.default}
+    m, x = build("lora", depth=3, drop_path_rate=0.0), images()
+    counts = {}
+    for recompute in (False, True):
+        fastpeft.patch(m, backend="torch", recompute=recompute)
+        with _Count(bernoulli) as fwd:
+            loss = m(x).square().mean()
+        with _Count(bernoulli) as bwd:
+            loss.backward()
+        counts[recompute] = fwd.n, bwd.n
+    assert counts[False] == (3, 0)  # one input-dropout mask per block
+    assert counts[True] == (3, 0), counts[True]
