@@ -189,15 +189,16 @@ def _branches_first(block, half: str) -> bool:
     )
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
-#: the kernels issue's 0.4x, less a margin (the plan is measured on batch-1 and batch-2 probes and
-#: extrapolated exactly per image; measured at ViT-B/16 batch 8 it lands within 0.005x of this)
+#: the kernels issue's 0.4x, less a margin (the plan is measured on batch-1, -2 and -4 probes and
+#: extrapolated per image; measured at ViT-B/16 batch 8 it lands within 0.005x of this)
 BYTE_BUDGET = 0.39
 
 
 @dataclass
 class Probe:
-    """Random images (batch 1 and 2), and the saved activation bytes of the reference's forward
-    on each: their difference is the per-image part, the rest does not grow with the batch."""
+    """Random images (batch 1, 2 and 4), and the saved activation bytes of the reference's forward
+    on each: half the batch-2-to-4 difference is the per-image part (batch 1 is no guide to it:
+    some tensors are views at batch 1 and copies above), the batch-1 total bounds small batches."""
 
     images: tuple[torch.Tensor, torch.Tensor]
     reference: tuple[int, int]
@@ -219,7 +220,7 @@ def probe_reference(model: nn.Module) -> Probe | None:
     if size is None or not isinstance(proj, nn.Conv2d):
         return None
     p = next(model.parameters())
-    images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2))
+    images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2, 4))
     return Probe(images, _saved_per_batch(model, images))
 
 
@@ -234,7 +235,8 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     forward in backward), leaving its recompute nothing but LayerNorms and activations. The
     options are taken greedily by compute saved per byte kept. Measured, not modelled:
     the patched model's saved bytes on the probe images (minimal plan) against the reference's
-    (`probe_reference`, taken before patching), at batch 1 and per extra image (saved tensors
+    (`probe_reference`, taken before patching), at batch 1 and per image (half the batch-2-to-4
+    difference; saved tensors
     that do not grow with the batch, e.g. weight-sized deltas, must not buy room that large
     batches lack); an option costs exactly its GEMM output per image. Options are taken while
     both totals stay within `budget` x the reference's. Returns
@@ -253,12 +255,7 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
             if getattr(blk.attn, "fused_attn", False):  # (timm's explicit-softmax path: no kernel to keep)
                 layers[i, "attn"] = blk.attn
 
-    def record(key):
-        def hook(mod, args):
-            shapes[key] = args[0].shape  # the last probe: batch 2
-        return hook
-
-    handles = [mod.register_forward_pre_hook(record(key)) for key, mod in layers.items()]
+    handles = [mod.register_forward_pre_hook(_ShapeRecorder(shapes, key)) for key, mod in layers.items()]
     try:
         kept = _saved_per_batch(model, probe.images)
     finally:
@@ -266,7 +263,7 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
             h.remove()
     options = {key: _option(layers[key], shapes[key]) for key in layers if key in shapes}
     ref = probe.reference
-    room = min(budget * ref[0] - kept[0], budget * (ref[1] - ref[0]) - (kept[1] - kept[0]))
+    room = min(budget * ref[0] - kept[0], (budget * (ref[2] - ref[1]) - (kept[2] - kept[1])) / 2)
     # greedy by compute saved per byte kept (fc2 first, then qkv / fc1, attention at ViT token
     # counts), later blocks first
     plan: dict[int, set[str]] = {}
@@ -277,13 +274,24 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     return {i: frozenset(keep) for i, keep in plan.items()}
 
 
+class _ShapeRecorder:
+    """`plan_keeps`' forward pre-hook: records a layer's input shape (the last probe: batch 4).
+    Draws nothing, so `_predraw_hook` may ignore it (the probe must see the real recompute)."""
+
+    def __init__(self, shapes: dict, key):
+        self.shapes, self.key = shapes, key
+
+    def __call__(self, mod, args):
+        self.shapes[self.key] = args[0].shape
+
+
 def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, int]:
     """(bytes kept per image, FLOPs saved per element kept) of keeping `mod`'s output, given its
-    input shape on the batch-2 probe. A Linear: its [N, out] output, 2 * in_features FLOPs per
+    input shape on the batch-4 probe. A Linear: its [N, out] output, 2 * in_features FLOPs per
     element; attention: out [N, H * d] + the fp32 log-sum-exp [H, N], 4 * N FLOPs per element
     (QK^T and PV)."""
     if isinstance(mod, nn.Linear):
-        per_image = shape.numel() // shape[-1] // 2
+        per_image = shape.numel() // shape[-1] // 4
         return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features
     n, heads = shape[1], mod.num_heads
     return n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4), 4 * n
@@ -307,7 +315,8 @@ def _predraw_hook(block):
     from .methods.lora import NoahLoRAHook
 
     qkv = getattr(block.attn, "qkv", None)
-    if type(qkv) is not nn.Linear or qkv._forward_pre_hooks or block._fastpeft_slots["block_in"]:
+    pre = [h for h in getattr(qkv, "_forward_pre_hooks", {}).values() if not isinstance(h, _ShapeRecorder)]
+    if type(qkv) is not nn.Linear or pre or block._fastpeft_slots["block_in"]:
         return None
     hooks = list(qkv._forward_hooks.values())
     hook = hooks[0] if hooks else None

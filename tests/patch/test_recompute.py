@@ -217,3 +217,17 @@ def test_lora_input_dropout_mask_is_drawn_once_not_again_in_backward():
         counts[recompute] = fwd.n, bwd.n
     assert counts[False] == (3, 0)  # one input-dropout mask per block
     assert counts[True] == (3, 0), counts[True]
+
+
+@pytest.mark.parametrize("case", ["lora", "adaptformer", "fact-tt"])
+def test_plan_lands_within_its_byte_budget(case):
+    # what the plan measures on its probes must be what the model then saves (e.g. the probe's own
+    # shape-recording hooks must not switch off LoRA's pre-drawn dropout mask while it measures)
+    from fastpeft.recompute import BYTE_BUDGET
+
+    m = build(case, depth=12, name="vit_small_patch16_224", img_size=224, drop_path_rate=0.0)
+    x = images(batch=4, img_size=224)
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch", recompute=True)
+    kept = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert kept <= (BYTE_BUDGET + 0.002) * ref, (kept / ref, BYTE_BUDGET)
