@@ -374,33 +374,6 @@ def _mlp_core(block, y: torch.Tensor) -> torch.Tensor:
     return f
 
 
-def _attn_half_branches_first(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """`PetlBlock._attn_half` with the branches computed before the attention (`_branches_first`)."""
-    slots = block._fastpeft_slots
-    for fn in slots["block_in"]:
-        x = fn(x)
-    h = block.norm1(x)
-    deltas = [fn(x, h) for fn in slots["attn_branch"]]
-    y = x + block.drop_path1(block.ls1(block.attn(h, **kw)))
-    for d in deltas:
-        y = y + d
-    return y
-
-
-def _mlp_half_branches_first(block, y: torch.Tensor) -> torch.Tensor:
-    """`PetlBlock._mlp_half` with the branches computed before the MLP (`_branches_first`: no
-    mlp_out / ffn_out slots)."""
-    slots = block._fastpeft_slots
-    h2 = block.norm2(y)
-    deltas = [fn(y, h2) for fn in slots["ffn_branch"]]
-    z = y + block.drop_path2(block.ls2(block.mlp(h2)))
-    for d in deltas:
-        z = z + d
-    for fn in slots["block_out"]:
-        z = fn(z)
-    return z
-
-
 def _branch(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x, None)  # reads_norm is False: the branch does not read its second argument
 
@@ -430,10 +403,7 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     mlp_opts = sac if keep_mlp else plain
     slots = block._fastpeft_slots
     if any(fn.reads_norm for fn in slots["attn_branch"]):
-        if _branches_first(block, "attn"):
-            y = checkpoint(_attn_half_branches_first, block, x, kw, **attn_opts)
-        else:
-            y = checkpoint(block._attn_half, x, kw, **attn_opts)
+        y = checkpoint(block._attn_half, x, kw, _branches_first(block, "attn"), **attn_opts)
     else:
         a = checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts)
         if slots["block_in"]:
@@ -442,9 +412,7 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
         for fn in slots["attn_branch"]:
             y = y + checkpoint(_branch, fn, x, **plain)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
-        if _branches_first(block, "mlp"):
-            return checkpoint(_mlp_half_branches_first, block, y, **mlp_opts)
-        return checkpoint(block._mlp_half, y, **mlp_opts)
+        return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), **mlp_opts)
     f = checkpoint(_mlp_core, block, y, **mlp_opts)
     z = y + (f if slots["ffn_out"] else block.drop_path2(block.ls2(f)))
     for fn in slots["ffn_branch"]:

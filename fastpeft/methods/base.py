@@ -234,19 +234,23 @@ class PetlBlock:
             return recompute(self, x, kw)
         return self._mlp_half(self._attn_half(x, kw))
 
-    def _attn_half(self, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    # branches_first (fastpeft.recompute: only where the frozen path draws no random numbers):
+    # compute the branch deltas before the frozen path, then add them in the same order as here.
+    def _attn_half(self, x: torch.Tensor, kw: dict, branches_first: bool = False) -> torch.Tensor:
         slots = self._fastpeft_slots
         for fn in slots["block_in"]:
             x = fn(x)
         h = self.norm1(x)
+        deltas = [fn(x, h) for fn in slots["attn_branch"]] if branches_first else None
         y = x + self.drop_path1(self.ls1(self.attn(h, **kw)))
-        for fn in slots["attn_branch"]:
-            y = y + fn(x, h)
+        for d in deltas if branches_first else (fn(x, h) for fn in slots["attn_branch"]):
+            y = y + d
         return y
 
-    def _mlp_half(self, y: torch.Tensor) -> torch.Tensor:
+    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False) -> torch.Tensor:
         slots = self._fastpeft_slots
         h2 = self.norm2(y)
+        deltas = [fn(y, h2) for fn in slots["ffn_branch"]] if branches_first else None
         m = self.mlp(h2)
         for fn in slots["mlp_out"]:
             m = fn(m)
@@ -254,8 +258,8 @@ class PetlBlock:
         for fn in slots["ffn_out"]:
             f = fn(f)
         z = y + f
-        for fn in slots["ffn_branch"]:
-            z = z + fn(y, h2)
+        for d in deltas if branches_first else (fn(y, h2) for fn in slots["ffn_branch"]):
+            z = z + d
         for fn in slots["block_out"]:
             z = fn(z)
         return z
