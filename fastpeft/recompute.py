@@ -12,10 +12,12 @@ where a region keeps something, plain checkpointing elsewhere):
 * kept: each region's input (x and y: 2 x [B, N, D]), and the output of a D-wide frozen Linear
   (attn.proj, mlp.fc2) whose hook needs it for its own backward anyway (SSF's scale): keeping it
   costs nothing the eager model does not keep, and saves re-running that GEMM;
+* serial adapters on the FFN output (ffn_out) run after the MLP region and save its output (the
+  fc2 output) for their own backward, as in the reference, so fc2 is never re-run to reach them;
 * recomputed in backward: LayerNorms, q/k/v (one [D, 3D] GEMM from the saved input), the
-  attention forward, the fc1 GEMM and its activation, every method's cheap intermediates
-  (adapters, scale-shifts, low-rank products); dropout and DropPath masks are regenerated from
-  the saved RNG state.
+  attention forward, the fc1 GEMM (not its GELU, whose output nothing in backward reads), every
+  method's cheap intermediates (adapters, scale-shifts, low-rank products); dropout and DropPath
+  masks are regenerated from the saved RNG state.
 * Convpass-style branches that read a LayerNorm output run before the frozen path inside its region
   when that path draws no random numbers (`_branches_first`), so its recompute ends at SDPA / the
   GELU input instead of re-running proj / fc2 to reach them;
@@ -156,7 +158,7 @@ def _reruns(block, name: str) -> bool:
         return False  # kept by the minimal plan (_kept_weights)
     if name == "proj":
         return bool(hooks) or (any(fn.reads_norm for fn in slots["attn_branch"]) and not _branches_first(block, "attn"))
-    return bool(hooks or slots["mlp_out"] or slots["ffn_out"]) or (
+    return bool(hooks or slots["mlp_out"]) or (
         any(fn.reads_norm for fn in slots["ffn_branch"]) and not _branches_first(block, "mlp")
     )
 
@@ -358,20 +360,75 @@ def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
     return (x, a) if slots["block_in"] else a
 
 
-def _mlp_core(block, y: torch.Tensor) -> torch.Tensor:
-    """The MLP path: y -> mlp_out(mlp(norm2(y))), and on through ls2, DropPath and the serial
-    adapters (ffn_out) when there are any: those read the fc2 output, which is then recomputed
-    rather than kept (one more [B, N, D] per block is more than the 0.4x byte budget leaves)."""
-    slots = block._fastpeft_slots
-    m = block.mlp(block.norm2(y))
-    for fn in slots["mlp_out"]:
+class _Calls:
+    """Handed to a checkpointed region's function: whether it has run before, i.e. whether this
+    call is backward's recompute (non-reentrant checkpointing calls it again with the same
+    arguments), and whether that recompute may run other ops than the forward did (plain
+    checkpointing; the selective policy replays the forward's ops one for one)."""
+
+    __slots__ = ("ran", "free")
+
+    def __init__(self, free: bool):
+        self.ran, self.free = False, free
+
+
+class _SaveOnly(torch.autograd.Function):
+    """Backward's stand-in for the MLP activation (`_mlp_core`): saves its input exactly as
+    nn.GELU's autograd node did in forward (the recomputed tensor the original node unpacks) and
+    returns an uninitialised tensor in place of the activation, which nothing reads."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return torch.empty_like(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # pragma: no cover - the recompute's graph is discarded
+        raise RuntimeError("fastpeft: the recompute stand-in of an activation has no backward")
+
+
+def _gelu_ends_region(block) -> bool:
+    """Whether nothing the MLP region saves depends on its GELU output: a timm Mlp with nn.GELU, no
+    norm on the hidden features, a plain frozen fc2 without hooks (it saves only its weight), and
+    no mlp_out slots; and a drop2 that draws nothing (else the recompute would have to run on to
+    its mask, through the fc2 GEMM). Backward's recompute then needs the activation's input but
+    never its output."""
+    from timm.layers import Mlp
+
+    mlp = getattr(block, "mlp", None)
+    if type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or type(mlp.norm) is not nn.Identity:
+        return False
+    fc2 = mlp.fc2
+    if type(fc2) is not nn.Linear or fc2.weight.requires_grad or fc2._forward_hooks or fc2._forward_pre_hooks:
+        return False
+    return not block._fastpeft_slots["mlp_out"] and not _draws_rng(mlp.drop2)
+
+
+def _mlp_core(block, y: torch.Tensor, calls: _Calls | None) -> torch.Tensor:
+    """The frozen MLP path: y -> mlp_out(mlp(norm2(y))). LayerScale, DropPath and the serial
+    adapters (ffn_out) run after the region, outside it: those adapters read the fc2 output and
+    save it for their own backward (their down-projection's weight gradient), exactly as the
+    reference does, so the region's recompute stops at the GELU input and never re-runs fc2 to
+    reach them, and the region needs no selective-checkpoint policy (a dispatch mode: host time on
+    every op) to keep the fc2 output.
+
+    In backward's recompute (`calls.ran`; `calls` is None under torch.compile, which traces the
+    region once) under plain checkpointing, where the GELU input is the
+    region's last saved tensor (`_gelu_ends_region`), the GELU itself is not re-run: `_SaveOnly` saves its input in its place
+    (the same tensor at the same position, so the reference's GELU backward reads the same
+    values) and the recompute stops there."""
+    mlp = block.mlp
+    if calls is not None and calls.ran and calls.free and _gelu_ends_region(block):
+        # timm's Mlp.forward with the GELU swapped for its stand-in: the same tensors are saved in the
+        # same order (drop1's mask drawn as in forward; fc2 saves only its frozen weight, before its
+        # GEMM runs, and that is where torch's early stop ends the recompute)
+        return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(_SaveOnly.apply(mlp.fc1(block.norm2(y)))))))
+    if calls is not None:
+        calls.ran = True
+    m = mlp(block.norm2(y))
+    for fn in block._fastpeft_slots["mlp_out"]:
         m = fn(m)
-    if not slots["ffn_out"]:
-        return m
-    f = block.drop_path2(block.ls2(m))
-    for fn in slots["ffn_out"]:
-        f = fn(f)
-    return f
+    return m
 
 
 def _branch(fn, x: torch.Tensor) -> torch.Tensor:
@@ -413,8 +470,10 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
             y = y + checkpoint(_branch, fn, x, **plain)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
         return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), **mlp_opts)
-    f = checkpoint(_mlp_core, block, y, **mlp_opts)
-    z = y + (f if slots["ffn_out"] else block.drop_path2(block.ls2(f)))
+    f = block.drop_path2(block.ls2(checkpoint(_mlp_core, block, y, None if torch.compiler.is_compiling() else _Calls(mlp_opts is plain), **mlp_opts)))
+    for fn in slots["ffn_out"]:
+        f = fn(f)
+    z = y + f
     for fn in slots["ffn_branch"]:
         z = z + checkpoint(_branch, fn, y, **plain)
     for fn in slots["block_out"]:

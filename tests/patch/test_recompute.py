@@ -89,14 +89,14 @@ class _GemmsByWeight(TorchDispatchMode):
 
 
 # the frozen GEMMs the minimal plan re-runs in backward: qkv and fc1 always; proj / fc2 only when
-# something after them in their region saves a tensor (a serial adapter on the FFN output,
-# Convpass's branches reading the LayerNorm output inside the region: unless the frozen path draws
+# something after them in their region saves a tensor (Convpass's branches reading the LayerNorm output inside the region: unless the frozen path draws
 # no random numbers, when the branches run first and the recompute stops at the frozen path's last
 # saved tensor). FacT's hooks on proj / fc2 add a delta of the layer input, which
-# recompute computes before the GEMM: neither is re-run.
+# recompute computes before the GEMM: neither is re-run. Serial adapters on the FFN output run after
+# the MLP region and save the fc2 output themselves (as in the reference): fc2 is not re-run.
 RERUN = {
     "adaptformer": {"qkv", "fc1"}, "ssf": {"qkv", "fc1"}, "bitfit": {"qkv", "fc1"}, "lora": {"qkv", "fc1"},
-    "adapter-noah": {"qkv", "fc1", "fc2"}, "fact-tt": {"qkv", "fc1"}, "fact-tk": {"qkv", "fc1"},
+    "adapter-noah": {"qkv", "fc1"}, "fact-tt": {"qkv", "fc1"}, "fact-tk": {"qkv", "fc1"},
     "convpass": {"qkv", "proj", "fc1", "fc2"}, "convpass@no-droppath": {"qkv", "fc1"},
 }
 
@@ -231,3 +231,34 @@ def test_plan_lands_within_its_byte_budget(case):
     fastpeft.patch(m, backend="torch", recompute=True)
     kept = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
     assert kept <= (BYTE_BUDGET + 0.002) * ref, (kept / ref, BYTE_BUDGET)
+
+
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "no-early-stop"])
+@pytest.mark.parametrize("mlp_drop", ["none", "drop1", "drop2"])
+def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, early_stop):
+    # backward needs the GELU input (recomputed through fc1), never its output: under plain
+    # checkpointing the recompute saves the input in GELU's place and stops at fc2, before its GEMM.
+    # Mlp dropout: drop1's mask is redrawn as in forward; an active drop2 needs the recompute to run
+    # on through fc2 to reach its mask, so there the GELU is re-run as before.
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    m, x = build("adaptformer", depth=3, drop_path_rate=0.1, proj_drop_rate=0.2), images()
+    for blk in m.blocks:
+        blk.mlp.drop1.p = 0.2 if mlp_drop == "drop1" else 0.0
+        blk.mlp.drop2.p = 0.2 if mlp_drop == "drop2" else 0.0
+    fastpeft.patch(m, backend="torch")
+    loss0, g0 = step(m, x)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    for blk in m.blocks:  # (no kept GEMM outputs: every MLP region under plain checkpointing)
+        blk.__dict__.pop("_fastpeft_keep", None)
+    with set_checkpoint_early_stop(early_stop):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss1 = m(x).square().mean()
+        with _Count({torch.ops.aten.gelu}) as mode:
+            loss1.backward()
+    g1 = grads_of(m)
+    assert torch.equal(loss0, loss1.detach()) and g0.keys() == g1.keys()
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    # (blocks 1 and 2: block 0's MLP input needs no gradient, its region saves nothing)
+    assert mode.n == (2 if mlp_drop == "drop2" else 0)
