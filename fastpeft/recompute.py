@@ -78,6 +78,10 @@ _GEMMS = frozenset({aten.addmm.default, aten.mm.default})
 
 
 def _policy(keep_ptrs: frozenset[int], keep_attention: bool, ctx, op, *args, **kwargs):
+    # (an op none of whose inputs needs a gradient has nothing to keep for backward: e.g. the first
+    # block's frozen path, whose input needs none; its output would otherwise be held to no use)
+    if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if keep_attention and (op in ATTENTION_OPS or getattr(op, "overloadpacket", None) in ATTENTION_OPS):
         return CheckpointPolicy.MUST_SAVE
     # a kept Linear: its GEMM's second operand is a view of the kept weight (same data pointer)
@@ -235,7 +239,9 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     GEMM), its proj / fc2 outputs where the minimal recompute re-runs those (`_reruns`: e.g.
     FacT's hooks on them), and its attention outputs ([B, N, D] + the log-sum-exp: no attention
     forward in backward), leaving its recompute nothing but LayerNorms and activations. The
-    options are taken greedily by compute saved per byte kept. Measured, not modelled:
+    options are taken greedily by compute saved per byte kept (the attention's FLOPs weighted by
+    `ATTENTION_COST`; a plain half kept whole, {qkv, attn} or {fc1}, earns `PLAIN_HALF_BONUS`:
+    it then runs outside checkpointing). Bytes are measured, not modelled:
     the patched model's saved bytes on the probe images (minimal plan) against the reference's
     (`probe_reference`, taken before patching), at batch 1 and per image (half the batch-2-to-4
     difference; saved tensors
@@ -264,14 +270,24 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
         for h in handles:
             h.remove()
     options = {key: _option(layers[key], shapes[key]) for key in layers if key in shapes}
+    for i, blk in enumerate(model.blocks):
+        # a plain half whose backward needs nothing more runs outside checkpointing (`_runs_plain`):
+        # no recompute at all, not even its LayerNorm, and no checkpoint machinery
+        if (i, "qkv") in options and (i, "attn") in options and _plain_half(blk, "attn"):
+            (b1, v1), (b2, v2) = options[i, "qkv"], options[i, "attn"]
+            options[i, "qkv+attn"] = b1 + b2, (b1 * v1 + b2 * v2) / (b1 + b2) * (1 + PLAIN_HALF_BONUS)
+        if (i, "fc1") in options and _plain_half(blk, "mlp"):
+            b1, v1 = options[i, "fc1"]
+            options[i, "fc1"] = b1, v1 * (1 + PLAIN_HALF_BONUS)
     ref = probe.reference
     room = min(budget * ref[0] - kept[0], (budget * (ref[2] - ref[1]) - (kept[2] - kept[1])) / 2)
-    # greedy by compute saved per byte kept (fc2 first, then qkv / fc1, attention at ViT token
-    # counts), later blocks first
+    # greedy by compute saved per byte kept (fc2 first, then whole plain halves, attention, qkv /
+    # fc1), later blocks first; an option overlapping what its block already keeps is skipped
     plan: dict[int, set[str]] = {}
     for i, n in sorted(options, key=lambda key: (-options[key][1], -key[0])):
-        if options[i, n][0] <= room:
-            plan.setdefault(i, set()).add(n)
+        names = set(n.split("+"))
+        if options[i, n][0] <= room and not names & plan.get(i, set()):
+            plan.setdefault(i, set()).update(names)
             room -= options[i, n][0]
     return {i: frozenset(keep) for i, keep in plan.items()}
 
@@ -287,16 +303,27 @@ class _ShapeRecorder:
         self.shapes[self.key] = args[0].shape
 
 
-def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, int]:
-    """(bytes kept per image, FLOPs saved per element kept) of keeping `mod`'s output, given its
+#: the attention forward's FLOPs count this many times a GEMM's in `plan_keeps`: the CPU flash
+#: kernel runs at about half the GEMMs' FLOP rate (ViT-B/16 batch 8, 2 threads: 5.4 ms for 0.95
+#: GFLOP against 17 ms for the qkv GEMM's 5.6 GFLOP)
+ATTENTION_COST = 2.0
+#: a half the plan keeps whole (`_runs_plain`) saves this fraction more than its FLOPs: the
+#: LayerNorm and the checkpoint machinery are not run again either (measured ~2-4 ms per half
+#: against ~17-25 ms of FLOPs at ViT-B/16 batch 8 on CPU)
+PLAIN_HALF_BONUS = 0.1
+
+
+def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, float]:
+    """(bytes kept per image, compute saved per byte kept) of keeping `mod`'s output, given its
     input shape on the batch-4 probe. A Linear: its [N, out] output, 2 * in_features FLOPs per
     element; attention: out [N, H * d] + the fp32 log-sum-exp [H, N], 4 * N FLOPs per element
-    (QK^T and PV)."""
+    of out (QK^T and PV), counted `ATTENTION_COST` times."""
     if isinstance(mod, nn.Linear):
         per_image = shape.numel() // shape[-1] // 4
-        return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features
+        return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features / mod.weight.element_size()
     n, heads = shape[1], mod.num_heads
-    return n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4), 4 * n
+    per_image = n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4)
+    return per_image, ATTENTION_COST * 4 * n * n * heads * mod.head_dim / per_image
 
 
 def _get(blk: nn.Module, get):
@@ -404,6 +431,43 @@ def _gelu_ends_region(block) -> bool:
     return not block._fastpeft_slots["mlp_out"] and not _draws_rng(mlp.drop2)
 
 
+def _plain_half(block, half: str) -> bool:
+    """Whether a half of the block, run without checkpointing, saves exactly what its region keeps
+    when the plan keeps all its backward needs from it ({qkv, attn}: the input, q/k/v and the
+    attention outputs; {fc1}: the input and the GELU input): timm's Attention / Mlp on plain frozen
+    Linears, with no method hooks or slots inside the half, nothing that draws random numbers
+    (a dropout mask would be saved, not redrawn) and no LayerNorm on q / k or on the hidden
+    features. Such a half then runs as the reference's does: no recompute at all."""
+    from timm.layers import Attention, Mlp
+
+    slots = block._fastpeft_slots
+    if half == "attn":
+        attn = block.attn
+        if slots["block_in"] or any(fn.reads_norm for fn in slots["attn_branch"]) or type(attn) is not Attention:
+            return False
+        if not getattr(attn, "fused_attn", False) or getattr(attn, "gate", None) is not None or not all(
+            type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm")
+        ):
+            return False
+        layers, rest = (attn.qkv, attn.proj), (block.norm1, attn)
+    else:
+        mlp = block.mlp
+        if any(fn.reads_norm for fn in slots["ffn_branch"]) or not _gelu_ends_region(block):
+            return False
+        layers, rest = (mlp.fc1, mlp.fc2), (block.norm2, mlp)
+    return all(type(m) is nn.Linear and not m.weight.requires_grad for m in layers) and not any(
+        _draws_rng(m) for m in rest
+    )
+
+
+def _runs_plain(block, half: str) -> bool:
+    """Whether the plan keeps everything this half's backward needs and the half is plain
+    (`_plain_half`): it then runs outside checkpointing, with the same saved bytes."""
+    keep = block.__dict__.get("_fastpeft_keep", frozenset())
+    need = {"qkv", "attn"} if half == "attn" else {"fc1"}
+    return need <= keep and _plain_half(block, half)
+
+
 def _mlp_core(block, y: torch.Tensor, calls: _Calls | None) -> torch.Tensor:
     """The frozen MLP path: y -> mlp_out(mlp(norm2(y))). LayerScale, DropPath and the serial
     adapters (ffn_out) run after the region, outside it: those adapters read the fc2 output and
@@ -462,7 +526,8 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         y = checkpoint(block._attn_half, x, kw, _branches_first(block, "attn"), **attn_opts)
     else:
-        a = checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts)
+        a = (_attn_core(block, x, kw) if not kw and _runs_plain(block, "attn")
+             else checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts))
         if slots["block_in"]:
             x, a = a
         y = x + block.drop_path1(block.ls1(a))
@@ -470,7 +535,12 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
             y = y + checkpoint(_branch, fn, x, **plain)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
         return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), **mlp_opts)
-    f = block.drop_path2(block.ls2(checkpoint(_mlp_core, block, y, None if torch.compiler.is_compiling() else _Calls(mlp_opts is plain), **mlp_opts)))
+    if _runs_plain(block, "mlp"):
+        m = _mlp_core(block, y, None)
+    else:
+        calls = None if torch.compiler.is_compiling() else _Calls(mlp_opts is plain)
+        m = checkpoint(_mlp_core, block, y, calls, **mlp_opts)
+    f = block.drop_path2(block.ls2(m))
     for fn in slots["ffn_out"]:
         f = fn(f)
     z = y + f

@@ -262,3 +262,51 @@ def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, 
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
     # (blocks 1 and 2: block 0's MLP input needs no gradient, its region saves nothing)
     assert mode.n == (2 if mlp_drop == "drop2" else 0)
+
+
+@pytest.mark.parametrize("case", ["bitfit", "adaptformer"])
+def test_halves_kept_whole_run_without_recompute_and_save_what_the_policy_would(case, monkeypatch):
+    # a plain half (no hooks inside, nothing random) whose backward needs only what the plan keeps
+    # ({qkv, attn}; {fc1}) runs outside checkpointing: bit-exact, no GEMM or attention re-run in
+    # backward, and the same saved bytes as keeping them under the selective-checkpoint policy but
+    # for the two LayerNorms' statistics (mean and rstd: 2 x [B, N] fp32 each)
+    from fastpeft import recompute
+    from fastpeft.recompute import ATTENTION_OPS
+
+    m, x = build(case, depth=3, drop_path_rate=0.1), images()
+    fastpeft.patch(m, backend="torch")
+    loss0, g0 = step(m, x)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    for blk in m.blocks:
+        blk._fastpeft_keep = frozenset({"qkv", "attn", "fc1"})
+        assert recompute._runs_plain(blk, "attn") and recompute._runs_plain(blk, "mlp")
+    loss1, g1 = step(m, x)
+    assert torch.equal(loss0, loss1) and all(torch.equal(g0[n], g1[n]) for n in g0)
+    weights = {f"{i}.{n}": getattr(getattr(blk, part), n).weight for i, blk in enumerate(m.blocks)
+               for part, n in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))}
+    loss = m(x).square().mean()
+    with _GemmsByWeight(weights) as gemms, _Count(ATTENTION_OPS) as attn:
+        loss.backward()
+    assert attn.n == 0 and all(n <= 1 for n in gemms.calls.values()), (attn.n, gemms.calls)
+    plain = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    monkeypatch.setattr(recompute, "_runs_plain", lambda blk, half: False)
+    policy = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    tokens = x.shape[0] * m.patch_embed.num_patches + x.shape[0]  # (+ the class token)
+    if case == "bitfit":  # (every block's input needs a gradient: trainable patch-embedding bias)
+        assert plain - policy == len(m.blocks) * 2 * 2 * tokens * 4, (plain, policy)
+    else:  # (the first block needs none: run plainly it saves nothing)
+        assert plain <= policy, (plain, policy)
+
+
+def test_policy_keeps_nothing_where_no_gradient_flows():
+    # AdaptFormer's first block: the frozen path's input needs no gradient, so a kept GEMM output
+    # there would be held to no use (the selective-checkpoint cache keeps what the policy says)
+    m, x = build("adaptformer", depth=2), images()
+    fastpeft.patch(m, backend="torch", recompute=True)
+    sizes = {}
+    for keep in (frozenset(), frozenset({"qkv", "fc1"})):
+        for blk in m.blocks:
+            blk.__dict__.pop("_fastpeft_keep", None)
+        m.blocks[0]._fastpeft_keep = keep
+        sizes[keep] = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert len(set(sizes.values())) == 1, sizes
