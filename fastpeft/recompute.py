@@ -339,13 +339,14 @@ def _rng_devices(model: nn.Module) -> list:
 
 def _predraw_hook(block):
     """The NOAH-style LoRA hook on qkv whose input dropout `_predraw` may draw before the attention
-    region, or None: it must be the region's first random draw (no block_in slots, no other hook
-    before it, a plain frozen qkv, a LayerNorm without hooks) and active (training, 0 < p < 1)."""
+    region, or None: it must be the region's first random draw (no other hook before it, a plain
+    frozen qkv, a LayerNorm without hooks; block_in slots run before the region) and active
+    (training, 0 < p < 1)."""
     from .methods.lora import NoahLoRAHook
 
     qkv = getattr(block.attn, "qkv", None)
     pre = [h for h in getattr(qkv, "_forward_pre_hooks", {}).values() if not isinstance(h, _ShapeRecorder)]
-    if type(qkv) is not nn.Linear or pre or block._fastpeft_slots["block_in"]:
+    if type(qkv) is not nn.Linear or pre:
         return None
     hooks = list(qkv._forward_hooks.values())
     hook = hooks[0] if hooks else None
@@ -369,22 +370,18 @@ def _predraw(block, x: torch.Tensor) -> tuple:
 
 
 def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
-    """The frozen attention path: x -> (x', attn(norm1(x'))), x' = block_in(x) (returned only
-    when block_in slots change it). LayerScale and DropPath run outside: DropPath's saved mask
-    would otherwise make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s
-    mask, handed to the LoRA hook for this call (forward and recompute alike)."""
-    slots = block._fastpeft_slots
-    for fn in slots["block_in"]:
-        x = fn(x)
+    """The frozen attention path: x -> attn(norm1(x)). The block_in slots (prompts) run before it
+    and LayerScale and DropPath after it, outside the region: DropPath's saved mask would otherwise
+    make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s mask, handed to
+    the LoRA hook for this call (forward and recompute alike)."""
     if predrawn:
         hook = _predraw_hook(block)
         hook._fp_predrawn = predrawn[0]
     try:
-        a = block.attn(block.norm1(x), **kw)
+        return block.attn(block.norm1(x), **kw)
     finally:
         if predrawn:
             hook.__dict__.pop("_fp_predrawn", None)
-    return (x, a) if slots["block_in"] else a
 
 
 class _Calls:
@@ -443,7 +440,7 @@ def _plain_half(block, half: str) -> bool:
     slots = block._fastpeft_slots
     if half == "attn":
         attn = block.attn
-        if slots["block_in"] or any(fn.reads_norm for fn in slots["attn_branch"]) or type(attn) is not Attention:
+        if any(fn.reads_norm for fn in slots["attn_branch"]) or type(attn) is not Attention:
             return False
         if not getattr(attn, "fused_attn", False) or getattr(attn, "gate", None) is not None or not all(
             type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm")
@@ -526,10 +523,13 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         y = checkpoint(block._attn_half, x, kw, _branches_first(block, "attn"), **attn_opts)
     else:
+        # (prompts first, outside the region: the region and any residual-reading branch then share
+        # the prompted stream as their saved input, and their draws precede the region's, as in
+        # the reference)
+        for fn in slots["block_in"]:
+            x = fn(x)
         a = (_attn_core(block, x, kw) if not kw and _runs_plain(block, "attn")
              else checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts))
-        if slots["block_in"]:
-            x, a = a
         y = x + block.drop_path1(block.ls1(a))
         for fn in slots["attn_branch"]:
             y = y + checkpoint(_branch, fn, x, **plain)
