@@ -23,7 +23,9 @@ where a region keeps something, plain checkpointing elsewhere):
   GELU input instead of re-running proj / fc2 to reach them;
 * planned (`plan_keeps`): with the bytes the 0.4x budget leaves, GEMM outputs (fc2 where it is
   re-run, then qkv / fc1) and attention outputs (out + log-sum-exp, [B, N, D]: the attention
-  forward is not re-run), by compute saved per byte kept.
+  forward is not re-run), by compute saved per byte kept; a half without method hooks or random
+  draws that keeps all its backward needs ({qkv, attention}; {fc1}) runs outside checkpointing
+  (`_runs_plain`), as the reference runs it.
 
 A region's recompute stops at the last saved tensor it must rebuild (torch's early stop), so the
 GEMMs after it (proj, fc2) are not re-run; branches that read the residual stream rather than a
