@@ -256,9 +256,47 @@ class HeadRule(Rule):
             del hooks[hid]
 
 
+class ClsOnlyRule(Rule):
+    """A token-pooled model's last block computes the class token's row only inside `model(x)`
+    (fastpeft/last_token.py): the only row the head reads."""
+
+    name = "cls-only"
+
+    def apply(self, model, info, backend, recompute, report):
+        from .last_token import ClsOnlyForward, cls_only_why_not
+
+        if not state_of(model):
+            return []  # only fastpeft-injected models (a plain model has nothing to patch)
+        last = model.blocks[-1]
+        was_petl = isinstance(last, PetlBlock)
+        ensure_petl_block(last)
+        why = cls_only_why_not(model)
+        if why:
+            self._unclass(last, was_petl)
+            report.left_alone.append(("model.forward (last block: class token only)", why))
+            return []
+        model.__dict__["forward"] = ClsOnlyForward(model)
+        report.patched.append(("forward", "last block computes the class token row only (the only row the "
+                                          "head reads; forward_features unchanged)", "torch"))
+        return [was_petl]
+
+    def undo(self, model, was_petl):
+        model.__dict__.pop("forward", None)
+        last = model.blocks[-1]
+        last.__dict__.pop("_fastpeft_cls_only", None)
+        self._unclass(last, was_petl)
+
+    @staticmethod
+    def _unclass(last: nn.Module, was_petl: bool) -> None:
+        if not was_petl and "_fastpeft_recompute" not in last.__dict__ and not any(last._fastpeft_slots.values()):
+            last.__class__ = last._fastpeft_orig_class
+            del last._fastpeft_slots
+            del last._fastpeft_orig_class
+
+
 #: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
 _RECOMPUTE = RecomputeRule()
-RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule()]
+RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule(), ClsOnlyRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:

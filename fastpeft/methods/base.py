@@ -225,6 +225,12 @@ class PetlBlock:
         kw = {}
         if attn_mask is not None or is_causal:
             kw = {"attn_mask": attn_mask, "is_causal": is_causal}
+        if self.__dict__.get("_fastpeft_cls_only") and not kw:
+            # fastpeft.patch on a token-pooled model's last block, inside model(x) only: the class
+            # token's row (fastpeft/last_token.py)
+            from ..last_token import cls_only_block
+
+            return cls_only_block(self, x)
         recompute = self.__dict__.get("_fastpeft_recompute")
         if recompute is not None and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())

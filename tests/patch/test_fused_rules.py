@@ -173,7 +173,8 @@ def test_linear_probe_head_saves_pooled_features_only_and_recompute_adds_nothing
     assert "head" in str(report)
     compact = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
     assert compact * tokens <= ref  # [B, D] instead of the [B, N, D] token tensor
-    assert torch.equal(m(x), out0)
+    # (the last block computes the class token's row only: the same math on fewer rows)
+    torch.testing.assert_close(m(x), out0, atol=ATOL, rtol=RTOL)
     # nothing in the blocks needs a gradient: selective recompute must not keep anything there
     fastpeft.patch(m, backend="torch", recompute=True)
     assert saved_activation_bytes(lambda: m(x).sum(), exclude=[m]) == compact

@@ -29,8 +29,10 @@ def step(m, x, seed=5):
 
 
 def bitfit_vit(drop_path: float = 0.1):
-    m = make_vit(drop_path_rate=drop_path)
-    fastpeft.inject(m, fastpeft.BitFit())  # no fused rule: only recompute changes the model
+    # no fused rule, and average pooling (no class-token-only last block): only recompute changes
+    # the model
+    m = make_vit(drop_path_rate=drop_path, global_pool="avg")
+    fastpeft.inject(m, fastpeft.BitFit())
     return m.train()
 
 
