@@ -12,7 +12,8 @@ rows may round differently from one over B * N), not bit for bit.
 
 It applies only where the result cannot change otherwise: no random draws on the rows it drops
 (dropout masks are drawn over every row; DropPath's per-sample mask is not), no method slot that
-reads other rows after the attention, and `model.forward` not already replaced (VQT does its own
+reads other rows after the attention (a block_out slot may only drop rows and keep the class
+token's: `keeps_class_row`, VPT's prompt removal), and `model.forward` not already replaced (VQT does its own
 class-token pass). `forward_features` is untouched: it still returns every token.
 """
 from __future__ import annotations
@@ -42,7 +43,9 @@ def cls_only_why_not(model: nn.Module) -> str | None:
         return "the last block's attention is not timm's fused Attention"
     if type(last.mlp) is not Mlp:
         return "the last block's MLP is not timm's Mlp"
-    if any(slots[s] for s in ("mlp_out", "ffn_out", "ffn_branch", "block_out")):
+    if any(slots[s] for s in ("mlp_out", "ffn_out", "ffn_branch")) or not all(
+        getattr(fn, "keeps_class_row", False) for fn in slots["block_out"]
+    ):
         return "a method slot after the last block's attention (its draws / reads cover every token)"
     if any(fn.reads_norm for fn in slots["attn_branch"]):
         return "a method branch reads the last block's LayerNorm output over every token"
@@ -68,7 +71,10 @@ def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = x[:, :1] + block.drop_path1(block.ls1(o))
     for fn in slots["attn_branch"]:  # (residual-stream branches: every row in, as drawn in the reference)
         y = y + fn(x, h)[:, :1]
-    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+    z = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+    for fn in slots["block_out"]:  # (only those that keep the class row: VPT's prompt removal)
+        z = fn(z)
+    return z
 
 
 class ClsOnlyForward:

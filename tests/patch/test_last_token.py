@@ -17,6 +17,7 @@ ELIGIBLE = {
     "lora": lambda d: fastpeft.LoRA(rank=4),
     "kadaptation": lambda d: fastpeft.KAdaptation(init="trainable"),
     "linear-probe": lambda d: fastpeft.LinearProbe(),
+    "vpt-deep": lambda d: fastpeft.VPT(num_tokens=5),  # (its last block drops the prompt rows)
 }
 
 
@@ -67,7 +68,7 @@ def test_last_block_computes_the_class_token_only_with_the_reference_results(cas
 @pytest.mark.parametrize(("case", "why"), [
     ("avg-pool", "global_pool='avg' reads every token"),
     ("adaptformer", "a method slot after the last block's attention"),
-    ("vpt-deep", "a method slot after the last block's attention"),  # (its prompt removal)
+    ("noah", "a method slot after the last block's attention"),
     ("ssf", "the last block draws random numbers (or runs method hooks) after its attention"),
     ("mlp-dropout", "the last block draws random numbers"),
 ])
@@ -78,7 +79,8 @@ def test_left_alone_where_other_rows_or_their_draws_matter(case, why):
         m = build(ELIGIBLE["bitfit"], proj_drop_rate=0.1)
     else:
         m = build({"adaptformer": lambda d: fastpeft.AdaptFormer(dim=8), "ssf": lambda d: fastpeft.SSF(),
-                   "vpt-deep": lambda d: fastpeft.VPT(num_tokens=5)}[case])
+                   "noah": lambda d: fastpeft.NOAH(adapter_dims=[8] * d, lora_ranks=[4] * d,
+                                                   prompt_lens=[3] * d)}[case])
     cls = type(m.blocks[-1])
     report = fastpeft.patch(m, backend="torch")
     assert "forward" not in m.__dict__
