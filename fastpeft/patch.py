@@ -167,10 +167,16 @@ class RecomputeRule(Rule):
         blk = model.get_submodule(path)
         del blk._fastpeft_recompute
         blk.__dict__.pop("_fastpeft_keep", None)
-        if not was_petl and not any(blk._fastpeft_slots.values()):
-            blk.__class__ = blk._fastpeft_orig_class
-            del blk._fastpeft_slots
-            del blk._fastpeft_orig_class
+        _unclass_if_unused(blk, was_petl)
+
+
+def _unclass_if_unused(blk: nn.Module, was_petl: bool) -> None:
+    """Undo `ensure_petl_block` on a block a rule re-classed, once nothing needs the PetlBlock form
+    any more: no method slots and no recompute."""
+    if not was_petl and "_fastpeft_recompute" not in blk.__dict__ and not any(blk._fastpeft_slots.values()):
+        blk.__class__ = blk._fastpeft_orig_class
+        del blk._fastpeft_slots
+        del blk._fastpeft_orig_class
 
 
 class DeltaFirstRule(Rule):
@@ -272,7 +278,7 @@ class ClsOnlyRule(Rule):
         ensure_petl_block(last)
         why = cls_only_why_not(model)
         if why:
-            self._unclass(last, was_petl)
+            _unclass_if_unused(last, was_petl)
             report.left_alone.append(("model.forward (last block: class token only)", why))
             return []
         model.__dict__["forward"] = ClsOnlyForward(model)
@@ -284,14 +290,7 @@ class ClsOnlyRule(Rule):
         model.__dict__.pop("forward", None)
         last = model.blocks[-1]
         last.__dict__.pop("_fastpeft_cls_only", None)
-        self._unclass(last, was_petl)
-
-    @staticmethod
-    def _unclass(last: nn.Module, was_petl: bool) -> None:
-        if not was_petl and "_fastpeft_recompute" not in last.__dict__ and not any(last._fastpeft_slots.values()):
-            last.__class__ = last._fastpeft_orig_class
-            del last._fastpeft_slots
-            del last._fastpeft_orig_class
+        _unclass_if_unused(last, was_petl)
 
 
 #: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
