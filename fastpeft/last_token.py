@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recompute import _draws_rng
+from .recompute import _draws_rng, timm_sdpa_attention
 
 
 def cls_only_why_not(model: nn.Module) -> str | None:
     """None where the last block may run on the class token only; else why not."""
-    from timm.layers import Attention, Mlp
+    from timm.layers import Mlp
 
     if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
         return f"global_pool={getattr(model, 'global_pool', None)!r} reads every token"
@@ -39,7 +39,7 @@ def cls_only_why_not(model: nn.Module) -> str | None:
     if slots is None or slots.get("block_fn"):
         return "the last block is not a fastpeft block with the standard dataflow"
     attn = last.attn
-    if type(attn) is not Attention or not getattr(attn, "fused_attn", False) or getattr(attn, "gate", None) is not None:
+    if not timm_sdpa_attention(attn):
         return "the last block's attention is not timm's fused Attention"
     if type(last.mlp) is not Mlp:
         return "the last block's MLP is not timm's Mlp"

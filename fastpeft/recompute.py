@@ -430,6 +430,14 @@ def _gelu_ends_region(block) -> bool:
     return not block._fastpeft_slots["mlp_out"] and not _draws_rng(mlp.drop2)
 
 
+def timm_sdpa_attention(attn: nn.Module) -> bool:
+    """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate: the
+    dataflow `_plain_half` and the class-token-only last block (fastpeft/last_token.py) rely on."""
+    from timm.layers import Attention
+
+    return type(attn) is Attention and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+
+
 def _plain_half(block, half: str) -> bool:
     """Whether a half of the block, run without checkpointing, saves exactly what its region keeps
     when the plan keeps all its backward needs from it ({qkv, attn}: the input, q/k/v and the
@@ -437,16 +445,12 @@ def _plain_half(block, half: str) -> bool:
     Linears, with no method hooks or slots inside the half, nothing that draws random numbers
     (a dropout mask would be saved, not redrawn) and no LayerNorm on q / k or on the hidden
     features. Such a half then runs as the reference's does: no recompute at all."""
-    from timm.layers import Attention, Mlp
-
     slots = block._fastpeft_slots
     if half == "attn":
         attn = block.attn
-        if any(fn.reads_norm for fn in slots["attn_branch"]) or type(attn) is not Attention:
+        if any(fn.reads_norm for fn in slots["attn_branch"]) or not timm_sdpa_attention(attn):
             return False
-        if not getattr(attn, "fused_attn", False) or getattr(attn, "gate", None) is not None or not all(
-            type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm")
-        ):
+        if not all(type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm")):
             return False
         layers, rest = (attn.qkv, attn.proj), (block.norm1, attn)
     else:
