@@ -34,6 +34,7 @@ PROBE_SCRIPT = textwrap.dedent(
         from fastpeft import _ext
         _ext.load(); _ext.build_info(); _ext.backends()   # cached: must not warn again
         import torch
+        torch.manual_seed(0)
         x = torch.randn(5, 3, requires_grad=True)
         s = torch.randn(3, requires_grad=True)
         b = torch.randn(3, requires_grad=True)

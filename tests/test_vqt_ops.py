@@ -299,6 +299,7 @@ FALLBACK_SCRIPT = textwrap.dedent(
         warnings.simplefilter("always")
         import torch
         from fastpeft.ops import vqt_query_attention, vqt_query_attention_ref, vqt_aggregate
+        torch.manual_seed(0)
         q = torch.randn(2, 3, 4, 8, requires_grad=True)
         k, v = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
         out, lse = vqt_query_attention(q, k, v)
@@ -306,16 +307,18 @@ FALLBACK_SCRIPT = textwrap.dedent(
         q2 = q.detach().clone().requires_grad_()
         r_out, r_lse = vqt_query_attention_ref(q2, k, v, 8 ** -0.5)
         r_out.sum().backward()
-        err = max((out - r_out).abs().max().item(), (q.grad - q2.grad).abs().max().item())
+        atol, rtol = %r
+        close = (torch.allclose(out, r_out, atol=atol, rtol=rtol)
+                 and torch.allclose(q.grad, q2.grad, atol=atol * q2.grad.abs().max().item(), rtol=rtol))
         feats = vqt_aggregate(torch.randn(2, 8), torch.randn(3, 2, 1, 8))
     print(json.dumps({
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
         "loaded_so": __import__("sys").modules.get("fastpeft._C") is not None,
-        "err": err, "feats": list(feats.shape),
+        "close": close, "feats": list(feats.shape),
         "schemas": [str(getattr(torch.ops.fastpeft, n.split("::")[1]).default._schema) for n in %r],
     }))
     """
-) % (list(SCHEMAS),)
+) % (TOLERANCES[torch.float32], list(SCHEMAS))
 
 
 def test_disabled_extension_uses_the_reference_with_one_warning(tmp_path):
@@ -326,6 +329,6 @@ def test_disabled_extension_uses_the_reference_with_one_warning(tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(report["warnings"]) == 1 and "FASTPEFT_DISABLE_EXT" in report["warnings"][0], report
     assert not report["loaded_so"]
-    assert report["err"] < 1e-6
+    assert report["close"], "the FASTPEFT_DISABLE_EXT fallback is off the reference beyond the fp32 tolerance"
     assert report["feats"] == [2, 8 * 4]
     assert report["schemas"] == [q + s for q, s in SCHEMAS.items()]
