@@ -4,25 +4,49 @@ head reads (global_pool='token').
 In a token-pooled ViT, `model(x)` reads one row of the last block's output. That row needs every
 token's key and value (the class token attends over all of them), so the last block still runs
 norm1 and qkv (with every method hook on them) over all tokens. But its attention is one query
-row per head, and proj, the MLP and every method slot after the attention run on B rows
-instead of B * N: ~10/12 of the last block's frozen GEMM FLOPs in forward and backward, ~6% of a
+row per head, and proj, the MLP and every method slot and branch run on B rows instead of B * N: ~10/12 of the last block's frozen GEMM FLOPs in forward and backward, ~6% of a
 ViT-B/16 train step. The other rows' outputs have zero gradient in the reference, so the
 gradients are the same sums without those zero terms; values match to fp32 rounding (a GEMM over B
 rows may round differently from one over B * N), not bit for bit.
 
-It applies only where the result cannot change otherwise: no random draws on the rows it drops
-(dropout masks are drawn over every row; DropPath's per-sample mask is not), no method slot that
-reads other rows after the attention (a block_out slot may only drop rows and keep the class
-token's: `keeps_class_row`, VPT's prompt removal), and `model.forward` not already replaced (VQT does its own
-class-token pass). `forward_features` is untouched: it still returns every token.
+It applies only where the result cannot change otherwise. What runs on the class row must give
+that row of what it gives on every row: timm's Mlp and LayerNorms, and method hooks and slots that
+say so (`class_row_local`): row-local ones, and Convpass, whose class token's conv is the centre
+tap of a 1x1 image (its class-row path runs under `in_class_row_pass()`). Its random numbers must
+be the reference's: DropPath's per-sample mask is the same on one row; a torch dropout call
+(nn.Dropout, F.dropout: every method's dropout) on the class row draws its mask over the
+[B, N, ...] tensor the reference drew it over -- the same op on the same shape, so the same
+numbers in the same order -- and keeps the class row's slice (`_ClassRowDraws`). A fused kernel's
+seeded dropout numbers rows as it sees them, so a fused slot or projection with dropout is left to
+the full block. Attention dropout (a [1, N] row of an [N, N] map) is refused. A block_out slot may
+only drop rows and keep the class token's (`keeps_class_row`: VPT's and NOAH's prompt removal), and
+`model.forward` must not be replaced already (VQT does its own class-token pass). `forward_features`
+is untouched: it still returns every token.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .recompute import _draws_rng, timm_sdpa_attention
+from .methods.base import CLASS_ROW_PASS, OutputHook
+from .recompute import timm_sdpa_attention
+
+
+def _not_row_local(path: str, mod: nn.Module) -> str | None:
+    """None where every module and hook inside `mod` (at `path` in the block) is row-local with
+    torch-drawn randomness only (see the module docstring); else the first that is not, named."""
+    for name, m in mod.named_modules(prefix=path):
+        if m._forward_pre_hooks:
+            return f"a forward pre-hook on {name}"
+        for fn in m._forward_hooks.values():
+            if not (isinstance(fn, OutputHook) and fn.class_row_local):
+                return f"{getattr(fn, '__name__', type(fn).__name__)} hook on {name}"
+        said = getattr(m, "class_row_local", None)
+        if said is False or (said is None and not type(m).__module__.startswith(("torch.nn.", "timm.layers."))):
+            return f"{type(m).__name__} ({name})"
+    return None
 
 
 def cls_only_why_not(model: nn.Module) -> str | None:
@@ -43,15 +67,52 @@ def cls_only_why_not(model: nn.Module) -> str | None:
         return "the last block's attention is not timm's fused Attention"
     if type(last.mlp) is not Mlp:
         return "the last block's MLP is not timm's Mlp"
-    if any(slots[s] for s in ("mlp_out", "ffn_out", "ffn_branch")) or not all(
-        getattr(fn, "keeps_class_row", False) for fn in slots["block_out"]
-    ):
-        return "a method slot after the last block's attention (its draws / reads cover every token)"
-    if any(fn.reads_norm for fn in slots["attn_branch"]):
-        return "a method branch reads the last block's LayerNorm output over every token"
-    if attn.attn_drop.p > 0 or any(_draws_rng(m) for m in (attn.proj, attn.proj_drop, attn.norm, last.norm2, last.mlp)):
-        return "the last block draws random numbers (or runs method hooks) after its attention"
+    not_local = list(dict.fromkeys(type(fn).__name__ for s in ("attn_branch", "mlp_out", "ffn_out", "ffn_branch")
+                                   for fn in slots[s] if not fn.class_row_local))
+    if not_local:
+        return f"{', '.join(not_local)} in the last block reads other rows or draws its own randomness"
+    if not all(fn.keeps_class_row for fn in slots["block_out"]):
+        return "a block_out slot of the last block changes the class token's row"
+    if attn.attn_drop.p > 0:
+        return "the last block has attention dropout (drawn over every row of the attention map)"
+    for path in ("attn.proj", "attn.proj_drop", "attn.norm", "norm2", "mlp"):
+        why = _not_row_local(path, last.get_submodule(path))
+        if why:
+            return f"after the last block's attention, {why} is not row-local with torch-drawn randomness"
     return None
+
+
+class _ClassRowDraws(TorchFunctionMode):
+    """While the last block's class-token row runs: a torch dropout on a [B, 1, ...] tensor draws
+    its mask over [B, rows, ...], the tensor the reference drew it over (the same op on the same
+    shape and dtype: the same numbers, in the same order), and applies the class row's slice."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows = rows
+
+    def __enter__(self):
+        self._token = CLASS_ROW_PASS.set(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        CLASS_ROW_PASS.reset(self._token)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.dropout:
+            return func(*args, **kwargs)
+        return self._dropout(*args, **kwargs)
+
+    def _dropout(self, x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
+        if not training or p == 0:
+            return F.dropout(x, p, training, inplace)
+        if x.dim() < 2 or x.shape[1] != 1:
+            raise RuntimeError(f"fastpeft class-token-only block: dropout on a {tuple(x.shape)} tensor is not "
+                               "a class-token row; a hook or slot marked class_row_local does not keep token rows on dim 1")
+        keep = F.dropout(x.new_ones((x.shape[0], self.rows, *x.shape[2:])), p, True)[:, :1].clone()
+        return x.mul_(keep) if inplace else x * keep
 
 
 def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,14 +128,13 @@ def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q, k, v = attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
     o = F.scaled_dot_product_attention(q, k, v)
-    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, H * d))))
-    y = x[:, :1] + block.drop_path1(block.ls1(o))
-    for fn in slots["attn_branch"]:  # (residual-stream branches: every row in, as drawn in the reference)
-        y = y + fn(x, h)[:, :1]
-    z = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
-    for fn in slots["block_out"]:  # (only those that keep the class row: VPT's prompt removal)
-        z = fn(z)
-    return z
+    with _ClassRowDraws(N):
+        o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, H * d))))
+        y = x[:, :1] + block.drop_path1(block.ls1(o))
+        for fn in slots["attn_branch"]:
+            y = y + fn(x[:, :1], h[:, :1])
+        # the block's own MLP half on one row; its block_out slots keep the class row as it is
+        return block._mlp_half(y, block_out=False)
 
 
 class ClsOnlyForward:

@@ -131,6 +131,10 @@ class DeltaFirstLinear(nn.Linear):
 
     _fp_hooks: tuple
 
+    @property
+    def class_row_local(self) -> bool:  # (fastpeft/last_token.py) the GEMM is; the hooks say for themselves
+        return all(h.class_row_local for h in self._fp_hooks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         deltas = [h.delta(x) for h in self._fp_hooks]
         out = nn.functional.linear(x, self.weight, self.bias)

@@ -17,6 +17,8 @@ class AbsorbedHook(OutputHook):
     computes (e.g. SSF after a LayerNorm, absorbed by the fused LayerNorm+SSF). Leaves the output
     unchanged; keeps the original for `unpatch`."""
 
+    class_row_local = True  # it does nothing (the fused neighbour says for itself)
+
     def __init__(self, original: OutputHook, by: str):
         self.original = original
         self.by = by

@@ -104,6 +104,10 @@ class FusedLowRankLinear(nn.Linear):
     _fp_hook: OutputHook
     _fp_backend: str
 
+    @property
+    def class_row_local(self) -> bool:  # (fastpeft/last_token.py) a Triton kernel's seeded dropout numbers rows as it sees them
+        return self._fp_backend in ("torch", "cpp")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fp_backend in ("torch", "cpp"):
             return _CPU_FUSED[type(self._fp_hook)](self, self._fp_hook, x)

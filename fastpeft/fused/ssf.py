@@ -35,6 +35,7 @@ class _LayerNormSSF:
 
     _fp_ssf: SSFHook
     _fp_backend: str
+    class_row_local = True  # (fastpeft/last_token.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import ssf as kssf
@@ -60,6 +61,8 @@ class SSFGELU(nn.Module):
     """Replaces an Mlp's `act` (exact-erf nn.GELU): GELU(z * scale + shift) with the fc1 SSF's
     parameters, saving only z. Holds no parameters of its own."""
 
+    class_row_local = True  # (fastpeft/last_token.py)
+
     def __init__(self, ssf_hook: SSFHook, backend: str):
         super().__init__()
         self.__dict__["_fp_ssf"] = ssf_hook  # a plain reference, not a submodule
@@ -76,6 +79,7 @@ class FusedSSFHook(OutputHook):
     """The standalone scale-shift after a Linear (or the patch embedding) as one op."""
 
     saves_output = True  # the scale gradient is sum(grad * out)
+    class_row_local = True  # per-channel scale and shift: row-local, no random draws
 
     def __init__(self, original: SSFHook, backend: str):
         self.original = original

@@ -125,6 +125,8 @@ class SuperAdapter(nn.Module):
 class AdapterAfterFFN(SlotFn):
     """Slot `ffn_out`: f -> adapter(f) (adapter returns f + delta)."""
 
+    class_row_local = True  # ln1, activation, dropout on [..., N, dim], ln2: per token
+
     def __init__(self, adapter: SuperAdapter):
         self.adapter = adapter
 
@@ -134,6 +136,8 @@ class AdapterAfterFFN(SlotFn):
 
 class _PfeifferOnMLP(SlotFn):
     """Slot `mlp_out` (VPT layout): m -> m + up(dropout(act(down(m)))), before the block's DropPath."""
+
+    class_row_local = True
 
     def __init__(self, down: nn.Linear, up: nn.Linear, act: str, p: float):
         self.down = down

@@ -66,6 +66,7 @@ class AdaptMLP(nn.Module):
 
 class _Parallel(SlotFn):
     reads_norm = False  # the official adapter reads the residual stream y, not norm2(y)
+    class_row_local = True  # AdaptMLP: down, ReLU, dropout on [..., N, r], up, scale (LayerNorm): per token
 
     def __init__(self, adapter: AdaptMLP):
         self.adapter = adapter
@@ -75,6 +76,7 @@ class _Parallel(SlotFn):
 
 
 class _Sequential(SlotFn):
+    class_row_local = True
     def __init__(self, adapter: AdaptMLP):
         self.adapter = adapter
 

@@ -19,6 +19,7 @@ must be able to pickle the model).
 from __future__ import annotations
 
 import dataclasses
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -28,7 +29,7 @@ from torch import nn
 __all__ = [
     "ViTInfo", "vit_info", "Method", "Injection", "PetlBlock", "SLOTS",
     "add_output_hook", "remove_hooks", "slot_append", "FastPeftState", "state_of", "Builder",
-    "OutputHook", "SlotFn", "check_positive_int", "check_prob", "dropout",
+    "OutputHook", "SlotFn", "check_positive_int", "check_prob", "dropout", "in_class_row_pass",
 ]
 
 
@@ -149,6 +150,11 @@ class OutputHook:
     #: computes the delta before a frozen proj / fc2 GEMM, so a backward that needs only the
     #: delta's saved tensors stops its recompute before re-running that GEMM.
     additive: bool = False
+    #: whether, run on the class token's row alone (the class-row pass of a token-pooled model's
+    #: last block, fastpeft/last_token.py), the hook returns that row of what it returns on every
+    #: row, drawing its random numbers by torch dropout calls only (F.dropout / nn.Dropout, on
+    #: tensors with the token rows on dim 1): true of any row-local hook. Off unless a hook says so.
+    class_row_local: bool = False
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -194,6 +200,15 @@ SLOTS: dict[str, str] = {
 }
 
 
+#: set while a token-pooled model's last block computes the class token's row only
+#: (fastpeft/last_token.py); see `SlotFn.class_row_local`
+CLASS_ROW_PASS: ContextVar[bool] = ContextVar("fastpeft_class_row_pass", default=False)
+
+
+def in_class_row_pass() -> bool:
+    return CLASS_ROW_PASS.get()
+
+
 class SlotFn:
     """Base for slot callables; `key` names the owning injection."""
 
@@ -202,6 +217,12 @@ class SlotFn:
     #: argument (the LayerNorm output). `patch(recompute=True)` runs a branch that does not
     #: outside the checkpointed region, so the recompute can stop after the last op it needs.
     reads_norm: bool = True
+    #: as `OutputHook.class_row_local`: row-local callables, and those with a class-row path of
+    #: their own taken under `in_class_row_pass()` (Convpass: the class token's centre-tap conv)
+    class_row_local: bool = False
+    #: block_out slots only: the callable only removes rows and keeps the class token's (row 0)
+    #: unchanged, so on the class-token row alone it is the identity (fastpeft/last_token.py)
+    keeps_class_row: bool = False
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -253,7 +274,7 @@ class PetlBlock:
             y = y + d
         return y
 
-    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False) -> torch.Tensor:
+    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False, block_out: bool = True) -> torch.Tensor:
         slots = self._fastpeft_slots
         h2 = self.norm2(y)
         deltas = [fn(y, h2) for fn in slots["ffn_branch"]] if branches_first else None
@@ -266,7 +287,7 @@ class PetlBlock:
         z = y + f
         for d in deltas if branches_first else (fn(y, h2) for fn in slots["ffn_branch"]):
             z = z + d
-        for fn in slots["block_out"]:
+        for fn in slots["block_out"] if block_out else ():
             z = fn(z)
         return z
 

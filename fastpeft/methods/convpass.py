@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import quick_gelu
-from .base import Builder, Method, SlotFn, ViTInfo, check_positive_int, check_prob, dropout
+from .base import Builder, Method, SlotFn, ViTInfo, check_positive_int, check_prob, dropout, in_class_row_pass
 
 __all__ = ["Convpass", "ConvpassModule"]
 
@@ -88,6 +88,17 @@ class ConvpassModule(nn.Module):
         u = dropout(quick_gelu(u), self.dropout, self)
         return self.adapter_up(u)
 
+    def class_row(self, h: torch.Tensor) -> torch.Tensor:
+        """Row 0 of `forward` (the class token, a prefix token: its conv is the centre tap of a
+        1x1 image) from h's row 0 alone: [B, 1, D] -> [B, 1, D]. Its dropout is a torch dropout
+        on the [B, 1, dim] row (the class-row pass draws it over every row, fastpeft/last_token.py)."""
+        if self.num_prefix < 1 or h.shape[1] != 1:
+            raise RuntimeError(f"Convpass class_row needs a class (prefix) token and one row, got {tuple(h.shape)}")
+        B, d = h.shape[0], self.dim
+        u = quick_gelu(self.adapter_down(h)).reshape(B, 1, 1, d).permute(0, 3, 1, 2)
+        u = self.adapter_conv(u).reshape(B, 1, d)
+        return self.adapter_up(dropout(quick_gelu(u), self.dropout, self))
+
     def extra_repr(self) -> str:
         return f"grid={self.grid}, num_prefix={self.num_prefix}, dropout={self.dropout}"
 
@@ -100,7 +111,13 @@ class _Bypass(SlotFn):
         self.drop_path = drop_path
         self.scale = scale
 
+    @property
+    def class_row_local(self) -> bool:  # the class token's conv reads its own row (centre tap)
+        return self.conv.num_prefix >= 1
+
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        if in_class_row_pass():
+            return self.drop_path(self.conv.class_row(normed)) * self.scale
         return self.drop_path(self.conv(normed)) * self.scale
 
 

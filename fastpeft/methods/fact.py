@@ -81,6 +81,8 @@ class _FacTHook(OutputHook):
         return fact_cores(self.root, "tk", self.i)[name]
 
     additive = True
+    #: U, the core and V act on each token's row; `attn.dp` / `mlp.dp` are nn.Dropout on [..., N, r]
+    class_row_local = True
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + self.delta(x)

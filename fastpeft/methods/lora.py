@@ -87,6 +87,8 @@ class NoahLoRAHook(OutputHook):
         self.dropout_p = float(dropout_p)
         self.scale = scale
 
+    class_row_local = True  # dropout on the [..., N, D] input, then two row-local products
+
     def delta_weight(self) -> torch.Tensor:
         """B[:, :r] A[:r] -- the [3*A_dim, D] weight increment (times `scale`)."""
         w = self.attn.LoRA_b.weight[:, : self.rank] @ self.attn.LoRA_a.weight[: self.rank]
@@ -133,6 +135,8 @@ class PetlLoRAHook(OutputHook):
         self.attn = attn
         self.targets = tuple(targets)
         self.scale = scale
+
+    class_row_local = True  # lora_t: nn.Dropout on the [..., N, r] down-projection
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         parts = list(out.chunk(3, dim=-1))

@@ -66,6 +66,8 @@ class _AppendPrompts(SlotFn):
 class _DropLastTokens(SlotFn):
     """block_out of the last block: remove the `n` appended prompt tokens."""
 
+    keeps_class_row = True  # the prompts are appended after every image token
+
     def __init__(self, n: int):
         self.n = n
 

@@ -1,13 +1,17 @@
 """`fastpeft.patch` on a token-pooled model: the last block computes the class token's row only
 inside `model(x)` (fastpeft/last_token.py). Same logits and gradients as the reference within the
 fp32 tolerance (the same math on B rows instead of B * N), dropout / DropPath / the methods' own
-dropout on; only where nothing random or row-mixing sits after the last block's attention."""
+dropout on (the class row's masks drawn over every row, as the reference draws them); only where
+everything after the last block's attention is row-local."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fastpeft
+from fastpeft.last_token import _ClassRowDraws
 from tests.methods.conftest import grads_of, images, make_vit, randomize_
 
 ATOL, RTOL = 1e-5, 1e-4  # fp32, as for the fused rules
@@ -18,7 +22,21 @@ ELIGIBLE = {
     "kadaptation": lambda d: fastpeft.KAdaptation(init="trainable"),
     "linear-probe": lambda d: fastpeft.LinearProbe(),
     "vpt-deep": lambda d: fastpeft.VPT(num_tokens=5),  # (its last block drops the prompt rows)
+    # a method slot or hook after the attention, each with its dropout on (0.1 unless said; 0.5
+    # where a rank-8 mask would too often keep every unit of a class row under the wrong draws)
+    "adaptformer": lambda d: fastpeft.AdaptFormer(dim=8, dropout=0.5),
+    "adaptformer-seq-ln": lambda d: fastpeft.AdaptFormer(dim=8, dropout=0.5, mode="sequential", layernorm_option="in"),
+    "adapter-noah": lambda d: fastpeft.Adapter(dim=8, dropout=0.5),
+    "adapter-vpt": lambda d: fastpeft.Adapter(dim=8, style="vpt", dropout=0.2, init="lora"),  # mlp_out slot
+    "noah": lambda d: fastpeft.NOAH(adapter_dims=[8] * d, lora_ranks=[4] * d, prompt_lens=[3] * d),
+    "ssf": lambda d: fastpeft.SSF(),
+    "fact-tt": lambda d: fastpeft.FacT(kind="tt", rank=4),
+    "fact-tk": lambda d: fastpeft.FacT(kind="tk", rank=4),
+    "convpass": lambda d: fastpeft.Convpass(dim=8, dropout=0.5),  # (the class token's centre-tap conv)
+    # timm's own dropout after the attention (attn.proj_drop, Mlp drop1 / drop2)
+    "mlp-dropout": lambda d: fastpeft.BitFit(),
 }
+BUILD_KW = {"mlp-dropout": {"proj_drop_rate": 0.1}}
 
 
 def build(method, depth: int = 3, drop_path_rate: float = 0.1, **kw):
@@ -39,7 +57,7 @@ def step(m, x, seed=3):
 @pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
 @pytest.mark.parametrize("case", sorted(ELIGIBLE))
 def test_last_block_computes_the_class_token_only_with_the_reference_results(case, recompute):
-    m, x = build(ELIGIBLE[case]), images()
+    m, x = build(ELIGIBLE[case], **BUILD_KW.get(case, {})), images(batch=3)
     out0, g0 = step(m, x)
     feats0 = m.forward_features(x)
     report = fastpeft.patch(m, backend="torch", recompute=recompute)
@@ -67,26 +85,64 @@ def test_last_block_computes_the_class_token_only_with_the_reference_results(cas
 
 @pytest.mark.parametrize(("case", "why"), [
     ("avg-pool", "global_pool='avg' reads every token"),
-    ("adaptformer", "a method slot after the last block's attention"),
-    ("noah", "a method slot after the last block's attention"),
-    ("ssf", "the last block draws random numbers (or runs method hooks) after its attention"),
-    ("mlp-dropout", "the last block draws random numbers"),
+    ("fused-convpass", "FusedBypass in the last block reads other rows"),
+    ("attn-dropout", "the last block has attention dropout"),
+    ("fused-adapter-dropout", "FusedAdaptFormer in the last block reads other rows or draws its own"),
+    ("foreign-hook", "after the last block's attention, <lambda> hook on mlp.fc2 is not row-local"),
+    ("foreign-module", "after the last block's attention, Conv1dish (mlp.act) is not row-local"),
 ])
 def test_left_alone_where_other_rows_or_their_draws_matter(case, why):
+    backend = "torch"
     if case == "avg-pool":
         m = build(ELIGIBLE["bitfit"], global_pool="avg")
-    elif case == "mlp-dropout":
-        m = build(ELIGIBLE["bitfit"], proj_drop_rate=0.1)
+    elif case == "attn-dropout":
+        m = build(ELIGIBLE["bitfit"], attn_drop_rate=0.1)
+    elif case == "fused-convpass":  # the fused bypass has no class-row path
+        m, backend = build(lambda d: fastpeft.Convpass(dim=8)), "triton"
+    elif case == "fused-adapter-dropout":  # the Triton kernel's seeded mask numbers the rows it sees
+        m, backend = build(ELIGIBLE["adaptformer"]), "triton"
     else:
-        m = build({"adaptformer": lambda d: fastpeft.AdaptFormer(dim=8), "ssf": lambda d: fastpeft.SSF(),
-                   "noah": lambda d: fastpeft.NOAH(adapter_dims=[8] * d, lora_ranks=[4] * d,
-                                                   prompt_lens=[3] * d)}[case])
+        m = build(ELIGIBLE["bitfit"])
+        if case == "foreign-hook":  # a user's hook: fastpeft cannot know what it reads or draws
+            m.blocks[-1].mlp.fc2.register_forward_hook(lambda mod, args, out: out)
+        else:
+            class Conv1dish(nn.Module):  # a user's module: fastpeft cannot know it is row-local
+                def forward(self, x):
+                    return F.gelu(x)
+            m.blocks[-1].mlp.act = Conv1dish()
     cls = type(m.blocks[-1])
-    report = fastpeft.patch(m, backend="torch")
+    report = fastpeft.patch(m, backend=backend)
     assert "forward" not in m.__dict__
     assert any(what.startswith("model.forward") and reason.startswith(why) for what, reason in report.left_alone), str(report)
-    if case in ("avg-pool", "mlp-dropout"):  # (nothing else re-classes a BitFit block)
+    if case in ("avg-pool", "attn-dropout", "foreign-hook", "foreign-module"):  # (nothing else re-classes a BitFit block)
         assert type(m.blocks[-1]) is cls
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5), (3, 11, 4, 6), (1, 197, 8)])
+@pytest.mark.parametrize("how", ["functional", "module", "inplace"])
+def test_class_row_dropout_draws_the_reference_mask_over_every_row(shape, how):
+    p = 0.3
+    full = torch.randn(shape)
+    drop = {"functional": lambda t: F.dropout(t, p, True), "module": nn.Dropout(p),
+            "inplace": lambda t: F.dropout(t, p, True, inplace=True)}[how]
+    torch.manual_seed(11)
+    ref = drop(full.clone())
+    after_ref = torch.rand(3)  # the generator moved on by the same amount
+    torch.manual_seed(11)
+    with _ClassRowDraws(shape[1]):
+        row = drop(full[:, :1].clone())
+    assert torch.equal(torch.rand(3), after_ref)
+    assert row.shape == (shape[0], 1, *shape[2:])
+    assert torch.equal(row, ref[:, :1])  # bit for bit: the same mask and the same product
+    assert (ref[:, :1] == 0).any() and (ref[:, :1] != 0).any()  # (a mask that drops some)
+
+
+def test_class_row_dropout_refuses_a_tensor_that_is_not_a_class_row():
+    with _ClassRowDraws(9), pytest.raises(RuntimeError, match="not a class-token row"):
+        F.dropout(torch.ones(2, 9, 4), 0.1, True)
+    with _ClassRowDraws(9):  # eval-mode / p=0 dropout draws nothing: passed through
+        x = torch.ones(2, 9, 4)
+        assert torch.equal(F.dropout(x, 0.1, False), x) and torch.equal(F.dropout(x, 0.0, True), x)
 
 
 def test_vqt_keeps_its_own_class_token_pass():
@@ -95,3 +151,21 @@ def test_vqt_keeps_its_own_class_token_pass():
     assert "VQT: last block computes the class token row only" in str(report)
     assert type(m.__dict__["forward"]).__name__ == "FusedVQTForward"
     assert any(what.startswith("model.forward") for what, _ in report.left_alone), str(report)
+
+
+@pytest.mark.parametrize("num_prefix", [1, 3])  # (the class token, or the class token and registers)
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_convpass_class_row_is_row_0_of_its_forward(num_prefix, dropout):
+    from fastpeft.methods.convpass import ConvpassModule
+
+    conv = ConvpassModule(48, 6, (3, 4), num_prefix, xavier_init=True, dropout=dropout).train()
+    randomize_(list(conv.parameters()))
+    h = torch.randn(3, num_prefix + 12, 48)
+    torch.manual_seed(5)
+    full = conv(h)
+    torch.manual_seed(5)
+    with _ClassRowDraws(h.shape[1]):
+        row = conv.class_row(h[:, :1])
+    torch.testing.assert_close(row, full[:, :1], atol=ATOL, rtol=RTOL)
+    with pytest.raises(RuntimeError, match="one row"):
+        conv.class_row(h[:, :2])

@@ -138,7 +138,9 @@ class _Count(TorchDispatchMode):
 def test_attention_is_rerun_in_backward_unless_the_plan_keeps_it():
     from fastpeft.recompute import ATTENTION_OPS
 
-    m, x = build("adaptformer", depth=4, name="vit_small_patch16_224", img_size=224), images(img_size=224)
+    # (avg pool: the last block is checkpointed too, not computing the class token's row only)
+    m = build("adaptformer", depth=4, name="vit_small_patch16_224", img_size=224, global_pool="avg")
+    x = images(img_size=224)
     fastpeft.patch(m, backend="torch", recompute=True)
     runs = {}
     for kept in (frozenset(), frozenset({"attn"})):
@@ -163,7 +165,7 @@ def test_additive_hooks_run_before_the_frozen_gemm_and_unpatch_restores_them(cas
     from fastpeft.methods.base import active_hooks
     from fastpeft.recompute import DeltaFirstLinear
 
-    m, x = build(case), images()
+    m, x = build(case, global_pool="avg"), images()  # (bit for bit vs unpatched: no class-token-only block)
     layers = [m.blocks[i].attn.proj for i in range(2)] + [m.blocks[i].mlp.fc2 for i in range(2)]
     hooks = [list(layer._forward_hooks.values()) for layer in layers]
     fastpeft.patch(m, backend="torch")
@@ -247,7 +249,8 @@ def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, 
     # on through fc2 to reach its mask, so there the GELU is re-run as before.
     from torch.utils.checkpoint import set_checkpoint_early_stop
 
-    m, x = build("adaptformer", depth=3, drop_path_rate=0.1, proj_drop_rate=0.2), images()
+    # (avg pool: the last block is checkpointed too, not computing the class token's row only)
+    m, x = build("adaptformer", depth=3, drop_path_rate=0.1, proj_drop_rate=0.2, global_pool="avg"), images()
     for blk in m.blocks:
         blk.mlp.drop1.p = 0.2 if mlp_drop == "drop1" else 0.0
         blk.mlp.drop2.p = 0.2 if mlp_drop == "drop2" else 0.0
