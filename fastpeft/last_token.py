@@ -82,6 +82,11 @@ def cls_only_why_not(model: nn.Module) -> str | None:
     return None
 
 
+#: the other torch dropouts (their masks are not redrawn here: refused) -> their default `training`
+_OTHER_DROPOUTS = {F.dropout1d: True, F.dropout2d: True, F.dropout3d: True, F.alpha_dropout: False,
+                   F.feature_alpha_dropout: False}
+
+
 class _ClassRowDraws(TorchFunctionMode):
     """While the last block's class-token row runs: a torch dropout on a [B, 1, ...] tensor draws
     its mask over [B, rows, ...], the tensor the reference drew it over (the same op on the same
@@ -101,9 +106,12 @@ class _ClassRowDraws(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.dropout:
-            return func(*args, **kwargs)
-        return self._dropout(*args, **kwargs)
+        if func is F.dropout:
+            return self._dropout(*args, **kwargs)
+        if func in _OTHER_DROPOUTS and kwargs.get("training", args[2] if len(args) > 2 else _OTHER_DROPOUTS[func]):
+            raise RuntimeError(f"fastpeft class-token-only block: {func.__name__} in the class-row pass (only "
+                               "F.dropout / nn.Dropout masks are redrawn over every row)")
+        return func(*args, **kwargs)
 
     def _dropout(self, x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
         if not training or p == 0:

@@ -140,6 +140,8 @@ def test_class_row_dropout_draws_the_reference_mask_over_every_row(shape, how):
 def test_class_row_dropout_refuses_a_tensor_that_is_not_a_class_row():
     with _ClassRowDraws(9), pytest.raises(RuntimeError, match="not a class-token row"):
         F.dropout(torch.ones(2, 9, 4), 0.1, True)
+    with _ClassRowDraws(9), pytest.raises(RuntimeError, match="alpha_dropout in the class-row pass"):
+        F.alpha_dropout(torch.ones(2, 1, 4), 0.1, True)
     with _ClassRowDraws(9):  # eval-mode / p=0 dropout draws nothing: passed through
         x = torch.ones(2, 9, 4)
         assert torch.equal(F.dropout(x, 0.1, False), x) and torch.equal(F.dropout(x, 0.0, True), x)
