@@ -1,7 +1,8 @@
 """`fastpeft.patch` on CUDA models: every method's patched ViT (Triton kernels, compiled) gives the
 reference model's logits and parameter gradients, by default and with recompute=True; bf16 models
 stay as close to the fp32 reference as the bf16 reference itself; torch.compile(fullgraph=True)
-runs over a patched model; VQT uses the CUDA extension and keeps the frozen tokens bit-identical.
+runs over a patched model; the class-token-only last block draws eager's dropout masks; VQT uses
+the CUDA extension and keeps the frozen tokens bit-identical.
 """
 from __future__ import annotations
 
@@ -97,6 +98,24 @@ def test_compile_fullgraph_over_patched_model(case):
     close("logits", out1, out0, atol=1e-4, rtol=1e-3)  # inductor re-fuses the frozen ops around ours
     for n in g0:
         close(n, g1[n], g0[n], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["adaptformer", "noah", "fact-tk", "convpass", "mlp-dropout"])
+def test_class_token_only_last_block_draws_the_reference_masks_on_cuda(case):
+    # (fastpeft/last_token.py) the torch backend keeps the reference slots and hooks, whose torch
+    # dropout on the class row must draw the CUDA generator's numbers for every row, as eager does
+    from tests.patch import test_last_token as lt
+
+    m = lt.build(lt.ELIGIBLE[case], img_size=224, **lt.BUILD_KW.get(case, {})).cuda()
+    x = images(batch=3, img_size=224).cuda()
+    out0, g0 = lt.step(m, x)
+    report = fastpeft.patch(m, backend="torch")
+    assert "class token row only" in str(report), str(report)
+    out1, g1 = lt.step(m, x)
+    close("logits", out1, out0)
+    assert g1.keys() == g0.keys() and g0
+    for n in g0:
+        close(n, g1[n], g0[n])
 
 
 def held_for_backward(m, x):
