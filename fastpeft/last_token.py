@@ -17,8 +17,8 @@ be the reference's: DropPath's per-sample mask is the same on one row; a torch d
 (nn.Dropout, F.dropout: every method's dropout) on the class row draws its mask over the
 [B, N, ...] tensor the reference drew it over -- the same op on the same shape, so the same
 numbers in the same order -- and keeps the class row's slice (`_ClassRowDraws`). A fused kernel's
-seeded dropout numbers rows as it sees them, so a fused slot or projection with dropout is left to
-the full block. Attention dropout (a [1, N] row of an [N, N] map) is refused. A block_out slot may
+dropout is seeded per call and never eager's masks: on the class row it draws a fresh mask for
+that row, as the full block would in distribution (fastpeft/fused/common.py). Attention dropout (a [1, N] row of an [N, N] map) is refused. A block_out slot may
 only drop rows and keep the class token's (`keeps_class_row`: VPT's and NOAH's prompt removal), and
 `model.forward` must not be replaced already (VQT does its own class-token pass). `forward_features`
 is untouched: it still returns every token.

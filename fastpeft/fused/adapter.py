@@ -22,9 +22,7 @@ def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
 class FusedAdaptFormer(SlotFn):
     """AdaptFormer's AdaptMLP (ReLU, dropout, scale s on the up-projection incl. its bias)."""
 
-    @property
-    def class_row_local(self) -> bool:  # the kernel's seeded dropout numbers rows as it sees them
-        return self.original.adapter.dropout == 0
+    class_row_local = True  # row-local; seeded dropout (fused/common.py)
 
     def __init__(self, original: _Parallel | _Sequential, backend: str):
         self.original = original
@@ -48,9 +46,7 @@ class FusedSerialAdapter(SlotFn):
     """NOAH's adapter after the drop-pathed FFN: f + ln2(dropout(QuickGELU(ln1(f)))) (leading
     `active_dim` units of a supernet-sized adapter)."""
 
-    @property
-    def class_row_local(self) -> bool:  # the kernel's seeded dropout numbers rows as it sees them
-        return self.original.adapter.dropout == 0
+    class_row_local = True  # row-local; seeded dropout (fused/common.py)
 
     def __init__(self, original: AdapterAfterFFN, backend: str):
         self.original = original
@@ -71,9 +67,7 @@ class FusedSerialAdapter(SlotFn):
 class FusedPfeiffer(SlotFn):
     """VPT's adapter on the raw MLP output: m + up(act(down(m)))."""
 
-    @property
-    def class_row_local(self) -> bool:  # the kernel's seeded dropout numbers rows as it sees them
-        return self.original.p == 0
+    class_row_local = True  # row-local; seeded dropout (fused/common.py)
 
     def __init__(self, original: _PfeifferOnMLP, backend: str):
         self.original = original

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.base import SlotFn
+from ..methods.base import SlotFn, in_class_row_pass
 from ..methods.convpass import _Bypass
 from .common import SlotRule, kernel_call
 
@@ -16,9 +16,16 @@ class FusedBypass(SlotFn):
         self.original = original
         self.backend = backend
 
+    @property
+    def class_row_local(self) -> bool:  # via the reference's class-row path (one row: nothing to fuse;
+        # its torch dropout draws eager's mask for that row, so more of torch's generator than the kernel's seed)
+        return self.original.class_row_local
+
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         from ..kernels import convpass as kc
 
+        if in_class_row_pass():
+            return self.original(resid, normed)
         o = self.original
         c = o.conv
         out = kernel_call(

@@ -105,8 +105,8 @@ class FusedLowRankLinear(nn.Linear):
     _fp_backend: str
 
     @property
-    def class_row_local(self) -> bool:  # (fastpeft/last_token.py) a Triton kernel's seeded dropout numbers rows as it sees them
-        return self._fp_backend in ("torch", "cpp")
+    def class_row_local(self) -> bool:  # Triton: row-local, seeded dropout (fused/common.py); else the hook's math
+        return self._fp_backend not in ("torch", "cpp") or self._fp_hook.class_row_local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fp_backend in ("torch", "cpp"):

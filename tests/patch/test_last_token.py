@@ -85,22 +85,15 @@ def test_last_block_computes_the_class_token_only_with_the_reference_results(cas
 
 @pytest.mark.parametrize(("case", "why"), [
     ("avg-pool", "global_pool='avg' reads every token"),
-    ("fused-convpass", "FusedBypass in the last block reads other rows"),
     ("attn-dropout", "the last block has attention dropout"),
-    ("fused-adapter-dropout", "FusedAdaptFormer in the last block reads other rows or draws its own"),
     ("foreign-hook", "after the last block's attention, <lambda> hook on mlp.fc2 is not row-local"),
     ("foreign-module", "after the last block's attention, Conv1dish (mlp.act) is not row-local"),
 ])
 def test_left_alone_where_other_rows_or_their_draws_matter(case, why):
-    backend = "torch"
     if case == "avg-pool":
         m = build(ELIGIBLE["bitfit"], global_pool="avg")
     elif case == "attn-dropout":
         m = build(ELIGIBLE["bitfit"], attn_drop_rate=0.1)
-    elif case == "fused-convpass":  # the fused bypass has no class-row path
-        m, backend = build(lambda d: fastpeft.Convpass(dim=8)), "triton"
-    elif case == "fused-adapter-dropout":  # the Triton kernel's seeded mask numbers the rows it sees
-        m, backend = build(ELIGIBLE["adaptformer"]), "triton"
     else:
         m = build(ELIGIBLE["bitfit"])
         if case == "foreign-hook":  # a user's hook: fastpeft cannot know what it reads or draws
@@ -111,11 +104,41 @@ def test_left_alone_where_other_rows_or_their_draws_matter(case, why):
                     return F.gelu(x)
             m.blocks[-1].mlp.act = Conv1dish()
     cls = type(m.blocks[-1])
-    report = fastpeft.patch(m, backend=backend)
+    report = fastpeft.patch(m, backend="torch")
     assert "forward" not in m.__dict__
     assert any(what.startswith("model.forward") and reason.startswith(why) for what, reason in report.left_alone), str(report)
     if case in ("avg-pool", "attn-dropout", "foreign-hook", "foreign-module"):  # (nothing else re-classes a BitFit block)
         assert type(m.blocks[-1]) is cls
+
+
+@pytest.mark.parametrize("case", ["adaptformer", "adapter-noah", "fact-tk", "convpass"])
+def test_fused_slots_and_projections_take_the_class_row_pass_with_their_seeded_dropout(case):
+    # (Triton interpreter) the fused ops' dropout is their own seeded stream, never eager's masks:
+    # on the class row they draw a fresh one and leave torch's generator where the full block does
+    # (fused Convpass: its class row runs the reference's path, whose torch dropout draws more).
+    # With dropout off they give the reference's values (the fused-rule tests); with it on, the
+    # class-row pass must draw (the logits move) and take exactly the full block's draws from torch.
+    m, x = build(ELIGIBLE[case]), images(batch=3)
+    report = fastpeft.patch(m, backend="triton")
+    assert "class token row only" in str(report) and "[triton]" in str(report), str(report)
+    rows = []
+    handle = m.blocks[-1].mlp.fc1.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[:-1]))
+    torch.manual_seed(3)
+    out = m(x)
+    after_cls = torch.rand(4)
+    handle.remove()
+    assert rows == [torch.Size([x.shape[0], 1])]
+    torch.manual_seed(3)
+    full = type(m).forward(m, x)  # the full last block, the same patched ops
+    # (the fused bypass has no one-row kernel: its class row is the reference's, eager's torch draws)
+    assert torch.equal(torch.rand(4), after_cls) != (case == "convpass")
+    m.eval()
+    no_drop = m(x)
+    m.train()
+    assert torch.isfinite(out).all() and not torch.allclose(out, no_drop, atol=1e-4)
+    torch.testing.assert_close(out.mean(), full.mean(), atol=0.5 * full.std().item(), rtol=0)  # (sanity)
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for _, p in fastpeft.trainable_parameters(m) if p.grad is not None)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 5), (3, 11, 4, 6), (1, 197, 8)])
