@@ -4,8 +4,9 @@ head reads (global_pool='token').
 In a token-pooled ViT, `model(x)` reads one row of the last block's output. That row needs every
 token's key and value (the class token attends over all of them), so the last block still runs
 norm1 and qkv (with every method hook on them) over all tokens. But its attention is one query
-row per head, and proj, the MLP and every method slot and branch run on B rows instead of B * N: ~10/12 of the last block's frozen GEMM FLOPs in forward and backward, ~6% of a
-ViT-B/16 train step. The other rows' outputs have zero gradient in the reference, so the
+row per head, and proj, the MLP and every method slot and branch run on B rows instead of B * N:
+~10/12 of the last block's frozen GEMM FLOPs in forward and backward, ~6% of a ViT-B/16 train
+step. The other rows' outputs have zero gradient in the reference, so the
 gradients are the same sums without those zero terms; values match to fp32 rounding (a GEMM over B
 rows may round differently from one over B * N), not bit for bit.
 
@@ -18,10 +19,11 @@ be the reference's: DropPath's per-sample mask is the same on one row; a torch d
 [B, N, ...] tensor the reference drew it over -- the same op on the same shape, so the same
 numbers in the same order -- and keeps the class row's slice (`_ClassRowDraws`). A fused kernel's
 dropout is seeded per call and never eager's masks: on the class row it draws a fresh mask for
-that row, as the full block would in distribution (fastpeft/fused/common.py). Attention dropout (a [1, N] row of an [N, N] map) is refused. A block_out slot may
-only drop rows and keep the class token's (`keeps_class_row`: VPT's and NOAH's prompt removal), and
-`model.forward` must not be replaced already (VQT does its own class-token pass). `forward_features`
-is untouched: it still returns every token.
+that row, as the full block would in distribution (fastpeft/fused/common.py). Attention dropout
+(a [1, N] row of an [N, N] map) is refused. A block_out slot may only drop rows and keep the class
+token's (`keeps_class_row`: VPT's and NOAH's prompt removal; the pass skips it), and
+`model.forward` must not be replaced already (VQT does its own class-token pass).
+`forward_features` is untouched: it still returns every token.
 """
 from __future__ import annotations
 

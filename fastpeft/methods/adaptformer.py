@@ -77,6 +77,7 @@ class _Parallel(SlotFn):
 
 class _Sequential(SlotFn):
     class_row_local = True
+
     def __init__(self, adapter: AdaptMLP):
         self.adapter = adapter
 

@@ -84,8 +84,8 @@ class _ReplacePrompts(_VPTSlot):
 class _RemovePrompts(_VPTSlot):
     """Last block's block_out: drop the prompt positions."""
 
-    #: keeps the prefix rows (the class token's among them) as they are: fine on the class-token
-    #: row alone (fastpeft/last_token.py), where it returns that row
+    #: keeps the prefix rows (the class token's among them) as they are: the class-row pass of
+    #: fastpeft/last_token.py skips it
     keeps_class_row = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
