@@ -79,14 +79,16 @@ class ConvpassModule(nn.Module):
         u = quick_gelu(self.adapter_down(h))
         patches = u[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
         patches = self.adapter_conv(patches).permute(0, 2, 3, 1).reshape(B, gh * gw, d)
-        if P:
-            prefix = u[:, :P].reshape(B * P, 1, 1, d).permute(0, 3, 1, 2)  # each token a 1x1 image
-            prefix = self.adapter_conv(prefix).reshape(B, P, d)
-            u = torch.cat([prefix, patches], dim=1)
-        else:
-            u = patches
-        u = dropout(quick_gelu(u), self.dropout, self)
-        return self.adapter_up(u)
+        u = torch.cat([self._prefix_conv(u[:, :P]), patches], dim=1) if P else patches
+        return self._out(u)
+
+    def _prefix_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """The conv of prefix tokens [B, P, dim]: each token a 1x1 image (the centre tap)."""
+        B, P, d = u.shape
+        return self.adapter_conv(u.reshape(B * P, 1, 1, d).permute(0, 3, 1, 2)).reshape(B, P, d)
+
+    def _out(self, u: torch.Tensor) -> torch.Tensor:
+        return self.adapter_up(dropout(quick_gelu(u), self.dropout, self))
 
     def class_row(self, h: torch.Tensor) -> torch.Tensor:
         """Row 0 of `forward` (the class token, a prefix token: its conv is the centre tap of a
@@ -94,10 +96,7 @@ class ConvpassModule(nn.Module):
         on the [B, 1, dim] row (the class-row pass draws it over every row, fastpeft/last_token.py)."""
         if self.num_prefix < 1 or h.shape[1] != 1:
             raise RuntimeError(f"Convpass class_row needs a class (prefix) token and one row, got {tuple(h.shape)}")
-        B, d = h.shape[0], self.dim
-        u = quick_gelu(self.adapter_down(h)).reshape(B, 1, 1, d).permute(0, 3, 1, 2)
-        u = self.adapter_conv(u).reshape(B, 1, d)
-        return self.adapter_up(dropout(quick_gelu(u), self.dropout, self))
+        return self._out(self._prefix_conv(quick_gelu(self.adapter_down(h))))
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, num_prefix={self.num_prefix}, dropout={self.dropout}"

@@ -185,12 +185,22 @@ def test_convpass_class_row_is_row_0_of_its_forward(num_prefix, dropout):
 
     conv = ConvpassModule(48, 6, (3, 4), num_prefix, xavier_init=True, dropout=dropout).train()
     randomize_(list(conv.parameters()))
-    h = torch.randn(3, num_prefix + 12, 48)
+    h = torch.randn(3, num_prefix + 12, 48, requires_grad=True)
+    w = torch.randn(3, 1, 48)  # a loss on the class row only
     torch.manual_seed(5)
     full = conv(h)
+    (full[:, :1] * w).sum().backward()
+    g_full = {"h": h.grad.clone(), **{n: p.grad.clone() for n, p in conv.named_parameters()}}
+    conv.zero_grad(set_to_none=True)
+    h0 = h.detach()[:, :1].clone().requires_grad_()
     torch.manual_seed(5)
     with _ClassRowDraws(h.shape[1]):
-        row = conv.class_row(h[:, :1])
+        row = conv.class_row(h0)
+    (row * w).sum().backward()
     torch.testing.assert_close(row, full[:, :1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(h0.grad, g_full["h"][:, :1], atol=ATOL, rtol=RTOL)
+    assert not g_full["h"][:, 1:].any()  # (the class row reads no other row)
+    for n, p in conv.named_parameters():
+        torch.testing.assert_close(p.grad, g_full[n], atol=ATOL, rtol=RTOL, msg=n)
     with pytest.raises(RuntimeError, match="one row"):
         conv.class_row(h[:, :2])
