@@ -1,7 +1,8 @@
 """Command line: `python -m fastpeft {demo,info}` (also installed as `fastpeft`).
 
-demo  runs fastpeft's ops forward+backward on a random-init timm ViT's patch embeddings and
-      compares them with the pure-torch references, then the PETL method demos.
+demo  checks fastpeft's ops forward+backward against the pure-torch references on a random-init
+      timm ViT's patch embeddings, then fine-tunes PETL methods on scikit-learn's bundled digits,
+      each as the reference, `fastpeft.patch` and `patch(recompute=True)` side by side.
 info  prints the build record and the available backends.
 """
 
@@ -24,10 +25,14 @@ REL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the ops on a random-init timm ViT against the references")
+    demo = sub.add_parser("demo", help="fine-tune PETL methods on bundled digits: reference vs patch vs recompute")
     demo.add_argument("--model", default="vit_tiny_patch16_224",
                       help="timm ViT name, built with pretrained=False (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="one image, fp32 and bf16 only")
+    demo.add_argument("--all", action="store_true", help="every method (default: one per fused op family)")
+    demo.add_argument("--methods", help="comma-separated method labels to run instead of the default set")
+    demo.add_argument("--steps", type=int, help="training steps per contender (default: 30)")
+    demo.add_argument("--out", default="demo-results", help="folder for the table, JSON and plot (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a smoke run: two blocks, few images and steps")
     demo.add_argument("--device", default="auto",
                       help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
     sub.add_parser("info", help="print the build record and available backends")

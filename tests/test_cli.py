@@ -14,10 +14,12 @@ def _run(*args, tmp_path):
 
 
 def test_demo_quick(tmp_path):
-    out = _run("demo", "--quick", "--device", "cpu", tmp_path=tmp_path)
+    out = _run("demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "res"), tmp_path=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "max relative error" in out.stdout
     assert "MISMATCH" not in out.stdout
+    assert "recompute" in out.stdout and "results written to" in out.stdout
+    assert (tmp_path / "res" / "demo.md").exists()
 
 
 def test_info(tmp_path):
