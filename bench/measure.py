@@ -31,6 +31,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fastpeft.profile import custom_op_keyset
+
 #: H100 SXM HBM3 bandwidth used for the lower bound `bytes / H100_BW` (performance.md).
 H100_BW = 3.35e12
 
@@ -306,23 +308,6 @@ def triton_launches_stubbed():
             cls.run = orig
 
 
-_DISPATCH_KEY_OF_DEVICE = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-
-
-def _kernel_keyset(func, args, kwargs):
-    """The dispatch key set that runs `func`'s backend implementation for these arguments (its
-    CPU/CUDA kernel, else its CompositeExplicitAutograd one), or None."""
-    dev = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
-    names = [_DISPATCH_KEY_OF_DEVICE.get(dev), "CompositeExplicitAutograd"]
-    for name in names:
-        if name is None:
-            continue
-        key = getattr(torch._C.DispatchKey, name)
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
-            return torch._C.DispatchKeySet(key)
-    return None
-
-
 class HostOpCounter(TorchDispatchMode):
     """Counts the aten ops that do work (each one is a kernel launch on a GPU): non-view ops that
     are not allocations or metadata (`_NO_KERNEL`). A custom op (any namespace but aten/prims)
@@ -338,7 +323,7 @@ class HostOpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace not in ("aten", "prims"):
-            keyset = _kernel_keyset(func, args, kwargs)
+            keyset = custom_op_keyset(func, args, kwargs)
             if keyset is not None:
                 self.custom += 1
                 self.by_op[f"{func.namespace}::{func.overloadpacket.__name__} (custom)"] += 1
