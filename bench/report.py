@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-CONTENDER_ORDER = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute", "fastpeft")
+CONTENDER_ORDER = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute", "patch+compile",
+                   "compile-reduce-overhead", "patch+compile-reduce-overhead", "fastpeft")
 
 
 def _t(s: float | None) -> str:
