@@ -53,6 +53,13 @@ def pytest_addoption(parser):
                 help="torch.compile op rows: at every size, the first size only, or none")
     g.addoption("--bench-backend", default="auto", help="fastpeft.patch backend")
     g.addoption("--bench-save", default=None, help="directory to write <device>-<date>.json into")
+    g.addoption("--bench-tag", default="",
+                help="appended to the results file name: <device>-<date>-<tag>.json (e.g. vit_base_b64_bf16)")
+    g.addoption("--bench-matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                help="torch.set_float32_matmul_precision for the run (high: TF32 fp32 matmuls on CUDA)")
+    g.addoption("--bench-autocast", default="none", choices=("none", "bf16", "fp16"),
+                help="end-to-end rows run forward + loss under torch.autocast with this dtype (model stays "
+                     "--bench-dtype)")
     g.addoption("--bench-host", action="store_true",
                 help="host-overhead mode (bench/host.py): only the host rows run; vit_tiny at 32 px, batch 1, "
                      "1 thread, Triton launches stubbed (--bench-model/--bench-batch/--bench-img-size ignored)")
@@ -76,11 +83,20 @@ class BenchConfig:
     backend: str
     disabled: bool
     host: bool = False
+    tag: str = ""
+    matmul_precision: str = "highest"
+    autocast: str = "none"
 
     @property
     def suffix(self) -> str:
-        """Appended to the results file name: the host-overhead mode's files are kept apart."""
-        return "-host_overhead" if self.host else ""
+        """Appended to the results file name (--bench-tag; the host-overhead mode's files are kept
+        apart by default)."""
+        tag = self.tag or ("host_overhead" if self.host else "")
+        return f"-{tag}" if tag else ""
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.autocast == "none" else DTYPES[self.autocast]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,6 +117,7 @@ class BenchConfig:
             "op_rounds": self.op_rounds, "op_sizes": ["x".join(map(str, s)) for s in self.op_sizes],
             "compile": self.compile_methods, "op_compile": self.op_compile,
             "backend": self.backend, "benchmark_disabled": self.disabled, "host": self.host,
+            "tag": self.tag, "matmul_precision": self.matmul_precision, "autocast": self.autocast,
         }
 
 
@@ -122,7 +139,7 @@ def _config(config) -> BenchConfig:
             model=HOST_MODEL, batch=HOST_BATCH, dtype_name="fp32", device=torch.device("cpu"),
             depth=opt("--bench-depth"), img_size=HOST_IMG_SIZE, classes=HOST_CLASSES, rounds=max(1, opt("--bench-host-rounds")), op_rounds=0, op_sizes=[],
             compile_methods="none", op_compile="none", backend="triton",
-            disabled=bool(getattr(config.option, "benchmark_disable", False)), host=True,
+            disabled=bool(getattr(config.option, "benchmark_disable", False)), host=True, tag=opt("--bench-tag"),
         )
     return BenchConfig(
         model=opt("--bench-model"), batch=opt("--bench-batch"), dtype_name=opt("--bench-dtype"),
@@ -132,6 +149,7 @@ def _config(config) -> BenchConfig:
         compile_methods=opt("--bench-compile"), op_compile=opt("--bench-op-compile"),
         backend=opt("--bench-backend"),
         disabled=bool(getattr(config.option, "benchmark_disable", False)),
+        tag=opt("--bench-tag"), matmul_precision=opt("--bench-matmul-precision"), autocast=opt("--bench-autocast"),
     )
 
 
@@ -180,6 +198,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "bench_host: host-overhead rows (run only with --bench-host)")
     if config.getoption("--bench-host", default=False):
         torch.set_num_threads(1)  # what the host rows run with (bench/host.py); recorded in the machine info
+    elif config.getoption("--bench-matmul-precision", default=None):
+        torch.set_float32_matmul_precision(config.getoption("--bench-matmul-precision"))
 
 
 def pytest_collection_modifyitems(session, config, items):

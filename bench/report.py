@@ -85,6 +85,9 @@ def header(doc: dict) -> str:
     return (f"**{m['device']}** — {shape}, batch {c['batch']}, {c['dtype']}, {m['date']}; "
             f"torch {m['torch']}, triton {m.get('triton')}, timm {m.get('timm')}, peft {m.get('peft')}, "
             f"git `{m['git_sha']}`; {c['rounds']} timed rounds per end-to-end row, {c['op_rounds']} per op row"
+            + (f"; float32 matmul precision {c['matmul_precision']}" if c.get("matmul_precision", "highest") != "highest"
+               else "")
+            + (f"; {c['autocast']} autocast" if c.get("autocast", "none") != "none" else "")
             + (" (benchmark disabled: single untimed calls)" if c.get("benchmark_disabled") else "") + ".")
 
 

@@ -17,6 +17,7 @@ recorded as skipped with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import pytest
@@ -191,6 +192,14 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
         fwd = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.autocast_dtype is not None:
+        row["autocast"] = cfg.autocast
+
+    def autocast():
+        if cfg.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=cfg.autocast_dtype)
+
     opt = torch.optim.AdamW(params, lr=1e-4) if mode == "train" else None
 
     if mode == "train":
@@ -200,7 +209,9 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
             opt.zero_grad(set_to_none=True)
             if cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            F.cross_entropy(fwd(x), y).backward()
+            with autocast():
+                loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
 
         def step():
             fwd_bwd()
@@ -212,7 +223,7 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
         def step():
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 fwd(x)
             sync()
 
