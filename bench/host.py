@@ -113,14 +113,9 @@ def _stepper(model, x, y) -> Callable[[], None]:
 
 
 def _timed(step) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
 def measure_method(label: str, *, rounds: int, warmup: int = 3, depth: int | None = None,
@@ -180,9 +175,16 @@ def measure_method(label: str, *, rounds: int, warmup: int = 3, depth: int | Non
             )
         times: dict[str, list[float]] = {c: [] for c in live}
         for r in range(rounds):
-            k = r % max(1, len(live))
-            for c in live[k:] + live[:k]:
-                times[c].append(_timed(steps[c]))
+            # no garbage-collector pause inside a round (a full collect costs about a step here):
+            # one collect between rounds, none while the contenders' steps run
+            gc.collect()
+            gc.disable()
+            try:
+                k = r % max(1, len(live))
+                for c in live[k:] + live[:k]:
+                    times[c].append(_timed(steps[c]))
+            finally:
+                gc.enable()
 
     for c in live:
         ts = times[c]
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # unwritten kernel outputs must not slow the ops reading them
+    gc.collect()
+    gc.freeze()  # the ~400k objects of the imported modules: out of every later collect
     labels = args.method or method_labels()
     out: list[dict[str, Any]] = []
     for label in labels:
