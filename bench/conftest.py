@@ -5,6 +5,10 @@ Every test records one row (run or skipped, with the reason) into the session-sc
 with `--bench-save DIR`, writes `DIR/<device>-<date>.json` (read by `python -m bench.report`).
 The same metrics also go into each benchmark's `extra_info`, so `--benchmark-json` carries them.
 
+`--bench-host` switches to the host-overhead mode instead (bench/test_host.py, bench/host.py): only
+its rows run, on a fixed tiny model with the Triton launches stubbed, one thread, and the results
+go to `DIR/<device>-<date>-host_overhead.{json,md}`.
+
 Defaults finish on the 2-core CPU machines (see README "Benchmarks"); the GPU setting of
 performance.md is `--bench-model vit_base_patch16_224 --bench-batch 128 --bench-dtype bf16
 --bench-device cuda --bench-compile all`.
@@ -20,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench.measure import H100_BW, machine_info
+from bench.measure import H100_BW, HOST_BATCH, HOST_CLASSES, HOST_IMG_SIZE, HOST_MODEL, machine_info
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,6 +53,17 @@ def pytest_addoption(parser):
                 help="torch.compile op rows: at every size, the first size only, or none")
     g.addoption("--bench-backend", default="auto", help="fastpeft.patch backend")
     g.addoption("--bench-save", default=None, help="directory to write <device>-<date>.json into")
+    g.addoption("--bench-tag", default="",
+                help="appended to the results file name: <device>-<date>-<tag>.json (e.g. vit_base_b64_bf16)")
+    g.addoption("--bench-matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                help="torch.set_float32_matmul_precision for the run (high: TF32 fp32 matmuls on CUDA)")
+    g.addoption("--bench-autocast", default="none", choices=("none", "bf16", "fp16"),
+                help="end-to-end rows run forward + loss under torch.autocast with this dtype (model stays "
+                     "--bench-dtype)")
+    g.addoption("--bench-host", action="store_true",
+                help="host-overhead mode (bench/host.py): only the host rows run; vit_tiny at 32 px, batch 1, "
+                     "1 thread, Triton launches stubbed (--bench-model/--bench-batch/--bench-img-size ignored)")
+    g.addoption("--bench-host-rounds", type=int, default=40, help="timed rounds per host-mode contender")
 
 
 @dataclass
@@ -67,6 +82,21 @@ class BenchConfig:
     op_compile: str
     backend: str
     disabled: bool
+    host: bool = False
+    tag: str = ""
+    matmul_precision: str = "highest"
+    autocast: str = "none"
+
+    @property
+    def suffix(self) -> str:
+        """Appended to the results file name (--bench-tag; the host-overhead mode's files are kept
+        apart by default)."""
+        tag = self.tag or ("host_overhead" if self.host else "")
+        return f"-{tag}" if tag else ""
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.autocast == "none" else DTYPES[self.autocast]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,7 +116,8 @@ class BenchConfig:
             "depth": self.depth, "img_size": self.img_size, "classes": self.classes, "rounds": self.rounds,
             "op_rounds": self.op_rounds, "op_sizes": ["x".join(map(str, s)) for s in self.op_sizes],
             "compile": self.compile_methods, "op_compile": self.op_compile,
-            "backend": self.backend, "benchmark_disabled": self.disabled,
+            "backend": self.backend, "benchmark_disabled": self.disabled, "host": self.host,
+            "tag": self.tag, "matmul_precision": self.matmul_precision, "autocast": self.autocast,
         }
 
 
@@ -103,6 +134,13 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
 def _config(config) -> BenchConfig:
     opt = config.getoption
     device = torch.device(opt("--bench-device"))
+    if opt("--bench-host"):
+        return BenchConfig(
+            model=HOST_MODEL, batch=HOST_BATCH, dtype_name="fp32", device=torch.device("cpu"),
+            depth=opt("--bench-depth"), img_size=HOST_IMG_SIZE, classes=HOST_CLASSES, rounds=max(1, opt("--bench-host-rounds")), op_rounds=0, op_sizes=[],
+            compile_methods="none", op_compile="none", backend="triton",
+            disabled=bool(getattr(config.option, "benchmark_disable", False)), host=True, tag=opt("--bench-tag"),
+        )
     return BenchConfig(
         model=opt("--bench-model"), batch=opt("--bench-batch"), dtype_name=opt("--bench-dtype"),
         device=device, depth=opt("--bench-depth"), img_size=opt("--bench-img-size"),
@@ -111,6 +149,7 @@ def _config(config) -> BenchConfig:
         compile_methods=opt("--bench-compile"), op_compile=opt("--bench-op-compile"),
         backend=opt("--bench-backend"),
         disabled=bool(getattr(config.option, "benchmark_disable", False)),
+        tag=opt("--bench-tag"), matmul_precision=opt("--bench-matmul-precision"), autocast=opt("--bench-autocast"),
     )
 
 
@@ -156,6 +195,20 @@ _COLLECTOR_KEY = pytest.StashKey[Collector]()
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench_e2e: end-to-end method rows")
     config.addinivalue_line("markers", "bench_op: per-op rows")
+    config.addinivalue_line("markers", "bench_host: host-overhead rows (run only with --bench-host)")
+    if config.getoption("--bench-host", default=False):
+        torch.set_num_threads(1)  # what the host rows run with (bench/host.py); recorded in the machine info
+    elif config.getoption("--bench-matmul-precision", default=None):
+        torch.set_float32_matmul_precision(config.getoption("--bench-matmul-precision"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """--bench-host runs the host rows and nothing else; without it they are left out."""
+    host = config.getoption("--bench-host")
+    keep = [it for it in items if (it.get_closest_marker("bench_host") is not None) == host]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep
 
 
 def _collector(config) -> Collector:
@@ -192,8 +245,12 @@ def pytest_sessionfinish(session, exitstatus):
     if out and col.rows:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{col.machine['device_slug']}-{col.machine['date']}.json"
+        path = d / f"{col.machine['device_slug']}-{col.machine['date']}{col.cfg.suffix}.json"
         path.write_text(json.dumps(col.document(), indent=1, default=str) + "\n")
+        if col.cfg.host:  # the host table is the result: write its markdown beside it now
+            from bench import report
+
+            path.with_suffix(".md").write_text(report.markdown(col.document()))
         session.config.stash[_SAVED_KEY] = str(path)
 
 
@@ -227,6 +284,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not col.rows:
         return
     tr = terminalreporter
+    if col.cfg.host:
+        from bench import report
+
+        tr.section(f"fastpeft bench --bench-host: {col.machine['device']}")
+        for line in report.markdown(col.document()).splitlines():
+            tr.write_line(line)
+        if _SAVED_KEY in config.stash:
+            tr.write_line(f"results written to {config.stash[_SAVED_KEY]} (and .md)")
+        return
     tr.section(f"fastpeft bench: {col.machine['device']} | {col.cfg.model} batch {col.cfg.batch} {col.cfg.dtype_name}")
     tr.write_line(f"{'row':52} {'median':>9} {'vs eager':>8} {'saved':>11} {'vs eager':>8} {'launches':>8}")
     for r in col.rows:

@@ -7,6 +7,9 @@ Contenders (performance.md), all on the same seeded model weights and inputs:
   timm-ckpt        the eager model with timm's `set_grad_checkpointing()` (memory contender)
   patch            fastpeft.patch(model)
   patch-recompute  fastpeft.patch(model, recompute=True)
+  patch+compile    torch.compile(fastpeft.patch(model)) (default mode)
+  compile-reduce-overhead, patch+compile-reduce-overhead
+                   the same two with mode="reduce-overhead" (CUDA graphs); CUDA only
 
 A train step is zero_grad + forward + cross-entropy + backward + AdamW step on the trainable
 parameters; inference is a no_grad forward in eval mode. Contenders that cannot run here are
@@ -14,6 +17,7 @@ recorded as skipped with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import pytest
@@ -44,7 +48,10 @@ METHODS: list[tuple[str, str, Any]] = [
     ("NOAH", "NOAH", lambda depth: {"adapter_dims": [5] * depth, "lora_ranks": [5] * depth,
                                      "prompt_lens": [10] * depth}),
 ]
-CONTENDERS = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute")
+CONTENDERS = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute", "patch+compile",
+              "compile-reduce-overhead", "patch+compile-reduce-overhead")
+#: contenders that run under torch.compile (opt-in per method: --bench-compile)
+COMPILED = ("compile", "patch+compile", "compile-reduce-overhead", "patch+compile-reduce-overhead")
 MODES = ("train", "infer")
 
 #: What HF peft offers for each method (peft targets transformers-style modules; on a timm ViT
@@ -146,7 +153,9 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
             skip(collector, row, "HF peft not installed (make bench installs it)")
     if contender.startswith("patch") and getattr(fastpeft, "patch", None) is None:
         skip(collector, row, "fastpeft.patch not yet available")
-    if contender == "compile":
+    if contender.endswith("reduce-overhead") and cfg.device.type != "cuda":
+        skip(collector, row, 'mode="reduce-overhead" (CUDA graphs) needs a CUDA device')
+    if contender in COMPILED:
         if compiler_problem:
             skip(collector, row, compiler_problem)
         if not cfg.compile_selected(method):
@@ -176,12 +185,21 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     fwd = model
-    if contender == "compile":
+    cudagraphs = contender.endswith("reduce-overhead")
+    if contender in COMPILED:
         measure.configure_inductor()
         torch._dynamo.reset()  # a fresh cache per row: no recompile limit across methods
-        fwd = torch.compile(model)
+        fwd = torch.compile(model, mode="reduce-overhead" if cudagraphs else None)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.autocast_dtype is not None:
+        row["autocast"] = cfg.autocast
+
+    def autocast():
+        if cfg.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=cfg.autocast_dtype)
+
     opt = torch.optim.AdamW(params, lr=1e-4) if mode == "train" else None
 
     if mode == "train":
@@ -189,7 +207,11 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
 
         def fwd_bwd():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(fwd(x), y).backward()
+            if cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast():
+                loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
 
         def step():
             fwd_bwd()
@@ -199,13 +221,15 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
         model.eval()
 
         def step():
-            with torch.no_grad():
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad(), autocast():
                 fwd(x)
             sync()
 
     # First call: warmup, and for torch.compile the compile itself (its kernels' bytes counted).
     try:
-        row["first_call_s"], graph_bytes = measure.first_call(step, contender == "compile")
+        row["first_call_s"], graph_bytes = measure.first_call(step, contender in COMPILED)
     except Exception as e:  # noqa: BLE001  (a contender that fails here is reported, not fatal)
         skip(collector, row, f"{contender} failed on {method} ({mode}): {type(e).__name__}: {str(e)[:300]}")
 
@@ -221,7 +245,7 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
                                "cuda_memory sees them").strip()
     row["cuda_memory"] = measure.cuda_peak(step, device)
 
-    if contender == "compile":
+    if contender in COMPILED:
         launches, how = measure.profiled_launches(step, device)
         extra = measure.traffic(opt.step).bytes if mode == "train" else 0
         row.update(hbm_bytes=graph_bytes["bytes"] + extra, launches=launches, launches_method=how,

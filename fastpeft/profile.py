@@ -3,6 +3,10 @@
 `saved_activation_bytes(fn)`: how many bytes of activations autograd keeps for backward while `fn`
 runs — the "saved for backward" column of shared/guides/performance.md. Exact and identical on CPU
 and GPU (it counts storages, not allocator blocks).
+
+`custom_op_keyset(func, args, kwargs)`: for a TorchDispatchMode that must see the aten ops a
+custom op (`torch.ops.fastpeft.*`) issues inside its implementation, not only the custom op: the
+dispatch key set that runs that implementation (see `bench.measure.HostOpCounter`).
 """
 from __future__ import annotations
 
@@ -11,7 +15,29 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["saved_activation_bytes"]
+__all__ = ["saved_activation_bytes", "custom_op_keyset"]
+
+_DISPATCH_KEY_OF_DEVICE = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def custom_op_keyset(func, args=(), kwargs=None):
+    """The dispatch key set that runs `func`'s backend implementation for these arguments (its
+    kernel for the arguments' device, else its CompositeExplicitAutograd one), or None.
+
+    Inside a TorchDispatchMode's handler the mode is popped, so a custom op called there runs its
+    implementation unobserved; `with mode: func.redispatch(keyset, *args, **kwargs)` runs it with
+    the mode active, so each aten op the implementation issues reaches the mode (re-dispatching
+    with the mode active but without the key set would re-enter the handler for the same op)."""
+    from torch.utils._pytree import tree_leaves
+
+    dev = next((t.device.type for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)), "cpu")
+    for name in (_DISPATCH_KEY_OF_DEVICE.get(dev), "CompositeExplicitAutograd"):
+        if name is None:
+            continue
+        key = getattr(torch._C.DispatchKey, name)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+            return torch._C.DispatchKeySet(key)
+    return None
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:

@@ -5,6 +5,15 @@
 #   bench   pytest bench --bench-device cuda ($BENCH_ARGS appended, -k "$BENCH_K" when set)
 #   profile tools/gpu_profile.py (step times, GPU-busy fraction, top kernels; $PROFILE_ARGS)
 #   ops     the op rows only (-k "not e2e"), faster than a whole bench
+#   host    the host-overhead mode (pytest bench --bench-host: ViT-Ti, 5 tokens, batch 1, one CPU
+#           thread, Triton launches stubbed) on this machine's CPU
+#   vitb    ViT-B/16 train rows at batch $VITB_BATCHES (8 64 128) x $VITB_PRECISIONS (tf32 bf16):
+#           fp32 model with TF32 matmuls (float32_matmul_precision high), and the same under bf16
+#           autocast; contenders eager, compile, peft, timm-ckpt, patch, patch-recompute,
+#           patch+compile and both compiles with mode="reduce-overhead" (CUDA graphs); compile rows
+#           for the methods in $VITB_COMPILE (default AdaptFormer,SSF,LoRA; "all" for every one),
+#           $VITB_ROUNDS timed rounds (10); one results file per setting, tagged vit_base_b<B>_<prec>.
+#           Split across calls (each call is capped at 10 min) by setting VITB_BATCHES / VITB_PRECISIONS.
 # Logs and results land in $OUT (default /tmp/fastpeft-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +54,23 @@ fi
 if [[ ",$STAGES," == *",profile,"* ]]; then
   $PY tools/gpu_profile.py --out "$OUT" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 || rc=1
   grep -v Warn "$OUT/profile.log" | head -${PROFILE_LINES:-200}
+fi
+if [[ ",$STAGES," == *",host,"* ]]; then
+  $PY -m pytest bench -p no:cacheprovider --bench-host --bench-save "$OUT" ${HOST_ARGS:-} >"$OUT/host.log" 2>&1 || rc=1
+  grep -vE "^(bench/|\s*$)" "$OUT/host.log" | tail -80
+fi
+if [[ ",$STAGES," == *",vitb,"* ]]; then
+  for b in ${VITB_BATCHES:-8 64 128}; do
+    for prec in ${VITB_PRECISIONS:-tf32 bf16}; do
+      args=(--bench-device cuda --bench-model vit_base_patch16_224 --bench-batch "$b" --bench-dtype fp32
+            --bench-matmul-precision high --bench-compile "${VITB_COMPILE:-AdaptFormer,SSF,LoRA}"
+            --bench-rounds "${VITB_ROUNDS:-10}" --bench-tag "vit_base_b${b}_${prec}" -k "test_e2e and train")
+      [[ $prec == bf16 ]] && args+=(--bench-autocast bf16)
+      log="$OUT/vitb_b${b}_${prec}.log"
+      $PY -m pytest bench -p no:cacheprovider --bench-save "$OUT" "${args[@]}" ${BENCH_ARGS:-} >"$log" 2>&1 || rc=1
+      echo "== ViT-B/16 batch $b $prec"; grep -E "^e2e:|results written" "$log" | cut -c1-140
+    done
+  done
 fi
 for stage in bench ops; do
   [[ ",$STAGES," == *",$stage,"* ]] || continue
