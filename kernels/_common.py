@@ -134,6 +134,41 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, shape=None,
         raise ValueError(f"{op}: {name} must be {dtype}, got {name} {describe(t)}")
 
 
+class CheckedSignatures:
+    """Argument checks once per call signature: `seen(key)` is True when the checks already passed
+    for arguments with this key (every property the checks read: shapes, dtypes, devices, flags),
+    so an eager functional runs its checks on the first call of a signature only and a cheap key
+    comparison after that; anything that differs (a changed dtype or device, another shape) is a
+    new key and is checked again before any launch. `key` is None (always check) when an argument
+    is neither a tensor nor None. Bounded: forgets everything past `maxsize` keys."""
+
+    def __init__(self, maxsize: int = 512):
+        self._seen: set = set()
+        self._maxsize = maxsize
+
+    @staticmethod
+    def key(*tensors, extra=()) -> tuple | None:
+        parts = []
+        for t in tensors:
+            if t is None:
+                parts.append(None)
+            elif isinstance(t, torch.Tensor):
+                parts.append((t.shape, t.dtype, t.device))
+            else:
+                return None
+        return (*parts, *extra)
+
+    def seen(self, key) -> bool:
+        return key is not None and key in self._seen
+
+    def add(self, key) -> None:
+        if key is None:
+            return
+        if len(self._seen) >= self._maxsize:
+            self._seen.clear()
+        self._seen.add(key)
+
+
 def check_dropout(op: str, p: float, seed, like: torch.Tensor, like_name: str = "x") -> None:
     """ValueError unless p is in [0, 1) and, when p > 0, `seed` is a one-element int64 tensor on
     `like`'s device (the Philox seed the masks are regenerated from)."""
@@ -161,14 +196,44 @@ def next_pow2(n: int) -> int:
 
 
 # Launcher helpers shared by the kernel families.
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(kind: str, device, dtype, n: int = 1) -> torch.Tensor:
+    """A cached zero tensor of n elements per (kind, device, dtype, n): allocated once and only
+    ever read (by kernels that ignore it or read it as zeros), so no per-call allocation."""
+    key = (kind, device, dtype, n)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return t
+
+
+def zeros_const(n: int, device, dtype) -> torch.Tensor:
+    """A cached, read-only [n] zero vector (an absent bias the kernel reads)."""
+    return _constant("zeros", device, dtype, n)
+
+
 def dummy(device, dtype=torch.float32) -> torch.Tensor:
-    """A one-element stand-in for a pointer argument the kernel does not read."""
-    return torch.empty(1, dtype=dtype, device=device)
+    """A one-element stand-in for a pointer argument the kernel does not read (cached)."""
+    return _constant("dummy", device, dtype)
 
 
 def seed_or_zero(seed, p: float, device) -> torch.Tensor:
-    """The int64 [1] dropout seed the kernels read (a zero seed when p == 0: never used)."""
-    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+    """The int64 [1] dropout seed the kernels read (a cached zero seed when p == 0: never used)."""
+    return seed.reshape(1) if p > 0.0 else _constant("seed", device, torch.int64)
+
+
+def dot_precision(dtype: torch.dtype, device) -> str:
+    """`input_precision` of the fp32 `tl.dot`s, following torch's own fp32 matmul setting as
+    cuBLAS does: "tf32" when `torch.backends.cuda.matmul.allow_tf32` is on (or
+    `torch.set_float32_matmul_precision` is "high"/"medium") and the tensors are on a GPU,
+    "ieee" otherwise (and for fp16/bf16 inputs, where it has no effect)."""
+    if dtype != torch.float32 or torch.device(device).type != "cuda":
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def inv_keep(p: float) -> float:
