@@ -48,7 +48,7 @@ import types
 
 import torch
 
-from ._common import (check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (CheckedSignatures, check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -330,35 +330,76 @@ def _validate(x, weight, bias, a, b, p, seed):
     check_dropout(op, p, seed, x, "x")
 
 
-def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
-    """Triton forward: (out [..., N] x dtype, u [M, R] x dtype)."""
-    _validate(x, weight, bias, a, b, p, seed)
+def _fwd_launch(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """The forward on validated arguments: the frozen GEMM and the rank-R up-projection on the vendor
+    BLAS (out = addmm(bias, x, W^T), then out += u B^T in place); Triton only for the rank-R
+    down-projection when a dropout mask is regenerated from the seed (input or rank dropout)."""
     x2 = rows_of(x)
     n, r = weight.shape[0], a.shape[0]
-    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
-    u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
-    out = launch_gemm(x2, w_c, u, b_c, n, bias=bias.contiguous() if bias is not None else None)
+    if p > 0.0:
+        a_c = a.contiguous()
+        u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
+    else:
+        u = torch.mm(x2, a.t())
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    out.addmm_(u, b.t())
     return out.view(*x.shape[:-1], n), u
 
 
-def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
-    """Triton backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
-    d, n, r = x.shape[-1], weight.shape[0], a.shape[0]
+def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """Triton-backend forward: (out [..., N] x dtype, u [M, R] x dtype)."""
+    _validate(x, weight, bias, a, b, p, seed)
+    return _fwd_launch(x, weight, bias, a, b, p, seed, drop_input)
+
+
+def _bwd_launch(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, need=(True, True, True, True)):
+    """The backward on validated arguments: (dx, da, db, dbias) in x's dtype, None where `need`
+    (dx, da, db, dbias) says so. GEMMs on the vendor BLAS (dx = g W + dz A with addmm, dA = dz^T x,
+    dB = g^T u); Triton regenerates the dropout masks: dz = drop'(g B) with rank dropout, and with
+    input dropout dx's rank term (mask on [M, D]) and dA = dz^T drop(x)."""
     x2 = rows_of(x)
     g2 = rows_of(grad_out)
-    if g2.shape != (x2.shape[0], n) or u.shape != (x2.shape[0], r):
+    r = a.shape[0]
+    need_dx, need_da, need_db, need_dbias = need
+    rank_drop = p > 0.0 and not drop_input
+    in_drop = p > 0.0 and drop_input
+    dz = None
+    if need_dx or need_da:
+        if rank_drop:  # dz = drop'(g B): B [N, R] read as P(r, k) = B[k, r]
+            b_c = b.contiguous()
+            dz, _ = launch_down(g2, b_c, 1, r, r, p=p, seed=seed, out_drop=True)
+        else:
+            dz = torch.mm(g2, b)
+    dx = da = db = dbias = None
+    if need_dx:
+        if in_drop:  # dx = g W + (dz A) * keep_x / (1 - p): mask regenerated over [M, D]
+            dx = launch_gemm(g2, weight.contiguous(), dz, a.contiguous(), x.shape[-1], trans=True, lr_mask=True,
+                             p=p, seed=seed)
+        else:
+            dx = torch.mm(g2, weight)
+            dx.addmm_(dz, a)
+        dx = dx.view(x.shape)
+    if need_da:
+        if in_drop:
+            da32, _ = launch_dw(dz, x2, q_drop=True, p=p, seed=seed)
+            da = da32.to(x.dtype)
+        else:
+            da = torch.mm(dz.t(), x2)
+    if need_db:
+        db = torch.mm(g2.t(), u)
+    if need_dbias:
+        dbias = g2.sum(0)
+    return dx, da, db, dbias
+
+
+def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
+    """Triton-backend backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
+    n, r = weight.shape[0], a.shape[0]
+    m = x.numel() // x.shape[-1]
+    if grad_out.numel() != m * n or grad_out.shape[-1] != n or u.shape != (m, r):
         raise ValueError(f"lowrank_linear_backward: grad_out {describe(grad_out)} / u {describe(u)} do "
                          f"not match x {describe(x)}, weight {describe(weight)}, rank {r}")
-    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
-    # dz = drop'(g B) [M, R]: B [N, R] read as P(r, k) = B[k, r]
-    dz, _ = launch_down(g2, b_c, 1, r, r, p=p, seed=seed, out_drop=not drop_input)
-    # dx = g W + dz A  (NOAH: + (du A) * keep_x)
-    dx = launch_gemm(g2, w_c, dz, a_c, d, trans=True, lr_mask=drop_input, p=p, seed=seed)
-    dbt, dbias = launch_dw(u, g2, colsum=True)
-    da, _ = launch_dw(dz, x2, q_drop=drop_input, p=p, seed=seed)
-    dt = x.dtype
-    # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
-    return dx.view(x.shape), da.to(dt), dbt.t().to(dt).contiguous(), dbias.to(dt)
+    return _bwd_launch(grad_out.contiguous(), x, weight, a, b, u, p, seed, drop_input)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +410,6 @@ def _keep_torch(seed, rows, width, p):
 
 
 def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
-    _validate(x, weight, bias, a, b, p, seed)
     f32 = torch.float32
     d, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d).to(f32)
@@ -419,7 +459,8 @@ def _triton_ok(x, a) -> bool:
 def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                        b: torch.Tensor, p: float, seed: torch.Tensor | None,
                        drop_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = lowrank_linear_fwd if _triton_ok(x, a) else _lowrank_linear_fwd_torch
+    _validate(x, weight, bias, a, b, p, seed)
+    fn = _fwd_launch if _triton_ok(x, a) else _lowrank_linear_fwd_torch
     return fn(x, weight, bias, a, b, p, seed, drop_input)
 
 
@@ -435,8 +476,11 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
                                 seed: torch.Tensor | None, drop_input: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = grad_out.contiguous()
-    fn = lowrank_linear_bwd if _triton_ok(x, a) else _lowrank_linear_bwd_torch
-    return fn(grad_out, x, weight, a, b, u, p, seed, drop_input)
+    if _triton_ok(x, a):
+        dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
+        return dx.contiguous(), da.contiguous(), db.contiguous(), dbias
+    return _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
 
 
 @_lowrank_linear_backward_op.register_fake
@@ -466,6 +510,38 @@ def _lowrank_backward(ctx, grad_out, _grad_u):
 _lowrank_linear_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 
 
+class _LowRankFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::lowrank_linear`: the same launchers (or torch math) and saved
+    tensors (x, u) as the registered op, without the custom-op dispatch; arguments validated by
+    the caller. `triton_path` is decided once in forward and reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
+        fn = _fwd_launch if triton_path else _lowrank_linear_fwd_torch
+        out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
+        need = ctx.needs_input_grad
+        if need[0] or need[2] or need[3] or need[4]:
+            ctx.save_for_backward(x, weight, a, b, u, seed)
+        ctx.args = (p, drop_input, triton_path)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, a, b, u, seed = ctx.saved_tensors
+        p, drop_input, triton_path = ctx.args
+        need = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        if triton_path:
+            dx, da, db, dbias = _bwd_launch(grad_out, x, weight, a, b, u, p, seed, drop_input,
+                                            (need[0], need[3], need[4], need[2]))
+        else:
+            dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
+        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+                db if need[4] else None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functionals
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +563,9 @@ def _seed(p, seed, x):
     return seed if p > 0.0 else None
 
 
+_CHECKED = CheckedSignatures()
+
+
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                    b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
                    training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -495,16 +574,28 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
     None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
     when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
+
+    Eager calls run one autograd.Function over the launchers, with the argument checks run once
+    per call signature (`_CHECKED`); under torch.compile the call is the registered
+    `torch.ops.fastpeft.lowrank_linear` (fake and autograd formulas, checked when traced), which
+    shares the same launchers.
     """
     op = "lowrank_linear"
     check_tensor(op, "x", x)
     _check_frozen(op, weight)
-    weight, bias, a, b = (_cast(t, x.dtype) for t in (weight, bias, a, b))
+    dt = x.dtype
+    weight, bias, a, b = (_cast(t, dt) for t in (weight, bias, a, b))
     p = float(dropout_p) if training else 0.0
     seed = _seed(p, seed, x)
-    _validate(x, weight, bias, a, b, p, seed)
-    out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
-    return out
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, weight, bias, a, b, seed, extra=(p,))
+    if not _CHECKED.seen(key):
+        _validate(x, weight, bias, a, b, p, seed)
+        _CHECKED.add(key)
+    if compiling:
+        out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
+        return out
+    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a))
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
