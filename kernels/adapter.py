@@ -833,6 +833,13 @@ def aot_specs():
                    "M": "i32", "D": "i32", "R": "i32", "S": "i32"}
             specs.append(("adapter_bwd_dw", _adapter_bwd_dw_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+            sig = {"PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32", "PBD": "*fp32", "PDS": "*fp32", "BU": P,
+                   "SCALE_T": "*fp32", "DWU": P, "DWD": P, "DBU": P, "DBD": P, "DS": "*fp32",
+                   "D": "i32", "R": "i32", "S": "i32", "P1": "i32", "scale": "fp32", "use_scale_t": "i32",
+                   "has_bu": "i32", "want_ds": "i32"}
+            specs.append(("adapter_bwd_finish", _adapter_bwd_finish_kernel, sig,
+                          dict(R_PAD=rp, BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1),
+                          str(dt)))
     specs.append(("philox_rand", _philox_rand_kernel, {"SEED": "*i64", "OUT": "*fp32", "N": "i32"},
                   dict(BLOCK=1024), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), "fp32"))
     return specs

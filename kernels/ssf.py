@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from ._common import tl, triton
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, row_splits, rows_of,
-                      use_triton)
+from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, next_pow2,
+                      row_splits, rows_of, use_triton)
 from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
@@ -218,6 +218,56 @@ def _layernorm_ssf_bwd_kernel(
     tl.store(PS0 + pid.to(tl.int64) * D + cols, acc0, mask=cmask)
 
 
+@triton.jit(do_not_specialize=["S", "D", "ln", "has_w", "has_b"])
+def _colsum_finish_kernel(
+    PS1, PS0,      # [S, D] fp32 partial column sums S1, S0 (one row per row-split program)
+    LNW, LNB, SC,  # [D] LayerNorm weight (has_w) / bias (has_b), SSF scale: read when ln
+    O1, O0,        # ssf: dscale = S1, dshift = S0; ln: d_ln_weight = γ S1, d_ln_bias = γ S0 (x dtype)
+    O2, O3,        # ln only: dscale = a S1 + c S0, dshift = S0 (x dtype)
+    S, D, ln, has_w, has_b,
+    BLOCK: tl.constexpr,
+):
+    """The row-split partials summed in a fixed order (deterministic) and finished, one launch."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < D
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        s1 += tl.load(PS1 + i * D + cols, mask=m, other=0.0)
+        s0 += tl.load(PS0 + i * D + cols, mask=m, other=0.0)
+    if ln:
+        gam = tl.load(SC + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(O1 + cols, (gam * s1).to(O1.dtype.element_ty), mask=m)
+        tl.store(O0 + cols, (gam * s0).to(O0.dtype.element_ty), mask=m)
+        ds = s1
+        if has_w:
+            ds = tl.load(LNW + cols, mask=m, other=0.0).to(tl.float32) * s1
+        if has_b:
+            ds += tl.load(LNB + cols, mask=m, other=0.0).to(tl.float32) * s0
+        tl.store(O2 + cols, ds.to(O2.dtype.element_ty), mask=m)
+        tl.store(O3 + cols, s0.to(O3.dtype.element_ty), mask=m)
+    else:
+        tl.store(O1 + cols, s1.to(O1.dtype.element_ty), mask=m)
+        tl.store(O0 + cols, s0.to(O0.dtype.element_ty), mask=m)
+
+
+FINISH_BLOCK = 256
+
+
+def _finish(ps1, ps0, d, dt, dev, ln_weight=None, ln_bias=None, scale=None):
+    s = ps1.shape[0]
+    n_out = 4 if scale is not None else 2
+    outs = [torch.empty((d,), dtype=dt, device=dev) for _ in range(n_out)]
+    o2, o3 = (outs[2], outs[3]) if scale is not None else (outs[0], outs[1])
+    sc = scale.contiguous() if scale is not None else ps1
+    _colsum_finish_kernel[(cdiv(d, FINISH_BLOCK),)](
+        ps1, ps0, ln_weight.contiguous() if ln_weight is not None else sc,
+        ln_bias.contiguous() if ln_bias is not None else sc, sc, outs[0], outs[1], o2, o3,
+        s, d, int(scale is not None), int(ln_weight is not None), int(ln_bias is not None),
+        BLOCK=FINISH_BLOCK, num_warps=4)
+    return outs
+
+
 # ----------------------------------------------------------------------------------------------
 # References (clarity first)
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +320,10 @@ def _validate_ln(x, ln_weight, ln_bias, scale, shift, eps):
 def ssf_fwd(x, scale, shift, act: int):
     """y = act(x * scale + shift); returns a contiguous tensor like x."""
     _validate_ssf("ssf", x, scale, shift)
+    return _ssf_fwd_launch(x, scale, shift, act)
+
+
+def _ssf_fwd_launch(x, scale, shift, act: int):
     x2 = rows_of(x)
     m, d = x2.shape
     y = torch.empty((m, d), dtype=x.dtype, device=x.device)
@@ -285,10 +339,14 @@ def ssf_fwd(x, scale, shift, act: int):
 def ssf_bwd(grad_out, x, scale, shift, act: int):
     """Returns (dx, dscale, dshift) in x's dtype."""
     _validate_ssf("ssf_backward", x, scale, shift)
+    if grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype:
+        raise ValueError(f"ssf_backward: grad_out {describe(grad_out)} does not match x {describe(x)}")
+    return _ssf_bwd_launch(grad_out, x, scale, shift, act)
+
+
+def _ssf_bwd_launch(grad_out, x, scale, shift, act: int):
     x2, g2 = rows_of(x), rows_of(grad_out)
     m, d = x2.shape
-    if g2.shape != x2.shape or grad_out.dtype != x.dtype:
-        raise ValueError(f"ssf_backward: grad_out {describe(grad_out)} does not match x {describe(x)}")
     dx = torch.empty((m, d), dtype=x.dtype, device=x.device)
     if m == 0:
         z = torch.zeros(d, dtype=x.dtype, device=x.device)
@@ -301,12 +359,17 @@ def ssf_bwd(grad_out, x, scale, shift, act: int):
     _ssf_bwd_kernel[(ncol, s)](
         g2, x2, scale.contiguous(), shift.contiguous(), dx, ps1, ps0, m, d, s, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    return dx.view(x.shape), ps1.sum(0).to(x.dtype), ps0.sum(0).to(x.dtype)
+    dscale, dshift = _finish(ps1, ps0, d, x.dtype, x.device)
+    return dx.view(x.shape), dscale, dshift
 
 
 def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     """Returns (y like x, mean [M] fp32, rstd [M] fp32)."""
     _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
+    return _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps)
+
+
+def _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps: float):
     x2 = rows_of(x)
     m, d = x2.shape
     y = torch.empty((m, d), dtype=x.dtype, device=x.device)
@@ -328,25 +391,35 @@ def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
 def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     """Returns (dx, d_ln_weight, d_ln_bias, dscale, dshift); the LN grads are [D] even when the
     LayerNorm has no affine (then unused)."""
-    x2, g2 = rows_of(x), rows_of(grad_out)
-    m, d = x2.shape
-    if g2.shape != x2.shape or grad_out.dtype != x.dtype or mean.shape != (m,) or rstd.shape != (m,):
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    if (grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype
+            or mean.shape != (m,) or rstd.shape != (m,)):
         raise ValueError(f"layernorm_ssf_backward: grad_out {describe(grad_out)}, mean {describe(mean)}, "
                          f"rstd {describe(rstd)} do not match x {describe(x)}")
+    return _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
+
+
+def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
+    x2, g2 = rows_of(x), rows_of(grad_out)
+    m, d = x2.shape
     dt, dev = x.dtype, x.device
     dx = torch.empty((m, d), dtype=dt, device=dev)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
-    s = row_splits(m, c.BLOCK_M, 1, dev) if m else 0
-    ps1 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
-    ps0 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
+    if m == 0:
+        z = torch.zeros(d, dtype=torch.float32, device=dev)
+        return _ln_finalize(dx.view(x.shape), z, z, ln_weight, ln_bias, scale)
+    s = row_splits(m, c.BLOCK_M, 1, dev)
+    # every program writes its whole row of partials: no zero fill
+    ps1 = torch.empty((s, d), dtype=torch.float32, device=dev)
+    ps0 = torch.empty((s, d), dtype=torch.float32, device=dev)
     sc = scale.contiguous()
-    if m:
-        _layernorm_ssf_bwd_kernel[(s,)](
-            g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
-            ps1, ps0, m, d, s, int(ln_weight is not None),
-            BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    return _ln_finalize(dx.view(x.shape), ps1.sum(0), ps0.sum(0), ln_weight, ln_bias, scale)
+    _layernorm_ssf_bwd_kernel[(s,)](
+        g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
+        ps1, ps0, m, d, s, int(ln_weight is not None),
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+    dw, db, dscale, dshift = _finish(ps1, ps0, d, dt, dev, ln_weight, ln_bias, scale)
+    return dx.view(x.shape), dw, db, dscale, dshift
 
 
 def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
@@ -364,7 +437,6 @@ def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
 # Torch math with the kernels' saving policy (CPU / no Triton)
 # ----------------------------------------------------------------------------------------------
 def _ssf_fwd_torch(x, scale, shift, act):
-    _validate_ssf("ssf", x, scale, shift)
     y = ssf_gelu_ref(x, scale, shift) if act == 1 else ssf_ref(x, scale, shift)
     return y.contiguous()  # the op's contract (and its fake): contiguous, whatever x's strides
 
@@ -388,7 +460,6 @@ def _folded_affine(ln_weight, ln_bias, scale, shift):
 
 
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
-    _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
     d = x.shape[-1]
     if x.dtype == torch.float32:
         # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
@@ -436,12 +507,14 @@ def _contig_like(x):
 
 @torch.library.custom_op("fastpeft::ssf_triton", mutates_args=())
 def _ssf_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (ssf_fwd if use_triton(x) else _ssf_fwd_torch)(x, scale, shift, 0)
+    _validate_ssf("ssf", x, scale, shift)
+    return (_ssf_fwd_launch if use_triton(x) else _ssf_fwd_torch)(x, scale, shift, 0)
 
 
 @torch.library.custom_op("fastpeft::ssf_gelu", mutates_args=())
 def _ssf_gelu_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (ssf_fwd if use_triton(z) else _ssf_fwd_torch)(z, scale, shift, 1)
+    _validate_ssf("ssf", z, scale, shift)
+    return (_ssf_fwd_launch if use_triton(z) else _ssf_fwd_torch)(z, scale, shift, 1)
 
 
 @torch.library.custom_op("fastpeft::ssf_backward", mutates_args=())
@@ -488,7 +561,8 @@ _ssf_gelu_op.register_autograd(_make_ssf_backward(1), setup_context=_ssf_setup)
 def _layernorm_ssf_op(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                       scale: torch.Tensor, shift: torch.Tensor, eps: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = layernorm_ssf_fwd if use_triton(x) else _layernorm_ssf_fwd_torch
+    _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
+    fn = _ln_fwd_launch if use_triton(x) else _layernorm_ssf_fwd_torch
     return fn(x, ln_weight, ln_bias, scale, shift, eps)
 
 
@@ -534,30 +608,87 @@ def _ln_backward(ctx, grad_out, _gm, _gr):
 _layernorm_ssf_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+class _SSFFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::ssf_triton` / `fastpeft::ssf_gelu` (act 0 / 1): the same
+    launchers (or torch math) and saved tensor (x) as the registered ops, without the custom-op
+    dispatch; arguments validated by the caller. The path is decided once in forward."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, act, triton_path):
+        y = (_ssf_fwd_launch if triton_path else _ssf_fwd_torch)(x, scale, shift, act)
+        ctx.save_for_backward(x, scale, shift)
+        ctx.args = (act, triton_path)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, scale, shift = ctx.saved_tensors
+        act, triton_path = ctx.args
+        grad_out = grad_out.contiguous()
+        dx, dscale, dshift = (_ssf_bwd_launch if triton_path else _ssf_bwd_torch)(grad_out, x, scale, shift, act)
+        nx, ns, nb = ctx.needs_input_grad[:3]
+        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None
+
+
+class _LayerNormSSFFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::layernorm_ssf` (saves x, mean, rstd), as `_SSFFunction`."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, triton_path):
+        fn = _ln_fwd_launch if triton_path else _layernorm_ssf_fwd_torch
+        y, mean, rstd = fn(x, ln_weight, ln_bias, scale, shift, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, scale, mean, rstd)
+        ctx.triton_path = triton_path
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, ln_weight, ln_bias, scale, mean, rstd = ctx.saved_tensors
+        fn = _ln_bwd_launch if ctx.triton_path else _layernorm_ssf_bwd_torch
+        dx, dw, db, dscale, dshift = fn(grad_out.contiguous(), x, ln_weight, ln_bias, scale, mean, rstd)
+        n = ctx.needs_input_grad
+        return (dx if n[0] else None, dw if n[1] and ln_weight is not None else None,
+                db if n[2] and ln_bias is not None else None, dscale if n[3] else None,
+                dshift if n[4] else None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
-# Functionals
+# Functionals: eager calls run the autograd.Functions above with the checks once per call
+# signature (`_CHECKED`); under torch.compile they call the registered ops (checked when traced).
 # ----------------------------------------------------------------------------------------------
+_CHECKED = CheckedSignatures()
+
+
 def _cast(t, dtype):
     if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
         return t.to(dtype)
     return t
 
 
+def _ssf_call(op, x, scale, shift, act):
+    check_tensor(op, "x", x)
+    scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, scale, shift, extra=(op,))
+    if not _CHECKED.seen(key):
+        _validate_ssf(op, x, scale, shift)
+        _CHECKED.add(key)
+    if compiling:
+        return (torch.ops.fastpeft.ssf_gelu if act else torch.ops.fastpeft.ssf_triton)(x, scale, shift)
+    return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
+
+
 def ssf(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """y = x * scale + shift over the last dim. x [..., C] fp32/fp16/bf16; scale, shift [C]
     (cast to x.dtype, differentiably). Returns a contiguous tensor like x; saves only x."""
-    check_tensor("ssf", "x", x)
-    scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
-    _validate_ssf("ssf", x, scale, shift)
-    return torch.ops.fastpeft.ssf_triton(x, scale, shift)
+    return _ssf_call("ssf", x, scale, shift, 0)
 
 
 def ssf_gelu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """g = GELU(z * scale + shift) (erf GELU): the fc1 -> SSF -> GELU epilogue; saves only z."""
-    check_tensor("ssf_gelu", "x", z)
-    scale, shift = _cast(scale, z.dtype), _cast(shift, z.dtype)
-    _validate_ssf("ssf_gelu", z, scale, shift)
-    return torch.ops.fastpeft.ssf_gelu(z, scale, shift)
+    return _ssf_call("ssf_gelu", z, scale, shift, 1)
 
 
 def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
@@ -566,9 +697,16 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
     check_tensor("layernorm_ssf", "x", x)
     ln_weight, ln_bias, scale, shift = (_cast(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
-    _validate_ln(x, ln_weight, ln_bias, scale, shift, float(eps))
-    y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, float(eps))
-    return y
+    eps = float(eps)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
+    if not _CHECKED.seen(key):
+        _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
+        _CHECKED.add(key)
+    if compiling:
+        y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
+        return y
+    return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, use_triton(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,4 +735,8 @@ def aot_specs():
                           {"G": P, "X": P, "LNW": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": P,
                            "PS1": "*fp32", "PS0": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
+        specs.append(("colsum_finish", _colsum_finish_kernel,
+                      {"PS1": "*fp32", "PS0": "*fp32", "LNW": P, "LNB": P, "SC": P, "O1": P, "O0": P, "O2": P,
+                       "O3": P, "S": "i32", "D": "i32", "ln": "i32", "has_w": "i32", "has_b": "i32"},
+                      dict(BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), str(dt)))
     return specs
