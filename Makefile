@@ -181,8 +181,10 @@ distclean: clean
 #                     baseline memory rows (ViT-B/16, batch 8, fp32, CPU):
 #                     make bench BENCH_ARGS="--bench-model vit_base_patch16_224 --bench-rounds 3 -k 'e2e and train'"
 #   make bench-smoke  every contender's code path on a tiny model, untimed (tests/test_bench_smoke.py runs it too)
+#   make bench-host   host-overhead mode: ViT-Ti, 5 tokens, batch 1, 1 thread, Triton launches stubbed
+#                     -> bench/results/<device>-<date>-host_overhead.{json,md}
 BENCH_ARGS ?=
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-host
 
 $(VENV)/.bench-deps-stamp: $(VENV)/.deps-stamp
 	$(PIP) install peft matplotlib
@@ -194,3 +196,6 @@ bench: build $(VENV)/.bench-deps-stamp
 
 bench-smoke: build
 	$(PY) -m bench.smoke
+
+bench-host: build
+	$(PY) -m pytest bench -p no:cacheprovider --bench-host --bench-save bench/results $(BENCH_ARGS)

@@ -5,6 +5,10 @@ Every test records one row (run or skipped, with the reason) into the session-sc
 with `--bench-save DIR`, writes `DIR/<device>-<date>.json` (read by `python -m bench.report`).
 The same metrics also go into each benchmark's `extra_info`, so `--benchmark-json` carries them.
 
+`--bench-host` switches to the host-overhead mode instead (bench/test_host.py, bench/host.py): only
+its rows run, on a fixed tiny model with the Triton launches stubbed, one thread, and the results
+go to `DIR/<device>-<date>-host_overhead.{json,md}`.
+
 Defaults finish on the 2-core CPU machines (see README "Benchmarks"); the GPU setting of
 performance.md is `--bench-model vit_base_patch16_224 --bench-batch 128 --bench-dtype bf16
 --bench-device cuda --bench-compile all`.
@@ -20,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench.measure import H100_BW, machine_info
+from bench.measure import H100_BW, HOST_BATCH, HOST_CLASSES, HOST_IMG_SIZE, HOST_MODEL, machine_info
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,6 +53,10 @@ def pytest_addoption(parser):
                 help="torch.compile op rows: at every size, the first size only, or none")
     g.addoption("--bench-backend", default="auto", help="fastpeft.patch backend")
     g.addoption("--bench-save", default=None, help="directory to write <device>-<date>.json into")
+    g.addoption("--bench-host", action="store_true",
+                help="host-overhead mode (bench/host.py): only the host rows run; vit_tiny at 32 px, batch 1, "
+                     "1 thread, Triton launches stubbed (--bench-model/--bench-batch/--bench-img-size ignored)")
+    g.addoption("--bench-host-rounds", type=int, default=40, help="timed rounds per host-mode contender")
 
 
 @dataclass
@@ -67,6 +75,12 @@ class BenchConfig:
     op_compile: str
     backend: str
     disabled: bool
+    host: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """Appended to the results file name: the host-overhead mode's files are kept apart."""
+        return "-host_overhead" if self.host else ""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,7 +100,7 @@ class BenchConfig:
             "depth": self.depth, "img_size": self.img_size, "classes": self.classes, "rounds": self.rounds,
             "op_rounds": self.op_rounds, "op_sizes": ["x".join(map(str, s)) for s in self.op_sizes],
             "compile": self.compile_methods, "op_compile": self.op_compile,
-            "backend": self.backend, "benchmark_disabled": self.disabled,
+            "backend": self.backend, "benchmark_disabled": self.disabled, "host": self.host,
         }
 
 
@@ -103,6 +117,13 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
 def _config(config) -> BenchConfig:
     opt = config.getoption
     device = torch.device(opt("--bench-device"))
+    if opt("--bench-host"):
+        return BenchConfig(
+            model=HOST_MODEL, batch=HOST_BATCH, dtype_name="fp32", device=torch.device("cpu"),
+            depth=opt("--bench-depth"), img_size=HOST_IMG_SIZE, classes=HOST_CLASSES, rounds=max(1, opt("--bench-host-rounds")), op_rounds=0, op_sizes=[],
+            compile_methods="none", op_compile="none", backend="triton",
+            disabled=bool(getattr(config.option, "benchmark_disable", False)), host=True,
+        )
     return BenchConfig(
         model=opt("--bench-model"), batch=opt("--bench-batch"), dtype_name=opt("--bench-dtype"),
         device=device, depth=opt("--bench-depth"), img_size=opt("--bench-img-size"),
@@ -156,6 +177,18 @@ _COLLECTOR_KEY = pytest.StashKey[Collector]()
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench_e2e: end-to-end method rows")
     config.addinivalue_line("markers", "bench_op: per-op rows")
+    config.addinivalue_line("markers", "bench_host: host-overhead rows (run only with --bench-host)")
+    if config.getoption("--bench-host", default=False):
+        torch.set_num_threads(1)  # what the host rows run with (bench/host.py); recorded in the machine info
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """--bench-host runs the host rows and nothing else; without it they are left out."""
+    host = config.getoption("--bench-host")
+    keep = [it for it in items if (it.get_closest_marker("bench_host") is not None) == host]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep
 
 
 def _collector(config) -> Collector:
@@ -192,8 +225,12 @@ def pytest_sessionfinish(session, exitstatus):
     if out and col.rows:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{col.machine['device_slug']}-{col.machine['date']}.json"
+        path = d / f"{col.machine['device_slug']}-{col.machine['date']}{col.cfg.suffix}.json"
         path.write_text(json.dumps(col.document(), indent=1, default=str) + "\n")
+        if col.cfg.host:  # the host table is the result: write its markdown beside it now
+            from bench import report
+
+            path.with_suffix(".md").write_text(report.markdown(col.document()))
         session.config.stash[_SAVED_KEY] = str(path)
 
 
@@ -227,6 +264,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not col.rows:
         return
     tr = terminalreporter
+    if col.cfg.host:
+        from bench import report
+
+        tr.section(f"fastpeft bench --bench-host: {col.machine['device']}")
+        for line in report.markdown(col.document()).splitlines():
+            tr.write_line(line)
+        if _SAVED_KEY in config.stash:
+            tr.write_line(f"results written to {config.stash[_SAVED_KEY]} (and .md)")
+        return
     tr.section(f"fastpeft bench: {col.machine['device']} | {col.cfg.model} batch {col.cfg.batch} {col.cfg.dtype_name}")
     tr.write_line(f"{'row':52} {'median':>9} {'vs eager':>8} {'saved':>11} {'vs eager':>8} {'launches':>8}")
     for r in col.rows:

@@ -240,3 +240,113 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "host_os": platform.platform(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+# --- host overhead (performance.md "Host cost") ----------------------------------------------
+
+#: The host-overhead mode's model (bench/host.py): compute is negligible, host work is all that is
+#: left. 32 px at patch 16 is 4 patches + the class token = 5 tokens.
+HOST_MODEL = "vit_tiny_patch16_224"
+HOST_IMG_SIZE = 32
+HOST_BATCH = 1
+HOST_CLASSES = 100
+
+class TritonLaunches:
+    """What `triton_launches_stubbed()` counted: `.total` launches and `.by_kernel` per name."""
+
+    def __init__(self):
+        self.by_kernel: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kernel.values())
+
+    def reset(self) -> None:
+        self.by_kernel.clear()
+
+
+def _triton_kernel_classes() -> list[type]:
+    """The classes whose `run` every Triton launch goes through: `kernel[grid](...)` is
+    `KernelInterface.__getitem__` -> `self.run(grid=..., warmup=False, ...)`, and autotuners /
+    heuristics end in the wrapped function's `run`. Compiled kernels are `JITFunction`s; under
+    TRITON_INTERPRET=1 `triton.jit` returns `InterpretedFunction`s instead."""
+    from triton.runtime.jit import JITFunction
+
+    classes: list[type] = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - a triton without the interpreter
+        return classes
+    classes.append(InterpretedFunction)
+    return classes
+
+
+@contextlib.contextmanager
+def triton_launches_stubbed():
+    """Within the block every Triton kernel launch is replaced by a counter at Triton's own level
+    (the `run` of `JITFunction` / `InterpretedFunction`): the host work up to the launch (argument
+    checks, allocations, grid computation, every aten op around it) still runs, the kernel
+    itself costs nothing and writes nothing (its outputs keep whatever `torch.empty` gave them).
+    Yields a `TritonLaunches`. Ahead-of-time compiles (`warmup=True`) are not launches and do
+    nothing either."""
+    counts = TritonLaunches()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            counts.by_kernel[getattr(self, "__name__", None) or type(self).__name__] += 1
+        return None
+
+    saved = [(cls, cls.__dict__["run"]) for cls in _triton_kernel_classes()]
+    for cls, _ in saved:
+        cls.run = run
+    try:
+        yield counts
+    finally:
+        for cls, orig in saved:
+            cls.run = orig
+
+
+_DISPATCH_KEY_OF_DEVICE = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def _kernel_keyset(func, args, kwargs):
+    """The dispatch key set that runs `func`'s backend implementation for these arguments (its
+    CPU/CUDA kernel, else its CompositeExplicitAutograd one), or None."""
+    dev = next((t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), "cpu")
+    names = [_DISPATCH_KEY_OF_DEVICE.get(dev), "CompositeExplicitAutograd"]
+    for name in names:
+        if name is None:
+            continue
+        key = getattr(torch._C.DispatchKey, name)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+            return torch._C.DispatchKeySet(key)
+    return None
+
+
+class HostOpCounter(TorchDispatchMode):
+    """Counts the aten ops that do work (each one is a kernel launch on a GPU): non-view ops that
+    are not allocations or metadata (`_NO_KERNEL`). A custom op (any namespace but aten/prims)
+    is transparent: its own backend implementation is run with this mode active, so the aten ops
+    it issues are counted one by one (`.custom` counts the custom op calls themselves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.custom = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace not in ("aten", "prims"):
+            keyset = _kernel_keyset(func, args, kwargs)
+            if keyset is not None:
+                self.custom += 1
+                self.by_op[f"{func.namespace}::{func.overloadpacket.__name__} (custom)"] += 1
+                with self:  # the mode is popped while its handler runs: push it for the inner ops
+                    return func.redispatch(keyset, *args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.ops += 1
+            self.by_op[f"{func.namespace}::{name}"] += 1
+        return out

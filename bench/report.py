@@ -72,6 +72,13 @@ def _grouped(rows, suite):
 
 def header(doc: dict) -> str:
     m, c = doc["machine"], doc["config"]
+    if c.get("host"):
+        return (f"**{m['device']}** — host-overhead mode (`pytest bench --bench-host`): {c['model']}"
+                + (f" depth {c['depth']}" if c.get("depth") else "") + f" img {c['img_size']} (5 tokens), "
+                f"batch {c['batch']}, {c['dtype']}, 1 thread, Triton launches stubbed, {m['date']}; "
+                f"torch {m['torch']}, triton {m.get('triton')}, timm {m.get('timm')}, git `{m['git_sha']}`; "
+                + ("one round per contender (benchmark disabled: smoke run)." if c.get("benchmark_disabled")
+                   else f"{c['rounds']} alternating rounds per contender."))
     shape = f"{c['model']}" + (f" depth {c['depth']}" if c.get("depth") else "") + \
             (f" img {c['img_size']}" if c.get("img_size") else "")
     return (f"**{m['device']}** — {shape}, batch {c['batch']}, {c['dtype']}, {m['date']}; "
@@ -110,6 +117,37 @@ def markdown(doc: dict, chart: str | None = None) -> str:
                 f"{_gb(_get(tr, 'hbm_bytes'))} | {_t(_get(tr, 'h100_lower_bound_s'))} | "
                 f"{_num(_get(tr, 'launches_per_block'), '{:.0f}')} | {_time_cell(inf)} | "
                 f"{_x(_get(inf, 'time_vs_eager'))} | {_num(_get(inf, 'throughput'))} |")
+        lines.append("")
+    host = _grouped(rows, "host")
+    if host:
+        lines += [
+            "Host time of a train step (forward + cross-entropy + backward, no optimizer) with every Triton "
+            "launch replaced by a counter (patched models: `fastpeft.patch(model, backend=\"triton\")`), "
+            "compute negligible: median (IQR) over rounds in which the contenders alternate. \"x eager\" = "
+            "ratio of medians; \"paired\" = median over rounds of the same-round ratio. Per block: Triton "
+            "launches, aten ops that do work (a TorchDispatchMode; custom ops looked through), their sum, "
+            "divided by the depth. Targets (performance.md): patch <= 1.10x, recompute <= 1.3x, "
+            "patch launches/block <= eager's.",
+            "",
+            "| method | contender | host/step | x eager | paired | Triton/block | aten/block | launches/block | "
+            "x eager | patched |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (name, _, contender), modes in host.items():
+            r = modes.get("train")
+            if r is None or r["status"] != "ok":
+                continue
+            eager = modes_eager = host.get((name, None, "eager"), {}).get("train")
+            lpb = _get(r, "launches_per_block")
+            elpb = _get(modes_eager, "launches_per_block")
+            tvse = r.get("time_vs_eager")
+            if tvse is None and eager is not None and _get(eager, "time_median_s"):
+                tvse = r["time_median_s"] / eager["time_median_s"]
+            lines.append(
+                f"| {name} | {contender} | {_time_cell(r)} | {_x(tvse)} | {_x(r.get('paired_vs_eager'))} | "
+                f"{_num(_get(r, 'triton_per_block'), '{:.1f}')} | {_num(_get(r, 'aten_per_block'), '{:.1f}')} | "
+                f"{_num(lpb, '{:.1f}')} | {_x(lpb / elpb if lpb is not None and elpb else None)} | "
+                f"{_num(r.get('patched'), '{:d}') if r.get('patched') is not None else ''} |")
         lines.append("")
     ops = _grouped(rows, "op")
     if ops:

@@ -2,6 +2,9 @@
 minute. `make bench-smoke` and tests/test_bench_smoke.py both run it.
 
     python -m bench.smoke [--save DIR] [extra pytest args]
+
+Then the host-overhead mode (`--bench-host`, bench/test_host.py) the same way: 2 blocks, one round,
+three methods (slots, LayerNorm+SSF, VQT), into its own `*-host_overhead.json`.
 """
 from __future__ import annotations
 
@@ -19,13 +22,20 @@ SMOKE_ARGS = [
     "-k", "AdaptFormer or LoRA or scale_shift or vqt_attention",
 ]
 
+HOST_SMOKE_ARGS = [
+    "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable", "--bench-host", "--bench-depth", "2",
+    "-k", "AdaptFormer or SSF or VQT",
+]
+
 
 def main(argv: list[str]) -> int:
-    args = list(SMOKE_ARGS)
+    args, host = list(SMOKE_ARGS), list(HOST_SMOKE_ARGS)
     if argv[:1] == ["--save"]:
         args += ["--bench-save", argv[1]]
+        host += ["--bench-save", argv[1]]
         argv = argv[2:]
-    return int(pytest.main(args + argv))
+    rc = int(pytest.main(args + argv))
+    return rc or int(pytest.main(host + argv))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
-    (results,) = tmp_path.glob("*.json")
+    (results,) = [p for p in tmp_path.glob("*.json") if not p.stem.endswith("-host_overhead")]
     doc = json.loads(results.read_text())
     rows = doc["rows"]
     for key in ("device", "torch", "triton", "git_sha"):
@@ -47,3 +47,19 @@ def test_bench_smoke(tmp_path):
     assert report.main([str(results), "--out-dir", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / f"{results.stem}.md").read_text()
     assert "| AdaptFormer | eager |" in md and "Skipped rows and why" in md
+
+    # the host-overhead mode (--bench-host): its own JSON and markdown, Triton launches counted
+    (host,) = tmp_path.glob("*-host_overhead.json")
+    hdoc = json.loads(host.read_text())
+    assert hdoc["config"]["host"] and hdoc["machine"]["threads"] == 1
+    hrows = {(r["name"], r["contender"]): r for r in hdoc["rows"]}
+    assert {n for n, _ in hrows} == {"AdaptFormer", "SSF", "VQT"}
+    for (name, contender), r in hrows.items():
+        assert r["suite"] == "host" and r["status"] in ("ok", "skipped"), r
+        if r["status"] == "ok":
+            assert r["time_median_s"] > 0 and r["aten_ops"] > 0, r
+    assert hrows[("SSF", "eager")]["triton_launches"] == 0
+    assert hrows[("SSF", "patch")]["triton_launches"] > 0 and hrows[("SSF", "patch")]["backend"] == "triton"
+    assert hrows[("SSF", "patch")]["time_vs_eager"] is not None
+    hmd = host.with_suffix(".md").read_text()
+    assert "| SSF | patch |" in hmd and "Triton/block" in hmd
