@@ -187,6 +187,12 @@ def rows_of(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as the kernels read it: contiguous rows of D (x itself when contiguous: a kernel
+    indexes [M, D] rows by pointer, so no reshape is needed)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

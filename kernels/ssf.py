@@ -28,7 +28,7 @@ import torch
 
 from ._common import tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, next_pow2,
-                      row_splits, rows_of, use_triton)
+                      flat, row_splits, rows_of, use_triton)
 from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
@@ -111,8 +111,7 @@ def _ssf_bwd_kernel(
     SCALE,  # [D] γ
     SHIFT,  # [D] β (read when act == 1)
     DX,     # [M, D] out: grad of x
-    PS1,    # [S, D] fp32 out: partial Σ dt * x  (grad of γ)
-    PS0,    # [S, D] fp32 out: partial Σ dt      (grad of β)
+    PS,     # [2, S, D] fp32 out: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
     M, D, S, act,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -135,8 +134,8 @@ def _ssf_bwd_kernel(
         tl.store(DX + offs, (g * gam[None, :]).to(DX.dtype.element_ty), mask=m2)
         acc1 += tl.sum(g * x, axis=0)
         acc0 += tl.sum(g, axis=0)
-    tl.store(PS1 + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
-    tl.store(PS0 + pid_s.to(tl.int64) * D + cols, acc0, mask=cmask)
+    tl.store(PS + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
+    tl.store(PS + (S + pid_s).to(tl.int64) * D + cols, acc0, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["eps", "has_w", "has_b"])
@@ -184,8 +183,7 @@ def _layernorm_ssf_bwd_kernel(
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
-    PS1,    # [S, D] fp32 out: partial Σ g x̂
-    PS0,    # [S, D] fp32 out: partial Σ g
+    PS,     # [2, S, D] fp32 out: partial Σ g x̂, then partial Σ g
     M, D, S, has_w,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -214,16 +212,16 @@ def _layernorm_ssf_bwd_kernel(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
         acc1 += tl.sum(g * xhat, axis=0)
         acc0 += tl.sum(g, axis=0)
-    tl.store(PS1 + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
-    tl.store(PS0 + pid.to(tl.int64) * D + cols, acc0, mask=cmask)
+    tl.store(PS + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
+    tl.store(PS + (S + pid).to(tl.int64) * D + cols, acc0, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["S", "D", "ln", "has_w", "has_b"])
 def _colsum_finish_kernel(
-    PS1, PS0,      # [S, D] fp32 partial column sums S1, S0 (one row per row-split program)
+    PS,            # [2, S, D] fp32 partial column sums S1, S0 (one row per row-split program)
     LNW, LNB, SC,  # [D] LayerNorm weight (has_w) / bias (has_b), SSF scale: read when ln
-    O1, O0,        # ssf: dscale = S1, dshift = S0; ln: d_ln_weight = γ S1, d_ln_bias = γ S0 (x dtype)
-    O2, O3,        # ln only: dscale = a S1 + c S0, dshift = S0 (x dtype)
+    OUT,           # [2 | 4, D] out (x dtype): ssf: dscale = S1, dshift = S0; ln: d_ln_weight = γ S1,
+                   # d_ln_bias = γ S0, dscale = a S1 + c S0, dshift = S0
     S, D, ln, has_w, has_b,
     BLOCK: tl.constexpr,
 ):
@@ -233,8 +231,12 @@ def _colsum_finish_kernel(
     s1 = tl.zeros((BLOCK,), dtype=tl.float32)
     s0 = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, S):
-        s1 += tl.load(PS1 + i * D + cols, mask=m, other=0.0)
-        s0 += tl.load(PS0 + i * D + cols, mask=m, other=0.0)
+        s1 += tl.load(PS + i * D + cols, mask=m, other=0.0)
+        s0 += tl.load(PS + (S + i) * D + cols, mask=m, other=0.0)
+    O1 = OUT
+    O0 = OUT + D
+    O2 = OUT + 2 * D
+    O3 = OUT + 3 * D
     if ln:
         gam = tl.load(SC + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(O1 + cols, (gam * s1).to(O1.dtype.element_ty), mask=m)
@@ -254,18 +256,16 @@ def _colsum_finish_kernel(
 FINISH_BLOCK = 256
 
 
-def _finish(ps1, ps0, d, dt, dev, ln_weight=None, ln_bias=None, scale=None):
-    s = ps1.shape[0]
-    n_out = 4 if scale is not None else 2
-    outs = [torch.empty((d,), dtype=dt, device=dev) for _ in range(n_out)]
-    o2, o3 = (outs[2], outs[3]) if scale is not None else (outs[0], outs[1])
-    sc = scale.contiguous() if scale is not None else ps1
+def _finish(ps, d, dt, dev, ln_weight=None, ln_bias=None, scale=None):
+    """The [2 | 4] column-sum gradients from the partials `ps` [2, S, D]: one launch, one buffer."""
+    out = torch.empty((4 if scale is not None else 2, d), dtype=dt, device=dev)
+    sc = scale.contiguous() if scale is not None else out
     _colsum_finish_kernel[(cdiv(d, FINISH_BLOCK),)](
-        ps1, ps0, ln_weight.contiguous() if ln_weight is not None else sc,
-        ln_bias.contiguous() if ln_bias is not None else sc, sc, outs[0], outs[1], o2, o3,
-        s, d, int(scale is not None), int(ln_weight is not None), int(ln_bias is not None),
+        ps, ln_weight.contiguous() if ln_weight is not None else sc,
+        ln_bias.contiguous() if ln_bias is not None else sc, sc, out,
+        ps.shape[1], d, int(scale is not None), int(ln_weight is not None), int(ln_bias is not None),
         BLOCK=FINISH_BLOCK, num_warps=4)
-    return outs
+    return out.unbind(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,16 +324,17 @@ def ssf_fwd(x, scale, shift, act: int):
 
 
 def _ssf_fwd_launch(x, scale, shift, act: int):
-    x2 = rows_of(x)
-    m, d = x2.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.view(x.shape)
+        return y
     c = CONFIGS["ssf_fwd"][0]
     _ssf_fwd_kernel[(cdiv(m, c.BLOCK_M), cdiv(d, c.BLOCK_N))](
         x2, scale.contiguous(), shift.contiguous(), y, m, d, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y.view(x.shape)
+    return y
 
 
 def ssf_bwd(grad_out, x, scale, shift, act: int):
@@ -341,26 +342,27 @@ def ssf_bwd(grad_out, x, scale, shift, act: int):
     _validate_ssf("ssf_backward", x, scale, shift)
     if grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype:
         raise ValueError(f"ssf_backward: grad_out {describe(grad_out)} does not match x {describe(x)}")
-    return _ssf_bwd_launch(grad_out, x, scale, shift, act)
+    dx, dscale, dshift = _ssf_bwd_launch(grad_out, x, scale, shift, act)
+    return dx, dscale.clone(), dshift.clone()  # (a custom op's outputs may not alias each other)
 
 
 def _ssf_bwd_launch(grad_out, x, scale, shift, act: int):
-    x2, g2 = rows_of(x), rows_of(grad_out)
-    m, d = x2.shape
-    dx = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if m == 0:
         z = torch.zeros(d, dtype=x.dtype, device=x.device)
-        return dx.view(x.shape), z, z.clone()
+        return dx, z, z.clone()
     c = CONFIGS["ssf_bwd"][0]
     ncol = cdiv(d, c.BLOCK_N)
     s = row_splits(m, c.BLOCK_M, ncol, x.device)
-    ps1 = torch.empty((s, d), dtype=torch.float32, device=x.device)
-    ps0 = torch.empty((s, d), dtype=torch.float32, device=x.device)
+    ps = torch.empty((2, s, d), dtype=torch.float32, device=x.device)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps1, ps0, m, d, s, act,
+        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps, m, d, s, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    dscale, dshift = _finish(ps1, ps0, d, x.dtype, x.device)
-    return dx.view(x.shape), dscale, dshift
+    dscale, dshift = _finish(ps, d, x.dtype, x.device)
+    return dx, dscale, dshift
 
 
 def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
@@ -370,13 +372,14 @@ def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
 
 
 def _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps: float):
-    x2 = rows_of(x)
-    m, d = x2.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
-        return y.view(x.shape), mean, rstd
+        return y, mean, rstd
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_fwd"][bd]
     sc = scale.contiguous()
@@ -385,7 +388,7 @@ def _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps: float):
         ln_bias.contiguous() if ln_bias is not None else sc, sc, shift.contiguous(), y, mean, rstd,
         m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None),
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
@@ -396,30 +399,31 @@ def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
             or mean.shape != (m,) or rstd.shape != (m,)):
         raise ValueError(f"layernorm_ssf_backward: grad_out {describe(grad_out)}, mean {describe(mean)}, "
                          f"rstd {describe(rstd)} do not match x {describe(x)}")
-    return _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
+    dx, *dp = _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
+    return (dx, *(t.clone() for t in dp))  # (a custom op's outputs may not alias each other)
 
 
 def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
-    x2, g2 = rows_of(x), rows_of(grad_out)
-    m, d = x2.shape
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
     dt, dev = x.dtype, x.device
-    dx = torch.empty((m, d), dtype=dt, device=dev)
+    dx = torch.empty(x.shape, dtype=dt, device=dev)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
     if m == 0:
         z = torch.zeros(d, dtype=torch.float32, device=dev)
-        return _ln_finalize(dx.view(x.shape), z, z, ln_weight, ln_bias, scale)
+        return _ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
     s = row_splits(m, c.BLOCK_M, 1, dev)
     # every program writes its whole row of partials: no zero fill
-    ps1 = torch.empty((s, d), dtype=torch.float32, device=dev)
-    ps0 = torch.empty((s, d), dtype=torch.float32, device=dev)
+    ps = torch.empty((2, s, d), dtype=torch.float32, device=dev)
     sc = scale.contiguous()
     _layernorm_ssf_bwd_kernel[(s,)](
         g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
-        ps1, ps0, m, d, s, int(ln_weight is not None),
+        ps, m, d, s, int(ln_weight is not None),
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    dw, db, dscale, dshift = _finish(ps1, ps0, d, dt, dev, ln_weight, ln_bias, scale)
-    return dx.view(x.shape), dw, db, dscale, dshift
+    dw, db, dscale, dshift = _finish(ps, d, dt, dev, ln_weight, ln_bias, scale)
+    return dx, dw, db, dscale, dshift
 
 
 def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
@@ -722,7 +726,7 @@ def aot_specs():
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         c = CONFIGS["ssf_bwd"][0]
         specs.append(("ssf_bwd", _ssf_bwd_kernel,
-                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS1": "*fp32", "PS0": "*fp32",
+                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32",
                        "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
@@ -733,10 +737,10 @@ def aot_specs():
         for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
             specs.append(("layernorm_ssf_bwd", _layernorm_ssf_bwd_kernel,
                           {"G": P, "X": P, "LNW": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": P,
-                           "PS1": "*fp32", "PS0": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
+                           "PS": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
         specs.append(("colsum_finish", _colsum_finish_kernel,
-                      {"PS1": "*fp32", "PS0": "*fp32", "LNW": P, "LNB": P, "SC": P, "O1": P, "O0": P, "O2": P,
-                       "O3": P, "S": "i32", "D": "i32", "ln": "i32", "has_w": "i32", "has_b": "i32"},
+                      {"PS": "*fp32", "LNW": P, "LNB": P, "SC": P, "OUT": P,
+                       "S": "i32", "D": "i32", "ln": "i32", "has_w": "i32", "has_b": "i32"},
                       dict(BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), str(dt)))
     return specs
