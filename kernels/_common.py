@@ -230,6 +230,17 @@ def seed_or_zero(seed, p: float, device) -> torch.Tensor:
     return seed.reshape(1) if p > 0.0 else _constant("seed", device, torch.int64)
 
 
+def with_tf32_variants(specs: list, ieee_only=lambda constexprs: False) -> list:
+    """AOT specs (kernels/aot.py) plus, for every fp32 spec with a PREC constexpr ("ieee"), the same
+    spec with PREC="tf32": the two `input_precision`s `dot_precision` can pick (except where
+    `ieee_only(constexprs)`: launchers that always pass "ieee")."""
+    out = list(specs)
+    for name, fn, sig, constexprs, cfg, dt in specs:
+        if dt == str(torch.float32) and constexprs.get("PREC") == "ieee" and not ieee_only(constexprs):
+            out.append((name, fn, sig, {**constexprs, "PREC": "tf32"}, cfg, dt))
+    return out
+
+
 def dot_precision(dtype: torch.dtype, device) -> str:
     """`input_precision` of the fp32 `tl.dot`s, following torch's own fp32 matmul setting as
     cuBLAS does: "tf32" when `torch.backends.cuda.matmul.allow_tf32` is on (or
@@ -285,7 +296,8 @@ def row_rank_tile(M, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
 
 @triton.jit
 def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
-              IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+              IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+              PREC: tl.constexpr):
     """fp32 [BLOCK_M, R_PAD] = drop(X[rows, :D]) @ P^T with D streamed in BLOCK_K chunks; X is
     [M, D] contiguous, P[r, k] sits at r * stride_pr + k * stride_pk. Padded rank columns stay
     exactly 0. IN_DROP drops X's elements (offsets row * D + col)."""
@@ -298,13 +310,13 @@ def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, 
             x = (x.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
         pt = tl.load(P + rk[None, :] * stride_pr + cols[:, None] * stride_pk,
                      mask=kmask[None, :] & cmask[:, None], other=0.0)
-        acc = tl.dot(x, pt, acc, input_precision="ieee")
+        acc = tl.dot(x, pt, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                R_PAD: tl.constexpr):
+                R_PAD: tl.constexpr, PREC: tl.constexpr):
     """fp32 [BLOCK_M, R_PAD] = G[rows, :D] @ WT with WT [D, R] contiguous (the up weight: dh = g W_u
     in the backward), D streamed in BLOCK_N chunks. `rank_down` with P = WT^T computes the same,
     but its address and mask order changed the backward kernels' register allocation
@@ -315,17 +327,17 @@ def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BL
         cmask = cols < D
         g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         wt = tl.load(WT + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(g, wt, acc, input_precision="ieee")
+        acc = tl.dot(g, wt, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr):
+def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """OUT[rows, :D] = da [BLOCK_M, R_PAD] @ WD [R, D] (WD contiguous), one BLOCK_N chunk at a time."""
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < D
         wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        dx = tl.dot(da, wd, input_precision="ieee")
+        dx = tl.dot(da, wd, input_precision=PREC)
         tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])

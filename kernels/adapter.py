@@ -34,7 +34,8 @@ import torch
 
 from ._common import check_dropout, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
-                      row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures)
+                      row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures, dot_precision,
+                      with_tf32_variants)
 
 ACTS = {"relu": 0, "gelu": 1, "quick_gelu": 2}
 MAX_RANK = 128
@@ -146,11 +147,13 @@ def _adapter_fwd_kernel(
     A,        # [M, R] fp32 pre-activation, written when save_a
     M, D, R, act, p, inv_keep, scale, use_scale_t, has_base, has_res, save_a, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
 
     # a = x @ W_d^T + b_d, accumulated over D in fp32; padded rank columns stay exactly 0.
-    acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD)
+    acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD,
+                    PREC)
     bd = tl.load(BD + rk, mask=kmask, other=0.0).to(tl.float32)
     a = acc + bd[None, :]
     if save_a:
@@ -170,7 +173,7 @@ def _adapter_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < D
         wuT = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        u = tl.dot(h, wuT, input_precision="ieee")
+        u = tl.dot(h, wuT, input_precision=PREC)
         bu = tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)
         o = s * (u + bu[None, :])
         m2 = rmask[:, None] & cmask[None, :]
@@ -197,12 +200,13 @@ def _adapter_bwd_kernel(
     PDS,      # [P] fp32 out: per-program partial sum(h * (g @ W_u)) (grad of a learnable s)
     M, D, R, act, p, inv_keep, scale, use_scale_t, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
 
     # dh = g @ W_u (unscaled), over D.
-    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD)
+    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD, PREC)
 
     a = tl.load(A + rows64[:, None] * R + rk[None, :], mask=rkmask, other=0.0)
     h = _act_fwd(a, act)
@@ -222,7 +226,7 @@ def _adapter_bwd_kernel(
     tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
 
     # dx = da @ W_d, over D.
-    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K)
+    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K, PREC)
 
 
 @triton.jit(do_not_specialize=["R", "S"])
@@ -235,7 +239,7 @@ def _adapter_bwd_dw_kernel(
     PWD,   # [S, R, D] fp32 out: partial da^T x    (grad of W_d)
     PBU,   # [S, D]    fp32 out: partial colsum(g) (unscaled grad of b_u)
     M, D, R, S,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -257,8 +261,8 @@ def _adapter_bwd_dw_kernel(
         rk2 = rmask[:, None] & kmask[None, :]
         h = tl.load(H + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
         da = tl.load(DA + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
-        acc_wu = tl.dot(tl.trans(g), h, acc_wu, input_precision="ieee")
-        acc_wd = tl.dot(tl.trans(da), x, acc_wd, input_precision="ieee")
+        acc_wu = tl.dot(tl.trans(g), h, acc_wu, input_precision=PREC)
+        acc_wd = tl.dot(tl.trans(da), x, acc_wd, input_precision=PREC)
         acc_bu += tl.sum(g.to(tl.float32), axis=0)
     base = pid_s.to(tl.int64) * D * R
     tl.store(PWU + base + cols[:, None] * R + rk[None, :], acc_wu, mask=cmask[:, None] & kmask[None, :])
@@ -483,7 +487,7 @@ def _fwd_launch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: f
         _scale_ptr(scale_t, dev), seed_or_zero(seed, p, dev), out, a if save else unused,
         m, d, r, act, p, inv_keep_p, float(scale), use_st, int(base is not None),
         int(residual is not None), int(save), use_dropout,
-        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(x.dtype, dev),
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out.view(x.shape), a
 
@@ -516,6 +520,7 @@ def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     st = _scale_ptr(scale_t, dev)
     sd = seed_or_zero(seed, p, dev)
     rp, c1 = config("adapter_bwd", r, dt)
+    prec = dot_precision(dt, dev)
     p1 = cdiv(m, c1.BLOCK_M)
     h = torch.empty((m, r), dtype=dt, device=dev)
     da = torch.empty((m, r), dtype=dt, device=dev)
@@ -525,7 +530,7 @@ def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     _adapter_bwd_kernel[(p1,)](
         g2, a, wd, wu, st, sd, dx, h, da, pbd, pds,
         m, d, r, act, p, inv_keep_p, float(scale), use_st, use_dropout,
-        BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp, PREC=prec,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
     _, c2 = config("adapter_bwd_dw", r, dt)
     ncol = cdiv(d, c2.BLOCK_N)
@@ -535,7 +540,7 @@ def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     pbu = torch.empty((s_splits, d), dtype=torch.float32, device=dev)
     _adapter_bwd_dw_kernel[(ncol, s_splits)](
         g2, x2, h, da, pwu, pwd, pbu, m, d, r, s_splits,
-        BLOCK_M=c2.BLOCK_M, BLOCK_N=c2.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c2.BLOCK_M, BLOCK_N=c2.BLOCK_N, R_PAD=rp, PREC=prec,
         num_warps=c2.num_warps, num_stages=c2.num_stages)
     # finish: deterministic sums of the partials and the scale, one launch
     dwd = torch.empty((r, d), dtype=dt, device=dev)
@@ -820,19 +825,19 @@ def aot_specs():
                    "scale": "fp32", "use_scale_t": "i32", "has_base": "i32", "has_res": "i32",
                    "save_a": "i32", "use_dropout": "i32"}
             specs.append(("adapter_fwd", _adapter_fwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd"][(rp, "fp32" if dt == torch.float32 else "lp")]
             sig = {"G": P, "A": "*fp32", "WD": P, "WU": P, "SCALE_T": "*fp32", "SEED": "*i64",
                    "DX": P, "H": P, "DA": P, "PBD": "*fp32", "PDS": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
                    "scale": "fp32", "use_scale_t": "i32", "use_dropout": "i32"}
             specs.append(("adapter_bwd", _adapter_bwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd_dw"][(rp, "fp32" if dt == torch.float32 else "lp")]
             sig = {"G": P, "X": P, "H": P, "DA": P, "PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "S": "i32"}
             specs.append(("adapter_bwd_dw", _adapter_bwd_dw_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             sig = {"PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32", "PBD": "*fp32", "PDS": "*fp32", "BU": P,
                    "SCALE_T": "*fp32", "DWU": P, "DWD": P, "DBU": P, "DBD": P, "DS": "*fp32",
                    "D": "i32", "R": "i32", "S": "i32", "P1": "i32", "scale": "fp32", "use_scale_t": "i32",
@@ -842,4 +847,4 @@ def aot_specs():
                           str(dt)))
     specs.append(("philox_rand", _philox_rand_kernel, {"SEED": "*i64", "OUT": "*fp32", "N": "i32"},
                   dict(BLOCK=1024), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), "fp32"))
-    return specs
+    return with_tf32_variants(specs)

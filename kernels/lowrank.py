@@ -48,7 +48,7 @@ import types
 
 import torch
 
-from ._common import (CheckedSignatures, check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (CheckedSignatures, check_dropout, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -125,10 +125,11 @@ def _lowrank_down_kernel(
     PRE,    # [M, R] fp32 pre-activation (after bias, before act/dropout), written when save_pre
     M, D, R, stride_pr, stride_pk, p, inv_keep, scale, out_drop, has_bias, act, save_pre,
     IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     acc = rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
-                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD)
+                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD, PREC)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     if has_bias:
@@ -155,6 +156,7 @@ def _lowrank_gemm_kernel(
     M, N, D, R, has_bias, p, inv_keep,
     TRANS: tl.constexpr, LR_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # grouped program order: GROUP row blocks walk the same column tiles (L2 reuse of W)
     pid = tl.program_id(0)
@@ -181,7 +183,7 @@ def _lowrank_gemm_kernel(
             w = tl.load(W + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         else:
             w = tl.load(W + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
+        acc = tl.dot(x, w, acc, input_precision=PREC)
     # low-rank term: the same K loop continued over R more columns ([x | u] @ [W | B]^T)
     if LR_MASK:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -195,7 +197,7 @@ def _lowrank_gemm_kernel(
             b = tl.load(B + rs[:, None] * N + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
         else:
             b = tl.load(B + cols[None, :] * R + rs[:, None], mask=smask[:, None] & cmask[None, :], other=0.0)
-        acc2 = tl.dot(u, b, acc2, input_precision="ieee")
+        acc2 = tl.dot(u, b, acc2, input_precision=PREC)
     if LR_MASK:
         acc = acc + acc2 * keep_scale(SEED, rows64, cols, N, p, inv_keep)
     else:
@@ -214,7 +216,7 @@ def _lowrank_dw_kernel(
     PW,    # [S, R, D] fp32 out: partial P^T drop(Q)
     PC,    # [S, D]    fp32 out: partial colsum(Q), written when want_colsum
     M, D, R, S, p, inv_keep, q_drop, want_colsum,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -234,7 +236,7 @@ def _lowrank_dw_kernel(
         if q_drop:
             q = (q.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(Q.dtype.element_ty)
         pm = tl.load(P + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(pm), q, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(pm), q, acc, input_precision=PREC)
     base = pid_s.to(tl.int64) * R * D
     tl.store(PW + base + rk[:, None] * D + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
     if want_colsum:
@@ -261,7 +263,9 @@ def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, 
         pre if save_pre else dummy(dev),
         m, d, r, stride_pr, stride_pk, float(p), inv_keep(p), float(scale),
         int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre),
-        IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+        IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp,
+        PREC="ieee" if in_drop else dot_precision(x2.dtype, dev),  # (tf32 + the Philox tile spilled: aot.py)
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return out, pre
 
 
@@ -280,7 +284,8 @@ def launch_gemm(x2, w, u, b, n, *, bias=None, trans=False, lr_mask=False, p=0.0,
         x2, w, u, b, bias if bias is not None else dummy(dev), seed_or_zero(seed, p, dev), out,
         m, n, d, r, int(bias is not None), float(p), inv_keep(p),
         TRANS=bool(trans), LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-        BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, PREC=dot_precision(x2.dtype, dev), num_warps=c.num_warps,
+        num_stages=c.num_stages)
     return out
 
 
@@ -301,7 +306,8 @@ def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
     _lowrank_dw_kernel[(ncol, s)](
         pm, q, seed_or_zero(seed, p, dev), pw, pc, m, d, r, s, float(p), inv_keep(p),
         int(q_drop and p > 0), int(colsum),
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(q.dtype, dev), num_warps=c.num_warps,
+        num_stages=c.num_stages)
     return pw.sum(0), (pc.sum(0) if colsum else None)
 
 
@@ -895,7 +901,8 @@ def aot_specs():
                    "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "out_drop": "i32",
                    "has_bias": "i32", "act": "i32", "save_pre": "i32"}
             specs.append(("lowrank_down_indrop" if in_drop else "lowrank_down", _lowrank_down_kernel, sig,
-                          dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp), c, str(dt)))
+                          dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, PREC="ieee"), c,
+                          str(dt)))
         sig = {"X": P, "W": P, "U": P, "B": P, "BIAS": P, "SEED": "*i64", "OUT": P,
                "M": "i32", "N": "i32", "D": "i32", "R": "i32", "has_bias": "i32", "p": "fp32",
                "inv_keep": "fp32"}
@@ -904,11 +911,11 @@ def aot_specs():
             c = CONFIGS["lowrank_gemm"][(lr_mask, dt.itemsize)]
             specs.append((name, _lowrank_gemm_kernel, sig,
                           dict(TRANS=trans, LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-                               BLOCK_K=c.BLOCK_K, GROUP=GROUP_M), c, str(dt)))
+                               BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, PREC="ieee"), c, str(dt)))
         for rp in R_PADS:
             c = CONFIGS["lowrank_dw"][(rp, dt.itemsize)]
             sig = {"P": P, "Q": P, "SEED": "*i64", "PW": "*fp32", "PC": "*fp32", "M": "i32", "D": "i32",
                    "R": "i32", "S": "i32", "p": "fp32", "inv_keep": "fp32", "q_drop": "i32", "want_colsum": "i32"}
             specs.append(("lowrank_dw", _lowrank_dw_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
-    return specs
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
+    return with_tf32_variants(specs, ieee_only=lambda cx: cx.get("IN_DROP") == 1)
