@@ -12,9 +12,9 @@ bit-exactly in plain torch for the reference path and the tests.
 
 Layers:
   _adapter_fwd_kernel / _adapter_bwd_kernel / _adapter_bwd_dw_kernel   Triton kernels
-  adapter_fwd / adapter_bwd                                            launchers
+  _fwd_launch / _bwd_launch (adapter_fwd / adapter_bwd add checks)     launchers
   torch.ops.fastpeft.adapter / adapter_backward                        custom ops (fake+autograd)
-  adapter                                                              functional
+  adapter (eager: _AdapterFunction; under torch.compile: the op)      functional
   adapter_ref                                                          plain-torch reference
 
 Backward (deterministic: no atomics):
@@ -24,7 +24,7 @@ Backward (deterministic: no atomics):
                           sum(h * dh) (for a learnable s).
   _adapter_bwd_dw_kernel  grid (D / BLOCK_N, S row-splits): dW_u = g^T h, dW_d = da^T x,
                           colsum(g) accumulated in fp32 registers, written as [S, ...] partials.
-  The launcher sums the partials over S (torch.sum: deterministic) and applies s.
+  _adapter_bwd_finish_kernel sums the partials in a fixed order (deterministic), applies s.
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ builds, differentiably and in plain torch, from its (tiny) parameters (spec shar
                         (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
                         so neither H nor any per-token D x D product is ever formed.
 
-The rank-R GEMMs and the frozen GEMM share one pass over the output ("K-concatenation"):
-out = [x | u] @ [W | B]^T + bias, i.e. the main kernel runs its K loop over D and then R more
-columns (u and B are tiny), with one fp32 accumulator and one store. Kernels:
+GEMMs run on the vendor BLAS (out = addmm(bias, x, W^T); out.addmm_(u, B^T); dx = g W + dz A;
+dA = dz^T x; dB = g^T u); Triton regenerates the dropout masks from the seed: the rank-R down
+projection with dropout, NOAH's masked dx term (gemm, LR_MASK) and dA = dz^T drop(x). Kernels:
 
   _lowrank_down_kernel  u[M, R] = epi(drop_in(X)[M, D] @ P[R, D]^T); P by runtime strides (A in the
                         forward, B^T in the backward); epilogue: +bias, QuickGELU, saved fp32
@@ -32,8 +32,8 @@ columns (u and B are tiny), with one fp32 accumulator and one store. Kernels:
   _lowrank_dw_kernel    per-split fp32 partials of P[M, R]^T Q[M, C] (Q optionally input-dropped)
                         and of colsum(Q): deterministic (no atomics), the launcher sums the splits
 
-Forward: 2 launches (down, gemm). Backward: 4 (dz = drop'(g B); dx = g W + dz A via the same gemm;
-dB^T = u^T g with colsum(g) = dbias; dA = dz^T drop(x)). Saved for backward: x (the projection
+Eager calls run one autograd.Function (_LowRankFunction); torch.compile traces the registered
+op; both share these launchers. Saved for backward: x (the projection
 input) and u [M, R] in x's dtype -- plus the int64 seed; the dropout mask is never stored (Philox
 `tl.rand(seed, offset)` regenerated, bit-exact with `adapter.dropout_keep_mask` in torch; offsets
 row * width + col of the tensor it drops: [M, D] for input dropout, [M, R] for rank dropout).

@@ -1,7 +1,8 @@
 """Low-rank methods under `fastpeft.patch`: LoRA (NOAH, PETL-ViT), FacT-TT/TK and KAdaptation add
 `delta(x)` to a frozen Linear's output through a reference hook. Fused, the Linear itself computes
-`x W^T + b + u B^T` in one pass (kernels.lowrank: the rank-r product shares the frozen GEMM's
-accumulator), saving x and the rank-r u only; the dropout mask is regenerated from a seed.
+`x W^T + b + u B^T` as one op (kernels.lowrank: both GEMMs on the vendor BLAS, the rank-r u from a
+Triton kernel when its dropout mask is regenerated from a seed), saving x and the rank-r u only.
+KAdaptation with its dropout on H active takes the fold (`_kadapt_folded`) on every backend.
 
 The Linear is re-classed (`FusedLowRankLinear`, same weight/bias objects) and the reference hook
 stays registered but absorbed, so later hooks on the same layer (e.g. SSF after qkv) still run
