@@ -134,6 +134,41 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, shape=None,
         raise ValueError(f"{op}: {name} must be {dtype}, got {name} {describe(t)}")
 
 
+class CheckedSignatures:
+    """Argument checks once per call signature: `seen(key)` is True when the checks already passed
+    for arguments with this key (every property the checks read: shapes, dtypes, devices, flags),
+    so an eager functional runs its checks on the first call of a signature only and a cheap key
+    comparison after that; anything that differs (a changed dtype or device, another shape) is a
+    new key and is checked again before any launch. `key` is None (always check) when an argument
+    is neither a tensor nor None. Bounded: forgets everything past `maxsize` keys."""
+
+    def __init__(self, maxsize: int = 512):
+        self._seen: set = set()
+        self._maxsize = maxsize
+
+    @staticmethod
+    def key(*tensors, extra=()) -> tuple | None:
+        parts = []
+        for t in tensors:
+            if t is None:
+                parts.append(None)
+            elif isinstance(t, torch.Tensor):
+                parts.append((t.shape, t.dtype, t.device))
+            else:
+                return None
+        return (*parts, *extra)
+
+    def seen(self, key) -> bool:
+        return key is not None and key in self._seen
+
+    def add(self, key) -> None:
+        if key is None:
+            return
+        if len(self._seen) >= self._maxsize:
+            self._seen.clear()
+        self._seen.add(key)
+
+
 def check_dropout(op: str, p: float, seed, like: torch.Tensor, like_name: str = "x") -> None:
     """ValueError unless p is in [0, 1) and, when p > 0, `seed` is a one-element int64 tensor on
     `like`'s device (the Philox seed the masks are regenerated from)."""
@@ -152,6 +187,12 @@ def rows_of(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.contiguous().view(-1, x.shape[-1])
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as the kernels read it: contiguous rows of D (x itself when contiguous: a kernel
+    indexes [M, D] rows by pointer, so no reshape is needed)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -161,14 +202,55 @@ def next_pow2(n: int) -> int:
 
 
 # Launcher helpers shared by the kernel families.
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(kind: str, device, dtype, n: int = 1) -> torch.Tensor:
+    """A cached zero tensor of n elements per (kind, device, dtype, n): allocated once and only
+    ever read (by kernels that ignore it or read it as zeros), so no per-call allocation."""
+    key = (kind, device, dtype, n)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return t
+
+
+def zeros_const(n: int, device, dtype) -> torch.Tensor:
+    """A cached, read-only [n] zero vector (an absent bias the kernel reads)."""
+    return _constant("zeros", device, dtype, n)
+
+
 def dummy(device, dtype=torch.float32) -> torch.Tensor:
-    """A one-element stand-in for a pointer argument the kernel does not read."""
-    return torch.empty(1, dtype=dtype, device=device)
+    """A one-element stand-in for a pointer argument the kernel does not read (cached)."""
+    return _constant("dummy", device, dtype)
 
 
 def seed_or_zero(seed, p: float, device) -> torch.Tensor:
-    """The int64 [1] dropout seed the kernels read (a zero seed when p == 0: never used)."""
-    return seed.reshape(1) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=device)
+    """The int64 [1] dropout seed the kernels read (a cached zero seed when p == 0: never used)."""
+    return seed.reshape(1) if p > 0.0 else _constant("seed", device, torch.int64)
+
+
+def with_tf32_variants(specs: list, ieee_only=lambda constexprs: False) -> list:
+    """AOT specs (kernels/aot.py) plus, for every fp32 spec with a PREC constexpr ("ieee"), the same
+    spec with PREC="tf32": the two `input_precision`s `dot_precision` can pick (except where
+    `ieee_only(constexprs)`: launchers that always pass "ieee")."""
+    out = list(specs)
+    for name, fn, sig, constexprs, cfg, dt in specs:
+        if dt == str(torch.float32) and constexprs.get("PREC") == "ieee" and not ieee_only(constexprs):
+            out.append((name, fn, sig, {**constexprs, "PREC": "tf32"}, cfg, dt))
+    return out
+
+
+def dot_precision(dtype: torch.dtype, device) -> str:
+    """`input_precision` of the fp32 `tl.dot`s, following torch's own fp32 matmul setting as
+    cuBLAS does: "tf32" when `torch.backends.cuda.matmul.allow_tf32` is on (or
+    `torch.set_float32_matmul_precision` is "high"/"medium") and the tensors are on a GPU,
+    "ieee" otherwise (and for fp16/bf16 inputs, where it has no effect)."""
+    if dtype != torch.float32 or torch.device(device).type != "cuda":
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def inv_keep(p: float) -> float:
@@ -214,7 +296,8 @@ def row_rank_tile(M, R, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
 
 @triton.jit
 def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
-              IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+              IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+              PREC: tl.constexpr):
     """fp32 [BLOCK_M, R_PAD] = drop(X[rows, :D]) @ P^T with D streamed in BLOCK_K chunks; X is
     [M, D] contiguous, P[r, k] sits at r * stride_pr + k * stride_pk. Padded rank columns stay
     exactly 0. IN_DROP drops X's elements (offsets row * D + col)."""
@@ -227,13 +310,13 @@ def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, 
             x = (x.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
         pt = tl.load(P + rk[None, :] * stride_pr + cols[:, None] * stride_pk,
                      mask=kmask[None, :] & cmask[:, None], other=0.0)
-        acc = tl.dot(x, pt, acc, input_precision="ieee")
+        acc = tl.dot(x, pt, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                R_PAD: tl.constexpr):
+                R_PAD: tl.constexpr, PREC: tl.constexpr):
     """fp32 [BLOCK_M, R_PAD] = G[rows, :D] @ WT with WT [D, R] contiguous (the up weight: dh = g W_u
     in the backward), D streamed in BLOCK_N chunks. `rank_down` with P = WT^T computes the same,
     but its address and mask order changed the backward kernels' register allocation
@@ -244,17 +327,17 @@ def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BL
         cmask = cols < D
         g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         wt = tl.load(WT + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(g, wt, acc, input_precision="ieee")
+        acc = tl.dot(g, wt, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr):
+def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """OUT[rows, :D] = da [BLOCK_M, R_PAD] @ WD [R, D] (WD contiguous), one BLOCK_N chunk at a time."""
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < D
         wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        dx = tl.dot(da, wd, input_precision="ieee")
+        dx = tl.dot(da, wd, input_precision=PREC)
         tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])

@@ -12,9 +12,9 @@ bit-exactly in plain torch for the reference path and the tests.
 
 Layers:
   _adapter_fwd_kernel / _adapter_bwd_kernel / _adapter_bwd_dw_kernel   Triton kernels
-  adapter_fwd / adapter_bwd                                            launchers
+  _fwd_launch / _bwd_launch (adapter_fwd / adapter_bwd add checks)     launchers
   torch.ops.fastpeft.adapter / adapter_backward                        custom ops (fake+autograd)
-  adapter                                                              functional
+  adapter (eager: _AdapterFunction; under torch.compile: the op)      functional
   adapter_ref                                                          plain-torch reference
 
 Backward (deterministic: no atomics):
@@ -24,7 +24,7 @@ Backward (deterministic: no atomics):
                           sum(h * dh) (for a learnable s).
   _adapter_bwd_dw_kernel  grid (D / BLOCK_N, S row-splits): dW_u = g^T h, dW_d = da^T x,
                           colsum(g) accumulated in fp32 registers, written as [S, ...] partials.
-  The launcher sums the partials over S (torch.sum: deterministic) and applies s.
+  _adapter_bwd_finish_kernel sums the partials in a fixed order (deterministic), applies s.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 
 from ._common import check_dropout, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
-                      row_splits, rows_of, seed_or_zero, use_triton)
+                      row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures, dot_precision,
+                      with_tf32_variants)
 
 ACTS = {"relu": 0, "gelu": 1, "quick_gelu": 2}
 MAX_RANK = 128
@@ -146,11 +147,13 @@ def _adapter_fwd_kernel(
     A,        # [M, R] fp32 pre-activation, written when save_a
     M, D, R, act, p, inv_keep, scale, use_scale_t, has_base, has_res, save_a, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
 
     # a = x @ W_d^T + b_d, accumulated over D in fp32; padded rank columns stay exactly 0.
-    acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD)
+    acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD,
+                    PREC)
     bd = tl.load(BD + rk, mask=kmask, other=0.0).to(tl.float32)
     a = acc + bd[None, :]
     if save_a:
@@ -170,7 +173,7 @@ def _adapter_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < D
         wuT = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        u = tl.dot(h, wuT, input_precision="ieee")
+        u = tl.dot(h, wuT, input_precision=PREC)
         bu = tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)
         o = s * (u + bu[None, :])
         m2 = rmask[:, None] & cmask[None, :]
@@ -197,12 +200,13 @@ def _adapter_bwd_kernel(
     PDS,      # [P] fp32 out: per-program partial sum(h * (g @ W_u)) (grad of a learnable s)
     M, D, R, act, p, inv_keep, scale, use_scale_t, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
 
     # dh = g @ W_u (unscaled), over D.
-    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD)
+    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD, PREC)
 
     a = tl.load(A + rows64[:, None] * R + rk[None, :], mask=rkmask, other=0.0)
     h = _act_fwd(a, act)
@@ -222,7 +226,7 @@ def _adapter_bwd_kernel(
     tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
 
     # dx = da @ W_d, over D.
-    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K)
+    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K, PREC)
 
 
 @triton.jit(do_not_specialize=["R", "S"])
@@ -235,7 +239,7 @@ def _adapter_bwd_dw_kernel(
     PWD,   # [S, R, D] fp32 out: partial da^T x    (grad of W_d)
     PBU,   # [S, D]    fp32 out: partial colsum(g) (unscaled grad of b_u)
     M, D, R, S,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -257,13 +261,68 @@ def _adapter_bwd_dw_kernel(
         rk2 = rmask[:, None] & kmask[None, :]
         h = tl.load(H + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
         da = tl.load(DA + rows64[:, None] * R + rk[None, :], mask=rk2, other=0.0)
-        acc_wu = tl.dot(tl.trans(g), h, acc_wu, input_precision="ieee")
-        acc_wd = tl.dot(tl.trans(da), x, acc_wd, input_precision="ieee")
+        acc_wu = tl.dot(tl.trans(g), h, acc_wu, input_precision=PREC)
+        acc_wd = tl.dot(tl.trans(da), x, acc_wd, input_precision=PREC)
         acc_bu += tl.sum(g.to(tl.float32), axis=0)
     base = pid_s.to(tl.int64) * D * R
     tl.store(PWU + base + cols[:, None] * R + rk[None, :], acc_wu, mask=cmask[:, None] & kmask[None, :])
     tl.store(PWD + base + rk[:, None] * D + cols[None, :], acc_wd, mask=kmask[:, None] & cmask[None, :])
     tl.store(PBU + pid_s.to(tl.int64) * D + cols, acc_bu, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["D", "R", "S", "P1", "scale", "use_scale_t", "has_bu", "want_ds"])
+def _adapter_bwd_finish_kernel(
+    PWU, PWD, PBU,  # [S, D, R], [S, R, D], [S, D] fp32 partials of _adapter_bwd_dw_kernel
+    PBD, PDS,       # [P1, R_PAD], [P1] fp32 partials of _adapter_bwd_kernel
+    BU,             # [D] up bias, read when has_bu and want_ds
+    SCALE_T,        # [1] learnable scale, read when use_scale_t
+    DWU, DWD, DBU, DBD,  # [D, R], [R, D], [D], [R] out (x dtype)
+    DS,             # [1] fp32 out: grad of the learnable scale, written when want_ds
+    D, R, S, P1, scale, use_scale_t, has_bu, want_ds,
+    R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The partial sums finished in one launch (deterministic: fixed order over S and P1) with the
+    scale applied: dW_u = s sum_S PWU, dW_d = sum_S PWD, db_u = s sum_S PBU over BLOCK flat
+    elements per program; program 0 also sums db_d over P1 and ds = scale (sum PDS + b_u . colsum(g))."""
+    pid = tl.program_id(0)
+    s = scale
+    if use_scale_t:
+        s = s * tl.load(SCALE_T).to(tl.float32)
+    n = D * R
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    acc_wu = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_wd = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        base = i * n
+        acc_wu += tl.load(PWU + base + offs, mask=m, other=0.0)
+        acc_wd += tl.load(PWD + base + offs, mask=m, other=0.0)
+    tl.store(DWU + offs, (s * acc_wu).to(DWU.dtype.element_ty), mask=m)
+    tl.store(DWD + offs, acc_wd.to(DWD.dtype.element_ty), mask=m)
+    mb = offs < D
+    acc_bu = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        acc_bu += tl.load(PBU + i * D + offs, mask=mb, other=0.0)
+    tl.store(DBU + offs, (s * acc_bu).to(DBU.dtype.element_ty), mask=mb)
+    if pid == 0:
+        rk = tl.arange(0, R_PAD)
+        acc_bd = tl.zeros((R_PAD,), dtype=tl.float32)
+        for i in range(0, P1):
+            acc_bd += tl.load(PBD + i * R_PAD + rk)
+        tl.store(DBD + rk, acc_bd.to(DBD.dtype.element_ty), mask=rk < R)
+        if want_ds:
+            ar = tl.arange(0, BLOCK)
+            tot = tl.zeros((BLOCK,), dtype=tl.float32)
+            for j0 in range(0, P1, BLOCK):
+                tot += tl.load(PDS + j0 + ar, mask=j0 + ar < P1, other=0.0)
+            if has_bu:
+                for d0 in range(0, D, BLOCK):
+                    dm = d0 + ar < D
+                    cs = tl.zeros((BLOCK,), dtype=tl.float32)
+                    for i in range(0, S):
+                        cs += tl.load(PBU + i * D + d0 + ar, mask=dm, other=0.0)
+                    tot += cs * tl.load(BU + d0 + ar, mask=dm, other=0.0).to(tl.float32)
+            tl.store(DS, scale * tl.sum(tot, axis=0))
 
 
 @triton.jit
@@ -400,56 +459,68 @@ def _flags(p, scale_t):
     return (1 if p > 0.0 else 0), inv_keep(p), (1 if scale_t is not None else 0)
 
 
-def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: float, act: int,
+def _scale_ptr(scale_t, dev):
+    if scale_t is None:
+        return dummy(dev)
+    return scale_t if scale_t.dtype == torch.float32 else scale_t.float()
+
+
+def _fwd_launch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: float, act: int,
                 p: float, seed, save: bool):
-    """Triton forward. Returns (out like x, a [M, r] fp32 or an empty [0, r] when not save)."""
-    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
+    """The Triton forward on validated arguments (see `adapter_fwd`)."""
     d, r = x.shape[-1], w_down.shape[0]
     x2 = rows_of(x)
     m = x2.shape[0]
-    out = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=x.device)
+    dev = x.device
+    out = torch.empty((m, d), dtype=x.dtype, device=dev)
+    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=dev)
     if m == 0:
         return out.view(x.shape), a
-    wd, wu = w_down.contiguous(), w_up.contiguous()
-    bd = b_down.contiguous() if b_down is not None else x.new_zeros(r)
-    bu = b_up.contiguous() if b_up is not None else x.new_zeros(d)
-    base2 = rows_of(base) if base is not None else x2
-    res2 = rows_of(residual) if residual is not None else x2
-    unused = dummy(x.device)
-    st = scale_t.reshape(1).float() if scale_t is not None else unused
+    bd = b_down if b_down is not None else zeros_const(r, dev, x.dtype)
+    bu = b_up if b_up is not None else zeros_const(d, dev, x.dtype)
+    unused = dummy(dev)
     use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
-    sd = seed_or_zero(seed, p, x.device)
     rp, c = config("adapter_fwd", r, x.dtype)
     _adapter_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
-        x2, wd, bd, wu, bu, base2, res2, st, sd, out, a if save else unused,
+        x2, w_down.contiguous(), bd.contiguous(), w_up.contiguous(), bu.contiguous(),
+        rows_of(base) if base is not None else x2, rows_of(residual) if residual is not None else x2,
+        _scale_ptr(scale_t, dev), seed_or_zero(seed, p, dev), out, a if save else unused,
         m, d, r, act, p, inv_keep_p, float(scale), use_st, int(base is not None),
         int(residual is not None), int(save), use_dropout,
-        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(x.dtype, dev),
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out.view(x.shape), a
 
 
-def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
-    """Triton backward. Returns (dx, dW_down, db_down, dW_up, db_up, dscale) in x's dtype
-    (dscale fp32 [1], zero when scale_t is None)."""
+def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: float, act: int,
+                p: float, seed, save: bool):
+    """Triton forward. Returns (out like x, a [M, r] fp32 or an empty [0, r] when not save)."""
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
+    return _fwd_launch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save)
+
+
+FINISH_BLOCK = 1024
+
+
+def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
+    """The Triton backward on validated arguments (see `adapter_bwd`): three launches (rows,
+    weight-grad partials, finish)."""
     d, r = x.shape[-1], w_down.shape[0]
     x2 = rows_of(x)
     g2 = rows_of(grad_out)
     m = x2.shape[0]
-    if g2.shape != x2.shape or grad_out.dtype != x.dtype or a.shape != (m, r):
-        raise ValueError(f"adapter_backward: grad_out {describe(grad_out)} / a {describe(a)} do not "
-                         f"match x {describe(x)} and rank {r}")
     dev, dt = x.device, x.dtype
     dx = torch.empty((m, d), dtype=dt, device=dev)
     if m == 0:
         z = torch.zeros
         return (dx.view(x.shape), z(r, d, dtype=dt, device=dev), z(r, dtype=dt, device=dev),
-                z(d, r, dtype=dt, device=dev), z(d, dtype=dt, device=dev), z(1, device=dev))
+                z(d, r, dtype=dt, device=dev), z(d, dtype=dt, device=dev),
+                z(1, device=dev) if scale_t is not None else None)
     use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
-    st = scale_t.reshape(1).float() if scale_t is not None else dummy(dev)
+    st = _scale_ptr(scale_t, dev)
     sd = seed_or_zero(seed, p, dev)
     rp, c1 = config("adapter_bwd", r, dt)
+    prec = dot_precision(dt, dev)
     p1 = cdiv(m, c1.BLOCK_M)
     h = torch.empty((m, r), dtype=dt, device=dev)
     da = torch.empty((m, r), dtype=dt, device=dev)
@@ -459,7 +530,7 @@ def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     _adapter_bwd_kernel[(p1,)](
         g2, a, wd, wu, st, sd, dx, h, da, pbd, pds,
         m, d, r, act, p, inv_keep_p, float(scale), use_st, use_dropout,
-        BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp, PREC=prec,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
     _, c2 = config("adapter_bwd_dw", r, dt)
     ncol = cdiv(d, c2.BLOCK_N)
@@ -469,18 +540,32 @@ def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     pbu = torch.empty((s_splits, d), dtype=torch.float32, device=dev)
     _adapter_bwd_dw_kernel[(ncol, s_splits)](
         g2, x2, h, da, pwu, pwd, pbu, m, d, r, s_splits,
-        BLOCK_M=c2.BLOCK_M, BLOCK_N=c2.BLOCK_N, R_PAD=rp,
+        BLOCK_M=c2.BLOCK_M, BLOCK_N=c2.BLOCK_N, R_PAD=rp, PREC=prec,
         num_warps=c2.num_warps, num_stages=c2.num_stages)
-    # Finalize: deterministic sums of the partials, then the scale.
-    s = float(scale) * (scale_t.reshape(1).float() if scale_t is not None else 1.0)
-    colsum_g = pbu.sum(0)
-    dbu = s * colsum_g
-    dwu = s * pwu.sum(0)
-    dwd = pwd.sum(0)
-    dbd = pbd[:, :r].sum(0)
-    bu = b_up.float() if b_up is not None else torch.zeros_like(colsum_g)
-    ds = float(scale) * (pds.sum() + (bu * colsum_g).sum()).reshape(1)
-    return dx.view(x.shape), dwd.to(dt), dbd.to(dt), dwu.to(dt), dbu.to(dt), ds
+    # finish: deterministic sums of the partials and the scale, one launch
+    dwd = torch.empty((r, d), dtype=dt, device=dev)
+    dbd = torch.empty((r,), dtype=dt, device=dev)
+    dwu = torch.empty((d, r), dtype=dt, device=dev)
+    dbu = torch.empty((d,), dtype=dt, device=dev)
+    ds = torch.empty((1,), dtype=torch.float32, device=dev) if scale_t is not None else dummy(dev)
+    _adapter_bwd_finish_kernel[(cdiv(d * r, FINISH_BLOCK),)](
+        pwu, pwd, pbu, pbd, pds, b_up if b_up is not None else dx, st, dwu, dwd, dbu, dbd, ds,
+        d, r, s_splits, p1, float(scale), use_st, int(b_up is not None), int(scale_t is not None),
+        R_PAD=rp, BLOCK=FINISH_BLOCK, num_warps=4)
+    return dx.view(x.shape), dwd, dbd, dwu, dbu, ds if scale_t is not None else None
+
+
+def adapter_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
+    """Triton backward. Returns (dx, dW_down, db_down, dW_up, db_up, dscale) in x's dtype
+    (dscale fp32 [1], zero when scale_t is None)."""
+    r = w_down.shape[0]
+    m = x.numel() // x.shape[-1]
+    if (grad_out.shape[-1:] != x.shape[-1:] or grad_out.numel() != x.numel() or grad_out.dtype != x.dtype
+            or a.shape != (m, r)):
+        raise ValueError(f"adapter_backward: grad_out {describe(grad_out)} / a {describe(a)} do not "
+                         f"match x {describe(x)} and rank {r}")
+    out = _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+    return out if out[5] is not None else (*out[:5], torch.zeros(1, device=x.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,7 +590,6 @@ def _keep_scale_torch(seed, m, r, p):
 
 
 def _adapter_fwd_torch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save):
-    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
     f32 = torch.float32
     d, r = x.shape[-1], w_down.shape[0]
     x2 = x.reshape(-1, d)
@@ -551,8 +635,10 @@ def _adapter_bwd_torch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, 
     dbd = da.sum(0)
     dwu = s * (g.t() @ h)
     dbu = s * colsum_g
-    bu = b_up.to(f32) if b_up is not None else torch.zeros_like(colsum_g)
-    ds = scale * ((h * dh).sum() + (bu * colsum_g).sum()).reshape(1)
+    ds = None
+    if scale_t is not None:
+        bu = b_up.to(f32) if b_up is not None else torch.zeros_like(colsum_g)
+        ds = scale * ((h * dh).sum() + (bu * colsum_g).sum()).reshape(1)
     dt = x.dtype
     return dx.to(dt).view(x.shape), dwd.to(dt), dbd.to(dt), dwu.to(dt), dbu.to(dt), ds
 
@@ -565,7 +651,8 @@ def _adapter_op(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | No
                 w_up: torch.Tensor, b_up: torch.Tensor | None, base: torch.Tensor | None,
                 residual: torch.Tensor | None, scale_t: torch.Tensor | None, scale: float, act: int,
                 p: float, seed: torch.Tensor | None, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = adapter_fwd if use_triton(x) else _adapter_fwd_torch
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
+    fn = _fwd_launch if use_triton(x) else _adapter_fwd_torch
     return fn(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save)
 
 
@@ -576,15 +663,23 @@ def _adapter_fake(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale,
         x.new_empty((m, w_down.shape[0]), dtype=torch.float32)
 
 
+def _backward_impl(triton_path: bool, grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed):
+    """The backward math both autograd paths run (ds None without a learnable scale)."""
+    grad_out = grad_out.contiguous()
+    fn = _bwd_launch if triton_path else _adapter_bwd_torch
+    return fn(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+
+
 @torch.library.custom_op("fastpeft::adapter_backward", mutates_args=())
 def _adapter_backward_op(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                          w_down: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None,
                          scale_t: torch.Tensor | None, scale: float, act: int, p: float,
                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out = grad_out.contiguous()
-    fn = adapter_bwd if use_triton(x) else _adapter_bwd_torch
-    return fn(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+    if use_triton(x):
+        return adapter_bwd(grad_out.contiguous(), x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+    out = _backward_impl(False, grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+    return out if out[5] is not None else (*out[:5], torch.zeros(1, device=x.device))
 
 
 @_adapter_backward_op.register_fake
@@ -593,6 +688,15 @@ def _adapter_backward_fake(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, a
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((r, d)),
             x.new_empty((r,)), x.new_empty((d, r)), x.new_empty((d,)),
             x.new_empty((1,), dtype=torch.float32))
+
+
+def _grads(need, has_base, has_res, grad_out, scale_t, dx, dwd, dbd, dwu, dbu, ds):
+    """The input gradients in the op's argument order (both autograd paths)."""
+    return (dx if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+            dwu if need[3] else None, dbu if need[4] else None,
+            grad_out if has_base and need[5] else None,
+            grad_out if has_res and need[6] else None,
+            ds.reshape(scale_t.shape).to(scale_t.dtype) if scale_t is not None and need[7] else None)
 
 
 def _adapter_setup_context(ctx, inputs, output):
@@ -606,21 +710,42 @@ def _adapter_setup_context(ctx, inputs, output):
 
 def _adapter_backward(ctx, grad_out, _grad_a):
     x, a, w_down, w_up, b_up, scale_t, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
     if a.shape[0] != x.numel() // x.shape[-1]:
         raise RuntimeError("fastpeft::adapter was called with save=False; it cannot be differentiated")
-    dx, dwd, dbd, dwu, dbu, ds = torch.ops.fastpeft.adapter_backward(
+    grads = torch.ops.fastpeft.adapter_backward(
         grad_out, x, a, w_down, w_up, b_up, scale_t, ctx.scale, ctx.act, ctx.p, seed)
-    has_base, has_res = ctx.has
-    return (dx if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
-            dwu if need[3] else None, dbu if need[4] else None,
-            grad_out if has_base and need[5] else None,
-            grad_out if has_res and need[6] else None,
-            ds.reshape(scale_t.shape).to(scale_t.dtype) if scale_t is not None and need[7] else None,
-            None, None, None, None, None)
+    return (*_grads(ctx.needs_input_grad, *ctx.has, grad_out, scale_t, *grads), None, None, None, None, None)
 
 
 _adapter_op.register_autograd(_adapter_backward, setup_context=_adapter_setup_context)
+
+
+class _AdapterFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::adapter`: the same launchers (or torch math) and saved tensors
+    as the registered op, without the custom-op dispatch; arguments validated by the caller.
+    `triton_path` is decided once in forward and reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, triton_path):
+        save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 7))
+        fn = _fwd_launch if triton_path else _adapter_fwd_torch
+        out, a = fn(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save)
+        if save:
+            ctx.save_for_backward(x, a, w_down, w_up, b_up, scale_t, seed)
+        ctx.args = (save, scale, act, p, triton_path, base is not None, residual is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        save, scale, act, p, triton_path, has_base, has_res = ctx.args
+        need = ctx.needs_input_grad
+        if not save:  # only base / residual need a gradient: the identity
+            return (None,) * 5 + (grad_out if has_base and need[5] else None,
+                                  grad_out if has_res and need[6] else None) + (None,) * 6
+        x, a, w_down, w_up, b_up, scale_t, seed = ctx.saved_tensors
+        grads = _backward_impl(triton_path, grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
+        return (*_grads(need, has_base, has_res, grad_out, scale_t, *grads), None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,6 +756,9 @@ def _cast_param(t, dtype):
     if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
         return t.to(dtype)
     return t
+
+
+_CHECKED = CheckedSignatures()
 
 
 def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
@@ -646,22 +774,39 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
     quick_gelu. Dropout (p = dropout_p) on the rank-r activation only when `training`; its mask
     is drawn from `seed` (int64, one element; drawn from torch's generator when None).
     Returns a contiguous tensor of x's shape and dtype.
+
+    Eager calls run one autograd.Function over the launchers, with the argument checks run once
+    per call signature (`_CHECKED`); under torch.compile the call is the registered
+    `torch.ops.fastpeft.adapter` (fake and autograd formulas, checked when traced), which shares
+    the same launchers.
     """
-    if act not in ACTS:
+    act_code = ACTS.get(act) if isinstance(act, str) else None
+    if act_code is None:
         raise ValueError(f"adapter: act must be one of {tuple(ACTS)}, got {act!r}")
     check_tensor("adapter", "x", x)
-    w_down, b_down, w_up, b_up = (_cast_param(t, x.dtype) for t in (w_down, b_down, w_up, b_up))
+    dt = x.dtype
+    w_down, b_down, w_up, b_up = (_cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
     scale_t = scale if isinstance(scale, torch.Tensor) else None
     scale_f = 1.0 if scale_t is not None else float(scale)
     p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None and isinstance(x, torch.Tensor):
+    if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, ACTS[act], p, seed)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, scale_t))
-    out, _ = torch.ops.fastpeft.adapter(x, w_down, b_down, w_up, b_up, base, residual, scale_t,
-                                        scale_f, ACTS[act], p, seed if p > 0.0 else None, save)
-    return out
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, w_down, b_down, w_up, b_up, base, residual, scale_t,
+                                              seed if p > 0.0 else None, extra=(act_code, p))
+    if not _CHECKED.seen(key):
+        _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act_code, p, seed)
+        _CHECKED.add(key)
+    if p <= 0.0:
+        seed = None
+    if compiling:
+        save = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, scale_t))
+        out, _ = torch.ops.fastpeft.adapter(x, w_down, b_down, w_up, b_up, base, residual, scale_t,
+                                            scale_f, act_code, p, seed, save)
+        return out
+    return _AdapterFunction.apply(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale_f, act_code,
+                                  p, seed, use_triton(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,19 +825,26 @@ def aot_specs():
                    "scale": "fp32", "use_scale_t": "i32", "has_base": "i32", "has_res": "i32",
                    "save_a": "i32", "use_dropout": "i32"}
             specs.append(("adapter_fwd", _adapter_fwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd"][(rp, "fp32" if dt == torch.float32 else "lp")]
             sig = {"G": P, "A": "*fp32", "WD": P, "WU": P, "SCALE_T": "*fp32", "SEED": "*i64",
                    "DX": P, "H": P, "DA": P, "PBD": "*fp32", "PDS": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
                    "scale": "fp32", "use_scale_t": "i32", "use_dropout": "i32"}
             specs.append(("adapter_bwd", _adapter_bwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd_dw"][(rp, "fp32" if dt == torch.float32 else "lp")]
             sig = {"G": P, "X": P, "H": P, "DA": P, "PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "S": "i32"}
             specs.append(("adapter_bwd_dw", _adapter_bwd_dw_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
+            sig = {"PWU": "*fp32", "PWD": "*fp32", "PBU": "*fp32", "PBD": "*fp32", "PDS": "*fp32", "BU": P,
+                   "SCALE_T": "*fp32", "DWU": P, "DWD": P, "DBU": P, "DBD": P, "DS": "*fp32",
+                   "D": "i32", "R": "i32", "S": "i32", "P1": "i32", "scale": "fp32", "use_scale_t": "i32",
+                   "has_bu": "i32", "want_ds": "i32"}
+            specs.append(("adapter_bwd_finish", _adapter_bwd_finish_kernel, sig,
+                          dict(R_PAD=rp, BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1),
+                          str(dt)))
     specs.append(("philox_rand", _philox_rand_kernel, {"SEED": "*i64", "OUT": "*fp32", "N": "i32"},
                   dict(BLOCK=1024), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), "fp32"))
-    return specs
+    return with_tf32_variants(specs)

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
-                      rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton)
+from ._common import (CheckedSignatures, check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+                      rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton,
+                      dot_precision, with_tf32_variants)
 from .adapter import Cfg, dropout_keep_mask
-from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, launch_dw, r_pad_of
+from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, r_pad_of
 
 MAX_DIM = 32  # bypass widths d above this (official: 8) run the torch math of the same ops
 DIM_PADS = (16, 32)
@@ -71,6 +72,7 @@ def _convpass_up_fwd_kernel(
     OUT,    # [M, D]
     M, D, R, p, inv_keep, scale, has_bias, has_base, use_dropout,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     c = tl.load(C + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -82,7 +84,7 @@ def _convpass_up_fwd_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < D
         wut = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        o = tl.dot(h, wut, input_precision="ieee")
+        o = tl.dot(h, wut, input_precision=PREC)
         if has_bias:
             o += tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         o = o * scale
@@ -102,10 +104,10 @@ def _convpass_up_bwd_kernel(
     DC,     # [M, R] out: grad of c (x dtype)
     H,      # [M, R] out: drop(QuickGELU(c)) (x dtype), for dW_u
     M, D, R, p, inv_keep, scale, use_dropout,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
-    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD)
+    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD, PREC)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     c = tl.load(C + offs, mask=rkmask, other=0.0).to(tl.float32)
@@ -127,7 +129,7 @@ def _convpass_down_bwd_kernel(
     DA,     # [M, R] out: grad of a (x dtype), for dW_d / db_d
     DX,     # [M, D] out: grad of the bypass input
     M, D, R,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     rkmask = rmask[:, None] & kmask[None, :]
@@ -136,7 +138,7 @@ def _convpass_down_bwd_kernel(
     a = tl.load(A + offs, mask=rkmask, other=0.0)
     da = (gu * _quick_gelu_grad(a)).to(DA.dtype.element_ty)
     tl.store(DA + offs, da, mask=rkmask)
-    rank_up_store(DX, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N)
+    rank_up_store(DX, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +187,10 @@ def _config(kernel: str, d: int, t: torch.Tensor):
 def convpass_down_fwd(x, w_down, b_down):
     """(u [..., d] x dtype, a [M, d] fp32)."""
     _validate_down(x, w_down, b_down)
+    return _down_fwd_launch(x, w_down, b_down)
+
+
+def _down_fwd_launch(x, w_down, b_down):
     x2 = rows_of(x)
     d = w_down.shape[0]
     wd = w_down.contiguous()
@@ -195,13 +201,19 @@ def convpass_down_fwd(x, w_down, b_down):
 
 def convpass_down_bwd(grad_u, x, a, w_down):
     """(dx like x, dw_down [d, D], db_down [d]) in x's dtype."""
+    d = w_down.shape[0]
+    m = x.numel() // x.shape[-1]
+    if grad_u.numel() != m * d or grad_u.shape[-1] != d or a.shape != (m, d):
+        raise ValueError(f"convpass_down_backward: grad_u {describe(grad_u)} / a {describe(a)} do not match "
+                         f"x {describe(x)} and w_down {describe(w_down)}")
+    return _down_bwd_launch(grad_u, x, a, w_down)
+
+
+def _down_bwd_launch(grad_u, x, a, w_down):
     x2 = rows_of(x)
     gu = rows_of(grad_u)
     m, D = x2.shape
     d = w_down.shape[0]
-    if gu.shape != (m, d) or a.shape != (m, d):
-        raise ValueError(f"convpass_down_backward: grad_u {describe(grad_u)} / a {describe(a)} do not match "
-                         f"x {describe(x)} and w_down {describe(w_down)}")
     dev, dt = x.device, x.dtype
     dx = torch.empty((m, D), dtype=dt, device=dev)
     da = torch.empty((m, d), dtype=dt, device=dev)
@@ -209,13 +221,18 @@ def convpass_down_bwd(grad_u, x, a, w_down):
         dp, c = _config("convpass_down_bwd", d, x)
         _convpass_down_bwd_kernel[(cdiv(m, c.BLOCK_M),)](
             gu, a, w_down.contiguous(), da, dx, m, D, d,
-            BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, num_warps=c.num_warps, num_stages=c.num_stages)
-    dw, _ = launch_dw(da, x2)
-    return dx.view(x.shape), dw.to(dt), da.float().sum(0).to(dt)
+            BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC=dot_precision(dt, dev), num_warps=c.num_warps,
+            num_stages=c.num_stages)
+    # dW_d = da^T x on the vendor BLAS; db_d = colsum(da) accumulated in fp32
+    return dx.view(x.shape), torch.mm(da.t(), x2), da.sum(0, dtype=torch.float32).to(dt)
 
 
 def convpass_up_fwd(c, w_up, b_up, base, scale: float, p: float, seed):
     _validate_up(c, w_up, b_up, base, p, seed)
+    return _up_fwd_launch(c, w_up, b_up, base, scale, p, seed)
+
+
+def _up_fwd_launch(c, w_up, b_up, base, scale: float, p: float, seed):
     c2 = rows_of(c)
     m, d = c2.shape
     D = w_up.shape[0]
@@ -228,20 +245,26 @@ def convpass_up_fwd(c, w_up, b_up, base, scale: float, p: float, seed):
             c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else unused,
             rows_of(base) if base is not None else unused, seed_or_zero(seed, p, dev), out,
             m, D, d, float(p), inv_keep(p), float(scale), int(b_up is not None), int(base is not None),
-            int(p > 0.0), BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp,
+            int(p > 0.0), BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, PREC=dot_precision(c.dtype, dev),
             num_warps=cf.num_warps, num_stages=cf.num_stages)
     return out.view(*c.shape[:-1], D)
 
 
 def convpass_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
     """(dc like c, dw_up [D, d], db_up [D]) in c's dtype."""
+    D = w_up.shape[0]
+    m = c.numel() // c.shape[-1]
+    if grad_out.numel() != m * D or grad_out.shape[-1] != D:
+        raise ValueError(f"convpass_up_backward: grad_out {describe(grad_out)} does not match c {describe(c)}, "
+                         f"w_up {describe(w_up)}")
+    return _up_bwd_launch(grad_out, c, w_up, scale, p, seed)
+
+
+def _up_bwd_launch(grad_out, c, w_up, scale: float, p: float, seed):
     c2 = rows_of(c)
     m, d = c2.shape
     D = w_up.shape[0]
     g2 = rows_of(grad_out)
-    if g2.shape != (m, D):
-        raise ValueError(f"convpass_up_backward: grad_out {describe(grad_out)} does not match c {describe(c)}, "
-                         f"w_up {describe(w_up)}")
     dev, dt = c.device, c.dtype
     dc = torch.empty((m, d), dtype=dt, device=dev)
     h = torch.empty((m, d), dtype=dt, device=dev)
@@ -250,10 +273,15 @@ def convpass_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
         _convpass_up_bwd_kernel[(cdiv(m, cf.BLOCK_M),)](
             g2, c2, w_up.contiguous(), seed_or_zero(seed, p, dev), dc, h,
             m, D, d, float(p), inv_keep(p), float(scale), int(p > 0.0),
-            BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, num_warps=cf.num_warps, num_stages=cf.num_stages)
-    hg, colsum = launch_dw(h, g2, colsum=True)
-    # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
-    return dc.view(c.shape), (scale * hg.t()).to(dt).contiguous(), (scale * colsum).to(dt)
+            BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, PREC=dot_precision(dt, dev), num_warps=cf.num_warps,
+            num_stages=cf.num_stages)
+    # dW_u = s g^T h on the vendor BLAS (contiguous, as the registered fake promises); db_u = s colsum(g)
+    dwu = torch.mm(g2.t(), h)
+    dbu = g2.sum(0, dtype=torch.float32)
+    if scale != 1.0:
+        dwu.mul_(scale)
+        dbu.mul_(scale)
+    return dc.view(c.shape), dwu, dbu.to(dt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +297,6 @@ def _qg_grad(a):
 
 
 def _convpass_down_fwd_torch(x, w_down, b_down):
-    _validate_down(x, w_down, b_down)
     f32 = torch.float32
     a = x.reshape(-1, x.shape[-1]).to(f32) @ w_down.to(f32).t()
     if b_down is not None:
@@ -291,7 +318,6 @@ def _keep_torch(seed, m, d, p):
 
 
 def _convpass_up_fwd_torch(c, w_up, b_up, base, scale, p, seed):
-    _validate_up(c, w_up, b_up, base, p, seed)
     f32 = torch.float32
     d, D = c.shape[-1], w_up.shape[0]
     c2 = c.reshape(-1, d).to(f32)
@@ -324,11 +350,15 @@ def _convpass_up_bwd_torch(grad_out, c, w_up, scale, p, seed):
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
+def _triton_ok(t, d: int) -> bool:
+    return use_triton(t) and d <= MAX_DIM
+
+
 @torch.library.custom_op("fastpeft::convpass_down", mutates_args=())
 def _convpass_down_op(x: torch.Tensor, w_down: torch.Tensor,
                       b_down: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = convpass_down_fwd if use_triton(x) and w_down.shape[0] <= MAX_DIM else _convpass_down_fwd_torch
-    return fn(x, w_down, b_down)
+    _validate_down(x, w_down, b_down)
+    return (_down_fwd_launch if _triton_ok(x, w_down.shape[0]) else _convpass_down_fwd_torch)(x, w_down, b_down)
 
 
 @_convpass_down_op.register_fake
@@ -370,7 +400,8 @@ _convpass_down_op.register_autograd(_down_backward, setup_context=_down_setup)
 @torch.library.custom_op("fastpeft::convpass_up", mutates_args=())
 def _convpass_up_op(c: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None, base: torch.Tensor | None,
                     scale: float, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    fn = convpass_up_fwd if use_triton(c) and c.shape[-1] <= MAX_DIM else _convpass_up_fwd_torch
+    _validate_up(c, w_up, b_up, base, p, seed)
+    fn = _up_fwd_launch if _triton_ok(c, c.shape[-1]) else _convpass_up_fwd_torch
     return fn(c, w_up, b_up, base, scale, p, seed)
 
 
@@ -411,6 +442,51 @@ def _up_backward(ctx, grad_out):
 _convpass_up_op.register_autograd(_up_backward, setup_context=_up_setup)
 
 
+class _DownFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::convpass_down` (saves x and the fp32 pre-activation): the same
+    launchers (or torch math) as the registered op, arguments validated by the caller; the path
+    is decided once in forward."""
+
+    @staticmethod
+    def forward(ctx, x, w_down, b_down, triton_path):
+        u, a = (_down_fwd_launch if triton_path else _convpass_down_fwd_torch)(x, w_down, b_down)
+        ctx.save_for_backward(x, a, w_down)
+        ctx.triton_path = triton_path
+        return u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_u):
+        x, a, w_down = ctx.saved_tensors
+        fn = _down_bwd_launch if ctx.triton_path else _convpass_down_bwd_torch
+        dx, dw, db = fn(grad_u.contiguous(), x, a, w_down)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
+
+
+class _UpFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::convpass_up` (saves c and the seed), as `_DownFunction`."""
+
+    @staticmethod
+    def forward(ctx, c, w_up, b_up, base, scale, p, seed, triton_path):
+        fn = _up_fwd_launch if triton_path else _convpass_up_fwd_torch
+        out = fn(c, w_up, b_up, base, scale, p, seed)
+        ctx.save_for_backward(c, w_up, seed)
+        ctx.args = (scale, p, base is not None, triton_path)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        c, w_up, seed = ctx.saved_tensors
+        scale, p, has_base, triton_path = ctx.args
+        fn = _up_bwd_launch if triton_path else _convpass_up_bwd_torch
+        dc, dw, db = fn(grad_out.contiguous(), c, w_up, scale, p, seed)
+        need = ctx.needs_input_grad
+        return (dc if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                grad_out if has_base and need[3] else None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functional and reference
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +494,9 @@ def _cast(t, dtype):
     if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
         return t.to(dtype)
     return t
+
+
+_CHECKED = CheckedSignatures()
 
 
 def conv_tokens(u, conv_w, conv_b, grid, num_prefix):
@@ -453,11 +532,25 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
-    _validate_down(h, w_down, b_down)
-    u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
+    # eager: one autograd.Function per op, checks once per call signature; compiling: the registered ops
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(h, w_down, b_down, extra=("down",))
+    if not _CHECKED.seen(key):
+        _validate_down(h, w_down, b_down)
+        _CHECKED.add(key)
+    if compiling:
+        u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
+    else:
+        u = _DownFunction.apply(h, w_down, b_down, _triton_ok(h, w_down.shape[0]))
     c = conv_tokens(u, conv_w, conv_b, grid, num_prefix).contiguous()
-    _validate_up(c, w_up, b_up, base, p, seed)
-    return torch.ops.fastpeft.convpass_up(c, w_up, b_up, base, float(scale), p, seed if p > 0 else None)
+    key = None if compiling else _CHECKED.key(c, w_up, b_up, base, seed if p > 0 else None, extra=("up", p))
+    if not _CHECKED.seen(key):
+        _validate_up(c, w_up, b_up, base, p, seed)
+        _CHECKED.add(key)
+    seed = seed if p > 0 else None
+    if compiling:
+        return torch.ops.fastpeft.convpass_up(c, w_up, b_up, base, float(scale), p, seed)
+    return _UpFunction.apply(c, w_up, b_up, base, float(scale), p, seed, _triton_ok(c, c.shape[-1]))
 
 
 def convpass_ref(h, w_down, b_down, conv_w, conv_b, w_up, b_up, *, grid, num_prefix=1, scale=1.0, base=None,
@@ -501,14 +594,14 @@ def aot_specs():
                    "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "has_bias": "i32",
                    "has_base": "i32", "use_dropout": "i32"}
             specs.append(("convpass_up_fwd", _convpass_up_fwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_up_bwd"][(dp, dt.itemsize)]
             sig = {"G": P, "C": P, "WU": P, "SEED": "*i64", "DC": P, "H": P, "M": "i32", "D": "i32",
                    "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "use_dropout": "i32"}
             specs.append(("convpass_up_bwd", _convpass_up_bwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_down_bwd"][(dp, dt.itemsize)]
             sig = {"GU": P, "A": "*fp32", "WD": P, "DA": P, "DX": P, "M": "i32", "D": "i32", "R": "i32"}
             specs.append(("convpass_down_bwd", _convpass_down_bwd_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp), c, str(dt)))
-    return specs
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
+    return with_tf32_variants(specs)

@@ -19,9 +19,9 @@ builds, differentiably and in plain torch, from its (tiny) parameters (spec shar
                         (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
                         so neither H nor any per-token D x D product is ever formed.
 
-The rank-R GEMMs and the frozen GEMM share one pass over the output ("K-concatenation"):
-out = [x | u] @ [W | B]^T + bias, i.e. the main kernel runs its K loop over D and then R more
-columns (u and B are tiny), with one fp32 accumulator and one store. Kernels:
+GEMMs run on the vendor BLAS (out = addmm(bias, x, W^T); out.addmm_(u, B^T); dx = g W + dz A;
+dA = dz^T x; dB = g^T u); Triton regenerates the dropout masks from the seed: the rank-R down
+projection with dropout, NOAH's masked dx term (gemm, LR_MASK) and dA = dz^T drop(x). Kernels:
 
   _lowrank_down_kernel  u[M, R] = epi(drop_in(X)[M, D] @ P[R, D]^T); P by runtime strides (A in the
                         forward, B^T in the backward); epilogue: +bias, QuickGELU, saved fp32
@@ -32,8 +32,8 @@ columns (u and B are tiny), with one fp32 accumulator and one store. Kernels:
   _lowrank_dw_kernel    per-split fp32 partials of P[M, R]^T Q[M, C] (Q optionally input-dropped)
                         and of colsum(Q): deterministic (no atomics), the launcher sums the splits
 
-Forward: 2 launches (down, gemm). Backward: 4 (dz = drop'(g B); dx = g W + dz A via the same gemm;
-dB^T = u^T g with colsum(g) = dbias; dA = dz^T drop(x)). Saved for backward: x (the projection
+Eager calls run one autograd.Function (_LowRankFunction); torch.compile traces the registered
+op; both share these launchers. Saved for backward: x (the projection
 input) and u [M, R] in x's dtype -- plus the int64 seed; the dropout mask is never stored (Philox
 `tl.rand(seed, offset)` regenerated, bit-exact with `adapter.dropout_keep_mask` in torch; offsets
 row * width + col of the tensor it drops: [M, D] for input dropout, [M, R] for rank dropout).
@@ -48,7 +48,7 @@ import types
 
 import torch
 
-from ._common import (check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (CheckedSignatures, check_dropout, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -125,10 +125,11 @@ def _lowrank_down_kernel(
     PRE,    # [M, R] fp32 pre-activation (after bias, before act/dropout), written when save_pre
     M, D, R, stride_pr, stride_pk, p, inv_keep, scale, out_drop, has_bias, act, save_pre,
     IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
     acc = rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
-                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD)
+                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD, PREC)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     if has_bias:
@@ -155,6 +156,7 @@ def _lowrank_gemm_kernel(
     M, N, D, R, has_bias, p, inv_keep,
     TRANS: tl.constexpr, LR_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # grouped program order: GROUP row blocks walk the same column tiles (L2 reuse of W)
     pid = tl.program_id(0)
@@ -181,7 +183,7 @@ def _lowrank_gemm_kernel(
             w = tl.load(W + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         else:
             w = tl.load(W + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
+        acc = tl.dot(x, w, acc, input_precision=PREC)
     # low-rank term: the same K loop continued over R more columns ([x | u] @ [W | B]^T)
     if LR_MASK:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -195,7 +197,7 @@ def _lowrank_gemm_kernel(
             b = tl.load(B + rs[:, None] * N + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
         else:
             b = tl.load(B + cols[None, :] * R + rs[:, None], mask=smask[:, None] & cmask[None, :], other=0.0)
-        acc2 = tl.dot(u, b, acc2, input_precision="ieee")
+        acc2 = tl.dot(u, b, acc2, input_precision=PREC)
     if LR_MASK:
         acc = acc + acc2 * keep_scale(SEED, rows64, cols, N, p, inv_keep)
     else:
@@ -214,7 +216,7 @@ def _lowrank_dw_kernel(
     PW,    # [S, R, D] fp32 out: partial P^T drop(Q)
     PC,    # [S, D]    fp32 out: partial colsum(Q), written when want_colsum
     M, D, R, S, p, inv_keep, q_drop, want_colsum,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -234,7 +236,7 @@ def _lowrank_dw_kernel(
         if q_drop:
             q = (q.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(Q.dtype.element_ty)
         pm = tl.load(P + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(pm), q, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(pm), q, acc, input_precision=PREC)
     base = pid_s.to(tl.int64) * R * D
     tl.store(PW + base + rk[:, None] * D + cols[None, :], acc, mask=kmask[:, None] & cmask[None, :])
     if want_colsum:
@@ -261,7 +263,9 @@ def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, 
         pre if save_pre else dummy(dev),
         m, d, r, stride_pr, stride_pk, float(p), inv_keep(p), float(scale),
         int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre),
-        IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+        IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp,
+        PREC="ieee" if in_drop else dot_precision(x2.dtype, dev),  # (tf32 + the Philox tile spilled: aot.py)
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return out, pre
 
 
@@ -280,7 +284,8 @@ def launch_gemm(x2, w, u, b, n, *, bias=None, trans=False, lr_mask=False, p=0.0,
         x2, w, u, b, bias if bias is not None else dummy(dev), seed_or_zero(seed, p, dev), out,
         m, n, d, r, int(bias is not None), float(p), inv_keep(p),
         TRANS=bool(trans), LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-        BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, PREC=dot_precision(x2.dtype, dev), num_warps=c.num_warps,
+        num_stages=c.num_stages)
     return out
 
 
@@ -301,7 +306,8 @@ def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
     _lowrank_dw_kernel[(ncol, s)](
         pm, q, seed_or_zero(seed, p, dev), pw, pc, m, d, r, s, float(p), inv_keep(p),
         int(q_drop and p > 0), int(colsum),
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(q.dtype, dev), num_warps=c.num_warps,
+        num_stages=c.num_stages)
     return pw.sum(0), (pc.sum(0) if colsum else None)
 
 
@@ -330,35 +336,76 @@ def _validate(x, weight, bias, a, b, p, seed):
     check_dropout(op, p, seed, x, "x")
 
 
-def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
-    """Triton forward: (out [..., N] x dtype, u [M, R] x dtype)."""
-    _validate(x, weight, bias, a, b, p, seed)
+def _fwd_launch(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """The forward on validated arguments: the frozen GEMM and the rank-R up-projection on the vendor
+    BLAS (out = addmm(bias, x, W^T), then out += u B^T in place); Triton only for the rank-R
+    down-projection when a dropout mask is regenerated from the seed (input or rank dropout)."""
     x2 = rows_of(x)
     n, r = weight.shape[0], a.shape[0]
-    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
-    u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
-    out = launch_gemm(x2, w_c, u, b_c, n, bias=bias.contiguous() if bias is not None else None)
+    if p > 0.0:
+        a_c = a.contiguous()
+        u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
+    else:
+        u = torch.mm(x2, a.t())
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    out.addmm_(u, b.t())
     return out.view(*x.shape[:-1], n), u
 
 
-def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
-    """Triton backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
-    d, n, r = x.shape[-1], weight.shape[0], a.shape[0]
+def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """Triton-backend forward: (out [..., N] x dtype, u [M, R] x dtype)."""
+    _validate(x, weight, bias, a, b, p, seed)
+    return _fwd_launch(x, weight, bias, a, b, p, seed, drop_input)
+
+
+def _bwd_launch(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, need=(True, True, True, True)):
+    """The backward on validated arguments: (dx, da, db, dbias) in x's dtype, None where `need`
+    (dx, da, db, dbias) says so. GEMMs on the vendor BLAS (dx = g W + dz A with addmm, dA = dz^T x,
+    dB = g^T u); Triton regenerates the dropout masks: dz = drop'(g B) with rank dropout, and with
+    input dropout dx's rank term (mask on [M, D]) and dA = dz^T drop(x)."""
     x2 = rows_of(x)
     g2 = rows_of(grad_out)
-    if g2.shape != (x2.shape[0], n) or u.shape != (x2.shape[0], r):
+    r = a.shape[0]
+    need_dx, need_da, need_db, need_dbias = need
+    rank_drop = p > 0.0 and not drop_input
+    in_drop = p > 0.0 and drop_input
+    dz = None
+    if need_dx or need_da:
+        if rank_drop:  # dz = drop'(g B): B [N, R] read as P(r, k) = B[k, r]
+            b_c = b.contiguous()
+            dz, _ = launch_down(g2, b_c, 1, r, r, p=p, seed=seed, out_drop=True)
+        else:
+            dz = torch.mm(g2, b)
+    dx = da = db = dbias = None
+    if need_dx:
+        if in_drop:  # dx = g W + (dz A) * keep_x / (1 - p): mask regenerated over [M, D]
+            dx = launch_gemm(g2, weight.contiguous(), dz, a.contiguous(), x.shape[-1], trans=True, lr_mask=True,
+                             p=p, seed=seed)
+        else:
+            dx = torch.mm(g2, weight)
+            dx.addmm_(dz, a)
+        dx = dx.view(x.shape)
+    if need_da:
+        if in_drop:
+            da32, _ = launch_dw(dz, x2, q_drop=True, p=p, seed=seed)
+            da = da32.to(x.dtype)
+        else:
+            da = torch.mm(dz.t(), x2)
+    if need_db:
+        db = torch.mm(g2.t(), u)
+    if need_dbias:
+        dbias = g2.sum(0)
+    return dx, da, db, dbias
+
+
+def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
+    """Triton-backend backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
+    n, r = weight.shape[0], a.shape[0]
+    m = x.numel() // x.shape[-1]
+    if grad_out.numel() != m * n or grad_out.shape[-1] != n or u.shape != (m, r):
         raise ValueError(f"lowrank_linear_backward: grad_out {describe(grad_out)} / u {describe(u)} do "
                          f"not match x {describe(x)}, weight {describe(weight)}, rank {r}")
-    a_c, w_c, b_c = a.contiguous(), weight.contiguous(), b.contiguous()
-    # dz = drop'(g B) [M, R]: B [N, R] read as P(r, k) = B[k, r]
-    dz, _ = launch_down(g2, b_c, 1, r, r, p=p, seed=seed, out_drop=not drop_input)
-    # dx = g W + dz A  (NOAH: + (du A) * keep_x)
-    dx = launch_gemm(g2, w_c, dz, a_c, d, trans=True, lr_mask=drop_input, p=p, seed=seed)
-    dbt, dbias = launch_dw(u, g2, colsum=True)
-    da, _ = launch_dw(dz, x2, q_drop=drop_input, p=p, seed=seed)
-    dt = x.dtype
-    # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
-    return dx.view(x.shape), da.to(dt), dbt.t().to(dt).contiguous(), dbias.to(dt)
+    return _bwd_launch(grad_out.contiguous(), x, weight, a, b, u, p, seed, drop_input)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +416,6 @@ def _keep_torch(seed, rows, width, p):
 
 
 def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
-    _validate(x, weight, bias, a, b, p, seed)
     f32 = torch.float32
     d, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d).to(f32)
@@ -419,7 +465,8 @@ def _triton_ok(x, a) -> bool:
 def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                        b: torch.Tensor, p: float, seed: torch.Tensor | None,
                        drop_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = lowrank_linear_fwd if _triton_ok(x, a) else _lowrank_linear_fwd_torch
+    _validate(x, weight, bias, a, b, p, seed)
+    fn = _fwd_launch if _triton_ok(x, a) else _lowrank_linear_fwd_torch
     return fn(x, weight, bias, a, b, p, seed, drop_input)
 
 
@@ -435,8 +482,11 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
                                 seed: torch.Tensor | None, drop_input: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out = grad_out.contiguous()
-    fn = lowrank_linear_bwd if _triton_ok(x, a) else _lowrank_linear_bwd_torch
-    return fn(grad_out, x, weight, a, b, u, p, seed, drop_input)
+    if _triton_ok(x, a):
+        dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
+        return dx.contiguous(), da.contiguous(), db.contiguous(), dbias
+    return _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
 
 
 @_lowrank_linear_backward_op.register_fake
@@ -466,6 +516,38 @@ def _lowrank_backward(ctx, grad_out, _grad_u):
 _lowrank_linear_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
 
 
+class _LowRankFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::lowrank_linear`: the same launchers (or torch math) and saved
+    tensors (x, u) as the registered op, without the custom-op dispatch; arguments validated by
+    the caller. `triton_path` is decided once in forward and reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
+        fn = _fwd_launch if triton_path else _lowrank_linear_fwd_torch
+        out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
+        need = ctx.needs_input_grad
+        if need[0] or need[2] or need[3] or need[4]:
+            ctx.save_for_backward(x, weight, a, b, u, seed)
+        ctx.args = (p, drop_input, triton_path)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, a, b, u, seed = ctx.saved_tensors
+        p, drop_input, triton_path = ctx.args
+        need = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        if triton_path:
+            dx, da, db, dbias = _bwd_launch(grad_out, x, weight, a, b, u, p, seed, drop_input,
+                                            (need[0], need[3], need[4], need[2]))
+        else:
+            dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
+        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+                db if need[4] else None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functionals
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +569,9 @@ def _seed(p, seed, x):
     return seed if p > 0.0 else None
 
 
+_CHECKED = CheckedSignatures()
+
+
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                    b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
                    training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -495,16 +580,28 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
     None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
     when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
+
+    Eager calls run one autograd.Function over the launchers, with the argument checks run once
+    per call signature (`_CHECKED`); under torch.compile the call is the registered
+    `torch.ops.fastpeft.lowrank_linear` (fake and autograd formulas, checked when traced), which
+    shares the same launchers.
     """
     op = "lowrank_linear"
     check_tensor(op, "x", x)
     _check_frozen(op, weight)
-    weight, bias, a, b = (_cast(t, x.dtype) for t in (weight, bias, a, b))
+    dt = x.dtype
+    weight, bias, a, b = (_cast(t, dt) for t in (weight, bias, a, b))
     p = float(dropout_p) if training else 0.0
     seed = _seed(p, seed, x)
-    _validate(x, weight, bias, a, b, p, seed)
-    out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
-    return out
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, weight, bias, a, b, seed, extra=(p,))
+    if not _CHECKED.seen(key):
+        _validate(x, weight, bias, a, b, p, seed)
+        _CHECKED.add(key)
+    if compiling:
+        out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
+        return out
+    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a))
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -804,7 +901,8 @@ def aot_specs():
                    "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "out_drop": "i32",
                    "has_bias": "i32", "act": "i32", "save_pre": "i32"}
             specs.append(("lowrank_down_indrop" if in_drop else "lowrank_down", _lowrank_down_kernel, sig,
-                          dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp), c, str(dt)))
+                          dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, PREC="ieee"), c,
+                          str(dt)))
         sig = {"X": P, "W": P, "U": P, "B": P, "BIAS": P, "SEED": "*i64", "OUT": P,
                "M": "i32", "N": "i32", "D": "i32", "R": "i32", "has_bias": "i32", "p": "fp32",
                "inv_keep": "fp32"}
@@ -813,11 +911,11 @@ def aot_specs():
             c = CONFIGS["lowrank_gemm"][(lr_mask, dt.itemsize)]
             specs.append((name, _lowrank_gemm_kernel, sig,
                           dict(TRANS=trans, LR_MASK=lr_mask, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-                               BLOCK_K=c.BLOCK_K, GROUP=GROUP_M), c, str(dt)))
+                               BLOCK_K=c.BLOCK_K, GROUP=GROUP_M, PREC="ieee"), c, str(dt)))
         for rp in R_PADS:
             c = CONFIGS["lowrank_dw"][(rp, dt.itemsize)]
             sig = {"P": P, "Q": P, "SEED": "*i64", "PW": "*fp32", "PC": "*fp32", "M": "i32", "D": "i32",
                    "R": "i32", "S": "i32", "p": "fp32", "inv_keep": "fp32", "q_drop": "i32", "want_colsum": "i32"}
             specs.append(("lowrank_dw", _lowrank_dw_kernel, sig,
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp), c, str(dt)))
-    return specs
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
+    return with_tf32_variants(specs, ieee_only=lambda cx: cx.get("IN_DROP") == 1)

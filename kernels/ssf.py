@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from ._common import tl, triton
-from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, next_pow2, row_splits, rows_of,
-                      use_triton)
+from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, next_pow2,
+                      flat, row_splits, rows_of, use_triton)
 from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
@@ -111,8 +111,7 @@ def _ssf_bwd_kernel(
     SCALE,  # [D] γ
     SHIFT,  # [D] β (read when act == 1)
     DX,     # [M, D] out: grad of x
-    PS1,    # [S, D] fp32 out: partial Σ dt * x  (grad of γ)
-    PS0,    # [S, D] fp32 out: partial Σ dt      (grad of β)
+    PS,     # [2, S, D] fp32 out: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
     M, D, S, act,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -135,8 +134,8 @@ def _ssf_bwd_kernel(
         tl.store(DX + offs, (g * gam[None, :]).to(DX.dtype.element_ty), mask=m2)
         acc1 += tl.sum(g * x, axis=0)
         acc0 += tl.sum(g, axis=0)
-    tl.store(PS1 + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
-    tl.store(PS0 + pid_s.to(tl.int64) * D + cols, acc0, mask=cmask)
+    tl.store(PS + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
+    tl.store(PS + (S + pid_s).to(tl.int64) * D + cols, acc0, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["eps", "has_w", "has_b"])
@@ -184,8 +183,7 @@ def _layernorm_ssf_bwd_kernel(
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
-    PS1,    # [S, D] fp32 out: partial Σ g x̂
-    PS0,    # [S, D] fp32 out: partial Σ g
+    PS,     # [2, S, D] fp32 out: partial Σ g x̂, then partial Σ g
     M, D, S, has_w,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -214,8 +212,60 @@ def _layernorm_ssf_bwd_kernel(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m2)
         acc1 += tl.sum(g * xhat, axis=0)
         acc0 += tl.sum(g, axis=0)
-    tl.store(PS1 + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
-    tl.store(PS0 + pid.to(tl.int64) * D + cols, acc0, mask=cmask)
+    tl.store(PS + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
+    tl.store(PS + (S + pid).to(tl.int64) * D + cols, acc0, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["S", "D", "ln", "has_w", "has_b"])
+def _colsum_finish_kernel(
+    PS,            # [2, S, D] fp32 partial column sums S1, S0 (one row per row-split program)
+    LNW, LNB, SC,  # [D] LayerNorm weight (has_w) / bias (has_b), SSF scale: read when ln
+    OUT,           # [2 | 4, D] out (x dtype): ssf: dscale = S1, dshift = S0; ln: d_ln_weight = γ S1,
+                   # d_ln_bias = γ S0, dscale = a S1 + c S0, dshift = S0
+    S, D, ln, has_w, has_b,
+    BLOCK: tl.constexpr,
+):
+    """The row-split partials summed in a fixed order (deterministic) and finished, one launch."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < D
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        s1 += tl.load(PS + i * D + cols, mask=m, other=0.0)
+        s0 += tl.load(PS + (S + i) * D + cols, mask=m, other=0.0)
+    O1 = OUT
+    O0 = OUT + D
+    O2 = OUT + 2 * D
+    O3 = OUT + 3 * D
+    if ln:
+        gam = tl.load(SC + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(O1 + cols, (gam * s1).to(O1.dtype.element_ty), mask=m)
+        tl.store(O0 + cols, (gam * s0).to(O0.dtype.element_ty), mask=m)
+        ds = s1
+        if has_w:
+            ds = tl.load(LNW + cols, mask=m, other=0.0).to(tl.float32) * s1
+        if has_b:
+            ds += tl.load(LNB + cols, mask=m, other=0.0).to(tl.float32) * s0
+        tl.store(O2 + cols, ds.to(O2.dtype.element_ty), mask=m)
+        tl.store(O3 + cols, s0.to(O3.dtype.element_ty), mask=m)
+    else:
+        tl.store(O1 + cols, s1.to(O1.dtype.element_ty), mask=m)
+        tl.store(O0 + cols, s0.to(O0.dtype.element_ty), mask=m)
+
+
+FINISH_BLOCK = 256
+
+
+def _finish(ps, d, dt, dev, ln_weight=None, ln_bias=None, scale=None):
+    """The [2 | 4] column-sum gradients from the partials `ps` [2, S, D]: one launch, one buffer."""
+    out = torch.empty((4 if scale is not None else 2, d), dtype=dt, device=dev)
+    sc = scale.contiguous() if scale is not None else out
+    _colsum_finish_kernel[(cdiv(d, FINISH_BLOCK),)](
+        ps, ln_weight.contiguous() if ln_weight is not None else sc,
+        ln_bias.contiguous() if ln_bias is not None else sc, sc, out,
+        ps.shape[1], d, int(scale is not None), int(ln_weight is not None), int(ln_bias is not None),
+        BLOCK=FINISH_BLOCK, num_warps=4)
+    return out.unbind(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,50 +320,66 @@ def _validate_ln(x, ln_weight, ln_bias, scale, shift, eps):
 def ssf_fwd(x, scale, shift, act: int):
     """y = act(x * scale + shift); returns a contiguous tensor like x."""
     _validate_ssf("ssf", x, scale, shift)
-    x2 = rows_of(x)
-    m, d = x2.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    return _ssf_fwd_launch(x, scale, shift, act)
+
+
+def _ssf_fwd_launch(x, scale, shift, act: int):
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.view(x.shape)
+        return y
     c = CONFIGS["ssf_fwd"][0]
     _ssf_fwd_kernel[(cdiv(m, c.BLOCK_M), cdiv(d, c.BLOCK_N))](
         x2, scale.contiguous(), shift.contiguous(), y, m, d, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y.view(x.shape)
+    return y
 
 
 def ssf_bwd(grad_out, x, scale, shift, act: int):
     """Returns (dx, dscale, dshift) in x's dtype."""
     _validate_ssf("ssf_backward", x, scale, shift)
-    x2, g2 = rows_of(x), rows_of(grad_out)
-    m, d = x2.shape
-    if g2.shape != x2.shape or grad_out.dtype != x.dtype:
+    if grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype:
         raise ValueError(f"ssf_backward: grad_out {describe(grad_out)} does not match x {describe(x)}")
-    dx = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    dx, dscale, dshift = _ssf_bwd_launch(grad_out, x, scale, shift, act)
+    return dx, dscale.clone(), dshift.clone()  # (a custom op's outputs may not alias each other)
+
+
+def _ssf_bwd_launch(grad_out, x, scale, shift, act: int):
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if m == 0:
         z = torch.zeros(d, dtype=x.dtype, device=x.device)
-        return dx.view(x.shape), z, z.clone()
+        return dx, z, z.clone()
     c = CONFIGS["ssf_bwd"][0]
     ncol = cdiv(d, c.BLOCK_N)
     s = row_splits(m, c.BLOCK_M, ncol, x.device)
-    ps1 = torch.empty((s, d), dtype=torch.float32, device=x.device)
-    ps0 = torch.empty((s, d), dtype=torch.float32, device=x.device)
+    ps = torch.empty((2, s, d), dtype=torch.float32, device=x.device)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps1, ps0, m, d, s, act,
+        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps, m, d, s, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    return dx.view(x.shape), ps1.sum(0).to(x.dtype), ps0.sum(0).to(x.dtype)
+    dscale, dshift = _finish(ps, d, x.dtype, x.device)
+    return dx, dscale, dshift
 
 
 def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     """Returns (y like x, mean [M] fp32, rstd [M] fp32)."""
     _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
-    x2 = rows_of(x)
-    m, d = x2.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    return _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps)
+
+
+def _ln_fwd_launch(x, ln_weight, ln_bias, scale, shift, eps: float):
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
-        return y.view(x.shape), mean, rstd
+        return y, mean, rstd
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_fwd"][bd]
     sc = scale.contiguous()
@@ -322,31 +388,42 @@ def layernorm_ssf_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
         ln_bias.contiguous() if ln_bias is not None else sc, sc, shift.contiguous(), y, mean, rstd,
         m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None),
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     """Returns (dx, d_ln_weight, d_ln_bias, dscale, dshift); the LN grads are [D] even when the
     LayerNorm has no affine (then unused)."""
-    x2, g2 = rows_of(x), rows_of(grad_out)
-    m, d = x2.shape
-    if g2.shape != x2.shape or grad_out.dtype != x.dtype or mean.shape != (m,) or rstd.shape != (m,):
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    if (grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype
+            or mean.shape != (m,) or rstd.shape != (m,)):
         raise ValueError(f"layernorm_ssf_backward: grad_out {describe(grad_out)}, mean {describe(mean)}, "
                          f"rstd {describe(rstd)} do not match x {describe(x)}")
+    dx, *dp = _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
+    return (dx, *(t.clone() for t in dp))  # (a custom op's outputs may not alias each other)
+
+
+def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
     dt, dev = x.dtype, x.device
-    dx = torch.empty((m, d), dtype=dt, device=dev)
+    dx = torch.empty(x.shape, dtype=dt, device=dev)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
-    s = row_splits(m, c.BLOCK_M, 1, dev) if m else 0
-    ps1 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
-    ps0 = torch.zeros((max(s, 1), d), dtype=torch.float32, device=dev)
+    if m == 0:
+        z = torch.zeros(d, dtype=torch.float32, device=dev)
+        return _ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
+    s = row_splits(m, c.BLOCK_M, 1, dev)
+    # every program writes its whole row of partials: no zero fill
+    ps = torch.empty((2, s, d), dtype=torch.float32, device=dev)
     sc = scale.contiguous()
-    if m:
-        _layernorm_ssf_bwd_kernel[(s,)](
-            g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
-            ps1, ps0, m, d, s, int(ln_weight is not None),
-            BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    return _ln_finalize(dx.view(x.shape), ps1.sum(0), ps0.sum(0), ln_weight, ln_bias, scale)
+    _layernorm_ssf_bwd_kernel[(s,)](
+        g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
+        ps, m, d, s, int(ln_weight is not None),
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+    dw, db, dscale, dshift = _finish(ps, d, dt, dev, ln_weight, ln_bias, scale)
+    return dx, dw, db, dscale, dshift
 
 
 def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
@@ -364,7 +441,6 @@ def _ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
 # Torch math with the kernels' saving policy (CPU / no Triton)
 # ----------------------------------------------------------------------------------------------
 def _ssf_fwd_torch(x, scale, shift, act):
-    _validate_ssf("ssf", x, scale, shift)
     y = ssf_gelu_ref(x, scale, shift) if act == 1 else ssf_ref(x, scale, shift)
     return y.contiguous()  # the op's contract (and its fake): contiguous, whatever x's strides
 
@@ -388,7 +464,6 @@ def _folded_affine(ln_weight, ln_bias, scale, shift):
 
 
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
-    _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
     d = x.shape[-1]
     if x.dtype == torch.float32:
         # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
@@ -436,12 +511,14 @@ def _contig_like(x):
 
 @torch.library.custom_op("fastpeft::ssf_triton", mutates_args=())
 def _ssf_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (ssf_fwd if use_triton(x) else _ssf_fwd_torch)(x, scale, shift, 0)
+    _validate_ssf("ssf", x, scale, shift)
+    return (_ssf_fwd_launch if use_triton(x) else _ssf_fwd_torch)(x, scale, shift, 0)
 
 
 @torch.library.custom_op("fastpeft::ssf_gelu", mutates_args=())
 def _ssf_gelu_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (ssf_fwd if use_triton(z) else _ssf_fwd_torch)(z, scale, shift, 1)
+    _validate_ssf("ssf", z, scale, shift)
+    return (_ssf_fwd_launch if use_triton(z) else _ssf_fwd_torch)(z, scale, shift, 1)
 
 
 @torch.library.custom_op("fastpeft::ssf_backward", mutates_args=())
@@ -488,7 +565,8 @@ _ssf_gelu_op.register_autograd(_make_ssf_backward(1), setup_context=_ssf_setup)
 def _layernorm_ssf_op(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                       scale: torch.Tensor, shift: torch.Tensor, eps: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = layernorm_ssf_fwd if use_triton(x) else _layernorm_ssf_fwd_torch
+    _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
+    fn = _ln_fwd_launch if use_triton(x) else _layernorm_ssf_fwd_torch
     return fn(x, ln_weight, ln_bias, scale, shift, eps)
 
 
@@ -534,30 +612,87 @@ def _ln_backward(ctx, grad_out, _gm, _gr):
 _layernorm_ssf_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
+class _SSFFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::ssf_triton` / `fastpeft::ssf_gelu` (act 0 / 1): the same
+    launchers (or torch math) and saved tensor (x) as the registered ops, without the custom-op
+    dispatch; arguments validated by the caller. The path is decided once in forward."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, act, triton_path):
+        y = (_ssf_fwd_launch if triton_path else _ssf_fwd_torch)(x, scale, shift, act)
+        ctx.save_for_backward(x, scale, shift)
+        ctx.args = (act, triton_path)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, scale, shift = ctx.saved_tensors
+        act, triton_path = ctx.args
+        grad_out = grad_out.contiguous()
+        dx, dscale, dshift = (_ssf_bwd_launch if triton_path else _ssf_bwd_torch)(grad_out, x, scale, shift, act)
+        nx, ns, nb = ctx.needs_input_grad[:3]
+        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None
+
+
+class _LayerNormSSFFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::layernorm_ssf` (saves x, mean, rstd), as `_SSFFunction`."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, triton_path):
+        fn = _ln_fwd_launch if triton_path else _layernorm_ssf_fwd_torch
+        y, mean, rstd = fn(x, ln_weight, ln_bias, scale, shift, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, scale, mean, rstd)
+        ctx.triton_path = triton_path
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, ln_weight, ln_bias, scale, mean, rstd = ctx.saved_tensors
+        fn = _ln_bwd_launch if ctx.triton_path else _layernorm_ssf_bwd_torch
+        dx, dw, db, dscale, dshift = fn(grad_out.contiguous(), x, ln_weight, ln_bias, scale, mean, rstd)
+        n = ctx.needs_input_grad
+        return (dx if n[0] else None, dw if n[1] and ln_weight is not None else None,
+                db if n[2] and ln_bias is not None else None, dscale if n[3] else None,
+                dshift if n[4] else None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
-# Functionals
+# Functionals: eager calls run the autograd.Functions above with the checks once per call
+# signature (`_CHECKED`); under torch.compile they call the registered ops (checked when traced).
 # ----------------------------------------------------------------------------------------------
+_CHECKED = CheckedSignatures()
+
+
 def _cast(t, dtype):
     if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
         return t.to(dtype)
     return t
 
 
+def _ssf_call(op, x, scale, shift, act):
+    check_tensor(op, "x", x)
+    scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, scale, shift, extra=(op,))
+    if not _CHECKED.seen(key):
+        _validate_ssf(op, x, scale, shift)
+        _CHECKED.add(key)
+    if compiling:
+        return (torch.ops.fastpeft.ssf_gelu if act else torch.ops.fastpeft.ssf_triton)(x, scale, shift)
+    return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
+
+
 def ssf(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """y = x * scale + shift over the last dim. x [..., C] fp32/fp16/bf16; scale, shift [C]
     (cast to x.dtype, differentiably). Returns a contiguous tensor like x; saves only x."""
-    check_tensor("ssf", "x", x)
-    scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
-    _validate_ssf("ssf", x, scale, shift)
-    return torch.ops.fastpeft.ssf_triton(x, scale, shift)
+    return _ssf_call("ssf", x, scale, shift, 0)
 
 
 def ssf_gelu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """g = GELU(z * scale + shift) (erf GELU): the fc1 -> SSF -> GELU epilogue; saves only z."""
-    check_tensor("ssf_gelu", "x", z)
-    scale, shift = _cast(scale, z.dtype), _cast(shift, z.dtype)
-    _validate_ssf("ssf_gelu", z, scale, shift)
-    return torch.ops.fastpeft.ssf_gelu(z, scale, shift)
+    return _ssf_call("ssf_gelu", z, scale, shift, 1)
 
 
 def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
@@ -566,9 +701,16 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
     check_tensor("layernorm_ssf", "x", x)
     ln_weight, ln_bias, scale, shift = (_cast(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
-    _validate_ln(x, ln_weight, ln_bias, scale, shift, float(eps))
-    y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, float(eps))
-    return y
+    eps = float(eps)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _CHECKED.key(x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
+    if not _CHECKED.seen(key):
+        _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
+        _CHECKED.add(key)
+    if compiling:
+        y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
+        return y
+    return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, use_triton(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +726,7 @@ def aot_specs():
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         c = CONFIGS["ssf_bwd"][0]
         specs.append(("ssf_bwd", _ssf_bwd_kernel,
-                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS1": "*fp32", "PS0": "*fp32",
+                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32",
                        "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
@@ -595,6 +737,10 @@ def aot_specs():
         for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
             specs.append(("layernorm_ssf_bwd", _layernorm_ssf_bwd_kernel,
                           {"G": P, "X": P, "LNW": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": P,
-                           "PS1": "*fp32", "PS0": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
+                           "PS": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
+        specs.append(("colsum_finish", _colsum_finish_kernel,
+                      {"PS": "*fp32", "LNW": P, "LNB": P, "SC": P, "OUT": P,
+                       "S": "i32", "D": "i32", "ln": "i32", "has_w": "i32", "has_b": "i32"},
+                      dict(BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), str(dt)))
     return specs

@@ -1,7 +1,8 @@
 """Low-rank methods under `fastpeft.patch`: LoRA (NOAH, PETL-ViT), FacT-TT/TK and KAdaptation add
 `delta(x)` to a frozen Linear's output through a reference hook. Fused, the Linear itself computes
-`x W^T + b + u B^T` in one pass (kernels.lowrank: the rank-r product shares the frozen GEMM's
-accumulator), saving x and the rank-r u only; the dropout mask is regenerated from a seed.
+`x W^T + b + u B^T` as one op (kernels.lowrank: both GEMMs on the vendor BLAS, the rank-r u from a
+Triton kernel when its dropout mask is regenerated from a seed), saving x and the rank-r u only.
+KAdaptation with its dropout on H active takes the fold (`_kadapt_folded`) on every backend.
 
 The Linear is re-classed (`FusedLowRankLinear`, same weight/bias objects) and the reference hook
 stays registered but absorbed, so later hooks on the same layer (e.g. SSF after qkv) still run
@@ -82,6 +83,14 @@ def _kadapt_folded(layer, hook: _KAdaptHook, x):
     return _QVFoldedLinear.apply(x, layer.weight, bias.to(x.dtype), h_q, h_v, hook.scale * hook.q_mult, hook.scale)
 
 
+def _kadapt_drops(hook: _KAdaptHook) -> bool:
+    """Whether KAdaptation's dropout on H is active: then every backend takes `_kadapt_folded` (the
+    official semantics drop entries of the dense D x D H, so there is no rank-R form to fuse; the
+    fold runs the reference's own dropout draws and one frozen-weight GEMM on the vendor BLAS)."""
+    d = hook.attn.kdropout
+    return d.training and d.p > 0.0
+
+
 _FUSED = {NoahLoRAHook: _noah, PetlLoRAHook: _petl, _FacTHook: _fact, _KAdaptHook: _kadapt}
 #: what the CPU backends fuse: only where the torch math beats the eager chain
 _CPU_FUSED = {_KAdaptHook: _kadapt_folded}
@@ -105,14 +114,18 @@ class FusedLowRankLinear(nn.Linear):
     _fp_backend: str
 
     @property
-    def class_row_local(self) -> bool:  # Triton: row-local, seeded dropout (fused/common.py); else the hook's math
-        return self._fp_backend not in ("torch", "cpp") or self._fp_hook.class_row_local
+    def class_row_local(self) -> bool:
+        # Triton: row-local, seeded dropout (fused/common.py); else (and KAdaptation, whose
+        # dropout on H is the reference's own torch dropout on every backend) the hook's math
+        return (self._fp_backend not in ("torch", "cpp") and type(self._fp_hook) is not _KAdaptHook) \
+            or self._fp_hook.class_row_local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fp_backend in ("torch", "cpp"):
-            return _CPU_FUSED[type(self._fp_hook)](self, self._fp_hook, x)
-        fn = _FUSED[type(self._fp_hook)]
-        return kernel_call(self._fp_backend, x.device.type, fn, self, self._fp_hook, x)
+        hook = self._fp_hook
+        if self._fp_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
+            return _CPU_FUSED[type(hook)](self, hook, x)
+        fn = _FUSED[type(hook)]
+        return kernel_call(self._fp_backend, x.device.type, fn, self, hook, x)
 
 
 class LowRankRule:
