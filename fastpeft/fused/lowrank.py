@@ -109,6 +109,12 @@ class FusedLowRankLinear(nn.Linear):
         return self._fp_backend not in ("torch", "cpp") or self._fp_hook.class_row_local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            # the user unfroze the projection after `patch`: the fused ops give the frozen weight
+            # no gradient, so run the reference (the Linear, then the absorbed hook's delta,
+            # first among the layer's hooks as the rule required), which gives it one
+            return self._fp_hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
         if self._fp_backend in ("torch", "cpp"):
             return _CPU_FUSED[type(self._fp_hook)](self, self._fp_hook, x)
         fn = _FUSED[type(self._fp_hook)]
