@@ -153,28 +153,36 @@ def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_OUTPUT_TABLES = ("_forward_hooks", "_backward_hooks")
+
+
+def _foreign(mod: nn.Module, tables: tuple[str, ...]) -> bool:
+    for table in tables:
+        hooks = mod.__dict__.get(table)
+        if hooks and any(not type(fn).__module__.startswith("fastpeft.") for fn in hooks.values()):
+            return True
+    return False
 
 
 def has_user_hooks(model: nn.Module) -> bool:
     """Whether a hook not installed by fastpeft (a user's, registered before or after `patch`)
-    would see the class-row pass: on the last block or any module inside it, on the final norm,
-    or a global module hook. Such a hook is promised the full [B, N, D] rows, so the forward
-    keeps every row while it is there. Checked per forward: a few dict lookups."""
+    would see the class-row pass: any hook on the last block or the final norm, a forward (output)
+    hook on a module inside the last block, or a global module hook. Such a hook is promised the
+    full [B, N, D] rows, so the forward keeps every row while it is there. Checked per forward: a
+    few dict lookups. (A forward pre-hook on a module inside the last block, added after `patch`,
+    sees the rows that module computes on.)"""
     from torch.nn.modules import module as _m
 
     if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
             or _m._global_backward_pre_hooks):
         return True
-    mods = [*model.blocks[-1].modules()]
+    last = model.blocks[-1]
     norm = getattr(model, "norm", None)
-    if isinstance(norm, nn.Module):
-        mods.extend(norm.modules())
-    for mod in mods:
-        for table in _HOOK_TABLES:
-            hooks = mod.__dict__.get(table)
-            if hooks and any(not type(fn).__module__.startswith("fastpeft.") for fn in hooks.values()):
-                return True
-    return False
+    if _foreign(last, _HOOK_TABLES):
+        return True
+    if isinstance(norm, nn.Module) and any(_foreign(m, _HOOK_TABLES) for m in norm.modules()):
+        return True
+    return any(_foreign(m, _OUTPUT_TABLES) for m in last.modules())
 
 
 class ClsOnlyForward:
