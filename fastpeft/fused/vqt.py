@@ -240,10 +240,6 @@ class FusedVQTForward:
         model = self.model
         if attn_mask is not None or is_causal:
             return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
-        from ..last_token import has_user_hooks
-
-        if has_user_hooks(model):  # a user's hook on the last block or the final norm sees every row
-            return type(model).forward(model, x)
         self.last.cls_only = True
         try:
             return type(model).forward(model, x)
