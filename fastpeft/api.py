@@ -1,7 +1,7 @@
 """Public entry points: inject a PETL method into a timm ViT, merge it back, and inspect it."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,6 +16,40 @@ def injections(model: nn.Module) -> list[Injection]:
     return list(st.injections) if st is not None else []
 
 
+def _refuse_if_patched(model: nn.Module, op: str) -> None:
+    """The lifecycle rule for a patched model: only `patch` (again) and `unpatch` change it.
+    inject / remove / merge / unmerge need the reference modules, so they ask for the order that
+    works instead of editing modules a fused rule has re-classed."""
+    if isinstance(model, nn.Module) and model.__dict__.get("_fastpeft_patch") is not None:
+        raise ValueError(
+            f"fastpeft.{op}: the model is patched; call fastpeft.unpatch(model) first, then "
+            f"fastpeft.{op}(...), then fastpeft.patch(model, ...) again"
+        )
+
+
+def _method_class(method: Any) -> type[Method] | None:
+    """remove()'s selector: None, a Method subclass, a Method instance, or a method's name."""
+    if method is None:
+        return None
+    if isinstance(method, type) and issubclass(method, Method):
+        return method
+    if isinstance(method, Method):
+        return type(method)
+    if isinstance(method, str):
+        from . import methods as _methods
+
+        known = {c.name.lower(): c for c in (getattr(_methods, n) for n in _methods.__all__)
+                 if isinstance(c, type) and issubclass(c, Method) and c is not Method}
+        cls = known.get(method.lower())
+        if cls is None:
+            raise ValueError(f"unknown method name {method!r}; expected one of {sorted(c.name for c in known.values())}")
+        return cls
+    raise TypeError(
+        "method must be None, a fastpeft method class (e.g. fastpeft.LoRA), a method config or a "
+        f"method name, got {type(method).__name__}"
+    )
+
+
 def inject(model: nn.Module, method: Method) -> nn.Module:
     """Inject `method` into the timm ViT `model` in place and return it.
 
@@ -26,8 +60,12 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
     ValueError the model is unchanged.
     """
     if not isinstance(method, Method):
+        if isinstance(method, type) and issubclass(method, Method):
+            raise TypeError(f"method must be a fastpeft method config instance: use fastpeft.{method.__name__}(), "
+                            f"not the class {method.__name__}")
         raise TypeError(f"method must be a fastpeft method config (e.g. fastpeft.LoRA()), got {type(method).__name__}")
     info = vit_info(model)
+    _refuse_if_patched(model, "inject")
     st = state_of(model)
     if st is not None:
         for inj in st.injections:
@@ -40,7 +78,7 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
                 raise ValueError(
                     f"{method.name} cannot be combined with {inj.method.name}: both use {sorted(clash)}"
                 )
-    method.validate(info)
+    method.check(info)
 
     st = state_of(model, create=True)
     b = Builder(model, key=method.name)
@@ -48,34 +86,47 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
         where = method.apply(model, info, b)
     except BaseException:
         # undo whatever apply() attached before failing, so the model is unchanged
-        Injection(method=method, key=b.key, where="", params=[], added=b.added, hooks=b.hooks, slots=b.slots,
-                  replaced=b.replaced).detach(model)
+        failed = Injection(method=method, key=b.key, where="", params=[], added=b.added, hooks=b.hooks,
+                           slots=b.slots, replaced=b.replaced, overwritten=b.overwritten)
+        failed.detach(model)
+        failed.restore_overwritten(model)
         if not st.injections:
             del model.__dict__["_fastpeft"]
         raise
     st.injections.append(
         Injection(method=method, key=b.key, where=where, params=b.params, added=b.added, hooks=b.hooks, slots=b.slots,
-                  replaced=b.replaced)
+                  replaced=b.replaced, overwritten=b.overwritten)
     )
     _set_trainable(model)
     return model
 
 
-def remove(model: nn.Module, method: type[Method] | Method | None = None) -> nn.Module:
-    """Take injected methods out again (all of them, or those of `method`'s type): hooks, slots
-    and added parameters go; the backbone's requires_grad flags are restored to trainable."""
+def remove(model: nn.Module, method: type[Method] | Method | str | None = None) -> nn.Module:
+    """Take injected methods out again (all of them, or those of `method`: a method class, a
+    config instance or a method name such as "LoRA"): hooks, slots and added parameters go,
+    tensors a method re-initialised in place (VPT's head) get their original values back, and
+    the backbone's requires_grad flags are restored to trainable. Raises ValueError, changing
+    nothing, when that method is not injected, is merged (unmerge first) or the model is patched
+    (unpatch first)."""
+    cls = _method_class(method)
+    vit_info(model)
     st = state_of(model)
     if st is None or not st.injections:
         raise ValueError("no fastpeft method is injected into this model")
-    cls = method if isinstance(method, type) or method is None else type(method)
-    keep = []
-    for inj in st.injections:
-        if cls is None or isinstance(inj.method, cls):
-            if inj.merged:
-                raise ValueError(f"{inj.method.name} is merged; call fastpeft.unmerge(model) first")
-            inj.detach(model)
-        else:
-            keep.append(inj)
+    _refuse_if_patched(model, "remove")
+    chosen = [inj for inj in st.injections if cls is None or isinstance(inj.method, cls)]
+    if not chosen:
+        raise ValueError(
+            f"{cls.name} is not injected into this model (injected: "
+            f"{', '.join(i.method.name for i in st.injections)}); nothing to remove"
+        )
+    merged = [inj.method.name for inj in chosen if inj.merged]
+    if merged:
+        raise ValueError(f"{', '.join(merged)} is merged; call fastpeft.unmerge(model) first, then remove")
+    keep = [inj for inj in st.injections if not any(inj is c for c in chosen)]
+    for inj in reversed(chosen):  # later injections first: their hooks sit after earlier ones'
+        inj.detach(model)
+        inj.restore_overwritten(model)
     st.injections = keep
     if not keep:
         del model.__dict__["_fastpeft"]
@@ -92,7 +143,12 @@ def _set_trainable(model: nn.Module) -> None:
     for inj in st.injections:
         trainable.update(inj.params)
     for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable or name.startswith("head."))
+        p.requires_grad_(name in trainable or _is_head(name))
+
+
+def _is_head(name: str) -> bool:
+    """The classifier head's parameters (and a distilled model's second head, `head_dist`)."""
+    return name.startswith(("head.", "head_dist."))
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -109,6 +165,7 @@ def merge(model: nn.Module) -> nn.Module:
     injs = injections(model)
     if not injs:
         raise ValueError("nothing to merge: no fastpeft method is injected into this model")
+    _refuse_if_patched(model, "merge")
     refusing = [i.method for i in injs if not i.method.mergeable]
     if refusing:
         raise ValueError(
@@ -153,6 +210,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     injs = [i for i in injections(model) if i.merged]
     if not injs:
         raise ValueError("nothing to unmerge: no merged fastpeft method in this model")
+    _refuse_if_patched(model, "unmerge")
     _restore(model, injs)
     _set_trainable(model)
     return model
@@ -195,7 +253,7 @@ def summary_rows(model: nn.Module) -> list[dict]:
                 "merged": inj.merged,
             }
         )
-    head = [p for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad]
+    head = [p for n, p in model.named_parameters() if _is_head(n) and p.requires_grad]
     rows.append(
         {"method": "classifier head", "where": "head", "params": sum(p.numel() for p in head),
          "mergeable": False, "merged": False}

@@ -64,6 +64,11 @@ def cls_only_why_not(model: nn.Module) -> str | None:
     slots = getattr(last, "_fastpeft_slots", None)
     if slots is None or slots.get("block_fn"):
         return "the last block is not a fastpeft block with the standard dataflow"
+    from timm.models.vision_transformer import VisionTransformer
+
+    if "forward_head" in model.__dict__ or type(model).forward_head is not VisionTransformer.forward_head:
+        # e.g. DeiT's distilled models: their head also reads the distillation token's row
+        return f"{type(model).__name__}.forward_head is not timm's (it may read more than the class token's row)"
     attn = last.attn
     if not timm_sdpa_attention(attn):
         return "the last block's attention is not timm's fused Attention"
@@ -147,6 +152,39 @@ def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block._mlp_half(y, block_out=False)
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_OUTPUT_TABLES = ("_forward_hooks", "_backward_hooks")
+
+
+def _foreign(mod: nn.Module, tables: tuple[str, ...]) -> bool:
+    for table in tables:
+        hooks = mod.__dict__.get(table)
+        if hooks and any(not type(fn).__module__.startswith("fastpeft.") for fn in hooks.values()):
+            return True
+    return False
+
+
+def has_user_hooks(model: nn.Module) -> bool:
+    """Whether a hook not installed by fastpeft (a user's, registered before or after `patch`)
+    would see the class-row pass: any hook on the last block or the final norm, a forward (output)
+    hook on a module inside the last block, or a global module hook. Such a hook is promised the
+    full [B, N, D] rows, so the forward keeps every row while it is there. Checked per forward: a
+    few dict lookups. (A forward pre-hook on a module inside the last block, added after `patch`,
+    sees the rows that module computes on.)"""
+    from torch.nn.modules import module as _m
+
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+            or _m._global_backward_pre_hooks):
+        return True
+    last = model.blocks[-1]
+    norm = getattr(model, "norm", None)
+    if _foreign(last, _HOOK_TABLES):
+        return True
+    if isinstance(norm, nn.Module) and any(_foreign(m, _HOOK_TABLES) for m in norm.modules()):
+        return True
+    return any(_foreign(m, _OUTPUT_TABLES) for m in last.modules())
+
+
 class ClsOnlyForward:
     """`model.forward` of a patched token-pooled model: the model's own forward, with its last
     block computing the class token's row only. Attention masks and torch.compile tracing take the
@@ -159,7 +197,7 @@ class ClsOnlyForward:
         model = self.model
         if attn_mask is not None or is_causal:
             return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or has_user_hooks(model):
             return type(model).forward(model, x)
         last = model.blocks[-1]
         last.__dict__["_fastpeft_cls_only"] = True

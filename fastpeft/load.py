@@ -90,8 +90,11 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
     """Rename an official checkpoint's keys to fastpeft/timm names (no model needed); q/k/v
     triplets are concatenated in Q, K, V order along dim 0. Raises ValueError for an unknown
     source, an incomplete q/k/v triplet or two keys mapping to one name."""
-    if source not in SOURCES:
+    if not isinstance(source, str) or source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {', '.join(SOURCES)}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"the {source} checkpoint must be a mapping of names to tensors (a state dict), "
+                        f"got {type(state_dict).__name__}")
     state_dict = _unwrap(state_dict)
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, list[str]] = {}
@@ -106,6 +109,8 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
         origin[new] = [key]
 
     for key, t in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{source} checkpoint: key {key!r} is a {type(key).__name__}, not a string")
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{source} checkpoint: {key!r} is a {type(t).__name__}, not a tensor")
         if source == "adaptformer":
@@ -174,6 +179,8 @@ def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
     (e.g. the whole backbone for a PETL-only checkpoint); unexpected_keys is always empty.
     Warns (UserWarning) when it drops AdaptFormer's `head.0` BatchNorm statistics.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_official: model must be a torch nn.Module, got {type(model).__name__}")
     mapped, origin, unmapped, dropped = official_to_fastpeft(state_dict, source)
     own = model.state_dict(keep_vars=True)
     problems: list[str] = []

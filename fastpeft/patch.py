@@ -31,6 +31,8 @@ from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, state_of, vit_i
 __all__ = ["patch", "unpatch", "PatchReport", "resolve_backend", "Rule", "RULES"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+#: the parameter dtypes the fused ops take
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -60,6 +62,67 @@ class _PatchState:
     recompute: bool
     report: PatchReport
     undo: list[tuple["Rule", Any]]
+
+
+class _Snapshot:
+    """What `patch` / `unpatch` may change on a model, taken before they start, so that a failure
+    at any step (a rule's apply or finish, a probe, an undo) puts the model back exactly as it was:
+    every module's class and attribute dict, and the contents (not the identity: hook handles
+    hold references to them) of the containers in those dicts -- hook tables, `_modules`, block
+    slot lists -- one level down, plus the attributes of the hook and slot objects found there.
+    Patching never changes tensor values (only classes, hooks and slots), so tensors are not
+    copied."""
+
+    def __init__(self, model: nn.Module):
+        self.modules: list[tuple[nn.Module, type, dict]] = []
+        self.containers: list[tuple[Any, Any]] = []
+        self.objects: list[tuple[Any, dict]] = []
+        seen: set[int] = set()
+        for mod in model.modules():
+            self.modules.append((mod, type(mod), dict(mod.__dict__)))
+            for value in mod.__dict__.values():
+                self._container(value, seen, depth=2)
+
+    def _container(self, value: Any, seen: set[int], depth: int) -> None:
+        if id(value) in seen:
+            return
+        if isinstance(value, dict):
+            seen.add(id(value))
+            self.containers.append((value, dict(value)))
+            children = list(value.values())
+        elif isinstance(value, list):
+            seen.add(id(value))
+            self.containers.append((value, list(value)))
+            children = list(value)
+        elif isinstance(value, set):
+            seen.add(id(value))
+            self.containers.append((value, set(value)))
+            return
+        else:
+            return
+        for child in children:
+            if isinstance(child, (dict, list, set)) and depth > 0:
+                self._container(child, seen, depth - 1)
+            elif not isinstance(child, (nn.Module, torch.Tensor)) and hasattr(child, "__dict__") \
+                    and id(child) not in seen and type(child).__module__.startswith("fastpeft."):
+                seen.add(id(child))
+                self.objects.append((child, dict(child.__dict__)))
+
+    def restore(self) -> None:
+        for obj, saved in self.objects:
+            obj.__dict__.clear()
+            obj.__dict__.update(saved)
+        for container, saved in self.containers:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(saved)
+            else:
+                container.update(saved)
+        for mod, cls, saved in self.modules:
+            if type(mod) is not cls:
+                object.__setattr__(mod, "__class__", cls)
+            mod.__dict__.clear()
+            mod.__dict__.update(saved)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -311,16 +374,37 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
     """Swap the injected reference modules of `model` (and the frozen neighbours the kernels
     absorb) for fused ones, in place. Idempotent: patching again with the same arguments changes
     nothing and returns the same report; other arguments re-patch from the reference form.
+
+    All or nothing: if any rule fails (e.g. an op that does not support the model's dtype), the
+    model is put back exactly as it was before the call (patched with the old arguments, if it
+    was) and the exception propagates.
+
+    Lifecycle: a patched model runs forward / backward and can be patched again or unpatched;
+    `fastpeft.inject`, `remove`, `merge` and `unmerge` refuse it with a ValueError asking for
+    `unpatch` first (they work on the reference modules), and `patch(model)` again afterwards.
     """
     info = vit_info(model)
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute must be a bool, got {recompute!r}")
     resolved = resolve_backend(backend, _model_device(model))
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in _DTYPES})
+    if bad:
+        raise ValueError(f"fastpeft.patch: the fused ops run in float32, float16 or bfloat16; this model has "
+                         f"{', '.join(bad)} parameters (convert it, e.g. model.float(), or leave it unpatched)")
     st: _PatchState | None = model.__dict__.get("_fastpeft_patch")
-    if st is not None:
-        if (st.backend, st.recompute) == (resolved, recompute):
-            return st.report
-        unpatch(model)
+    if st is not None and (st.backend, st.recompute) == (resolved, recompute):
+        return st.report
+    snapshot = _Snapshot(model)
+    try:
+        if st is not None:
+            unpatch(model)
+        return _patch(model, info, resolved, recompute)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _patch(model: nn.Module, info: ViTInfo, resolved: str, recompute: bool) -> PatchReport:
     report = PatchReport(backend=resolved, recompute=recompute)
     probe = None
     if recompute:  # the reference's saved bytes per block, measured before anything is swapped
@@ -339,11 +423,18 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the reference modules (a no-op on an unpatched model)."""
-    st: _PatchState | None = model.__dict__.pop("_fastpeft_patch", None)
-    if st is not None:
+    """Restore the reference modules (a no-op on an unpatched model). All or nothing, like `patch`."""
+    st: _PatchState | None = model.__dict__.get("_fastpeft_patch")
+    if st is None:
+        return model
+    snapshot = _Snapshot(model)
+    try:
+        del model.__dict__["_fastpeft_patch"]
         for rule, rec in reversed(st.undo):
             rule.undo(model, rec)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 

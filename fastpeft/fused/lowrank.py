@@ -122,6 +122,12 @@ class FusedLowRankLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hook = self._fp_hook
+        if torch.is_grad_enabled() and (self.weight.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            # the user unfroze the projection after `patch`: the fused ops give the frozen weight
+            # no gradient, so run the reference (the Linear, then the absorbed hook's delta,
+            # first among the layer's hooks as the rule required), which gives it one
+            return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
         if self._fp_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
             return _CPU_FUSED[type(hook)](self, hook, x)
         fn = _FUSED[type(hook)]

@@ -96,6 +96,14 @@ class _QueryAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # A backward called inside an autocast block runs under it: its einsums / linear would
+        # come out in the autocast dtype next to the float32 tensors cast here. Every dtype below
+        # is explicit instead (K/V rebuilt in q's dtype, as forward's autocast qkv made them).
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _QueryAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, h, out, lse, weight, bias = ctx.saved_tensors
         _, backward = _attention_impls(ctx.impl)
         B, H, Q, d = q.shape
@@ -124,7 +132,8 @@ class _QueryAttention(torch.autograd.Function):
             # dq = W_k dq_abs (the b_k term is scale * sum_n ds_n * b_k = 0).
             grad_q = torch.einsum("bhqc,hjc->bhqj", dq_abs.view(B, H, Q, D), w_k).to(q.dtype)
         else:
-            kv = F.linear(h, weight[A:], None if bias is None else bias[A:]).view(B, N, 2, H, d)
+            dt = q.dtype
+            kv = F.linear(h.to(dt), weight[A:].to(dt), None if bias is None else bias[A:].to(dt)).view(B, N, 2, H, d)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             grad_q = backward(grad_out, q, k, v, lse, delta, scale)
         return grad_q, None, None, None, None, None, None, None, None

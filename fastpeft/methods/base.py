@@ -19,6 +19,8 @@ must be able to pickle the model).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -29,7 +31,8 @@ from torch import nn
 __all__ = [
     "ViTInfo", "vit_info", "Method", "Injection", "PetlBlock", "SLOTS",
     "add_output_hook", "remove_hooks", "slot_append", "FastPeftState", "state_of", "Builder",
-    "OutputHook", "SlotFn", "check_positive_int", "check_prob", "dropout", "in_class_row_pass",
+    "OutputHook", "SlotFn", "check_positive_int", "check_prob", "check_fields", "MAX_SIZE", "dropout",
+    "in_class_row_pass",
 ]
 
 
@@ -54,6 +57,9 @@ class ViTInfo:
     in_chans: int
     global_pool: str
     num_classes: int
+    #: DeiT's distilled models: a distillation token after the class token (counted in
+    #: num_prefix_tokens) and a second head, `head_dist`, on its row
+    distilled: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -128,6 +134,7 @@ def vit_info(model: nn.Module) -> ViTInfo:
         in_chans=int(pe.proj.in_channels),
         global_pool=str(model.global_pool),
         num_classes=int(num_classes),
+        distilled=getattr(model, "dist_token", None) is not None,
     )
 
 
@@ -371,6 +378,7 @@ class Builder:
         self.hooks: list[tuple[str, OutputHook]] = []
         self.slots: list[tuple[str, str, SlotFn]] = []
         self.replaced: dict[str, Any] = {}  # path -> the original object (or _CLASS_ATTR)
+        self.overwritten: dict[str, torch.Tensor] = {}  # existing tensor name -> its original value
 
     def attach(self, path: str, obj: nn.Module | nn.Parameter, trainable: bool = True):
         parent, attr = _parent(self.model, path)
@@ -407,6 +415,18 @@ class Builder:
             obj.train(self.model.training)
         setattr(parent, attr, obj)
         return obj
+
+    def overwrite(self, name: str) -> torch.Tensor:
+        """Return the existing parameter or buffer `name` for the method to re-initialise in place
+        (VPT's head init); a copy of its value is kept so that `remove` (and a failed `inject`)
+        put the original values back."""
+        try:
+            t = self.model.get_parameter(name)
+        except AttributeError:
+            t = self.model.get_buffer(name)
+        if name not in self.overwritten:
+            self.overwritten[name] = t.detach().clone()
+        return t
 
     def train_existing(self, names: Iterable[str]) -> None:
         """Mark existing (backbone) parameters as this method's trainable ones (BitFit)."""
@@ -459,6 +479,18 @@ class Injection:
     replaced: dict[str, Any] = field(default_factory=dict)
     # merge(): detached modules/parameters by path, and original frozen tensors by name
     stash: dict[str, dict[str, Any]] = field(default_factory=lambda: {"modules": {}, "tensors": {}})
+    # Builder.overwrite(): existing tensors the method re-initialised in place -> original values
+    overwritten: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def restore_overwritten(self, model: nn.Module) -> None:
+        """Put back the original values of the tensors `apply` re-initialised (on `remove`)."""
+        with torch.no_grad():
+            for name, orig in self.overwritten.items():
+                try:
+                    t = model.get_parameter(name)
+                except AttributeError:
+                    t = model.get_buffer(name)
+                t.copy_(orig)
 
     def detach(self, model: nn.Module) -> None:
         """Take the method out of the forward and out of the state dict (kept in `stash`)."""
@@ -539,6 +571,12 @@ class Method:
     def validate(self, info: ViTInfo) -> None:
         pass
 
+    def check(self, info: ViTInfo) -> None:
+        """Every check `inject` runs before touching the model: each field against its annotation
+        (`check_fields`), then the method's own `validate(info)`."""
+        check_fields(self)
+        self.validate(info)
+
     def apply(self, model: nn.Module, info: ViTInfo, b: Builder) -> str:
         raise NotImplementedError
 
@@ -551,6 +589,58 @@ class Method:
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
         return f"{type(self).__name__}({fields})"
+
+
+#: the largest value an integer config field may take (token counts, ranks, bottleneck widths):
+#: far above any published setting, so a typo such as num_tokens=10**12 is a clear ValueError
+#: instead of an allocator failure
+MAX_SIZE = 1 << 16
+
+
+def _field_kinds(annotation: Any) -> set[str]:
+    """'float | None' -> {'float', 'None'} (the method modules use postponed annotations)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return {k.strip() for k in text.split("|")}
+
+
+def check_fields(method: "Method") -> None:
+    """The validator layer every method config shares: ValueError naming the field unless each
+    dataclass field holds what its annotation says. `bool`: a bool (not 1, not "no"); `int`: an
+    integer (not a bool, not 2.0) of at most MAX_SIZE; `float`: a finite real number (not a bool,
+    NaN, inf or "x"); `str`: a string; `tuple`: a tuple or list (or one string); `Sequence[int]`:
+    a list or tuple of integers of at most MAX_SIZE (other shapes are left to the method, which
+    names them). `X | None` also admits None. Range rules beyond these stay in `validate`."""
+    for f in dataclasses.fields(method):  # type: ignore[arg-type]
+        kinds = _field_kinds(f.type)
+        value = getattr(method, f.name)
+        what = f"{method.name} {f.name}"
+        if value is None:
+            if "None" in kinds:
+                continue
+            raise ValueError(f"{what} must not be None (expected {' | '.join(sorted(kinds))})")
+        if "bool" in kinds:
+            if not isinstance(value, bool):
+                raise ValueError(f"{what} must be a bool (True or False), got {value!r}")
+        elif "int" in kinds:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{what} must be an integer, got {value!r}")
+            if value > MAX_SIZE:
+                raise ValueError(f"{what}={value} is larger than the largest supported size ({MAX_SIZE})")
+        elif "float" in kinds:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{what} must be a number, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{what} must be a finite number, got {value!r}")
+        elif "str" in kinds:
+            if not isinstance(value, str):
+                raise ValueError(f"{what} must be a string, got {value!r}")
+        elif "tuple" in kinds:
+            if not isinstance(value, (tuple, list, str)):
+                raise ValueError(f"{what} must be a tuple (or list) of names, got {value!r}")
+        elif "Sequence[int]" in kinds and isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > MAX_SIZE:
+                    raise ValueError(f"{what}[{i}]={v} is larger than the largest supported size ({MAX_SIZE})")
 
 
 def check_positive_int(value: Any, what: str, upper: int | None = None, upper_what: str = "") -> None:

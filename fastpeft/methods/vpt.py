@@ -132,9 +132,10 @@ class VPT(Method):
         b.slot(f"blocks.{L - 1}", "block_out", _RemovePrompts(model, P, p, self.dropout))
         head = getattr(model, "head", None)
         if self.head_init == "vpt" and isinstance(head, nn.Linear):
+            # re-initialised in place (same parameter objects); `remove` restores the originals
             with torch.no_grad():
-                nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+                nn.init.kaiming_normal_(b.overwrite("head.weight"), a=0, mode="fan_out")
                 if head.bias is not None:
-                    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+                    nn.init.constant_(b.overwrite("head.bias"), -math.log((1 - 0.01) / 0.01))
         kind = "deep" if self.deep else "shallow"
         return f"{p} prompts after the {P} prefix token(s), {kind}; removed after blocks.{L - 1}"

@@ -201,6 +201,12 @@ class VQT(Method):
         check_prob(self.dropout, "VQT dropout")
         if self.head_bias_init not in ("vpt", "zero"):
             raise ValueError(f"VQT head_bias_init must be 'vpt' or 'zero', got {self.head_bias_init!r}")
+        if info.distilled:
+            raise ValueError(
+                "VQT replaces the classifier head with one on [CLS, query outputs]; a distilled model's "
+                "second head (head_dist, on the distillation token) has no place in it: use a "
+                "non-distilled ViT/DeiT for VQT"
+            )
         if info.num_classes <= 0:
             raise ValueError(
                 "VQT trains a new linear head on the query features: create the model with "
