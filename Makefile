@@ -117,14 +117,14 @@ triton-check: build
 	  echo "triton-check: no fastpeft.kernels.aot yet; nothing to check"; \
 	fi
 
-# --- wheels (see README "Wheels") -------------------------------------------------------------
+# --- wheels (see docs/building.md "Wheels") -------------------------------------------------------------
 # Built from a copy of the tracked + untracked-but-not-ignored files in build/wheel-src, so no
 # in-place fastpeft/_C*.so, _build_info.json or stale build/ of the editable install can leak in.
 BACKEND ?= cuda
 WHEEL_SRC := build/wheel-src
 WHEEL_CHECK_DEPS ?= wheel sdist
 # `make deps` sets up the default venv; another VENV (e.g. one with a torch for another CUDA,
-# README "Wheels") is the caller's own and is used as it is.
+# docs/building.md "Wheels") is the caller's own and is used as it is.
 WHEEL_VENV := $(if $(filter .venv,$(VENV)),$(VENV)/.deps-stamp,$(PY))
 ifdef NVCC_THREADS
   export NVCC_THREADS
@@ -172,9 +172,9 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-# --- benchmarks (bench/, pytest-benchmark; see README "Benchmarks") --------------------------
+# --- benchmarks (bench/, pytest-benchmark; see README "Benchmarks") -------------------------
 #   make bench        the full suite on this machine (~18 min on 2 idle CPU cores): writes
-#                     bench/results/<device>-<date>.{json,md,png} and README's Benchmarks table.
+#                     bench/results/<device>-<date>.{json,md,png} and bench/results/LATEST.md.
 #                     GPU setting of shared/guides/performance.md:
 #                     make bench BENCH_ARGS="--bench-model vit_base_patch16_224 --bench-batch 128 \
 #                       --bench-dtype bf16 --bench-device cuda --bench-compile all --bench-op-sizes 128x197x768"
@@ -192,7 +192,7 @@ $(VENV)/.bench-deps-stamp: $(VENV)/.deps-stamp
 
 bench: build $(VENV)/.bench-deps-stamp
 	$(PY) -m pytest bench -p no:cacheprovider --benchmark-columns=median,iqr,rounds --bench-save bench/results $(BENCH_ARGS)
-	$(PY) -m bench.report --latest bench/results --readme README.md
+	$(PY) -m bench.report --latest bench/results --readme bench/results/LATEST.md
 
 bench-smoke: build
 	$(PY) -m bench.smoke

@@ -1,8 +1,8 @@
 """Render a bench results JSON (written by `pytest bench --bench-save DIR`) as a markdown table
-and a PNG chart, and optionally put them into README.md's Benchmarks section.
+and a PNG chart, and optionally put them into a file's bench:begin/end block (`make bench`: bench/results/LATEST.md).
 
     python -m bench.report bench/results/<device>-<date>.json
-    python -m bench.report --latest bench/results --readme README.md
+    python -m bench.report --latest bench/results --readme bench/results/LATEST.md
 
 Writes <json stem>.md and <json stem>.png beside the JSON (or into --out-dir). With --readme,
 the text between `<!-- bench:begin -->` and `<!-- bench:end -->` in that file is replaced by the
@@ -232,7 +232,7 @@ def chart(doc: dict, path: Path) -> bool:
 def update_readme(readme: Path, text: str) -> bool:
     body = readme.read_text() if readme.exists() else ""
     if BEGIN not in body or END not in body:
-        print(f"bench.report: {readme} has no {BEGIN} ... {END} markers (README's Benchmarks section); "
+        print(f"bench.report: {readme} has no {BEGIN} ... {END} markers; "
               "left unchanged", file=sys.stderr)
         return False
     pre, rest = body.split(BEGIN, 1)
