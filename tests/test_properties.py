@@ -20,8 +20,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import fastpeft
-from tests.methods.conftest import grads_of, randomize_
-from tests.test_reliability import assert_same, snapshot
+from tests.methods.conftest import assert_grads_close, grads_of, randomize_
+from tests.test_reliability import assert_same, out_eval, snapshot
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -124,9 +124,7 @@ def assert_equivalent(model, x, backend: str, recompute: bool, training: bool) -
     fastpeft.patch(model, backend=backend, recompute=recompute)
     out, g = run(model, x, seed=7)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-    assert g.keys() == gref.keys()
-    for k in g:
-        torch.testing.assert_close(g[k], gref[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+    assert_grads_close(g, gref, atol=ATOL, rtol=RTOL)
     fastpeft.unpatch(model)
     out2, _ = run(model, x, seed=7)
     assert torch.equal(out2, ref)
@@ -174,15 +172,6 @@ OPS = st.one_of(
 )
 
 
-def eval_out(model, x):
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    model.train(was)
-    return y
-
-
 @settings(max_examples=MAX_EXAMPLES["lifecycle"], **SETTINGS)
 @given(variant=st.sampled_from(sorted(VARIANTS)), ops=st.lists(OPS, min_size=1, max_size=6))
 def test_lifecycle_sequences(variant, ops):
@@ -191,7 +180,7 @@ def test_lifecycle_sequences(variant, ops):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for op in ops:
         before = snapshot(model)
-        out_before = eval_out(model, x)
+        out_before = out_eval(model, x)
         patched_before = "_fastpeft_patch" in model.__dict__
         injected_before = [i.method.name for i in fastpeft.injections(model)]
         try:
@@ -210,9 +199,9 @@ def test_lifecycle_sequences(variant, ops):
                 fastpeft.remove(model, op[1])
         except (ValueError, TypeError):
             assert_same(model, before)  # a clear error, and the model exactly as it was
-            assert torch.equal(eval_out(model, x), out_before)
+            assert torch.equal(out_eval(model, x), out_before)
             continue
-        out = eval_out(model, x)
+        out = out_eval(model, x)
         assert out.isfinite().all()
         sd = model.state_dict()
         if op[0] in ("patch", "unpatch"):  # how, not what

@@ -27,6 +27,13 @@ def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float, rtol: float) -> None:
+    """The same parameters got gradients, each within (atol, rtol) of the wanted one."""
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def vitb_meta(**kw) -> torch.nn.Module:
     """ViT-B/16 on the meta device (no memory, no weights): for parameter counts and names."""
     with torch.device("meta"):

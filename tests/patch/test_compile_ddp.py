@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import fastpeft
 from fastpeft.demo import demo_configs
-from tests.methods.conftest import grads_of, images, make_vit, randomize_
+from tests.methods.conftest import assert_grads_close, grads_of, images, make_vit, randomize_
 
 DEMO_DEPTH = 2
 DEMO_LABELS = [label for label, _ in demo_configs(DEMO_DEPTH)]
@@ -111,9 +111,7 @@ def test_compile_fullgraph_every_method(label, recompute):
     got_out.square().mean().backward()
     torch.testing.assert_close(got_out, out, atol=1e-5, rtol=1e-4)
     got = grads_of(m)
-    assert got.keys() == want.keys()
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert_grads_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def _free_port() -> int:
@@ -146,6 +144,4 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, method, recompute):
     want = grads_of(m)
     mp.spawn(_ddp_worker, args=(2, _free_port(), method, recompute, x, str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "grads.pt")
-    assert got.keys() == want.keys()
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert_grads_close(got, want, atol=1e-5, rtol=1e-4)
