@@ -44,6 +44,8 @@ masked (zero) loads, which is exact. R > MAX_RANK falls back to the torch path o
 """
 from __future__ import annotations
 
+import math
+
 import types
 
 import torch
@@ -623,10 +625,25 @@ def segmented_up(n: int, segments) -> torch.Tensor:
     return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
 
 
+def _check_scale(op: str, scale, name: str = "scale") -> None:
+    """A finite real number (a NaN or inf scale would turn every output into NaN)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: {name} must be a finite number, got {scale!r}")
+
+
 def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
                   dropout_p: float = 0.1, training: bool = False, seed=None):
     """NOAH LoRA (spec §4.1): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
-    r = lora_a.shape[0] if rank is None else int(rank)
+    op = "lora_noah_qkv"
+    check_tensor(op, "lora_a", lora_a, dim=2)
+    check_tensor(op, "lora_b", lora_b, dim=2)
+    if lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
+                         f"{describe(lora_a)} has rows (the supernet rank)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= lora_a.shape[0]):
+        raise ValueError(f"{op}: rank must be an int in [0, {lora_a.shape[0]}] (lora_a's rows), got {rank!r}")
+    _check_scale(op, scale)
+    r = lora_a.shape[0] if rank is None else rank
     a = lora_a[:r]
     b = lora_b[:, :r]
     if scale != 1.0:
@@ -653,7 +670,14 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
     if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
         raise ValueError(f"lora_petl_qkv: downs/ups must name the same targets among {_QKV}, got "
                          f"{list(downs)} / {list(ups)}")
+    if isinstance(scale, dict) and set(scale) != set(targets):
+        raise ValueError(f"lora_petl_qkv: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
     sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    for t in targets:
+        check_tensor("lora_petl_qkv", f"downs[{t!r}]", downs[t], dim=2)
+        check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
+                     shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
+        _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
     a = torch.cat([downs[t] for t in targets], 0)
     b = segmented_up(n, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
     return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)

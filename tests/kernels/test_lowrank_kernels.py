@@ -234,6 +234,23 @@ def test_errors():
             L.lowrank_linear(x, w.clone().requires_grad_(), None, a, b)
         with pytest.raises(ValueError, match="not a fused qkv"):
             L.lora_petl_qkv(x, rnd(g, 97, 64), None, {"q": a}, {"q": rnd(g, 32, 8)})
+        # issue 17: a one-row-too-many up-projection, a scale dict missing a target, a non-finite
+        # scale, and a NOAH rank outside the supernet's rows used to be accepted (or KeyError)
+        qkv = rnd(g, 96, 64)
+        with pytest.raises(ValueError, match=r"ups\['q'\] must have shape \(32, 8\)"):
+            L.lora_petl_qkv(x, qkv, None, {"q": a}, {"q": rnd(g, 33, 8)})
+        with pytest.raises(ValueError, match="scale dict must name exactly the targets"):
+            L.lora_petl_qkv(x, qkv, None, {"q": a, "v": a}, {"q": rnd(g, 32, 8), "v": rnd(g, 32, 8)}, scale={"q": 1.0})
+        with pytest.raises(ValueError, match="must be a finite number"):
+            L.lora_petl_qkv(x, qkv, None, {"q": a}, {"q": rnd(g, 32, 8)}, scale=float("nan"))
+        a4, b4 = rnd(g, 4, 64), rnd(g, 96, 4)
+        for bad in (10, -1, 2.5, True):
+            with pytest.raises(ValueError, match=r"rank must be an int in \[0, 4\]"):
+                L.lora_noah_qkv(x, qkv, None, a4, b4, rank=bad)
+        with pytest.raises(ValueError, match="as many columns as lora_a"):
+            L.lora_noah_qkv(x, qkv, None, a4, rnd(g, 96, 5))
+        with pytest.raises(ValueError, match="must be a finite number"):
+            L.lora_noah_qkv(x, qkv, None, a4, b4, scale=float("inf"))
         with pytest.raises(ValueError, match="layer must be one of"):
             L.fact_linear(x, w, None, a, rnd(g, 64, 8), rnd(g, 8, 8), layer="fc3")
 
