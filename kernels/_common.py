@@ -168,6 +168,14 @@ class CheckedSignatures:
             self._seen.clear()
         self._seen.add(key)
 
+    def check(self, compiling: bool, validate, *tensors, extra=()) -> None:
+        """Run `validate()` unless arguments with this signature already passed it; always when
+        `compiling` (the trace is checked once anyway, and keys of fake tensors mean nothing)."""
+        key = None if compiling else self.key(*tensors, extra=extra)
+        if not self.seen(key):
+            validate()
+            self.add(key)
+
 
 def check_dropout(op: str, p: float, seed, like: torch.Tensor, like_name: str = "x") -> None:
     """ValueError unless p is in [0, 1) and, when p > 0, `seed` is a one-element int64 tensor on

@@ -792,11 +792,9 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
     if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else _CHECKED.key(x, w_down, b_down, w_up, b_up, base, residual, scale_t,
-                                              seed if p > 0.0 else None, extra=(act_code, p))
-    if not _CHECKED.seen(key):
-        _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act_code, p, seed)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act_code, p, seed),
+                   x, w_down, b_down, w_up, b_up, base, residual, scale_t, seed if p > 0.0 else None,
+                   extra=(act_code, p))
     if p <= 0.0:
         seed = None
     if compiling:

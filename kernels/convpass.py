@@ -534,19 +534,14 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
     # eager: one autograd.Function per op, checks once per call signature; compiling: the registered ops
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else _CHECKED.key(h, w_down, b_down, extra=("down",))
-    if not _CHECKED.seen(key):
-        _validate_down(h, w_down, b_down)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate_down(h, w_down, b_down), h, w_down, b_down, extra=("down",))
     if compiling:
         u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
     else:
         u = _DownFunction.apply(h, w_down, b_down, _triton_ok(h, w_down.shape[0]))
     c = conv_tokens(u, conv_w, conv_b, grid, num_prefix).contiguous()
-    key = None if compiling else _CHECKED.key(c, w_up, b_up, base, seed if p > 0 else None, extra=("up", p))
-    if not _CHECKED.seen(key):
-        _validate_up(c, w_up, b_up, base, p, seed)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate_up(c, w_up, b_up, base, p, seed),
+                   c, w_up, b_up, base, seed if p > 0 else None, extra=("up", p))
     seed = seed if p > 0 else None
     if compiling:
         return torch.ops.fastpeft.convpass_up(c, w_up, b_up, base, float(scale), p, seed)

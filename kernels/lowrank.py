@@ -596,10 +596,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     p = float(dropout_p) if training else 0.0
     seed = _seed(p, seed, x)
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else _CHECKED.key(x, weight, bias, a, b, seed, extra=(p,))
-    if not _CHECKED.seen(key):
-        _validate(x, weight, bias, a, b, p, seed)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate(x, weight, bias, a, b, p, seed), x, weight, bias, a, b, seed, extra=(p,))
     if compiling:
         out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
         return out

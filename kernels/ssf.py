@@ -675,10 +675,7 @@ def _ssf_call(op, x, scale, shift, act):
     check_tensor(op, "x", x)
     scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else _CHECKED.key(x, scale, shift, extra=(op,))
-    if not _CHECKED.seen(key):
-        _validate_ssf(op, x, scale, shift)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate_ssf(op, x, scale, shift), x, scale, shift, extra=(op,))
     if compiling:
         return (torch.ops.fastpeft.ssf_gelu if act else torch.ops.fastpeft.ssf_triton)(x, scale, shift)
     return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
@@ -703,10 +700,8 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
     ln_weight, ln_bias, scale, shift = (_cast(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
     eps = float(eps)
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else _CHECKED.key(x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
-    if not _CHECKED.seen(key):
-        _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
-        _CHECKED.add(key)
+    _CHECKED.check(compiling, lambda: _validate_ln(x, ln_weight, ln_bias, scale, shift, eps),
+                   x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
     if compiling:
         y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
         return y
