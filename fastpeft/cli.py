@@ -39,15 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"fastpeft demo: --device {name} requested but no CUDA device is available")
-    return device
-
-
 def backends_table() -> Table:
     from fastpeft import _ext
 
@@ -110,16 +101,11 @@ def _scale_shift_errors(tokens: torch.Tensor, dtype: torch.dtype) -> tuple[list[
     return errors, ms
 
 
-def run_method_demo(args: argparse.Namespace, console: Console) -> None:
-    """Hook for the PETL method demos: delegates to fastpeft.methods.demo_methods(args, console)."""
-    from fastpeft.methods import demo_methods
-
-    demo_methods(args, console)
-
-
 def demo(args: argparse.Namespace, console: Console) -> int:
     import timm
     from timm.data import resolve_model_data_config
+
+    from fastpeft.demo import demo_methods, resolve_device
 
     import fastpeft.ops  # noqa: F401  (loads the extension once; warns if it falls back)
 
@@ -156,12 +142,7 @@ def demo(args: argparse.Namespace, console: Console) -> int:
     console.print(table)
     console.print(f"scale_shift max relative error vs reference: {worst:.2e}")
 
-    try:
-        from fastpeft.methods import demo_methods  # noqa: F401
-    except ImportError:
-        console.print("[dim]PETL method demos arrive later.[/]")
-    else:
-        run_method_demo(args, console)
+    demo_methods(args, console)
     return 1 if failed else 0
 
 

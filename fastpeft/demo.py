@@ -357,9 +357,16 @@ def pick_methods(args: argparse.Namespace, depth: int) -> list[tuple[str, object
     return [c for c in cfgs if c[0] in names]
 
 
-def demo_methods(args: argparse.Namespace, console: Console) -> list[MethodResult]:
-    from .cli import resolve_device
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"fastpeft demo: --device {name} requested but no CUDA device is available")
+    return device
 
+
+def demo_methods(args: argparse.Namespace, console: Console) -> list[MethodResult]:
     device = resolve_device(getattr(args, "device", "auto"))
     s = settings_from_args(args, device)
     probe = build_model(s, 10)

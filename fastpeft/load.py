@@ -4,7 +4,7 @@
     fastpeft.inject(model, fastpeft.VPT(num_tokens=50))
     fastpeft.load_official(model, torch.load("vpt_checkpoint.pth")["model"], "vpt")
 
-Name mappings (spec: shared/spec/methods.md §2, §8, §10; D = embedding width, i = block index):
+Name mappings (D = embedding width, i = block index):
 
 adaptformer (ShoufaChen/AdaptFormer `models/vit_image.py`, `custom_modules.py`)
     blocks.i.attn.{q,k,v}_proj.{weight,bias}  ->  blocks.i.attn.qkv.{weight,bias}  (concatenated Q, K, V)

@@ -20,40 +20,22 @@ Backends:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .block import replaced_dataflow
+from .fused.vqt import VQTRule
 from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, state_of, vit_info
+from .rule import PatchReport, Rule
 
 __all__ = ["patch", "unpatch", "PatchReport", "resolve_backend", "Rule", "RULES"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 #: the parameter dtypes the fused ops take
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class PatchReport:
-    backend: str
-    recompute: bool
-    patched: list[tuple[str, str, str]] = field(default_factory=list)  # (where, what, backend)
-    left_alone: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
-
-    def __bool__(self) -> bool:
-        return bool(self.patched)
-
-    def __str__(self) -> str:
-        lines = [f"fastpeft.patch(backend={self.backend!r}, recompute={self.recompute})"]
-        if not self.patched:
-            lines.append("  nothing to patch: the model is unchanged")
-        for where, what, backend in self.patched:
-            lines.append(f"  patched  {where}: {what} [{backend}]")
-        for what, why in self.left_alone:
-            lines.append(f"  left     {what}: {why}")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -170,20 +152,6 @@ def _ext_loaded() -> bool:
     return bool(_ext.load().available)
 
 
-class Rule:
-    """One fusion. `apply` installs it where it fits and returns undo records; `undo` reverses
-    one record. Records must address modules by path (they live in a deep-copyable model)."""
-
-    name: ClassVar[str] = "rule"
-
-    def apply(self, model: nn.Module, info: ViTInfo, backend: str, recompute: bool,
-              report: PatchReport) -> list[Any]:
-        raise NotImplementedError
-
-    def undo(self, model: nn.Module, record: Any) -> None:
-        raise NotImplementedError
-
-
 class RecomputeRule(Rule):
     """`recompute=True`: every block runs as two selectively checkpointed halves
     (fastpeft/recompute.py): keeps x and y, recomputes the rest (less what the plan keeps)."""
@@ -193,16 +161,17 @@ class RecomputeRule(Rule):
     def apply(self, model, info, backend, recompute, report):
         if not recompute:
             return []
-        from .recompute import recompute_block
+        from .recompute import RECOMPUTE
 
         records = []
         for i, blk in enumerate(model.blocks):
-            if isinstance(blk, PetlBlock) and blk._fastpeft_slots.get("block_fn"):
-                report.left_alone.append((f"blocks.{i} recompute", "the block has its own forward (VQT); it is not recomputed"))
+            if replaced_dataflow(blk):
+                report.left_alone.append((f"blocks.{i} recompute", "a method replaced the block's forward (VQT); "
+                                                                   "it is not recomputed"))
                 continue
             was_petl = isinstance(blk, PetlBlock)
             ensure_petl_block(blk)
-            blk._fastpeft_recompute = recompute_block
+            blk._fastpeft_run = RECOMPUTE
             records.append((f"blocks.{i}", was_petl))
         if records:
             report.patched.append(
@@ -228,7 +197,7 @@ class RecomputeRule(Rule):
     def undo(self, model, record):
         path, was_petl = record
         blk = model.get_submodule(path)
-        del blk._fastpeft_recompute
+        del blk._fastpeft_run
         blk.__dict__.pop("_fastpeft_keep", None)
         _unclass_if_unused(blk, was_petl)
 
@@ -236,7 +205,7 @@ class RecomputeRule(Rule):
 def _unclass_if_unused(blk: nn.Module, was_petl: bool) -> None:
     """Undo `ensure_petl_block` on a block a rule re-classed, once nothing needs the PetlBlock form
     any more: no method slots and no recompute."""
-    if not was_petl and "_fastpeft_recompute" not in blk.__dict__ and not any(blk._fastpeft_slots.values()):
+    if not was_petl and "_fastpeft_run" not in blk.__dict__ and not any(blk._fastpeft_slots.values()):
         blk.__class__ = blk._fastpeft_orig_class
         del blk._fastpeft_slots
         del blk._fastpeft_orig_class
@@ -257,7 +226,7 @@ class DeltaFirstRule(Rule):
 
         records = []
         for i, blk in enumerate(model.blocks):
-            if "_fastpeft_recompute" not in blk.__dict__:
+            if "_fastpeft_run" not in blk.__dict__:
                 continue
             for part, name in (("attn", "proj"), ("mlp", "fc2")):
                 path = f"blocks.{i}.{part}.{name}"
@@ -268,7 +237,7 @@ class DeltaFirstRule(Rule):
                 for h in hooks:
                     swap_hook(layer, h, AbsorbedHook(h, by="DeltaFirstLinear"))
                 layer.__class__ = DeltaFirstLinear
-                layer._fp_hooks = tuple(hooks)
+                layer._fastpeft_hooks = tuple(hooks)
                 records.append(path)
         if records:
             report.patched.append((f"{len(records)} proj / fc2 layers", "recompute: additive deltas before the frozen GEMM "
@@ -279,12 +248,12 @@ class DeltaFirstRule(Rule):
         from .fused.common import swap_hook
 
         layer = model.get_submodule(path)
-        originals = {id(h): h for h in layer._fp_hooks}
+        originals = {id(h): h for h in layer._fastpeft_hooks}
         for fn in list(layer._forward_hooks.values()):
             if id(getattr(fn, "original", None)) in originals:
                 swap_hook(layer, fn, fn.original)
         layer.__class__ = nn.Linear
-        del layer._fp_hooks
+        del layer._fastpeft_hooks
 
 
 def _ranges(idx: list[int]) -> str:
@@ -325,40 +294,39 @@ class HeadRule(Rule):
             del hooks[hid]
 
 
-class ClsOnlyRule(Rule):
-    """A token-pooled model's last block computes the class token's row only inside `model(x)`
-    (fastpeft/last_token.py): the only row the head reads."""
+class ClassRowRule(Rule):
+    """The class-row pass: inside `model(x)`, a token-pooled model's last block computes the class
+    token's row only (fastpeft/class_row.py), the only row the head reads."""
 
-    name = "cls-only"
+    name = "class-row"
 
     def apply(self, model, info, backend, recompute, report):
-        from .last_token import ClsOnlyForward, cls_only_why_not
+        from .class_row import ClassRowForward, class_row_why_not
 
         if not state_of(model):
             return []  # only fastpeft-injected models (a plain model has nothing to patch)
         last = model.blocks[-1]
         was_petl = isinstance(last, PetlBlock)
         ensure_petl_block(last)
-        why = cls_only_why_not(model)
+        why = class_row_why_not(model)
         if why:
             _unclass_if_unused(last, was_petl)
-            report.left_alone.append(("model.forward (last block: class token only)", why))
+            report.left_alone.append(("model.forward (class-row pass)", why))
             return []
-        model.__dict__["forward"] = ClsOnlyForward(model)
-        report.patched.append(("forward", "last block computes the class token row only (the only row the "
-                                          "head reads; forward_features unchanged)", "torch"))
+        model.__dict__["forward"] = ClassRowForward(model)
+        report.patched.append(("forward", "class-row pass: the last block computes the class token row only "
+                                          "(the only row the head reads; forward_features unchanged)", "torch"))
         return [was_petl]
 
     def undo(self, model, was_petl):
         model.__dict__.pop("forward", None)
-        last = model.blocks[-1]
-        last.__dict__.pop("_fastpeft_cls_only", None)
-        _unclass_if_unused(last, was_petl)
+        _unclass_if_unused(model.blocks[-1], was_petl)
 
 
-#: rules tried before the fused-kernel rules of fastpeft/fused (which import Triton lazily)
+#: rules tried after the fused-kernel rules of fastpeft/fused (which import Triton lazily); VQT's
+#: needs no Triton (its ops are the C++/CUDA extension's, or their references)
 _RECOMPUTE = RecomputeRule()
-RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule(), ClsOnlyRule()]
+RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule(), ClassRowRule(), VQTRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:
@@ -441,9 +409,3 @@ def unpatch(model: nn.Module) -> nn.Module:
 def patch_report(model: nn.Module) -> PatchReport | None:
     st = model.__dict__.get("_fastpeft_patch")
     return st.report if st is not None else None
-
-
-# VQT needs no Triton (its ops are the C++/CUDA extension's, or their references): always tried.
-from .fused.vqt import VQTRule  # noqa: E402  (fused/vqt.py subclasses Rule, defined above)
-
-RULES.append(VQTRule())

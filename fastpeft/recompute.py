@@ -48,7 +48,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .methods.base import active_hooks
+from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention
+from .methods.base import OutputHook, active_hooks
 
 # Newer torch can route what selective checkpointing keeps through saved_tensors_hooks (opt-in,
 # `respect_saved_tensors_hooks`); older torch (2.11) keeps it out of the hooks' sight, so
@@ -127,16 +128,16 @@ class DeltaFirstLinear(nn.Linear):
     (`OutputHook.additive`, e.g. FacT): computes the hooks' deltas from the input first, then the
     frozen GEMM, then adds them in the hooks' order (the same sums as the hooks, so the same
     values). A region's recompute then reaches the deltas' saved tensors without re-running the
-    GEMM, which nothing in backward needs. `_fp_hooks`: the absorbed hooks, in order."""
+    GEMM, which nothing in backward needs. `_fastpeft_hooks`: the absorbed hooks, in order."""
 
-    _fp_hooks: tuple
+    _fastpeft_hooks: tuple
 
     @property
-    def class_row_local(self) -> bool:  # (fastpeft/last_token.py) the GEMM is; the hooks say for themselves
-        return all(h.class_row_local for h in self._fp_hooks)
+    def class_row_local(self) -> bool:  # (fastpeft/class_row.py) the GEMM is; the hooks say for themselves
+        return all(h.class_row_local for h in self._fastpeft_hooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deltas = [h.delta(x) for h in self._fp_hooks]
+        deltas = [h.delta(x) for h in self._fastpeft_hooks]
         out = nn.functional.linear(x, self.weight, self.bias)
         for d in deltas:
             out = out + d
@@ -201,8 +202,8 @@ def _branches_first(block, half: str) -> bool:
     )
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
-#: the kernels issue's 0.4x, less a margin (the plan is measured on batch-1, -2 and -4 probes and
-#: extrapolated per image; measured at ViT-B/16 batch 8 it lands within 0.005x of this)
+#: the 0.4x target less a margin (the plan is measured on batch-1, -2 and -4 probes and
+#: extrapolated per image; tests/patch/test_recompute.py checks where it lands)
 BYTE_BUDGET = 0.39
 
 
@@ -259,7 +260,7 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     shapes: dict[tuple[int, str], torch.Size] = {}
     layers: dict[tuple[int, str], nn.Module] = {}
     for i, blk in enumerate(model.blocks):
-        if "_fastpeft_recompute" in blk.__dict__:
+        if blk.__dict__.get("_fastpeft_run") is RECOMPUTE:
             for n, get in _PLANNED.items():
                 mod = _get(blk, get)
                 # (only layers whose GEMM runs on their own weight, which `_policy` can recognise:
@@ -310,12 +311,12 @@ class _ShapeRecorder:
 
 
 #: the attention forward's FLOPs count this many times a GEMM's in `plan_keeps`: the CPU flash
-#: kernel runs at about half the GEMMs' FLOP rate (ViT-B/16 batch 8, 2 threads: 5.4 ms for 0.95
-#: GFLOP against 17 ms for the qkv GEMM's 5.6 GFLOP)
+#: kernel runs at about half the GEMMs' FLOP rate (`torch.profiler` on a ViT-B/16 recompute step
+#: shows it: compare the SDPA and addmm rows)
 ATTENTION_COST = 2.0
 #: a half the plan keeps whole (`_runs_plain`) saves this fraction more than its FLOPs: the
-#: LayerNorm and the checkpoint machinery are not run again either (measured ~2-4 ms per half
-#: against ~17-25 ms of FLOPs at ViT-B/16 batch 8 on CPU)
+#: LayerNorm and the checkpoint machinery are not run again either (a small fraction of the
+#: half's GEMM time)
 PLAIN_HALF_BONUS = 0.1
 
 
@@ -344,19 +345,16 @@ def _rng_devices(model: nn.Module) -> list:
 
 
 def _predraw_hook(block):
-    """The NOAH-style LoRA hook on qkv whose input dropout `_predraw` may draw before the attention
-    region, or None: it must be the region's first random draw (no other hook before it, a plain
-    frozen qkv, a LayerNorm without hooks; block_in slots run before the region) and active
-    (training, 0 < p < 1)."""
-    from .methods.lora import NoahLoRAHook
-
+    """The qkv hook whose input dropout `_predraw` may draw before the attention region, or None:
+    one that says so (`OutputHook.predrawable_dropout`), the first hook on a plain frozen qkv
+    without pre-hooks, after a LayerNorm that draws nothing (block_in slots run before the region),
+    so that its draw is the region's first."""
     qkv = getattr(block.attn, "qkv", None)
     pre = [h for h in getattr(qkv, "_forward_pre_hooks", {}).values() if not isinstance(h, _ShapeRecorder)]
     if type(qkv) is not nn.Linear or pre:
         return None
-    hooks = list(qkv._forward_hooks.values())
-    hook = hooks[0] if hooks else None
-    if type(hook) is not NoahLoRAHook or hook.rank == 0 or not hook.attn.training or not 0.0 < hook.dropout_p < 1.0:
+    hook = next(iter(qkv._forward_hooks.values()), None)
+    if not isinstance(hook, OutputHook) or not hook.predrawable_dropout():
         return None
     return None if _draws_rng(block.norm1) else hook
 
@@ -366,28 +364,28 @@ def _predraw(block, x: torch.Tensor) -> tuple:
     as F.dropout draws it (CPU: bernoulli_ on an empty tensor shaped like its input, which is
     norm1(x), shaped like x), and return it as a bool tensor (1 byte per entry) for the region to
     take as an input: the region keeps it like its other inputs, and backward's recompute reuses it
-    instead of drawing a new [B, N, D] mask (CPU bernoulli_: ~7 ms per ViT-B batch-8 block). The
+    instead of drawing a new [B, N, D] mask (CPU bernoulli_ is slow next to the GEMMs). The
     region's later draws are unchanged: they follow this one, as in the reference. Only where
     F.dropout draws with bernoulli_ (CPU: fused kernels elsewhere) and not under torch.compile."""
     hook = _predraw_hook(block)
     if hook is None or x.device.type != "cpu" or torch.compiler.is_compiling():
         return ()
-    return (torch.empty_like(x).bernoulli_(1.0 - hook.dropout_p).bool(),)
+    return (torch.empty_like(x).bernoulli_(1.0 - hook.predrawable_dropout()).bool(),)
 
 
 def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
     """The frozen attention path: x -> attn(norm1(x)). The block_in slots (prompts) run before it
     and LayerScale and DropPath after it, outside the region: DropPath's saved mask would otherwise
     make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s mask, handed to
-    the LoRA hook for this call (forward and recompute alike)."""
+    the qkv hook for this call (forward and recompute alike)."""
     if predrawn:
         hook = _predraw_hook(block)
-        hook._fp_predrawn = predrawn[0]
+        hook.predrawn_mask = predrawn[0]
     try:
-        return block.attn(block.norm1(x), **kw)
+        return STANDARD.attention(block, x, None, kw)
     finally:
         if predrawn:
-            hook.__dict__.pop("_fp_predrawn", None)
+            hook.__dict__.pop("predrawn_mask", None)
 
 
 class _Calls:
@@ -432,14 +430,6 @@ def _gelu_ends_region(block) -> bool:
     if type(fc2) is not nn.Linear or fc2.weight.requires_grad or fc2._forward_hooks or fc2._forward_pre_hooks:
         return False
     return not block._fastpeft_slots["mlp_out"] and not _draws_rng(mlp.drop2)
-
-
-def timm_sdpa_attention(attn: nn.Module) -> bool:
-    """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate: the
-    dataflow `_plain_half` and the class-token-only last block (fastpeft/last_token.py) rely on."""
-    from timm.layers import Attention
-
-    return type(attn) is Attention and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
 
 
 def _plain_half(block, half: str) -> bool:
@@ -496,66 +486,83 @@ def _mlp_core(block, y: torch.Tensor, calls: _Calls | None) -> torch.Tensor:
         return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(_SaveOnly.apply(mlp.fc1(block.norm2(y)))))))
     if calls is not None:
         calls.ran = True
-    m = mlp(block.norm2(y))
-    for fn in block._fastpeft_slots["mlp_out"]:
-        m = fn(m)
-    return m
+    return STANDARD.mlp(block, y, None)
 
 
 def _branch(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x, None)  # reads_norm is False: the branch does not read its second argument
 
 
-def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """Run a PetlBlock under selective checkpointing (see module docstring).
+class RecomputeRun(BlockRun):
+    """The run of a block under `patch(recompute=True)` (see the module docstring): the reference
+    order (fastpeft/block.py) with its frozen paths as checkpointed regions, wherever the block
+    or its input needs a gradient; elsewhere (no_grad, eval of a frozen input) the reference run."""
 
-    Same ops in the same order as `PetlBlock._attn_half` / `_mlp_half` (so the same values and the
-    same RNG draws), but only the frozen paths (norm -> attention, norm -> MLP) are checkpointed:
-    branches that read the residual stream rather than the LayerNorm output (AdaptFormer's
-    parallel adapter) are checkpointed on their own (they keep nothing but the residual stream,
-    which the frozen path's region keeps anyway). Each region's recompute stops at the last
-    saved tensor it must rebuild, so the MLP's ends at the GELU input instead of re-running the
-    fc2 GEMM only to reach the adapter's saved tensors.
-    """
-    # (traced tensors have no data pointers to match: no GEMM output is kept under compile)
-    keep_attn, keep_mlp = (frozenset(), frozenset()) if torch.compiler.is_compiling() else _kept_weights(block)
-    keep_attention = "attn" in block.__dict__.get("_fastpeft_keep", ())
-    # Regions that keep something run under the selective-checkpoint policy (a dispatch mode that
-    # sees every op: host time); the others under plain checkpointing, which recomputes the same
-    # way. respect_saved_tensors_hooks: what the policy keeps goes through saved-tensor hooks like
-    # any other saved tensor, so memory profilers (and offloading hooks) see it.
-    plain = dict(use_reentrant=False)
-    policy = functools.partial(_policy, keep_attn | keep_mlp, keep_attention)
-    sac = dict(plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **_SAC_HOOK_OPTS)
-    attn_opts = sac if keep_attention or keep_attn else plain
-    mlp_opts = sac if keep_mlp else plain
-    slots = block._fastpeft_slots
-    if any(fn.reads_norm for fn in slots["attn_branch"]):
-        y = checkpoint(block._attn_half, x, kw, _branches_first(block, "attn"), **attn_opts)
-    else:
-        # (prompts first, outside the region: the region and any residual-reading branch then share
-        # the prompted stream as their saved input, and their draws precede the region's, as in
-        # the reference)
-        for fn in slots["block_in"]:
-            x = fn(x)
-        a = (_attn_core(block, x, kw) if not kw and _runs_plain(block, "attn")
-             else checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **attn_opts))
-        y = x + block.drop_path1(block.ls1(a))
-        for fn in slots["attn_branch"]:
-            y = y + checkpoint(_branch, fn, x, **plain)
-    if any(fn.reads_norm for fn in slots["ffn_branch"]):
-        return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), **mlp_opts)
-    if _runs_plain(block, "mlp"):
-        m = _mlp_core(block, y, None)
-    else:
-        calls = None if torch.compiler.is_compiling() else _Calls(mlp_opts is plain)
-        m = checkpoint(_mlp_core, block, y, calls, **mlp_opts)
-    f = block.drop_path2(block.ls2(m))
-    for fn in slots["ffn_out"]:
-        f = fn(f)
-    z = y + f
-    for fn in slots["ffn_branch"]:
-        z = z + checkpoint(_branch, fn, y, **plain)
-    for fn in slots["block_out"]:
-        z = fn(z)
-    return z
+    def __call__(self, block, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        kw = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+            return _Regions(block).forward(block, x, kw)
+        return STANDARD.forward(block, x, kw)
+
+
+#: the run `patch(recompute=True)` gives every block (stateless: the plan lives in `_fastpeft_keep`)
+RECOMPUTE = RecomputeRun()
+
+
+class _Regions(BlockRun):
+    """One call of a block under selective checkpointing: the same ops in the same order as the
+    reference run (so the same values and the same RNG draws), but only the frozen paths (norm ->
+    attention, norm -> MLP) are checkpointed: branches that read the residual stream rather than
+    the LayerNorm output (AdaptFormer's parallel adapter) are checkpointed on their own (they keep
+    nothing but the residual stream, which the frozen path's region keeps anyway), and a half with
+    a branch that reads the LayerNorm output is one region. Each region's recompute stops at the
+    last saved tensor it must rebuild, so the MLP's ends at the GELU input instead of re-running
+    the fc2 GEMM only to reach the adapter's saved tensors."""
+
+    def __init__(self, block):
+        # (traced tensors have no data pointers to match: no GEMM output is kept under compile)
+        keep_attn, keep_mlp = (frozenset(), frozenset()) if torch.compiler.is_compiling() else _kept_weights(block)
+        keep_attention = "attn" in block.__dict__.get("_fastpeft_keep", ())
+        # Regions that keep something run under the selective-checkpoint policy (a dispatch mode
+        # that sees every op: host time); the others under plain checkpointing, which recomputes
+        # the same way. respect_saved_tensors_hooks: what the policy keeps goes through
+        # saved-tensor hooks like any other saved tensor, so memory profilers (and offloading
+        # hooks) see it.
+        self.plain = dict(use_reentrant=False)
+        policy = functools.partial(_policy, keep_attn | keep_mlp, keep_attention)
+        sac = dict(self.plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy),
+                   **_SAC_HOOK_OPTS)
+        self.attn_opts = sac if keep_attention or keep_attn else self.plain
+        self.mlp_opts = sac if keep_mlp else self.plain
+
+    def attn_half(self, block, x, kw):
+        if any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch"]):
+            run = BRANCHES_FIRST[_branches_first(block, "attn"), False]
+            return checkpoint(run.attn_half, block, x, kw, **self.attn_opts)
+        # (prompts first, outside the region: the region and any residual-reading branch then
+        # share the prompted stream as their saved input, and their draws precede the region's,
+        # as in the reference)
+        return super().attn_half(block, x, kw)
+
+    def mlp_half(self, block, y):
+        if any(fn.reads_norm for fn in block._fastpeft_slots["ffn_branch"]):
+            run = BRANCHES_FIRST[False, _branches_first(block, "mlp")]
+            return checkpoint(run.mlp_half, block, y, **self.mlp_opts)
+        return super().mlp_half(block, y)
+
+    def norm(self, block, i, x):
+        return None  # inside the regions
+
+    def attention(self, block, x, h, kw):
+        if not kw and _runs_plain(block, "attn"):
+            return _attn_core(block, x, kw)
+        return checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **self.attn_opts)
+
+    def mlp(self, block, y, h2):
+        if _runs_plain(block, "mlp"):
+            return _mlp_core(block, y, None)
+        calls = None if torch.compiler.is_compiling() else _Calls(self.mlp_opts is self.plain)
+        return checkpoint(_mlp_core, block, y, calls, **self.mlp_opts)
+
+    def branch(self, fn, x, h):
+        return checkpoint(_branch, fn, x, **self.plain)

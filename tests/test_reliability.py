@@ -489,14 +489,14 @@ def test_user_forward_hooks_see_every_row_after_patch(where, when, method):
 
 
 def test_class_row_pass_still_runs_without_user_hooks(monkeypatch):
-    from fastpeft import last_token
+    from fastpeft import class_row
 
     model = make_vit(depth=2).eval()
     fastpeft.inject(model, fastpeft.LoRA(rank=4))
     fastpeft.patch(model, backend="torch")
     calls = []
-    orig = last_token.cls_only_block
-    monkeypatch.setattr(last_token, "cls_only_block", lambda *a: calls.append(1) or orig(*a))
+    orig = class_row.ClassRowRun.forward
+    monkeypatch.setattr(class_row.ClassRowRun, "forward", lambda *a: calls.append(1) or orig(*a))
     out_eval(model, images())
     assert calls
 

@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..block import NO_SLOTS, BlockRun
 from ..methods.base import PetlBlock, SlotFn, dropout
 from ..methods.vqt import _VQTBlock, _VQTForwardHead, vqt_features
-from ..patch import PatchReport, Rule
+from ..rule import PatchReport, Rule
 
 __all__ = ["FusedVQTBlock", "FusedVQTForward", "FusedVQTForwardHead", "VQTRule"]
 
@@ -167,9 +168,9 @@ class FusedVQTBlock(SlotFn):
         self.ref = ref
         self.impl = impl
         self.key = ref.key
-        #: set by `FusedVQTForward` around `model(x)` on the last block: compute the class token's
-        #: row only (the only original-token row VQT's head reads)
-        self.cls_only = False
+        #: set by `FusedVQTForward` around `model(x)` on the last block: the class-row pass (only
+        #: the class token's row of the original tokens, the only one VQT's head reads)
+        self.class_row = False
 
     def __call__(self, block: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         ref = self.ref
@@ -185,7 +186,7 @@ class FusedVQTBlock(SlotFn):
 
         capture = _CaptureQKV()
         with torch.no_grad():
-            if self.cls_only:
+            if self.class_row:
                 # keys/values of every token, then the class token through the block exactly like
                 # a query row (it attends over all N keys, its own included)
                 capture.h = block.norm1(x)
@@ -201,23 +202,37 @@ class FusedVQTBlock(SlotFn):
         return x_next
 
     def _query_path(self, block: nn.Module, q: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        return _QueryRun(h, qkv, self.impl).forward(block, q, {})
+
+
+class _QueryRun(BlockRun):
+    """Query rows [B, Q, D] through the block in its own order (fastpeft/block.py), no slots, with
+    the query-only attention over the original tokens' keys and values: `h` = LN1 of the tokens
+    [B, N, D], `qkv` = attn.qkv(h) (its K/V slices are read as strided views, not copied)."""
+
+    def __init__(self, h: torch.Tensor, qkv: torch.Tensor, impl: str):
+        self.h, self.qkv, self.impl = h, qkv, impl
+
+    def slots(self, block):
+        return NO_SLOTS
+
+    def attention(self, block, q, hq, kw):
         attn = block.attn
-        B, Qn, _ = q.shape
+        h = self.h
+        B, Qn, _ = hq.shape
         H, d = attn.num_heads, attn.head_dim
         A, N, D = H * d, h.shape[1], h.shape[2]
-        hq = block.norm1(q)
         weight, bias = attn.qkv.weight, attn.qkv.bias
         qq = F.linear(hq, weight[:A], None if bias is None else bias[:A])
         qh = attn.q_norm(qq.view(B, Qn, H, d).transpose(1, 2))
-        kv = qkv.view(B, N, 3, H, d)
+        kv = self.qkv.view(B, N, 3, H, d)
         k, v = kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
         absorbed = use_absorbed_backward(q.device, H, Qn, d, D)
         o = _QueryAttention.apply(qh, k, v, h, weight, bias, float(attn.scale), self.impl, absorbed)
         o = attn.norm(o.transpose(1, 2).reshape(B, Qn, A))
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(hq).sigmoid()
-        t = q + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(o))))
-        return t + block.drop_path2(block.ls2(block.mlp(block.norm2(t))))
+        return attn.proj_drop(attn.proj(o))
 
 
 class FusedVQTForward:
@@ -240,14 +255,14 @@ class FusedVQTForward:
         model = self.model
         if attn_mask is not None or is_causal:
             return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
-        self.last.cls_only = True
+        self.last.class_row = True
         try:
             return type(model).forward(model, x)
         finally:
-            self.last.cls_only = False
+            self.last.class_row = False
 
 
-def _cls_only_why_not(model: nn.Module, last: nn.Module) -> str | None:
+def _class_row_why_not(model: nn.Module, last: nn.Module) -> str | None:
     if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
         return f"global_pool={getattr(model, 'global_pool', None)!r} reads every token"
     if "forward" in model.__dict__:
@@ -348,14 +363,14 @@ class VQTRule(Rule):
                                           "(saves LN1 output, not K/V)", label))
         if done and done[-1] == len(model.blocks) - 1:
             last = model.blocks[done[-1]]._fastpeft_slots["block_fn"][0]
-            why = _cls_only_why_not(model, model.blocks[done[-1]])
+            why = _class_row_why_not(model, model.blocks[done[-1]])
             if why:
-                report.left_alone.append(("model.forward (last block: class token only)", why))
+                report.left_alone.append(("model.forward (class-row pass)", why))
             else:
                 model.__dict__["forward"] = FusedVQTForward(model, last)
                 records.append(("forward", "forward"))
                 report.patched.append(("forward", "VQT: last block computes the class token row only "
-                                                  "(the only token row the head reads)", "torch"))
+                                                  "(class-row pass: the only token row the head reads)", "torch"))
         head = model.__dict__.get("forward_head")
         if isinstance(head, _VQTForwardHead):
             model.__dict__["forward_head"] = FusedVQTForwardHead(head, impl)

@@ -14,10 +14,3 @@ from .base import Method, ViTInfo, vit_info
 
 __all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "VPT", "VQT", "NOAH",
            "LoRA", "FacT", "KAdaptation", "SSF", "BitFit", "LinearProbe"]
-
-
-def demo_methods(args, console):
-    """`python -m fastpeft demo`'s method part (fastpeft/demo.py; imported on use to avoid a cycle)."""
-    from ..demo import demo_methods as run
-
-    return run(args, console)

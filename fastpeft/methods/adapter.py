@@ -1,5 +1,5 @@
 """Serial bottleneck adapters after the FFN (Pfeiffer placement), in the two layouts the ViT PETL
-benchmarks use. Spec: shared/spec/methods.md §3.
+benchmarks use.
 
 ``style="noah"`` -- NOAH's "Adapter" baseline (ZhangYuanhan-AI/NOAH `model/module/adapter_super.py`,
 `Block.forward` in `model/supernet_vision_transformer_timm.py`)::
@@ -25,9 +25,9 @@ Inits (``init``):
 
 * ``"official"``: what the official code *effectively* starts from.
   noah: trunc_normal(std .02) weights and zero biases -- the module's own xavier init is overwritten
-  by `VisionTransformer.init_weights` (`_init_vit_weights` on every nn.Linear), spec §3.1.
+  by `VisionTransformer.init_weights` (`_init_vit_weights` on every nn.Linear).
   vpt: all four tensors zero. Then GELU(0) = 0 and up.weight = 0, so both weight gradients are zero
-  forever and only `adapter_upsample.bias` can learn (spec §3.2, §14); reproduced on purpose, with a
+  forever and only `adapter_upsample.bias` can learn; reproduced on purpose, with a
   UserWarning at inject.
 * ``"xavier"``: NOAH's module-level init, xavier_uniform weights and N(0, 1e-6) biases.
 * ``"lora"``: kaiming_uniform(a=sqrt 5) down weight, everything else zero -- the branch is exactly 0 at

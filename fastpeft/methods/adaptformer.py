@@ -1,7 +1,7 @@
 """AdaptFormer (AdaptMLP): a bottleneck adapter beside the frozen MLP.
 
 Official code: ShoufaChen/AdaptFormer `models/adapter.py` (Adapter), `models/custom_modules.py`
-(Block). Spec: shared/spec/methods.md §2.
+(Block).
 
     y = x + DP(Attn(LN1 x))
     a = s * up(dropout(ReLU(down(y))))              (s scales the up-projection *and* its bias)

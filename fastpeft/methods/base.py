@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
+
+from ..block import CLASS_ROW_PASS, SLOTS, STANDARD, in_class_row_pass
 
 __all__ = [
     "ViTInfo", "vit_info", "Method", "Injection", "PetlBlock", "SLOTS",
@@ -158,10 +159,27 @@ class OutputHook:
     #: delta's saved tensors stops its recompute before re-running that GEMM.
     additive: bool = False
     #: whether, run on the class token's row alone (the class-row pass of a token-pooled model's
-    #: last block, fastpeft/last_token.py), the hook returns that row of what it returns on every
+    #: last block, fastpeft/class_row.py), the hook returns that row of what it returns on every
     #: row, drawing its random numbers by torch dropout calls only (F.dropout / nn.Dropout, on
     #: tensors with the token rows on dim 1): true of any row-local hook. Off unless a hook says so.
     class_row_local: bool = False
+    #: a mask for the hook's input dropout drawn ahead of time (`predrawable_dropout`), consumed
+    #: by the next `input_dropout` call
+    predrawn_mask: torch.Tensor | None = None
+
+    def predrawable_dropout(self) -> float:
+        """The rate of an active F.dropout on the hook's input that is the hook's first random
+        draw (0.0: none, or inactive). `patch(recompute=True)` may then draw its mask before a
+        checkpointed region starts and hand it over in `predrawn_mask` (fastpeft/recompute.py),
+        so backward's recompute reuses it instead of drawing it again."""
+        return 0.0
+
+    def input_dropout(self, x: torch.Tensor, p: float, owner: nn.Module) -> torch.Tensor:
+        """`dropout(x, p, owner)`, or the same values from a predrawn mask: x * keep / (1 - p)."""
+        keep = self.__dict__.pop("predrawn_mask", None)
+        if keep is not None:
+            return x * keep.to(x.dtype).div_(1.0 - p)
+        return dropout(x, p, owner)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -194,28 +212,6 @@ def active_hooks(layer: nn.Module) -> list[OutputHook]:
 # Block slots
 # --------------------------------------------------------------------------------------------
 
-#: slot name -> call signature and where it sits in the block (see PetlBlock.forward)
-SLOTS: dict[str, str] = {
-    "block_in": "x -> x                 before norm1 (prompt insertion / replacement)",
-    "attn_branch": "(x, h) -> delta     added to the attention residual, h = norm1(x) (Convpass)",
-    "mlp_out": "(m) -> m                on the raw MLP output, before ls2 and DropPath (VPT adapter)",
-    "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
-    "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
-    "block_out": "x -> x                after the block (prompt removal)",
-    "block_fn": "(block, x, attn_mask, is_causal) -> x   replaces the whole block forward (VQT); "
-                "when set it is the block's only slot entry",
-}
-
-
-#: set while a token-pooled model's last block computes the class token's row only
-#: (fastpeft/last_token.py); see `SlotFn.class_row_local`
-CLASS_ROW_PASS: ContextVar[bool] = ContextVar("fastpeft_class_row_pass", default=False)
-
-
-def in_class_row_pass() -> bool:
-    return CLASS_ROW_PASS.get()
-
-
 class SlotFn:
     """Base for slot callables; `key` names the owning injection."""
 
@@ -228,7 +224,7 @@ class SlotFn:
     #: their own taken under `in_class_row_pass()` (Convpass: the class token's centre-tap conv)
     class_row_local: bool = False
     #: block_out slots only: the callable only removes rows and keeps the class token's (row 0)
-    #: unchanged, so on the class-token row alone it is the identity (fastpeft/last_token.py)
+    #: unchanged, so on the class-token row alone it is the identity (fastpeft/class_row.py)
     keeps_class_row: bool = False
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -237,9 +233,10 @@ class SlotFn:
 
 class PetlBlock:
     """Mixin swapped into a timm Block's class (`block.__class__`); the module keeps every
-    parameter, buffer and name, and `unswap` restores the original class.
+    parameter, buffer and name, and `remove_slots` / `patch`'s undo restore the original class.
 
-    forward == timm Block.forward when all slots are empty:
+    forward runs the block in the order fastpeft/block.py writes down once; with every slot empty
+    that is timm's Block.forward, bit for bit:
         x = x + dp1(ls1(attn(norm1(x))));  x = x + dp2(ls2(mlp(norm2(x))))
     """
 
@@ -247,56 +244,11 @@ class PetlBlock:
     _fastpeft_orig_class: type
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        body = self._fastpeft_slots.get("block_fn")
-        if body:  # a method that changes the block's whole dataflow (VQT); it uses the block's modules
-            return body[0](self, x, attn_mask, is_causal)
-        kw = {}
-        if attn_mask is not None or is_causal:
-            kw = {"attn_mask": attn_mask, "is_causal": is_causal}
-        if self.__dict__.get("_fastpeft_cls_only") and not kw:
-            # fastpeft.patch on a token-pooled model's last block, inside model(x) only: the class
-            # token's row (fastpeft/last_token.py)
-            from ..last_token import cls_only_block
-
-            return cls_only_block(self, x)
-        recompute = self.__dict__.get("_fastpeft_recompute")
-        if recompute is not None and torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            # fastpeft.patch(recompute=True): each half is checkpointed, keeping what the byte-budget
-            # plan keeps and recomputing the rest (fastpeft/recompute.py).
-            return recompute(self, x, kw)
-        return self._mlp_half(self._attn_half(x, kw))
-
-    # branches_first (fastpeft.recompute: only where the frozen path draws no random numbers):
-    # compute the branch deltas before the frozen path, then add them in the same order as here.
-    def _attn_half(self, x: torch.Tensor, kw: dict, branches_first: bool = False) -> torch.Tensor:
-        slots = self._fastpeft_slots
-        for fn in slots["block_in"]:
-            x = fn(x)
-        h = self.norm1(x)
-        deltas = [fn(x, h) for fn in slots["attn_branch"]] if branches_first else None
-        y = x + self.drop_path1(self.ls1(self.attn(h, **kw)))
-        for d in deltas if branches_first else (fn(x, h) for fn in slots["attn_branch"]):
-            y = y + d
-        return y
-
-    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False, block_out: bool = True) -> torch.Tensor:
-        slots = self._fastpeft_slots
-        h2 = self.norm2(y)
-        deltas = [fn(y, h2) for fn in slots["ffn_branch"]] if branches_first else None
-        m = self.mlp(h2)
-        for fn in slots["mlp_out"]:
-            m = fn(m)
-        f = self.drop_path2(self.ls2(m))
-        for fn in slots["ffn_out"]:
-            f = fn(f)
-        z = y + f
-        for d in deltas if branches_first else (fn(y, h2) for fn in slots["ffn_branch"]):
-            z = z + d
-        for fn in slots["block_out"] if block_out else ():
-            z = fn(z)
-        return z
+        # the block's run: a method's own dataflow (VQT's `block_fn`), else what `patch` set
+        # (recompute, the class-row pass: fastpeft/block.py `BlockRun`), else the reference order
+        body = self._fastpeft_slots["block_fn"]
+        run = body[0] if body else self.__dict__.get("_fastpeft_run", STANDARD)
+        return run(self, x, attn_mask, is_causal)
 
 
 _SWAPPED_CLASSES: dict[type, type] = {}
@@ -348,7 +300,7 @@ def remove_slots(model: nn.Module, key: str) -> None:
         if isinstance(mod, PetlBlock):
             for name, fns in mod._fastpeft_slots.items():
                 mod._fastpeft_slots[name] = [f for f in fns if f.key != key]
-            if not any(mod._fastpeft_slots.values()) and "_fastpeft_recompute" not in mod.__dict__:
+            if not any(mod._fastpeft_slots.values()) and "_fastpeft_run" not in mod.__dict__:
                 mod.__class__ = mod._fastpeft_orig_class
                 del mod._fastpeft_slots
                 del mod._fastpeft_orig_class

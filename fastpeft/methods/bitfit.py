@@ -1,4 +1,4 @@
-"""BitFit and linear probing (spec §12).
+"""BitFit and linear probing (KMnP/vpt `src/models/vit_models.py`, transfer types `tinytl-bias` and `linear`).
 
 BitFit (VPT's `tinytl-bias` transfer type): train every existing parameter whose name contains
 "bias" in the encoder -- patch_embed, blocks (qkv, proj, fc1, fc2, norm1, norm2, ...), the final

@@ -1,7 +1,7 @@
 """Convpass: convolutional bypasses beside the attention and MLP sub-layers.
 
 Official code: JieShibo/PETL-ViT `convpass/vtab/convpass.py` (`Convpass`, `forward_block`,
-`forward_block_attn`). Spec: shared/spec/methods.md §6.
+`forward_block_attn`).
 
     y = x + DP1(Attn(LN1 x)) + DP1(C_attn(LN1 x)) * s          (slot attn_branch, gets (x, LN1 x))
     z = y + DP2(MLP(LN2 y))  + DP2(C_mlp(LN2 y)) * s           (slot ffn_branch, gets (y, LN2 y))
@@ -93,7 +93,7 @@ class ConvpassModule(nn.Module):
     def class_row(self, h: torch.Tensor) -> torch.Tensor:
         """Row 0 of `forward` (the class token, a prefix token: its conv is the centre tap of a
         1x1 image) from h's row 0 alone: [B, 1, D] -> [B, 1, D]. Its dropout is a torch dropout
-        on the [B, 1, dim] row (the class-row pass draws it over every row, fastpeft/last_token.py)."""
+        on the [B, 1, dim] row (the class-row pass draws it over every row, fastpeft/class_row.py)."""
         if self.num_prefix < 1 or h.shape[1] != 1:
             raise RuntimeError(f"Convpass class_row needs a class (prefix) token and one row, got {tuple(h.shape)}")
         return self._out(self._prefix_conv(quick_gelu(self.adapter_down(h))))

@@ -1,4 +1,4 @@
-"""FacT: Factor-Tuning (JieShibo/PETL-ViT `FacT/fact_tt.py`, `FacT/fact_tk.py`). Spec §5.
+"""FacT: Factor-Tuning (JieShibo/PETL-ViT `FacT/fact_tt.py`, `FacT/fact_tk.py`).
 
 Every block has 12 "slices" of size D x D: W_q, W_k, W_v, W_o, the four D-row chunks of W_fc1 and
 the four D-column chunks of W_fc2. Their increments share the model-level factors

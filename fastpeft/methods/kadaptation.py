@@ -1,4 +1,4 @@
-"""KAdaptation (eric-ai-lab/PEViT, `vision_benchmark/evaluation/model.py`, `MultiheadAttention`), spec §11,
+"""KAdaptation (eric-ai-lab/PEViT, `vision_benchmark/evaluation/model.py`, `MultiheadAttention`),
 adapted from CLIP's separate in-projection to a timm ViT's fused `attn.qkv`.
 
 Official math (per layer, x = attention input = norm1 output, n = phm_dim = 32, D = n * m):

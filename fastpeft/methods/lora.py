@@ -1,7 +1,5 @@
 """LoRA on the fused qkv projection of a timm ViT, in the two official flavours.
 
-Spec: shared/spec/methods.md §4.
-
 **style="noah"** (ZhangYuanhan-AI/NOAH `model/supernet_vision_transformer_timm.py`, `Attention`):
 
     [dq | dk | dv] = scale * B A dropout(h)          h = input of attn.qkv (= norm1 output)
@@ -12,7 +10,7 @@ before the 1/sqrt(d_h) scaling -- exactly where NOAH adds it. NOAH has no alpha/
 defaults to 1.0 and is skipped entirely when 1.0. Dropout (p=0.1, NOAH's `--drop_rate_LoRA`) is on
 the LoRA input and follows the attention module's train/eval mode.
 Init: NOAH writes kaiming_uniform(a=sqrt 5) for A and zeros for B, but its VisionTransformer then
-re-initialises *every* nn.Linear with trunc_normal(std .02) (spec §3.1), so the effective official
+re-initialises *every* nn.Linear with trunc_normal(std .02) (its `_init_weights`), so the effective official
 init (`init="official"`) is trunc_normal(.02) on both A and B: the branch is NOT zero at start.
 `init="lora"` gives the written init (A kaiming_uniform, B zeros: exact identity at start).
 
@@ -29,7 +27,7 @@ Merge (eval, dropout off): noah W_qkv += scale * B A; petl W_t += scale * up_t d
 of target t (q: 0..A-1, k: A..2A-1, v: 2A..3A-1). Biases are untouched.
 
 `NoahLoRAHook` / `make_noah_lora` are the reusable pieces for the NOAH method (leading-slice use
-of super-size tensors, spec §9).
+of super-size tensors).
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Builder, Method, OutputHook, ViTInfo, check_positive_int, check_prob, dropout
+from .base import Builder, Method, OutputHook, ViTInfo, check_positive_int, check_prob
 
 __all__ = ["LoRA", "NoahLoRAHook", "PetlLoRAAdapter", "PetlLoRAHook", "make_noah_lora"]
 
@@ -89,6 +87,10 @@ class NoahLoRAHook(OutputHook):
 
     class_row_local = True  # dropout on the [..., N, D] input, then two row-local products
 
+    def predrawable_dropout(self) -> float:  # its input dropout is its first (and only) draw
+        active = self.rank > 0 and self.attn.training and 0.0 < self.dropout_p < 1.0
+        return self.dropout_p if active else 0.0
+
     def delta_weight(self) -> torch.Tensor:
         """B[:, :r] A[:r] -- the [3*A_dim, D] weight increment (times `scale`)."""
         w = self.attn.LoRA_b.weight[:, : self.rank] @ self.attn.LoRA_a.weight[: self.rank]
@@ -97,11 +99,7 @@ class NoahLoRAHook(OutputHook):
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.rank == 0:
             return out
-        keep = self.__dict__.pop("_fp_predrawn", None)  # patch(recompute=True): see recompute._predraw
-        if keep is not None:  # the same values as F.dropout with the same draws: x * (noise / (1 - p))
-            h = x * keep.to(x.dtype).div_(1.0 - self.dropout_p)
-        else:
-            h = dropout(x, self.dropout_p, self.attn)
+        h = self.input_dropout(x, self.dropout_p, self.attn)
         d = nn.functional.linear(h, self.attn.LoRA_a.weight[: self.rank])
         d = nn.functional.linear(d, self.attn.LoRA_b.weight[:, : self.rank])
         if self.scale != 1.0:

@@ -1,7 +1,7 @@
 """NOAH (Neural prOmpt seArcH): a searched subnet of per-layer VPT prompts + LoRA + adapter.
 
 Official code: ZhangYuanhan-AI/NOAH `model/supernet_vision_transformer_timm.py` (`Block`, `Attention`,
-`VisionTransformer.set_sample_config`), `model/module/adapter_super.py`. Spec: shared/spec/methods.md §9.
+`VisionTransformer.set_sample_config`), `model/module/adapter_super.py`.
 
 Each layer l uses (p_l, r_l, a_l) = (prompt_lens[l], lora_ranks[l], adapter_dims[l]); 0 disables that
 module in that layer. All tensors are allocated at the *super* size in every block (the official

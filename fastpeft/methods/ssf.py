@@ -1,4 +1,4 @@
-"""SSF: Scaling & Shifting your Features (dongzelian/SSF `models/vision_transformer.py`), spec §7.
+"""SSF: Scaling & Shifting your Features (dongzelian/SSF `models/vision_transformer.py`).
 
 ssf(x; scale, shift) = x * scale + shift over the channel dim (`ssf_ada`). Placements and names
 (all official; D = embed_dim, A = attention width, Hd = mlp hidden):

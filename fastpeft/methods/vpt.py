@@ -1,7 +1,7 @@
 """VPT: Visual Prompt Tuning, shallow and deep, on a timm ViT.
 
 Official code: KMnP/vpt `src/models/vit_prompt/vit.py` (`PromptedTransformer`), head in
-`src/models/mlp.py`. Spec: shared/spec/methods.md §8.
+`src/models/mlp.py`.
 
 Token sequence (P prefix tokens = CLS + registers, p prompts, M patches)::
 
@@ -85,7 +85,7 @@ class _RemovePrompts(_VPTSlot):
     """Last block's block_out: drop the prompt positions."""
 
     #: keeps the prefix rows (the class token's among them) as they are: the class-row pass of
-    #: fastpeft/last_token.py skips it
+    #: fastpeft/class_row.py skips it
     keeps_class_row = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

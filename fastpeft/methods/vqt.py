@@ -3,8 +3,7 @@ intermediate features, and a linear head on the concatenation of their outputs.
 
 Official code: andytu28/VQT `src/models/vit_backbones/h2t_vit.py` (Head2ToeEncoder /
 Head2ToeBlock / Head2ToeAttention), `timm_h2t_vit.py` (the timm twin), `src/models/build_h2t_model.py`
-(head). Spec: shared/spec/methods.md §10.
-
+(head). 
 Per block l, with q_l = Dropout(query_prompt_embeddings[l]) expanded to the batch:
 
     t   = [q_l ; x_l]                                 queries *prepended*, T = Q + N tokens
@@ -63,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..block import NO_SLOTS, BlockRun
 from .base import Builder, Method, SlotFn, ViTInfo, check_positive_int, check_prob, dropout
 
 __all__ = ["VQT", "vqt_attention_ref", "vqt_block_ref", "vqt_features"]
@@ -100,11 +100,24 @@ def vqt_attention_ref(attn: nn.Module, h: torch.Tensor, num_queries: int) -> tor
     return attn.proj_drop(attn.proj(o))
 
 
+class _QueryAttentionRun(BlockRun):
+    """The block's own order (fastpeft/block.py) with no slots and `vqt_attention_ref` as the
+    attention: the official Head2ToeBlock."""
+
+    def __init__(self, num_queries: int):
+        self.num_queries = num_queries
+
+    def slots(self, block):
+        return NO_SLOTS
+
+    def attention(self, block, x, h, kw):
+        return vqt_attention_ref(block.attn, h, self.num_queries)
+
+
 def vqt_block_ref(block: nn.Module, t: torch.Tensor, num_queries: int) -> torch.Tensor:
     """The official `Head2ToeBlock` on a timm `Block`: t = [queries ; tokens], [B, Q + N, D] ->
     [B, Q + N, D]; queries pass LN1, attention-as-query, residual, LN2, MLP, residual."""
-    t = t + block.drop_path1(block.ls1(vqt_attention_ref(block.attn, block.norm1(t), num_queries)))
-    return t + block.drop_path2(block.ls2(block.mlp(block.norm2(t))))
+    return _QueryAttentionRun(num_queries).forward(block, t, {})
 
 
 def vqt_features(pooled: torch.Tensor, query_outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -102,9 +102,9 @@ def test_compile_fullgraph_over_patched_model(case):
 
 @pytest.mark.parametrize("case", ["adaptformer", "noah", "fact-tk", "convpass", "mlp-dropout"])
 def test_class_token_only_last_block_draws_the_reference_masks_on_cuda(case):
-    # (fastpeft/last_token.py) the torch backend keeps the reference slots and hooks, whose torch
+    # (fastpeft/class_row.py) the torch backend keeps the reference slots and hooks, whose torch
     # dropout on the class row must draw the CUDA generator's numbers for every row, as eager does
-    from tests.patch import test_last_token as lt
+    from tests.patch import test_class_row as lt
 
     m = lt.build(lt.ELIGIBLE[case], img_size=224, **lt.BUILD_KW.get(case, {})).cuda()
     x = images(batch=3, img_size=224).cuda()

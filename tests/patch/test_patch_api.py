@@ -77,7 +77,7 @@ def test_patch_is_idempotent_and_unpatch_restores():
     r2 = fastpeft.patch(m, backend="torch", recompute=True)
     assert r2 is r1 and type(m.blocks[0]) is cls
     fastpeft.unpatch(m)
-    assert "_fastpeft_recompute" not in m.blocks[0].__dict__
+    assert "_fastpeft_run" not in m.blocks[0].__dict__
     fastpeft.unpatch(m)  # no-op
 
 

@@ -117,7 +117,7 @@ def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case):
     with _GemmsByWeight({f"{i}.{n}": mod.weight for (i, n), mod in layers.items()}) as mode:
         loss.backward()
     # blocks whose input requires grad, but the last where it computes the class token's row only
-    # (fastpeft/last_token.py: nothing there is checkpointed)
+    # (fastpeft/class_row.py: nothing there is checkpointed)
     for i in range(1, len(m.blocks) - ("forward" in m.__dict__)):
         # input-gradient GEMMs: one per layer; forward re-runs: those of RERUN the plan does not keep
         want = {n: 1 + (n in RERUN[case] and n not in plan[i]) for n in ("qkv", "proj", "fc1", "fc2")}
@@ -172,7 +172,7 @@ def test_additive_hooks_run_before_the_frozen_gemm_and_unpatch_restores_them(cas
     loss0, g0 = step(m, x)
     report = fastpeft.patch(m, backend="torch", recompute=True)
     assert all(type(layer) is DeltaFirstLinear for layer in layers) and "additive deltas" in str(report)
-    assert [list(layer._fp_hooks) for layer in layers] == hooks
+    assert [list(layer._fastpeft_hooks) for layer in layers] == hooks
     loss1, g1 = step(m, x)
     assert torch.equal(loss0, loss1) and all(torch.equal(g0[n], g1[n]) for n in g0)
     fastpeft.unpatch(m)

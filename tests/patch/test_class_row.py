@@ -1,5 +1,5 @@
 """`fastpeft.patch` on a token-pooled model: the last block computes the class token's row only
-inside `model(x)` (fastpeft/last_token.py). Same logits and gradients as the reference within the
+inside `model(x)` (fastpeft/class_row.py). Same logits and gradients as the reference within the
 fp32 tolerance (the same math on B rows instead of B * N), dropout / DropPath / the methods' own
 dropout on (the class row's masks drawn over every row, as the reference draws them); only where
 everything after the last block's attention is row-local."""
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastpeft
-from fastpeft.last_token import _ClassRowDraws
+from fastpeft.class_row import _ClassRowDraws
 from tests.methods.conftest import grads_of, images, make_vit, randomize_
 
 ATOL, RTOL = 1e-5, 1e-4  # fp32, as for the fused rules
@@ -78,7 +78,7 @@ def test_last_block_computes_the_class_token_only_with_the_reference_results(cas
         m.train(True)
     assert feats1.shape == feats0.shape
     fastpeft.unpatch(m)
-    assert "forward" not in m.__dict__ and "_fastpeft_cls_only" not in m.blocks[-1].__dict__
+    assert "forward" not in m.__dict__ and "_fastpeft_run" not in m.blocks[-1].__dict__
     out2, g2 = step(m, x)
     assert torch.equal(out2, out0) and all(torch.equal(g2[n], g0[n]) for n in g0)
 

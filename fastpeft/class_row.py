@@ -27,13 +27,15 @@ token's (`keeps_class_row`: VPT's and NOAH's prompt removal; the pass skips it),
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .methods.base import CLASS_ROW_PASS, OutputHook
-from .recompute import timm_sdpa_attention
+from .block import CLASS_ROW_PASS, BlockRun, timm_sdpa_attention
+from .methods.base import OutputHook
 
 
 def _not_row_local(path: str, mod: nn.Module) -> str | None:
@@ -51,7 +53,7 @@ def _not_row_local(path: str, mod: nn.Module) -> str | None:
     return None
 
 
-def cls_only_why_not(model: nn.Module) -> str | None:
+def class_row_why_not(model: nn.Module) -> str | None:
     """None where the last block may run on the class token only; else why not."""
     from timm.layers import Mlp
 
@@ -116,7 +118,7 @@ class _ClassRowDraws(TorchFunctionMode):
         if func is F.dropout:
             return self._dropout(*args, **kwargs)
         if func in _OTHER_DROPOUTS and kwargs.get("training", args[2] if len(args) > 2 else _OTHER_DROPOUTS[func]):
-            raise RuntimeError(f"fastpeft class-token-only block: {func.__name__} in the class-row pass (only "
+            raise RuntimeError(f"fastpeft class-row pass: {func.__name__} in the class-row pass (only "
                                "F.dropout / nn.Dropout masks are redrawn over every row)")
         return func(*args, **kwargs)
 
@@ -124,32 +126,40 @@ class _ClassRowDraws(TorchFunctionMode):
         if not training or p == 0:
             return F.dropout(x, p, training, inplace)
         if x.dim() < 2 or x.shape[1] != 1:
-            raise RuntimeError(f"fastpeft class-token-only block: dropout on a {tuple(x.shape)} tensor is not "
+            raise RuntimeError(f"fastpeft class-row pass: dropout on a {tuple(x.shape)} tensor is not "
                                "a class-token row; a hook or slot marked class_row_local does not keep token rows on dim 1")
         keep = F.dropout(x.new_ones((x.shape[0], self.rows, *x.shape[2:])), p, True)[:, :1].clone()
         return x.mul_(keep) if inplace else x * keep
 
 
-def cls_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The last block's class-token row: [B, N, D] -> [B, 1, D]. Same ops as the block's own
-    forward, on fewer rows after the attention (see the module docstring)."""
-    slots = block._fastpeft_slots
-    for fn in slots["block_in"]:
-        x = fn(x)
-    attn = block.attn
-    h = block.norm1(x)
-    B, N, _ = h.shape
-    H, d = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
-    o = F.scaled_dot_product_attention(q, k, v)
-    with _ClassRowDraws(N):
-        o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, H * d))))
-        y = x[:, :1] + block.drop_path1(block.ls1(o))
-        for fn in slots["attn_branch"]:
-            y = y + fn(x[:, :1], h[:, :1])
-        # the block's own MLP half on one row; its block_out slots keep the class row as it is
-        return block._mlp_half(y, block_out=False)
+class ClassRowRun(BlockRun):
+    """The last block's class-token row: [B, N, D] -> [B, 1, D]. The block's own order
+    (fastpeft/block.py) on the class row after the attention's keys and values (see the module
+    docstring); its block_out slots keep the class row as it is, so they are skipped."""
+
+    def __init__(self):
+        self._draws: contextlib.ExitStack | None = None
+
+    def forward(self, block, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        with contextlib.ExitStack() as self._draws:
+            return super().forward(block, x, kw)
+
+    def attention(self, block, x, h, kw):
+        attn = block.attn
+        B, N, _ = h.shape
+        H, d = attn.num_heads, attn.head_dim
+        q, k, v = attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+        o = F.scaled_dot_product_attention(q, k, v)
+        # from here on every op sees the class row only; torch dropouts draw over every row
+        self._draws.enter_context(_ClassRowDraws(N))
+        return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, H * d))))
+
+    def rows(self, t):
+        return t[:, :1]
+
+    def block_out(self, block, z):
+        return z
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -185,7 +195,7 @@ def has_user_hooks(model: nn.Module) -> bool:
     return any(_foreign(m, _OUTPUT_TABLES) for m in last.modules())
 
 
-class ClsOnlyForward:
+class ClassRowForward:
     """`model.forward` of a patched token-pooled model: the model's own forward, with its last
     block computing the class token's row only. Attention masks and torch.compile tracing take the
     full forward."""
@@ -199,9 +209,13 @@ class ClsOnlyForward:
             return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
         if torch.compiler.is_compiling() or has_user_hooks(model):
             return type(model).forward(model, x)
-        last = model.blocks[-1]
-        last.__dict__["_fastpeft_cls_only"] = True
+        last = model.blocks[-1].__dict__
+        run = last.get("_fastpeft_run")
+        last["_fastpeft_run"] = ClassRowRun()
         try:
             return type(model).forward(model, x)
         finally:
-            last.__dict__.pop("_fastpeft_cls_only", None)
+            if run is None:
+                del last["_fastpeft_run"]
+            else:
+                last["_fastpeft_run"] = run

@@ -1,0 +1,172 @@
+"""The order of a ViT block, written once.
+
+timm's pre-LN `Block.forward`, with the places where PETL methods attach spelled out as named
+slots (fastpeft/methods/base.py `PetlBlock`):
+
+    x  <- block_in(x)                                   prompts in
+    h  =  norm1(x)
+    y  =  x + drop_path1(ls1(attn(h)))  + attn_branch(x, h) ...
+    h2 =  norm2(y)
+    m  =  mlp_out(mlp(h2))
+    z  =  y + ffn_out(drop_path2(ls2(m)))  + ffn_branch(y, h2) ...
+    z  <- block_out(z)                                  prompts out
+
+`BlockRun` runs exactly that; every other way fastpeft runs a block is a `BlockRun` that changes
+pieces, never the order:
+
+* `patch(recompute=True)` (fastpeft/recompute.py `RecomputeRun`): the attention and MLP pieces,
+  and the branches, run as checkpointed regions;
+* the class-row pass (fastpeft/class_row.py `ClassRowRun`): everything after the attention's
+  keys and values runs on the class token's row only;
+* VQT (fastpeft/methods/vqt.py, fastpeft/fused/vqt.py): query tokens through the block's own
+  modules with a query-only attention and no slots.
+
+Each piece is a method so a run overrides only what it changes; the slot loops and the residual
+sums live in `attn_half` / `mlp_half` alone.
+"""
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass",
+           "replaced_dataflow", "timm_sdpa_attention"]
+
+#: slot name -> call signature and where it sits in the block (see the module docstring)
+SLOTS: dict[str, str] = {
+    "block_in": "x -> x                 before norm1 (prompt insertion / replacement)",
+    "attn_branch": "(x, h) -> delta     added to the attention residual, h = norm1(x) (Convpass)",
+    "mlp_out": "(m) -> m                on the raw MLP output, before ls2 and DropPath (VPT adapter)",
+    "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
+    "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
+    "block_out": "x -> x                after the block (prompt removal)",
+    "block_fn": "(block, x, attn_mask, is_causal) -> x   replaces the whole block forward (VQT); "
+                "when set it is the block's only slot entry",
+}
+
+#: the slots of a block run without any method entries (VQT's query rows)
+NO_SLOTS: dict[str, tuple] = {name: () for name in SLOTS}
+
+#: set while a token-pooled model's last block computes the class token's row only
+#: (fastpeft/class_row.py); slot callables with a class-row path of their own read it
+CLASS_ROW_PASS: ContextVar[bool] = ContextVar("fastpeft_class_row_pass", default=False)
+
+
+def in_class_row_pass() -> bool:
+    return CLASS_ROW_PASS.get()
+
+
+def replaced_dataflow(block: Any) -> bool:
+    """Whether a method replaced the block's whole forward (a `block_fn` slot entry): then no
+    `BlockRun` applies to it."""
+    slots = getattr(block, "_fastpeft_slots", None)
+    return bool(slots and slots.get("block_fn"))
+
+
+def timm_sdpa_attention(attn: nn.Module) -> bool:
+    """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate: the
+    dataflow `_plain_half` and the class-row pass (fastpeft/class_row.py) rely on."""
+    from timm.layers import Attention
+
+    return type(attn) is Attention and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+
+
+class BlockRun:
+    """Runs one block in the order of the module docstring. Subclasses override pieces:
+
+    `slots(block)`            the slot entries to run (NO_SLOTS: none);
+    `norm(block, i, x)`       norm1 / norm2 (i = 1, 2); None when the next piece normalises itself;
+    `branches_first(block, half)`  compute the branch deltas before the frozen path (same sum order);
+    `attention(block, x, h, kw)`   the attention output [B, rows, D] (h may be None: norm1(x));
+    `rows(t)`                 the token rows that continue after the attention (all, or the class row);
+    `mlp(block, y, h2)`       mlp_out(mlp(h2)) (h2 may be None: norm2(y));
+    `branch(fn, x, h)`        one branch delta;
+    `block_out(block, z)`     the block_out slots.
+    """
+
+    def __call__(self, block, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False) -> torch.Tensor:
+        kw = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+        return self.forward(block, x, kw)
+
+    def forward(self, block, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        return self.mlp_half(block, self.attn_half(block, x, kw))
+
+    # ---- the order -----------------------------------------------------------------------
+
+    def attn_half(self, block, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        slots = self.slots(block)
+        for fn in slots["block_in"]:
+            x = fn(x)
+        h = self.norm(block, 1, x)
+        branches = slots["attn_branch"]
+        deltas = [self.branch(fn, x, h) for fn in branches] if branches and self.branches_first(block, "attn") else None
+        a = self.attention(block, x, h, kw)
+        x, h = self.rows(x), self.rows(h)
+        y = x + block.drop_path1(block.ls1(a))
+        for d in deltas if deltas is not None else (self.branch(fn, x, h) for fn in branches):
+            y = y + d
+        return y
+
+    def mlp_half(self, block, y: torch.Tensor) -> torch.Tensor:
+        slots = self.slots(block)
+        h2 = self.norm(block, 2, y)
+        branches = slots["ffn_branch"]
+        deltas = [self.branch(fn, y, h2) for fn in branches] if branches and self.branches_first(block, "mlp") else None
+        m = self.mlp(block, y, h2)
+        f = block.drop_path2(block.ls2(m))
+        for fn in slots["ffn_out"]:
+            f = fn(f)
+        z = y + f
+        for d in deltas if deltas is not None else (self.branch(fn, y, h2) for fn in branches):
+            z = z + d
+        return self.block_out(block, z)
+
+    # ---- the pieces (the reference's) -------------------------------------------------------
+
+    def slots(self, block) -> dict:
+        return block._fastpeft_slots
+
+    def norm(self, block, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        return (block.norm1 if i == 1 else block.norm2)(x)
+
+    def branches_first(self, block, half: str) -> bool:
+        return False
+
+    def attention(self, block, x: torch.Tensor, h: torch.Tensor | None, kw: dict) -> torch.Tensor:
+        return block.attn(block.norm1(x) if h is None else h, **kw)
+
+    def rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t
+
+    def mlp(self, block, y: torch.Tensor, h2: torch.Tensor | None) -> torch.Tensor:
+        m = block.mlp(block.norm2(y) if h2 is None else h2)
+        for fn in self.slots(block)["mlp_out"]:
+            m = fn(m)
+        return m
+
+    def branch(self, fn: Callable, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        return fn(x, h)
+
+    def block_out(self, block, z: torch.Tensor) -> torch.Tensor:
+        for fn in self.slots(block)["block_out"]:
+            z = fn(z)
+        return z
+
+
+class _BranchesFirst(BlockRun):
+    """The reference order with each half's branch deltas computed before its frozen path (the
+    same values where that path draws no random numbers: fastpeft/recompute.py decides)."""
+
+    def __init__(self, attn: bool, mlp: bool):
+        self.first = {"attn": attn, "mlp": mlp}
+
+    def branches_first(self, block, half: str) -> bool:
+        return self.first[half]
+
+
+#: the reference run of a block (what `PetlBlock.forward` runs unless `patch` set another)
+STANDARD = BlockRun()
+BRANCHES_FIRST = {(a, m): _BranchesFirst(a, m) for a in (False, True) for m in (False, True)}
