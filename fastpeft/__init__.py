@@ -12,13 +12,14 @@ from .version import __version__
 from .api import inject, injections, merge, remove, summary, summary_rows, trainable_parameters, unmerge
 from .patch import PatchReport, patch, unpatch
 from .load import load_official
+from .taskfile import load, save  # (`fastpeft.load` is this function; the module is fastpeft.load)
 from .methods import *  # noqa: F401,F403  (method configs: AdaptFormer, LoRA, ...)
 from .methods import __all__ as _methods_all
 
 __all__ = [
     "__version__", "inject", "remove", "merge", "unmerge", "trainable_parameters", "summary",
     "summary_rows", "injections", "build_info", "backends", "patch", "unpatch", "PatchReport",
-    "load_official",
+    "load_official", "save", "load",
     *_methods_all,
 ]
 
