@@ -74,10 +74,15 @@ def backend(name: str):
         set_backend(old)
 
 
+#: TRITON_INTERPRET as it was when this module (and triton, and every kernel's `triton.jit`) was
+#: imported: what decides whether the kernels are interpreted
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (must be set before triton is
-    imported; `triton.jit` decides at decoration time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    imported; `triton.jit` decides at decoration time, so this reads it once, at import)."""
+    return _INTERPRETING
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -94,9 +99,9 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         _warn_once("no-triton", "fastpeft.kernels: triton is not installed; using the torch "
                    "reference math for the fused ops")
         return False
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
-    if on_cuda:
-        return True
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            return True
     if _backend == "triton":
         if interpreting():
             return True
@@ -238,6 +243,24 @@ def seed_or_zero(seed, p: float, device) -> torch.Tensor:
     return seed.reshape(1) if p > 0.0 else _constant("seed", device, torch.int64)
 
 
+_SPLIT_WS: dict = {}
+
+
+def split_workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch of a row-split column reduction that is finished in the same launch (`last_split`):
+    (fp32 [>= partials] partial sums, int32 [>= counters] arrival counters, all zero). Cached per
+    device and CUDA stream, so no per-call allocation: launches on one stream run in order and
+    every launch leaves its counters at zero again (the last program of a column block resets
+    its counter). Grown (reallocated) when a launch needs more."""
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
+    ws = _SPLIT_WS.get(key)
+    if ws is None or ws[0].numel() < partials or ws[1].numel() < counters:
+        have_p, have_c = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+        ws = _SPLIT_WS[key] = (torch.empty(max(partials, have_p), dtype=torch.float32, device=device),
+                               torch.zeros(max(counters, have_c), dtype=torch.int32, device=device))
+    return ws
+
+
 def with_tf32_variants(specs: list, ieee_only=lambda constexprs: False) -> list:
     """AOT specs (kernels/aot.py) plus, for every fp32 spec with a PREC constexpr ("ieee"), the same
     spec with PREC="tf32": the two `input_precision`s `dot_precision` can pick (except where
@@ -349,3 +372,26 @@ def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexp
         dx = tl.dot(da, wd, input_precision=PREC)
         tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def last_split(LOCK, idx, S):
+    """Called by each of the S row-split programs of column block `idx` once its partials are
+    stored: True in the program that arrives last, which then sums all S partials in a fixed order
+    (deterministic, whichever program is last; its loads of the others' partials bypass L1:
+    `cache_modifier=".cg"`) and must reset LOCK[idx] to 0 (`tl.atomic_xchg`). The barrier makes
+    every thread's stores precede the counter's acq_rel increment."""
+    tl.debug_barrier()
+    return tl.atomic_add(LOCK + idx, 1) == S - 1
+
+
+@triton.jit
+def split_sums(PS, S, D, cols, cmask, BLOCK: tl.constexpr):
+    """(Σ_i PS[i, cols], Σ_i PS[S + i, cols]) over the S splits, in split order (fp32): the two
+    column sums of a [2, S, D] partial buffer, read at L2 (written by other programs)."""
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        s1 += tl.load(PS + i * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+        s0 += tl.load(PS + (S + i) * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    return s1, s0
