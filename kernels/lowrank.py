@@ -11,8 +11,8 @@ builds, differentiably and in plain torch, from its (tiny) parameters (spec shar
   lora_noah_qkv   §4.1  A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
   lora_petl_qkv   §4.2  A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
   fact_linear     §5    A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
-                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); TK cores come from
-                        FacTc/FacTp through `fastpeft.methods.fact.fact_cores` (official interleave)
+                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); the cores are passed
+                        in (TT: the *_FacTs weights; TK: built from FacTc/FacTp by the method)
   kadaptation_qkv §11   H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
                         (x Dn^T) Up with Dn[(i,al,be), a*m+k] = L_i[a,al] WL_i[k,be] and
                         Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 
-import types
 
 import torch
 
@@ -683,13 +682,6 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
 FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
-def fact_tk_cores(fact_c: torch.Tensor, fact_p: torch.Tensor, block: int) -> dict:
-    """FacT-TK cores of block `block` as matrices on column vectors (q, k, v, proj [r, r],
-    fc1 [4r, r], fc2 [r, 4r]) -- `fastpeft.methods.fact.fact_cores` (official interleave)."""
-    from fastpeft.methods.fact import fact_cores
-    return fact_cores(types.SimpleNamespace(FacTc=fact_c, FacTp=fact_p, blocks=[None] * (block + 1)), "tk", block)
-
-
 def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale: float):
     """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (spec §5.1); `core`: qkv: a
     [3r, r] tensor or a (M_q, M_k, M_v) sequence; proj [r, r]; fc1 [4r, r]; fc2 [r, 4r]."""
@@ -711,7 +703,7 @@ def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: flo
                 dropout_p: float = 0.1, training: bool = False, seed=None):
     """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (spec §5): out = x W^T + b + s V dp(M U x)
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
-    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fact_tk_cores(FacTc, FacTp, i)[layer...]`).
+    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fastpeft.methods.fact.fact_tk_cores(FacTc, FacTp, i)`).
     Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r])."""
     a, b = fact_effective(layer, fact_u, fact_v, core, scale)
     if a.shape[1] != x.shape[-1] or b.shape[0] != weight.shape[0]:
