@@ -292,11 +292,48 @@ def inv_keep(p: float) -> float:
 def row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
     """Row splits S of a column-reduction (weight-grad) kernel: about 4 programs per SM in total
     on a GPU, 2 per column block under the interpreter (still exercising the strided row loop)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if _gpu_grid(device):
+        target = 4 * _sm_count(device)
     else:
         target = 2 * n_col_blocks
     return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
+
+
+#: programs a launch should have at least on a GPU: one wave of an H100's 132 SMs (one program
+#: per SM; the tiles here are sized for about one resident program per SM)
+MIN_PROGRAMS_GPU = 132
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # meta tensors: the shapes a GPU launch would get (kernels/aot.py)
+        return MIN_PROGRAMS_GPU
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def _gpu_grid(device: torch.device) -> bool:
+    """Whether grids are sized for a GPU: CUDA tensors, and meta ones (kernels/aot.py's report of
+    the programs per launch at the bench shapes); CPU tensors take the interpreter's small grids."""
+    return device.type != "cpu"
+
+
+_SMS: dict = {}
+
+
+def column_splits(width: int, block_n: int, row_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(columns per split, splits) of a row-tiled kernel whose output width can be divided among
+    programs along grid axis 1: on a GPU enough splits for the grid to reach one wave
+    (`row_blocks * splits >= SMs`, at most one BLOCK_N chunk per split); under the interpreter 2
+    when the width has two chunks (exercising the split path); 1 otherwise."""
+    chunks = cdiv(width, block_n)
+    if _gpu_grid(device):
+        want = cdiv(max(_sm_count(device), MIN_PROGRAMS_GPU), row_blocks)
+    else:
+        want = 2
+    per = cdiv(chunks, max(1, min(want, chunks)))
+    return per * block_n, cdiv(chunks, per)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,11 +400,12 @@ def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """OUT[rows, :D] = da [BLOCK_M, R_PAD] @ WD [R, D] (WD contiguous), one BLOCK_N chunk at a time."""
-    for n0 in range(0, D, BLOCK_N):
+def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, N0, N_END, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """OUT[rows, N0:N_END] = da [BLOCK_M, R_PAD] @ WD[:, N0:N_END] (WD [R, D] contiguous, OUT rows
+    of D), one BLOCK_N chunk at a time (N0, N_END = 0, D: the whole width)."""
+    for n0 in range(N0, N_END, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
+        cmask = cols < N_END
         wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         dx = tl.dot(da, wd, input_precision=PREC)
         tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
