@@ -74,10 +74,15 @@ def backend(name: str):
         set_backend(old)
 
 
+#: TRITON_INTERPRET as it was when this module (and triton, and every kernel's `triton.jit`) was
+#: imported: what decides whether the kernels are interpreted
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (must be set before triton is
-    imported; `triton.jit` decides at decoration time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    imported; `triton.jit` decides at decoration time, so this reads it once, at import)."""
+    return _INTERPRETING
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -94,9 +99,9 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         _warn_once("no-triton", "fastpeft.kernels: triton is not installed; using the torch "
                    "reference math for the fused ops")
         return False
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
-    if on_cuda:
-        return True
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            return True
     if _backend == "triton":
         if interpreting():
             return True
@@ -238,6 +243,24 @@ def seed_or_zero(seed, p: float, device) -> torch.Tensor:
     return seed.reshape(1) if p > 0.0 else _constant("seed", device, torch.int64)
 
 
+_SPLIT_WS: dict = {}
+
+
+def split_workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch of a row-split column reduction that is finished in the same launch (`last_split`):
+    (fp32 [>= partials] partial sums, int32 [>= counters] arrival counters, all zero). Cached per
+    device and CUDA stream, so no per-call allocation: launches on one stream run in order and
+    every launch leaves its counters at zero again (the last program of a column block resets
+    its counter). Grown (reallocated) when a launch needs more."""
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
+    ws = _SPLIT_WS.get(key)
+    if ws is None or ws[0].numel() < partials or ws[1].numel() < counters:
+        have_p, have_c = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+        ws = _SPLIT_WS[key] = (torch.empty(max(partials, have_p), dtype=torch.float32, device=device),
+                               torch.zeros(max(counters, have_c), dtype=torch.int32, device=device))
+    return ws
+
+
 def with_tf32_variants(specs: list, ieee_only=lambda constexprs: False) -> list:
     """AOT specs (kernels/aot.py) plus, for every fp32 spec with a PREC constexpr ("ieee"), the same
     spec with PREC="tf32": the two `input_precision`s `dot_precision` can pick (except where
@@ -269,11 +292,48 @@ def inv_keep(p: float) -> float:
 def row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) -> int:
     """Row splits S of a column-reduction (weight-grad) kernel: about 4 programs per SM in total
     on a GPU, 2 per column block under the interpreter (still exercising the strided row loop)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if _gpu_grid(device):
+        target = 4 * _sm_count(device)
     else:
         target = 2 * n_col_blocks
     return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
+
+
+#: programs a launch should have at least on a GPU: one wave of an H100's 132 SMs (one program
+#: per SM; the tiles here are sized for about one resident program per SM)
+MIN_PROGRAMS_GPU = 132
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # meta tensors: the shapes a GPU launch would get (kernels/aot.py)
+        return MIN_PROGRAMS_GPU
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def _gpu_grid(device: torch.device) -> bool:
+    """Whether grids are sized for a GPU: CUDA tensors, and meta ones (kernels/aot.py's report of
+    the programs per launch at the bench shapes); CPU tensors take the interpreter's small grids."""
+    return device.type != "cpu"
+
+
+_SMS: dict = {}
+
+
+def column_splits(width: int, block_n: int, row_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(columns per split, splits) of a row-tiled kernel whose output width can be divided among
+    programs along grid axis 1: on a GPU enough splits for the grid to reach one wave
+    (`row_blocks * splits >= SMs`, at most one BLOCK_N chunk per split); under the interpreter 2
+    when the width has two chunks (exercising the split path); 1 otherwise."""
+    chunks = cdiv(width, block_n)
+    if _gpu_grid(device):
+        want = cdiv(max(_sm_count(device), MIN_PROGRAMS_GPU), row_blocks)
+    else:
+        want = 2
+    per = cdiv(chunks, max(1, min(want, chunks)))
+    return per * block_n, cdiv(chunks, per)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,12 +400,36 @@ def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """OUT[rows, :D] = da [BLOCK_M, R_PAD] @ WD [R, D] (WD contiguous), one BLOCK_N chunk at a time."""
-    for n0 in range(0, D, BLOCK_N):
+def rank_up_store(OUT, da, WD, rows64, rmask, rk, kmask, D, N0, N_END, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """OUT[rows, N0:N_END] = da [BLOCK_M, R_PAD] @ WD[:, N0:N_END] (WD [R, D] contiguous, OUT rows
+    of D), one BLOCK_N chunk at a time (N0, N_END = 0, D: the whole width)."""
+    for n0 in range(N0, N_END, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
+        cmask = cols < N_END
         wd = tl.load(WD + rk[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         dx = tl.dot(da, wd, input_precision=PREC)
         tl.store(OUT + rows64[:, None] * D + cols[None, :], dx.to(OUT.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def last_split(LOCK, idx, S):
+    """Called by each of the S row-split programs of column block `idx` once its partials are
+    stored: True in the program that arrives last, which then sums all S partials in a fixed order
+    (deterministic, whichever program is last; its loads of the others' partials bypass L1:
+    `cache_modifier=".cg"`) and must reset LOCK[idx] to 0 (`tl.atomic_xchg`). The barrier makes
+    every thread's stores precede the counter's acq_rel increment."""
+    tl.debug_barrier()
+    return tl.atomic_add(LOCK + idx, 1) == S - 1
+
+
+@triton.jit
+def split_sums(PS, S, D, cols, cmask, BLOCK: tl.constexpr):
+    """(Σ_i PS[i, cols], Σ_i PS[S + i, cols]) over the S splits, in split order (fp32): the two
+    column sums of a [2, S, D] partial buffer, read at L2 (written by other programs)."""
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, S):
+        s1 += tl.load(PS + i * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+        s0 += tl.load(PS + (S + i) * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    return s1, s0

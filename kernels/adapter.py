@@ -34,8 +34,8 @@ import torch
 
 from ._common import check_dropout, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
-                      row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures, dot_precision,
-                      with_tf32_variants)
+                      column_splits, row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures,
+                      dot_precision, with_tf32_variants)
 
 ACTS = {"relu": 0, "gelu": 1, "quick_gelu": 2}
 MAX_RANK = 128
@@ -64,7 +64,9 @@ _LP16 = Cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
 CONFIGS: dict[str, dict[tuple[int, str], Cfg]] = {
     # rows x (D chunk) tiles; acc [BLOCK_M, R_PAD] fp32 stays in registers.
     "adapter_fwd": {
-        (16, "lp"): _LP16, (32, "lp"): _LP16, (64, "lp"): _LP16,
+        # (64, "lp") at 4 warps spilled on sm_80 once the output columns were split (STACK 24)
+        (16, "lp"): _LP16, (32, "lp"): _LP16,
+        (64, "lp"): Cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
         (128, "lp"): Cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
         (16, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2),
         (32, "fp32"): Cfg(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -132,7 +134,7 @@ def _act_bwd(a, act):
 
 
 @triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "has_base",
-                               "has_res", "save_a", "use_dropout"])
+                               "has_res", "save_a", "use_dropout", "n_split"])
 def _adapter_fwd_kernel(
     X,        # [M, D] input of the down projection (x dtype), contiguous
     WD,       # [R, D] down weight (x dtype)
@@ -146,10 +148,15 @@ def _adapter_fwd_kernel(
     OUT,      # [M, D] output (x dtype)
     A,        # [M, R] fp32 pre-activation, written when save_a
     M, D, R, act, p, inv_keep, scale, use_scale_t, has_base, has_res, save_a, use_dropout,
+    n_split,  # output columns per program along grid axis 1 (a multiple of BLOCK_N)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
+    # grid (row blocks, column splits): when rows are few, the output width is split over
+    # programs so the grid fills the GPU; each split recomputes the (rank-r, cheap) down
+    # projection of its rows and writes its own columns; split 0 saves the pre-activation.
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_n = tl.program_id(1)
 
     # a = x @ W_d^T + b_d, accumulated over D in fp32; padded rank columns stay exactly 0.
     acc = rank_down(X, WD, D, 1, rows64, rmask, rk, kmask, D, SEED, p, inv_keep, False, BLOCK_M, BLOCK_K, R_PAD,
@@ -157,7 +164,8 @@ def _adapter_fwd_kernel(
     bd = tl.load(BD + rk, mask=kmask, other=0.0).to(tl.float32)
     a = acc + bd[None, :]
     if save_a:
-        tl.store(A + rows64[:, None] * R + rk[None, :], a, mask=rmask[:, None] & kmask[None, :])
+        if pid_n == 0:
+            tl.store(A + rows64[:, None] * R + rk[None, :], a, mask=rmask[:, None] & kmask[None, :])
 
     h = _act_fwd(a, act)
     if use_dropout:
@@ -168,10 +176,11 @@ def _adapter_fwd_kernel(
     if use_scale_t:
         s = s * tl.load(SCALE_T).to(tl.float32)
 
-    # out = base + s * (h @ W_u^T + b_u) + residual, one D chunk at a time.
-    for n0 in range(0, D, BLOCK_N):
+    # out = base + s * (h @ W_u^T + b_u) + residual, one D chunk of this split at a time.
+    n_end = tl.minimum(D, (pid_n + 1) * n_split)
+    for n0 in range(pid_n * n_split, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
+        cmask = cols < n_end
         wuT = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         u = tl.dot(h, wuT, input_precision=PREC)
         bu = tl.load(BU + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -185,7 +194,7 @@ def _adapter_fwd_kernel(
         tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "use_dropout"])
+@triton.jit(do_not_specialize=["R", "act", "p", "inv_keep", "scale", "use_scale_t", "use_dropout", "n_split"])
 def _adapter_bwd_kernel(
     G,        # [M, D] grad of out (x dtype)
     A,        # [M, R] fp32 saved pre-activation
@@ -199,10 +208,14 @@ def _adapter_bwd_kernel(
     PBD,      # [P, R_PAD] fp32 out: per-program partial colsum(da) (grad of b_d)
     PDS,      # [P] fp32 out: per-program partial sum(h * (g @ W_u)) (grad of a learnable s)
     M, D, R, act, p, inv_keep, scale, use_scale_t, use_dropout,
+    n_split,  # dx columns per program along grid axis 1 (a multiple of BLOCK_K)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # grid (row blocks, dx column splits): as the forward, each split recomputes its rows' rank-r
+    # da and writes its own dx columns; split 0 writes h, da and the partial sums.
     pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_n = tl.program_id(1)
     rkmask = rmask[:, None] & kmask[None, :]
 
     # dh = g @ W_u (unscaled), over D.
@@ -219,14 +232,16 @@ def _adapter_bwd_kernel(
     if use_scale_t:
         s = s * tl.load(SCALE_T).to(tl.float32)
     da = s * dh * dact
-    tl.store(PDS + pid, tl.sum(tl.sum(h * dh, axis=1), axis=0))
-    tl.store(PBD + pid * R_PAD + rk, tl.sum(da, axis=0))
-    tl.store(H + rows64[:, None] * R + rk[None, :], h.to(H.dtype.element_ty), mask=rkmask)
     da_lo = da.to(DA.dtype.element_ty)
-    tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
+    if pid_n == 0:
+        tl.store(PDS + pid, tl.sum(tl.sum(h * dh, axis=1), axis=0))
+        tl.store(PBD + pid * R_PAD + rk, tl.sum(da, axis=0))
+        tl.store(H + rows64[:, None] * R + rk[None, :], h.to(H.dtype.element_ty), mask=rkmask)
+        tl.store(DA + rows64[:, None] * R + rk[None, :], da_lo, mask=rkmask)
 
-    # dx = da @ W_d, over D.
-    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, BLOCK_K, PREC)
+    # dx = da @ W_d, over this split's columns.
+    rank_up_store(DX, da_lo, WD, rows64, rmask, rk, kmask, D, pid_n * n_split,
+                  tl.minimum(D, (pid_n + 1) * n_split), BLOCK_K, PREC)
 
 
 @triton.jit(do_not_specialize=["R", "S"])
@@ -481,12 +496,14 @@ def _fwd_launch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: f
     unused = dummy(dev)
     use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
     rp, c = config("adapter_fwd", r, x.dtype)
-    _adapter_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
+    row_blocks = cdiv(m, c.BLOCK_M)
+    n_split, col_splits = column_splits(d, c.BLOCK_N, row_blocks, dev)
+    _adapter_fwd_kernel[(row_blocks, col_splits)](
         x2, w_down.contiguous(), bd.contiguous(), w_up.contiguous(), bu.contiguous(),
         rows_of(base) if base is not None else x2, rows_of(residual) if residual is not None else x2,
         _scale_ptr(scale_t, dev), seed_or_zero(seed, p, dev), out, a if save else unused,
         m, d, r, act, p, inv_keep_p, float(scale), use_st, int(base is not None),
-        int(residual is not None), int(save), use_dropout,
+        int(residual is not None), int(save), use_dropout, n_split,
         BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(x.dtype, dev),
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out.view(x.shape), a
@@ -527,9 +544,10 @@ def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     pbd = torch.empty((p1, rp), dtype=torch.float32, device=dev)
     pds = torch.empty((p1,), dtype=torch.float32, device=dev)
     wd, wu = w_down.contiguous(), w_up.contiguous()
-    _adapter_bwd_kernel[(p1,)](
+    n_split, col_splits = column_splits(d, c1.BLOCK_K, p1, dev)
+    _adapter_bwd_kernel[(p1, col_splits)](
         g2, a, wd, wu, st, sd, dx, h, da, pbd, pds,
-        m, d, r, act, p, inv_keep_p, float(scale), use_st, use_dropout,
+        m, d, r, act, p, inv_keep_p, float(scale), use_st, use_dropout, n_split,
         BLOCK_M=c1.BLOCK_M, BLOCK_K=c1.BLOCK_K, BLOCK_N=c1.BLOCK_N, R_PAD=rp, PREC=prec,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
     _, c2 = config("adapter_bwd_dw", r, dt)
@@ -821,14 +839,14 @@ def aot_specs():
                    "SCALE_T": "*fp32", "SEED": "*i64", "OUT": P, "A": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
                    "scale": "fp32", "use_scale_t": "i32", "has_base": "i32", "has_res": "i32",
-                   "save_a": "i32", "use_dropout": "i32"}
+                   "save_a": "i32", "use_dropout": "i32", "n_split": "i32"}
             specs.append(("adapter_fwd", _adapter_fwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd"][(rp, "fp32" if dt == torch.float32 else "lp")]
             sig = {"G": P, "A": "*fp32", "WD": P, "WU": P, "SCALE_T": "*fp32", "SEED": "*i64",
                    "DX": P, "H": P, "DA": P, "PBD": "*fp32", "PDS": "*fp32",
                    "M": "i32", "D": "i32", "R": "i32", "act": "i32", "p": "fp32", "inv_keep": "fp32",
-                   "scale": "fp32", "use_scale_t": "i32", "use_dropout": "i32"}
+                   "scale": "fp32", "use_scale_t": "i32", "use_dropout": "i32", "n_split": "i32"}
             specs.append(("adapter_bwd", _adapter_bwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["adapter_bwd_dw"][(rp, "fp32" if dt == torch.float32 else "lp")]

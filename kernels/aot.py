@@ -166,6 +166,131 @@ def run(archs=(80, 90), jobs=2, only=None, smoke=False, verbose=True):
     return rows, bad, secs
 
 
+# ----------------------------------------------------------------------------------------------
+# Programs per launch at the bench shapes (ViT-B/16, batch 8: 1,576 rows, width 768, MLP 3072)
+# ----------------------------------------------------------------------------------------------
+BENCH_ROWS, BENCH_WIDTH, BENCH_HIDDEN, BENCH_TOKENS = 8 * 197, 768, 3072, 197
+
+
+def _bench_calls():
+    """(label, thunk) pairs: every fused op the bench's ViT-B/16 rows run, forward and backward,
+    on meta tensors of the bench shapes (no memory, no GPU: only the launch grids matter)."""
+    import torch
+
+    from . import adapter as kad, convpass as kc, lowrank as kl, ssf as kssf
+
+    M, D, H, dev = BENCH_ROWS, BENCH_WIDTH, BENCH_HIDDEN, torch.device("meta")
+
+    def t(*shape, grad=False):
+        return torch.empty(shape, device=dev).requires_grad_(grad)
+
+    def run(fn):
+        def thunk():
+            out = fn()
+            out.backward(torch.empty_like(out))
+        return thunk
+
+    x = t(8, BENCH_TOKENS, D, grad=True)
+    seed = torch.zeros(1, dtype=torch.int64, device=dev)
+    calls = []
+    for r in (8, 64):
+        calls.append((f"adapter r={r} dropout", run(lambda r=r: kad.adapter(
+            x, t(r, D, grad=True), t(r, grad=True), t(D, r, grad=True), t(D, grad=True), residual=x, scale=0.1,
+            act="relu", dropout_p=0.1, training=True, seed=seed))))
+    calls.append(("ssf D=768", run(lambda: kssf.ssf(x, t(D, grad=True), t(D, grad=True)))))
+    calls.append(("ssf_gelu D=3072", run(lambda: kssf.ssf_gelu(t(8, BENCH_TOKENS, H, grad=True), t(H, grad=True),
+                                                                  t(H, grad=True)))))
+    calls.append(("layernorm_ssf D=768", run(lambda: kssf.layernorm_ssf(x, t(D), t(D), t(D, grad=True),
+                                                                          t(D, grad=True)))))
+    calls.append(("lowrank qkv r=8 rank dropout", run(lambda: kl.lowrank_linear(
+        x, t(3 * D, D), t(3 * D), t(8, D, grad=True), t(3 * D, 8, grad=True), dropout_p=0.1, training=True,
+        seed=seed))))
+    calls.append(("lowrank qkv r=8 input dropout (NOAH)", run(lambda: kl.lowrank_linear(
+        x, t(3 * D, D), t(3 * D), t(8, D, grad=True), t(3 * D, 8, grad=True), dropout_p=0.1, drop_input=True,
+        training=True, seed=seed))))
+    calls.append(("convpass dim=8", run(lambda: kc.convpass(
+        x, t(8, D, grad=True), t(8, grad=True), t(8, 8, 3, 3, grad=True), t(8, grad=True), t(D, 8, grad=True),
+        t(D, grad=True), grid=(14, 14), num_prefix=1, scale=0.01, dropout_p=0.1, training=True, seed=seed))))
+    return calls
+
+
+def bench_launches(sms: int = 132) -> list[dict]:
+    """One row per Triton launch of `_bench_calls()`: the op, kernel, dtype (fp32), the constexpr
+    config, grid programs and whether they fill one wave of `sms` SMs. Launches are recorded,
+    never run (JITFunction.run replaced for the duration)."""
+    from triton.runtime.jit import JITFunction
+
+    from . import _common
+
+    classes = [JITFunction]
+    try:  # under TRITON_INTERPRET=1 `triton.jit` made InterpretedFunctions
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover
+        pass
+
+    rows: list[dict] = []
+    label = [""]
+
+    def record(self, *args, grid, warmup, **kw):
+        g = grid if isinstance(grid, tuple) else (grid,)
+        programs = 1
+        for n in g:
+            programs *= int(n)
+        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "?")
+        rows.append({"op": label[0], "kernel": name, "grid": tuple(int(n) for n in g),
+                     "programs": programs, "fills_wave": programs >= sms,
+                     "config": ",".join(f"{k}={v}" for k, v in consts.items())
+                     + f",w={kw.get('num_warps')},s={kw.get('num_stages')}"})
+
+    saved_run = [(cls, cls.__dict__["run"]) for cls in classes]
+    saved = _common.interpreting, _common._backend
+    for cls in classes:
+        cls.run = record
+    _common.interpreting = lambda: True  # use_triton: the Triton path for these (meta) tensors
+    _common._backend = "triton"
+    try:
+        for name, thunk in _bench_calls():
+            label[0] = name
+            thunk()
+    finally:
+        for cls, run_ in saved_run:
+            cls.run = run_
+        _common.interpreting, _common._backend = saved
+    return rows
+
+
+def _attach_resources(launches: list[dict], rows: list[dict]) -> None:
+    """Registers / shared memory of the compiled config each launch uses (fp32, per arch)."""
+    def norm(cfg: str) -> frozenset:
+        return frozenset(x for x in cfg.split(",") if not x.startswith("PREC="))
+
+    for ln in launches:
+        for r in rows:
+            if r["kernel"] == ln["kernel"].lstrip("_").replace("_kernel", "") or \
+                    f"_{r['kernel']}_kernel" == ln["kernel"]:
+                if r["dtype"] == "float32" and norm(r["config"]) == norm(ln["config"]):
+                    ln[f"regs_sm{r['arch']}"] = r["regs"]
+                    ln[f"shared_sm{r['arch']}"] = r["shared"]
+
+
+def print_launches(launches: list[dict], archs=(80, 90)) -> None:
+    print(f"\nLaunches at the bench shapes (ViT-B/16, batch 8: {BENCH_ROWS} rows x {BENCH_WIDTH}; fp32; "
+          f"one wave = 132 SMs):")
+    hdr = f"{'op':<36} {'kernel':<30} {'grid':<12} {'progs':>5} " + \
+        " ".join(f"{'regs/shm sm' + str(a):>16}" for a in archs)
+    print(hdr)
+    print("-" * len(hdr))
+    for ln in launches:
+        res = " ".join(f"{str(ln.get(f'regs_sm{a}', '-')) + '/' + str(ln.get(f'shared_sm{a}', '-')):>16}"
+                       for a in archs)
+        flag = "" if ln["fills_wave"] else "  < one wave"
+        print(f"{ln['op']:<36} {ln['kernel']:<30} {str(ln['grid']):<12} {ln['programs']:>5} {res}{flag}")
+    short = [ln for ln in launches if not ln["fills_wave"]]
+    print(f"{len(launches)} launches, {len(short)} below one wave")
+
+
 _HDR = f"{'kernel':<22} {'dtype':<9} {'arch':<6} {'regs':>4} {'shared':>7} {'stack':>5}  config"
 
 
@@ -194,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--smoke", action="store_true", help="one config per kernel")
     ap.add_argument("--json", default="", help="also write the result rows to this JSON file")
+    ap.add_argument("--no-launches", action="store_true",
+                    help="skip the report of programs per launch at the bench shapes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # triton.jit picked the interpreter at import time; compile from a clean process.
@@ -202,11 +329,16 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, "-m", "fastpeft.kernels.aot", *(argv if argv is not None else sys.argv[1:])], env=env)
     only = {s for s in args.only.split(",") if s}
     rows, bad, secs = run(tuple(args.arch), args.jobs, only, args.smoke)
+    launches = []
+    if not args.no_launches:
+        launches = bench_launches()
+        _attach_resources(launches, rows)
+        print_launches(launches, tuple(args.arch))
     if args.json:
         import json
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"seconds": secs, "kernels": sorted({s[2][0] for s in _specs()}), "rows": rows,
-                       "offenders": len(bad)}, f, indent=1)
+                       "offenders": len(bad), "launches": launches}, f, indent=1, default=str)
     return 1 if bad else 0
 
 

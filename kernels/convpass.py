@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (CheckedSignatures, check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
-                      rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton,
+                      column_splits, rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton,
                       dot_precision, with_tf32_variants)
 from .adapter import Cfg, dropout_keep_mask
 from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, r_pad_of
@@ -62,7 +62,7 @@ def _quick_gelu_grad(a):
     return sg + 1.702 * a * sg * (1.0 - sg)
 
 
-@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "has_bias", "has_base", "use_dropout"])
+@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "has_bias", "has_base", "use_dropout", "n_split"])
 def _convpass_up_fwd_kernel(
     C,      # [M, R] conv output (x dtype), contiguous
     WU,     # [D, R] up weight
@@ -71,18 +71,22 @@ def _convpass_up_fwd_kernel(
     SEED,   # [1]    int64, read when use_dropout
     OUT,    # [M, D]
     M, D, R, p, inv_keep, scale, has_bias, has_base, use_dropout,
+    n_split,  # output columns per program along grid axis 1 (a multiple of BLOCK_N)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
+    # grid (row blocks, column splits): each split writes its own output columns
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_n = tl.program_id(1)
     c = tl.load(C + rows64[:, None] * R + rk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     h = _quick_gelu(c.to(tl.float32))
     if use_dropout:
         h = h * keep_scale(SEED, rows64, rk, R, p, inv_keep)
     h = h.to(C.dtype.element_ty)
-    for n0 in range(0, D, BLOCK_N):
+    n_end = tl.minimum(D, (pid_n + 1) * n_split)
+    for n0 in range(pid_n * n_split, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
+        cmask = cols < n_end
         wut = tl.load(WU + cols[None, :] * R + rk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         o = tl.dot(h, wut, input_precision=PREC)
         if has_bias:
@@ -121,7 +125,7 @@ def _convpass_up_bwd_kernel(
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=rkmask)
 
 
-@triton.jit(do_not_specialize=["M", "R"])
+@triton.jit(do_not_specialize=["M", "R", "n_split"])
 def _convpass_down_bwd_kernel(
     GU,     # [M, R] grad of u = QuickGELU(a) (x dtype), contiguous
     A,      # [M, R] fp32 saved pre-activation
@@ -129,16 +133,21 @@ def _convpass_down_bwd_kernel(
     DA,     # [M, R] out: grad of a (x dtype), for dW_d / db_d
     DX,     # [M, D] out: grad of the bypass input
     M, D, R,
+    n_split,  # dx columns per program along grid axis 1 (a multiple of BLOCK_N)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
+    # grid (row blocks, dx column splits): split 0 also writes da
     _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_n = tl.program_id(1)
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     gu = tl.load(GU + offs, mask=rkmask, other=0.0).to(tl.float32)
     a = tl.load(A + offs, mask=rkmask, other=0.0)
     da = (gu * _quick_gelu_grad(a)).to(DA.dtype.element_ty)
-    tl.store(DA + offs, da, mask=rkmask)
-    rank_up_store(DX, da, WD, rows64, rmask, rk, kmask, D, BLOCK_N, PREC)
+    if pid_n == 0:
+        tl.store(DA + offs, da, mask=rkmask)
+    rank_up_store(DX, da, WD, rows64, rmask, rk, kmask, D, pid_n * n_split, tl.minimum(D, (pid_n + 1) * n_split),
+                  BLOCK_N, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +228,10 @@ def _down_bwd_launch(grad_u, x, a, w_down):
     da = torch.empty((m, d), dtype=dt, device=dev)
     if m:
         dp, c = _config("convpass_down_bwd", d, x)
-        _convpass_down_bwd_kernel[(cdiv(m, c.BLOCK_M),)](
-            gu, a, w_down.contiguous(), da, dx, m, D, d,
+        rb = cdiv(m, c.BLOCK_M)
+        n_split, splits = column_splits(D, c.BLOCK_N, rb, dev)
+        _convpass_down_bwd_kernel[(rb, splits)](
+            gu, a, w_down.contiguous(), da, dx, m, D, d, n_split,
             BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC=dot_precision(dt, dev), num_warps=c.num_warps,
             num_stages=c.num_stages)
     # dW_d = da^T x on the vendor BLAS; db_d = colsum(da) accumulated in fp32
@@ -241,11 +252,13 @@ def _up_fwd_launch(c, w_up, b_up, base, scale: float, p: float, seed):
     if m:
         dp, cf = _config("convpass_up_fwd", d, c)
         unused = dummy(dev, c.dtype)
-        _convpass_up_fwd_kernel[(cdiv(m, cf.BLOCK_M),)](
+        rb = cdiv(m, cf.BLOCK_M)
+        n_split, splits = column_splits(D, cf.BLOCK_N, rb, dev)
+        _convpass_up_fwd_kernel[(rb, splits)](
             c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else unused,
             rows_of(base) if base is not None else unused, seed_or_zero(seed, p, dev), out,
             m, D, d, float(p), inv_keep(p), float(scale), int(b_up is not None), int(base is not None),
-            int(p > 0.0), BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, PREC=dot_precision(c.dtype, dev),
+            int(p > 0.0), n_split, BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, PREC=dot_precision(c.dtype, dev),
             num_warps=cf.num_warps, num_stages=cf.num_stages)
     return out.view(*c.shape[:-1], D)
 
@@ -487,6 +500,62 @@ class _UpFunction(torch.autograd.Function):
                 grad_out if has_base and need[3] else None, None, None, None, None)
 
 
+def _conv_tokens_backward(dc, u, conv_w, grid, num_prefix, has_bias):
+    """(du, dconv_w, dconv_b or None) of `conv_tokens` for the gradient dc [B, N, d] of its output:
+    one convolution backward over the patch grid, plus the prefix rows' centre-tap GEMMs."""
+    B, N, d = u.shape
+    gh, gw = grid
+    P = num_prefix
+    dpatch = dc[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    upatch = u[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    gin, dw, db = torch.ops.aten.convolution_backward(
+        dpatch, upatch, conv_w, [d] if has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [True, True, has_bias])
+    gin = gin.permute(0, 2, 3, 1).reshape(B, gh * gw, d)
+    if not P:
+        return gin, dw, db
+    dpre = dc[:, :P].reshape(B * P, d)
+    du = torch.cat([(dpre @ conv_w[:, :, 1, 1]).view(B, P, d), gin], 1)
+    dw[:, :, 1, 1] += dpre.t() @ u[:, :P].reshape(B * P, d)
+    if has_bias:
+        db += dpre.sum(0)
+    return du, dw, db
+
+
+class _ConvpassFunction(torch.autograd.Function):
+    """The whole bypass as one eager node: the down launch (+ QuickGELU), the grid conv
+    (`conv_tokens`), the up launch (QuickGELU, dropout, scale, base); backward: the up-backward
+    launch, one convolution backward (+ the prefix rows' two small GEMMs), the down-backward
+    launch. Saves what `_DownFunction`, the conv and `_UpFunction` save apart (h, the fp32
+    pre-activation, the conv input u, the conv output c, the seed), with one Python node instead
+    of three plus the conv's views, slices and cat."""
+
+    @staticmethod
+    def forward(ctx, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, grid, num_prefix, scale, p, seed,
+                down_triton, up_triton):
+        u, a = (_down_fwd_launch if down_triton else _convpass_down_fwd_torch)(h, w_down, b_down)
+        c = conv_tokens(u, conv_w, conv_b, grid, num_prefix).contiguous()
+        out = (_up_fwd_launch if up_triton else _convpass_up_fwd_torch)(c, w_up, b_up, base, scale, p, seed)
+        ctx.save_for_backward(h, a, w_down, u, conv_w, c, w_up, seed)
+        ctx.args = (grid, num_prefix, scale, p, base is not None, conv_b is not None, down_triton, up_triton)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        h, a, w_down, u, conv_w, c, w_up, seed = ctx.saved_tensors
+        grid, num_prefix, scale, p, has_base, has_cb, down_triton, up_triton = ctx.args
+        need = ctx.needs_input_grad
+        g = grad_out.contiguous()
+        dc, dw_up, db_up = (_up_bwd_launch if up_triton else _convpass_up_bwd_torch)(g, c, w_up, scale, p, seed)
+        du, dconv_w, dconv_b = _conv_tokens_backward(dc, u, conv_w, grid, num_prefix, has_cb)
+        dh, dw_down, db_down = (_down_bwd_launch if down_triton else _convpass_down_bwd_torch)(du, h, a, w_down)
+        return (dh if need[0] else None, dw_down if need[1] else None, db_down if need[2] else None,
+                dconv_w if need[3] else None, dconv_b if need[4] else None, dw_up if need[5] else None,
+                db_up if need[6] else None, g if has_base and need[7] else None,
+                None, None, None, None, None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functional and reference
 # ----------------------------------------------------------------------------------------------
@@ -532,8 +601,27 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
-    # eager: one autograd.Function per op, checks once per call signature; compiling: the registered ops
+    # eager: one autograd.Function for the bypass, checks once per call signature; compiling: the
+    # registered ops
     compiling = torch.compiler.is_compiling()
+    if not compiling:
+        def validate():
+            _validate_down(h, w_down, b_down)
+            gh, gw = grid
+            if h.shape[1] != num_prefix + gh * gw:
+                raise ValueError(f"convpass: expected {num_prefix} prefix + {gh}x{gw} patch tokens = "
+                                 f"{num_prefix + gh * gw}, got h {describe(h)}")
+            check_tensor("convpass", "conv_w", conv_w, shape=(w_down.shape[0], w_down.shape[0], 3, 3), like=h)
+            if conv_b is not None:
+                check_tensor("convpass", "conv_b", conv_b, shape=(w_down.shape[0],), like=h)
+            _validate_up(h.new_empty((*h.shape[:-1], w_down.shape[0])), w_up, b_up, base, p, seed)
+
+        _CHECKED.check(False, validate, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base,
+                       seed if p > 0 else None, extra=("bypass", tuple(grid), num_prefix, p))
+        d = w_down.shape[0]
+        return _ConvpassFunction.apply(h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, tuple(grid),
+                                       num_prefix, float(scale), p, seed if p > 0 else None,
+                                       _triton_ok(h, d), _triton_ok(h, d))
     _CHECKED.check(compiling, lambda: _validate_down(h, w_down, b_down), h, w_down, b_down, extra=("down",))
     if compiling:
         u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
@@ -587,7 +675,7 @@ def aot_specs():
             c = CONFIGS["convpass_up_fwd"][(dp, dt.itemsize)]
             sig = {"C": P, "WU": P, "BU": P, "BASE": P, "SEED": "*i64", "OUT": P, "M": "i32", "D": "i32",
                    "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "has_bias": "i32",
-                   "has_base": "i32", "use_dropout": "i32"}
+                   "has_base": "i32", "use_dropout": "i32", "n_split": "i32"}
             specs.append(("convpass_up_fwd", _convpass_up_fwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_up_bwd"][(dp, dt.itemsize)]
@@ -596,7 +684,8 @@ def aot_specs():
             specs.append(("convpass_up_bwd", _convpass_up_bwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_down_bwd"][(dp, dt.itemsize)]
-            sig = {"GU": P, "A": "*fp32", "WD": P, "DA": P, "DX": P, "M": "i32", "D": "i32", "R": "i32"}
+            sig = {"GU": P, "A": "*fp32", "WD": P, "DA": P, "DX": P, "M": "i32", "D": "i32", "R": "i32",
+                   "n_split": "i32"}
             specs.append(("convpass_down_bwd", _convpass_down_bwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
     return with_tf32_variants(specs)

@@ -11,8 +11,8 @@ builds, differentiably and in plain torch, from its (tiny) parameters (spec shar
   lora_noah_qkv   §4.1  A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
   lora_petl_qkv   §4.2  A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
   fact_linear     §5    A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
-                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); TK cores come from
-                        FacTc/FacTp through `fastpeft.methods.fact.fact_cores` (official interleave)
+                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); the cores are passed
+                        in (TT: the *_FacTs weights; TK: built from FacTc/FacTp by the method)
   kadaptation_qkv §11   H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
                         (x Dn^T) Up with Dn[(i,al,be), a*m+k] = L_i[a,al] WL_i[k,be] and
                         Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 
-import types
 
 import torch
 
@@ -683,13 +682,6 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
 FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
-def fact_tk_cores(fact_c: torch.Tensor, fact_p: torch.Tensor, block: int) -> dict:
-    """FacT-TK cores of block `block` as matrices on column vectors (q, k, v, proj [r, r],
-    fc1 [4r, r], fc2 [r, 4r]) -- `fastpeft.methods.fact.fact_cores` (official interleave)."""
-    from fastpeft.methods.fact import fact_cores
-    return fact_cores(types.SimpleNamespace(FacTc=fact_c, FacTp=fact_p, blocks=[None] * (block + 1)), "tk", block)
-
-
 def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale: float):
     """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (spec §5.1); `core`: qkv: a
     [3r, r] tensor or a (M_q, M_k, M_v) sequence; proj [r, r]; fc1 [4r, r]; fc2 [r, 4r]."""
@@ -707,17 +699,164 @@ def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale
     return core @ torch.block_diag(u_w, u_w, u_w, u_w), bv  # fc2: U per D-chunk of the 4D input
 
 
+#: output chunks of FacT's delta on each layer: qkv's q/k/v, fc1's four D-wide chunks, each one
+#: s V [D, r] applied to its own r-wide slice of the rank vector
+_FACT_CHUNKS = {"qkv": 3, "proj": 1, "fc1": 4, "fc2": 1}
+
+
+def _fact_down(layer: str, u_w: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """A [R, D_in] = core @ U (qkv, proj, fc1) or core @ blockdiag(U x4) (fc2), in the parameters'
+    dtype; fc2's as one GEMM: A[:, jD:(j+1)D] = core[:, jr:(j+1)r] @ U."""
+    if layer != "fc2":
+        return core @ u_w
+    r = core.shape[0]
+    return (core.reshape(4 * r, r) @ u_w).view(r, 4 * u_w.shape[1])
+
+
+class _FacTFunction(torch.autograd.Function):
+    """out = x W^T + bias + s * blockdiag(V x k) drop(A x), A = `_fact_down(core, U)`, as one node
+    over addmm chains: no block-diagonal matrix is formed, the k chunks of the rank vector are
+    rows of one [M k, r] view (`out.view(M k, D).addmm_(u.view(M k, r), V^T, alpha=s)`); Triton
+    only for the rank-R projection whose dropout mask is regenerated (forward u, backward dz),
+    with the same mask numbering ([M, k r] offsets) as `lowrank_linear`. Saves x, u [M, R] and A
+    [R, D_in] (the parameters' small product). Gradients for x, bias, U, V and the core(s)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u_w, v_w, layer, scale, p, seed, triton_path, *cores):
+        core = cores[0] if len(cores) == 1 else torch.cat(cores, 0)
+        dt = x.dtype
+        k = _FACT_CHUNKS[layer]
+        r = u_w.shape[0]
+        x2 = rows_of(x)
+        m = x2.shape[0]
+        a = _fact_down(layer, u_w, core)
+        if a.dtype != dt:
+            a = a.to(dt)
+        big_r = a.shape[0]
+        if p > 0.0 and triton_path:
+            u, _ = launch_down(x2, a, a.shape[1], 1, big_r, p=p, seed=seed, out_drop=True)
+        elif p > 0.0:
+            u = ((x2.float() @ a.float().t()) * _keep_torch(seed, m, big_r, p)).to(dt)
+        else:
+            u = torch.mm(x2, a.t())
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        n = weight.shape[0]
+        out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == dt else v_w.to(dt)).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, u_w, v_w, core, a, u, seed)
+        ctx.args = (layer, scale, p, triton_path, len(cores))
+        return out.view(*x.shape[:-1], n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, u_w, v_w, core, a, u, seed = ctx.saved_tensors
+        layer, scale, p, triton_path, n_cores = ctx.args
+        need = ctx.needs_input_grad
+        dt = x.dtype
+        k = _FACT_CHUNKS[layer]
+        r = u_w.shape[0]
+        x2 = rows_of(x)
+        g2 = rows_of(grad_out.contiguous())
+        m = g2.shape[0]
+        gk = g2.view(m * k, g2.shape[1] // k)
+        v_dt = v_w.to(dt)
+        if p > 0.0 and triton_path:  # dz = drop'(s g_chunk V): V read as P(c, d) = V[d, c]
+            v_c = v_dt.contiguous()
+            dz, _ = launch_down(gk, v_c, 1, r, r, p=p, seed=seed, out_drop=True, scale=scale)
+        else:
+            dz = torch.mm(gk, v_dt)
+            if p > 0.0:
+                dz = (dz.float() * _keep_torch(seed, m, k * r, p).view(m * k, r) * scale).to(dt)
+            elif scale != 1.0:
+                dz.mul_(scale)
+        dz = dz.view(m, k * r)
+        dx = dbias = du = dv = None
+        if need[0]:
+            dx = torch.mm(g2, weight)
+            dx.addmm_(dz, a)
+            dx = dx.view(x.shape)
+        if need[2]:
+            dbias = g2.sum(0)
+        if need[4]:
+            dv = torch.mm(gk.t(), u.view(m * k, r))
+            if scale != 1.0:
+                dv.mul_(scale)
+            dv = dv.to(v_w.dtype)
+        dcores = [None] * n_cores
+        if need[3] or any(need[10:]):
+            da = torch.mm(dz.t(), x2).to(u_w.dtype)  # [R, D_in]
+            if layer == "fc2":  # A = core2 @ U per chunk (core2 = core viewed [4r, r])
+                c2 = core.reshape(4 * r, r)
+                da2 = da.view(r, 4, u_w.shape[1]).reshape(4 * r, u_w.shape[1])
+                if need[3]:
+                    du = c2.t() @ da2
+                dcore = (da2 @ u_w.t()).view(r, 4 * r)
+            else:
+                if need[3]:
+                    du = core.t() @ da
+                dcore = da @ u_w.t()
+            dcores = list(dcore.split(r, 0)) if n_cores > 1 else [dcore]
+        return (dx, None, dbias, du, dv, None, None, None, None, None, *dcores)
+
+
+def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    # (the factors keep their own dtype, cast to x's inside; one dtype and x's device for all)
+    check_tensor(op, "fact_u", fact_u, dim=2, like=x, dtype=fact_u.dtype if isinstance(fact_u, torch.Tensor) else None)
+    check_tensor(op, "fact_v", fact_v, dim=2, like=x, dtype=fact_u.dtype)
+    r, d = fact_u.shape
+    k = _FACT_CHUNKS[layer]
+    d_in = 4 * d if layer == "fc2" else d
+    if fact_v.shape != (d, r) or r == 0:
+        raise ValueError(f"{op}: fact_u must be [r, D] and fact_v [D, r] with r >= 1, got fact_u "
+                         f"{describe(fact_u)}, fact_v {describe(fact_v)}")
+    want = {"qkv": (r, r), "proj": (r, r), "fc1": (4 * r, r), "fc2": (r, 4 * r)}[layer]
+    if layer == "qkv" and len(cores) == 1:
+        want = (3 * r, r)
+    for i, c in enumerate(cores):
+        check_tensor(op, f"core[{i}]", c, shape=want, like=x, dtype=fact_u.dtype)
+    if x.shape[-1] != d_in:
+        raise ValueError(f"{op}({layer}): x must be [..., {d_in}] for FacT on {layer} with D = {d}, got x {describe(x)}")
+    check_tensor(op, "weight", weight, shape=(k * d if layer != "fc2" else d, d_in), like=x)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), like=x)
+    check_dropout(op, p, seed, x, "x")
+
+
 def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
                 dropout_p: float = 0.1, training: bool = False, seed=None):
     """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (spec §5): out = x W^T + b + s V dp(M U x)
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
-    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fact_tk_cores(FacTc, FacTp, i)[layer...]`).
-    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r])."""
-    a, b = fact_effective(layer, fact_u, fact_v, core, scale)
-    if a.shape[1] != x.shape[-1] or b.shape[0] != weight.shape[0]:
-        raise ValueError(f"fact_linear({layer}): the delta maps {a.shape[1]} -> {b.shape[0]} features but x is "
-                         f"{describe(x)} and weight {describe(weight)}")
-    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
+    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fastpeft.methods.fact.fact_tk_cores(FacTc, FacTp, i)`).
+    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r]).
+
+    Eager calls run one autograd.Function (`_FacTFunction`: addmm chains, no block-diagonal
+    matrices; checks once per call signature); under torch.compile the registered
+    `fastpeft::lowrank_linear` op with the effective matrices of `fact_effective`."""
+    op = "fact_linear"
+    if layer not in FACT_LAYERS:
+        raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
+    if torch.compiler.is_compiling():
+        a, b = fact_effective(layer, fact_u, fact_v, core, scale)
+        return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training,
+                              seed=seed)
+    if not isinstance(x, torch.Tensor):
+        check_tensor(op, "x", x)  # TypeError
+    _check_frozen(op, weight)
+    _check_scale(op, scale)
+    cores = tuple(core) if not isinstance(core, torch.Tensor) else (core,)
+    dt = x.dtype
+    weight, bias = _cast(weight, dt), _cast(bias, dt)
+    p = float(dropout_p) if training else 0.0
+    seed = _seed(p, seed, x)
+    _CHECKED.check(False, lambda: _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed),
+                   x, weight, bias, fact_u, fact_v, seed, *cores, extra=(op, layer, p))
+    k = _FACT_CHUNKS[layer]
+    big_r = fact_u.shape[0] * (k if layer != "fc2" else 1)
+    return _FacTFunction.apply(x, weight, bias, fact_u, fact_v, layer, float(scale), p, seed,
+                               use_triton(x) and big_r <= MAX_RANK, *cores)
 
 
 def kron_factors(rule_left, rule_right, w_left, w_right):

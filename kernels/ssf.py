@@ -16,8 +16,11 @@ Layers:
   ssf / ssf_gelu / layernorm_ssf                           functionals
   ssf_ref / ssf_gelu_ref / layernorm_ssf_ref               plain-torch references
 
-Column reductions (grads of γ, β, a, c) are deterministic: each program accumulates fp32
-partials for its rows in registers and writes them to an [S, D] buffer the launcher sums.
+Column reductions (grads of γ, β, a, c) are deterministic and finished in the backward launch
+itself: each of S row-split programs accumulates fp32 partials for its rows in registers and
+writes them to a cached [2, S, D] scratch (`_common.split_workspace`); the program that arrives
+last at its column block's counter (`_common.last_split`) sums the S partials in split order and
+writes the gradients. One launch per op in forward and one in backward.
 For LayerNorm + SSF only two column sums are needed: S1 = Σ g·x̂ and S0 = Σ g, then
 dγ = a·S1 + c·S0, dβ = S0, da = γ·S1, dc = γ·S0.
 (`fastpeft::scale_shift` is the C++ extension's op; this file's Triton one is `ssf_triton`.)
@@ -28,7 +31,7 @@ import torch
 
 from ._common import tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, next_pow2,
-                      flat, row_splits, rows_of, use_triton)
+                      flat, last_split, row_splits, rows_of, split_sums, split_workspace, use_triton)
 from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
@@ -111,7 +114,10 @@ def _ssf_bwd_kernel(
     SCALE,  # [D] γ
     SHIFT,  # [D] β (read when act == 1)
     DX,     # [M, D] out: grad of x
-    PS,     # [2, S, D] fp32 out: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
+    PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
+    LOCK,   # [>= cdiv(D, BLOCK_N)] int32 arrival counters, zero (left zero)
+    DSC,    # [D] out (x dtype): grad of γ = Σ dt * x
+    DSH,    # [D] out (x dtype): grad of β = Σ dt
     M, D, S, act,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -136,6 +142,11 @@ def _ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid_s).to(tl.int64) * D + cols, acc0, mask=cmask)
+    if last_split(LOCK, pid_n, S):  # the last split of this column block finishes the sums
+        s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_N)
+        tl.store(DSC + cols, s1.to(DSC.dtype.element_ty), mask=cmask)
+        tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
+        tl.atomic_xchg(LOCK + pid_n, 0)
 
 
 @triton.jit(do_not_specialize=["eps", "has_w", "has_b"])
@@ -174,17 +185,23 @@ def _layernorm_ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "has_w"])
+@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln"])
 def _layernorm_ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
     LNW,    # [D] a (read when has_w)
+    LNB,    # [D] c (read when has_b)
     SCALE,  # [D] γ
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
-    PS,     # [2, S, D] fp32 out: partial Σ g x̂, then partial Σ g
-    M, D, S, has_w,
+    PS,     # [2, S, D] fp32 scratch: partial Σ g x̂, then partial Σ g
+    LOCK,   # [>= 1] int32 arrival counter, zero (left zero)
+    DW,     # [D] out (x dtype): d_ln_weight = γ S1 (written when want_ln)
+    DB,     # [D] out (x dtype): d_ln_bias = γ S0 (written when want_ln)
+    DSC,    # [D] out (x dtype): dγ = a S1 + c S0
+    DSH,    # [D] out (x dtype): dβ = S0
+    M, D, S, has_w, has_b, want_ln,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -214,58 +231,20 @@ def _layernorm_ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid).to(tl.int64) * D + cols, acc0, mask=cmask)
-
-
-@triton.jit(do_not_specialize=["S", "D", "ln", "has_w", "has_b"])
-def _colsum_finish_kernel(
-    PS,            # [2, S, D] fp32 partial column sums S1, S0 (one row per row-split program)
-    LNW, LNB, SC,  # [D] LayerNorm weight (has_w) / bias (has_b), SSF scale: read when ln
-    OUT,           # [2 | 4, D] out (x dtype): ssf: dscale = S1, dshift = S0; ln: d_ln_weight = γ S1,
-                   # d_ln_bias = γ S0, dscale = a S1 + c S0, dshift = S0
-    S, D, ln, has_w, has_b,
-    BLOCK: tl.constexpr,
-):
-    """The row-split partials summed in a fixed order (deterministic) and finished, one launch."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = cols < D
-    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-    s0 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, S):
-        s1 += tl.load(PS + i * D + cols, mask=m, other=0.0)
-        s0 += tl.load(PS + (S + i) * D + cols, mask=m, other=0.0)
-    O1 = OUT
-    O0 = OUT + D
-    O2 = OUT + 2 * D
-    O3 = OUT + 3 * D
-    if ln:
-        gam = tl.load(SC + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(O1 + cols, (gam * s1).to(O1.dtype.element_ty), mask=m)
-        tl.store(O0 + cols, (gam * s0).to(O0.dtype.element_ty), mask=m)
+    if last_split(LOCK, 0, S):  # the last split finishes the column sums
+        s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_D)
+        gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        if want_ln:
+            tl.store(DW + cols, (gam * s1).to(DW.dtype.element_ty), mask=cmask)
+            tl.store(DB + cols, (gam * s0).to(DB.dtype.element_ty), mask=cmask)
         ds = s1
         if has_w:
-            ds = tl.load(LNW + cols, mask=m, other=0.0).to(tl.float32) * s1
+            ds = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32) * s1
         if has_b:
-            ds += tl.load(LNB + cols, mask=m, other=0.0).to(tl.float32) * s0
-        tl.store(O2 + cols, ds.to(O2.dtype.element_ty), mask=m)
-        tl.store(O3 + cols, s0.to(O3.dtype.element_ty), mask=m)
-    else:
-        tl.store(O1 + cols, s1.to(O1.dtype.element_ty), mask=m)
-        tl.store(O0 + cols, s0.to(O0.dtype.element_ty), mask=m)
-
-
-FINISH_BLOCK = 256
-
-
-def _finish(ps, d, dt, dev, ln_weight=None, ln_bias=None, scale=None):
-    """The [2 | 4] column-sum gradients from the partials `ps` [2, S, D]: one launch, one buffer."""
-    out = torch.empty((4 if scale is not None else 2, d), dtype=dt, device=dev)
-    sc = scale.contiguous() if scale is not None else out
-    _colsum_finish_kernel[(cdiv(d, FINISH_BLOCK),)](
-        ps, ln_weight.contiguous() if ln_weight is not None else sc,
-        ln_bias.contiguous() if ln_bias is not None else sc, sc, out,
-        ps.shape[1], d, int(scale is not None), int(ln_weight is not None), int(ln_bias is not None),
-        BLOCK=FINISH_BLOCK, num_warps=4)
-    return out.unbind(0)
+            ds += tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32) * s0
+        tl.store(DSC + cols, ds.to(DSC.dtype.element_ty), mask=cmask)
+        tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
+        tl.atomic_xchg(LOCK, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,26 +321,26 @@ def ssf_bwd(grad_out, x, scale, shift, act: int):
     _validate_ssf("ssf_backward", x, scale, shift)
     if grad_out.numel() != x.numel() or grad_out.shape[-1:] != x.shape[-1:] or grad_out.dtype != x.dtype:
         raise ValueError(f"ssf_backward: grad_out {describe(grad_out)} does not match x {describe(x)}")
-    dx, dscale, dshift = _ssf_bwd_launch(grad_out, x, scale, shift, act)
-    return dx, dscale.clone(), dshift.clone()  # (a custom op's outputs may not alias each other)
+    return _ssf_bwd_launch(grad_out, x, scale, shift, act)
 
 
 def _ssf_bwd_launch(grad_out, x, scale, shift, act: int):
     x2, g2 = flat(x), flat(grad_out)
     d = x.shape[-1]
     m = x.numel() // d
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dt, dev = x.dtype, x.device
+    dx = torch.empty(x.shape, dtype=dt, device=dev)
+    dscale = torch.empty(d, dtype=dt, device=dev)
+    dshift = torch.empty(d, dtype=dt, device=dev)
     if m == 0:
-        z = torch.zeros(d, dtype=x.dtype, device=x.device)
-        return dx, z, z.clone()
+        return dx, dscale.zero_(), dshift.zero_()
     c = CONFIGS["ssf_bwd"][0]
     ncol = cdiv(d, c.BLOCK_N)
-    s = row_splits(m, c.BLOCK_M, ncol, x.device)
-    ps = torch.empty((2, s, d), dtype=torch.float32, device=x.device)
+    s = row_splits(m, c.BLOCK_M, ncol, dev)
+    ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps, m, d, s, act,
+        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
-    dscale, dshift = _finish(ps, d, x.dtype, x.device)
     return dx, dscale, dshift
 
 
@@ -399,11 +378,11 @@ def layernorm_ssf_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
             or mean.shape != (m,) or rstd.shape != (m,)):
         raise ValueError(f"layernorm_ssf_backward: grad_out {describe(grad_out)}, mean {describe(mean)}, "
                          f"rstd {describe(rstd)} do not match x {describe(x)}")
-    dx, *dp = _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
-    return (dx, *(t.clone() for t in dp))  # (a custom op's outputs may not alias each other)
+    return _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
 
 
-def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
+def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: bool = True):
+    """(dx, d_ln_weight, d_ln_bias, dscale, dshift); the LayerNorm grads are None unless `want_ln`."""
     x2, g2 = flat(x), flat(grad_out)
     d = x.shape[-1]
     m = x.numel() // d
@@ -413,16 +392,21 @@ def _ln_bwd_launch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     c = CONFIGS["layernorm_ssf_bwd"][bd]
     if m == 0:
         z = torch.zeros(d, dtype=torch.float32, device=dev)
-        return _ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
+        dx, dw, db, dscale, dshift = _ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
+        return (dx, dw, db, dscale, dshift) if want_ln else (dx, None, None, dscale, dshift)
     s = row_splits(m, c.BLOCK_M, 1, dev)
-    # every program writes its whole row of partials: no zero fill
-    ps = torch.empty((2, s, d), dtype=torch.float32, device=dev)
+    ps, lock = split_workspace(dev, 2 * s * d, 1)
+    dscale = torch.empty(d, dtype=dt, device=dev)
+    dshift = torch.empty(d, dtype=dt, device=dev)
+    dw = torch.empty(d, dtype=dt, device=dev) if want_ln else None
+    db = torch.empty(d, dtype=dt, device=dev) if want_ln else None
     sc = scale.contiguous()
     _layernorm_ssf_bwd_kernel[(s,)](
-        g2, x2, ln_weight.contiguous() if ln_weight is not None else sc, sc, mean, rstd, dx,
-        ps, m, d, s, int(ln_weight is not None),
+        g2, x2, ln_weight.contiguous() if ln_weight is not None else sc,
+        ln_bias.contiguous() if ln_bias is not None else sc, sc, mean, rstd, dx, ps, lock,
+        dw if want_ln else dscale, db if want_ln else dscale, dscale, dshift,
+        m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln),
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
-    dw, db, dscale, dshift = _finish(ps, d, dt, dev, ln_weight, ln_bias, scale)
     return dx, dw, db, dscale, dshift
 
 
@@ -650,9 +634,13 @@ class _LayerNormSSFFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, ln_weight, ln_bias, scale, mean, rstd = ctx.saved_tensors
-        fn = _ln_bwd_launch if ctx.triton_path else _layernorm_ssf_bwd_torch
-        dx, dw, db, dscale, dshift = fn(grad_out.contiguous(), x, ln_weight, ln_bias, scale, mean, rstd)
         n = ctx.needs_input_grad
+        if ctx.triton_path:
+            dx, dw, db, dscale, dshift = _ln_bwd_launch(grad_out.contiguous(), x, ln_weight, ln_bias, scale, mean,
+                                                        rstd, n[1] or n[2])
+        else:
+            dx, dw, db, dscale, dshift = _layernorm_ssf_bwd_torch(grad_out.contiguous(), x, ln_weight, ln_bias,
+                                                                  scale, mean, rstd)
         return (dx if n[0] else None, dw if n[1] and ln_weight is not None else None,
                 db if n[2] and ln_bias is not None else None, dscale if n[3] else None,
                 dshift if n[4] else None, None, None)
@@ -672,7 +660,8 @@ def _cast(t, dtype):
 
 
 def _ssf_call(op, x, scale, shift, act):
-    check_tensor(op, "x", x)
+    if not isinstance(x, torch.Tensor):
+        check_tensor(op, "x", x)  # TypeError
     scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate_ssf(op, x, scale, shift), x, scale, shift, extra=(op,))
@@ -696,7 +685,8 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
                   scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = LayerNorm(x; ln_weight, ln_bias, eps) * scale + shift over the last dim (C <= 8192).
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
-    check_tensor("layernorm_ssf", "x", x)
+    if not isinstance(x, torch.Tensor):
+        check_tensor("layernorm_ssf", "x", x)  # TypeError
     ln_weight, ln_bias, scale, shift = (_cast(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
     eps = float(eps)
     compiling = torch.compiler.is_compiling()
@@ -721,8 +711,8 @@ def aot_specs():
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         c = CONFIGS["ssf_bwd"][0]
         specs.append(("ssf_bwd", _ssf_bwd_kernel,
-                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32",
-                       "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
+                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32", "LOCK": "*i32",
+                       "DSC": P, "DSH": P, "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
                       dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
         for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
             specs.append(("layernorm_ssf_fwd", _layernorm_ssf_fwd_kernel,
@@ -731,11 +721,8 @@ def aot_specs():
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
         for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
             specs.append(("layernorm_ssf_bwd", _layernorm_ssf_bwd_kernel,
-                          {"G": P, "X": P, "LNW": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": P,
-                           "PS": "*fp32", "M": "i32", "D": "i32", "S": "i32", "has_w": "i32"},
+                          {"G": P, "X": P, "LNW": P, "LNB": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32",
+                           "DX": P, "PS": "*fp32", "LOCK": "*i32", "DW": P, "DB": P, "DSC": P, "DSH": P,
+                           "M": "i32", "D": "i32", "S": "i32", "has_w": "i32", "has_b": "i32", "want_ln": "i32"},
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
-        specs.append(("colsum_finish", _colsum_finish_kernel,
-                      {"PS": "*fp32", "LNW": P, "LNB": P, "SC": P, "OUT": P,
-                       "S": "i32", "D": "i32", "ln": "i32", "has_w": "i32", "has_b": "i32"},
-                      dict(BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), str(dt)))
     return specs

@@ -56,15 +56,17 @@ def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **k
     state touched, so torch.compile traces straight through); only the explicit cross-overs
     (Triton interpreter on CPU tensors, torch math on CUDA tensors) switch the kernels' backend.
     """
-    from ..kernels import _common
-
     if backend == "triton" and device_type != "cuda":
         want = "triton"
     elif backend in ("torch", "cpp") and device_type == "cuda":
         want = "torch"
     else:
         return fn(*args, **kwargs)
-    with _common.backend(want):
+    from ..kernels import _common as _kcommon  # (lazy: importing triton waits for a kernel call)
+
+    if _kcommon.get_backend() == want:  # already in force (e.g. a whole step run under it)
+        return fn(*args, **kwargs)
+    with _kcommon.backend(want):
         return fn(*args, **kwargs)
 
 

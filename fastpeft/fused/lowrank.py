@@ -39,21 +39,31 @@ def _petl(layer, hook: PetlLoRAHook, x):
                             dropout_p=drop.p, training=drop.training)
 
 
+def _fact_modules(hook: _FacTHook) -> tuple:
+    """(FacTu, FacTv, the TT core Linears (empty for TK), the dropout) of a FacT hook: the
+    submodules it reads, looked up once and kept on the hook (their parameters are read on every
+    call, so parameters replaced or unfrozen later are seen)."""
+    mods = hook.__dict__.get("_fused_modules")
+    if mods is None:
+        blk, root = hook.block, hook.root
+        owner = blk.mlp if hook.layer in ("fc1", "fc2") else blk.attn
+        names = ("q", "k", "v") if hook.layer == "qkv" else (hook.layer,)
+        cores = tuple(getattr(owner, f"{n}_FacTs") for n in names) if hook.kind == "tt" else ()
+        mods = hook.__dict__["_fused_modules"] = (root.FacTu, root.FacTv, cores, owner.dp)
+    return mods
+
+
 def _fact(layer, hook: _FacTHook, x):
     from ..kernels import lowrank as kl
 
-    blk, root = hook.block, hook.root
-    owner = blk.mlp if hook.layer in ("fc1", "fc2") else blk.attn
-    if hook.kind == "tt":
-        if hook.layer == "qkv":
-            core = (blk.attn.q_FacTs.weight, blk.attn.k_FacTs.weight, blk.attn.v_FacTs.weight)
-        else:
-            core = getattr(owner, f"{hook.layer}_FacTs").weight
+    fact_u, fact_v, core_mods, dp = _fact_modules(hook)
+    if core_mods:
+        core = tuple(m.weight for m in core_mods) if len(core_mods) > 1 else core_mods[0].weight
     else:
-        c = fact_cores(root, "tk", hook.i)
+        c = fact_cores(hook.root, "tk", hook.i)
         core = (c["q"], c["k"], c["v"]) if hook.layer == "qkv" else c[hook.layer]
-    return kl.fact_linear(x, layer.weight, layer.bias, root.FacTu.weight, root.FacTv.weight, core,
-                          layer=hook.layer, scale=hook.scale, dropout_p=owner.dp.p, training=owner.dp.training)
+    return kl.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
+                          layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training)
 
 
 def _kadapt(layer, hook: _KAdaptHook, x):

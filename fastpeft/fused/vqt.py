@@ -64,8 +64,8 @@ def _attention_impls(impl: str):
     plain-torch references (same saving scheme, for backend='torch')."""
     from ..ops import vqt as ops
 
-    if impl == "ops":
-        return torch.ops.fastpeft.vqt_query_attention, torch.ops.fastpeft.vqt_query_attention_backward
+    if impl == "ops":  # the kernels below the Autograd key (this Function is the autograd)
+        return ops.attention_forward, ops.attention_backward
     return ops.vqt_query_attention_ref, ops.vqt_query_attention_backward_ref
 
 
@@ -118,20 +118,21 @@ class _QueryAttention(torch.autograd.Function):
             qf, gf = q.to(f32), grad_out.to(f32)
             w_k = weight[A:2 * A].view(H, d, D).to(f32)
             w_v = weight[2 * A:].view(H, d, D).to(f32)
-            q_abs = torch.einsum("bhqj,hjc->bhqc", qf, w_k).reshape(B, 1, H * Q, D)
-            g_abs = torch.einsum("bhqj,hjc->bhqc", gf, w_v).reshape(B, 1, H * Q, D)
+            # (batched matmuls over the heads: [B, H, Q, d] @ [H, d, D] -> [B, H, Q, D])
+            q_abs = torch.matmul(qf, w_k).reshape(B, 1, H * Q, D)
+            g_abs = torch.matmul(gf, w_v).reshape(B, 1, H * Q, D)
             if bias is not None:
                 # Constant shifts of every logit / dp of a row: they cancel in p and ds, but lse
                 # and delta were computed with them.
-                b_k = bias[A:2 * A].view(H, d).to(f32)
-                b_v = bias[2 * A:].view(H, d).to(f32)
-                lse = lse - scale * torch.einsum("bhqj,hj->bhq", qf, b_k)
-                delta = delta - torch.einsum("bhqj,hj->bhq", gf, b_v)
+                b_k = bias[A:2 * A].view(H, d, 1).to(f32)
+                b_v = bias[2 * A:].view(H, d, 1).to(f32)
+                lse = lse - scale * torch.matmul(qf, b_k).squeeze(-1)
+                delta = delta - torch.matmul(gf, b_v).squeeze(-1)
             hf = h.to(f32).unsqueeze(1)  # [B, 1, N, D]: one "head" shared by all H*Q rows
             dq_abs = backward(g_abs, q_abs, hf, hf, lse.reshape(B, 1, H * Q).contiguous(),
                               delta.reshape(B, 1, H * Q).contiguous(), scale)
             # dq = W_k dq_abs (the b_k term is scale * sum_n ds_n * b_k = 0).
-            grad_q = torch.einsum("bhqc,hjc->bhqj", dq_abs.view(B, H, Q, D), w_k).to(q.dtype)
+            grad_q = torch.matmul(dq_abs.view(B, H, Q, D), w_k.transpose(1, 2)).to(q.dtype)
         else:
             dt = q.dtype
             kv = F.linear(h.to(dt), weight[A:].to(dt), None if bias is None else bias[A:].to(dt)).view(B, N, 2, H, d)
@@ -151,12 +152,12 @@ class _CaptureQKV:
         self.h, self.qkv = args[0], out
 
 
-def _needs_reference(block: nn.Module, x: torch.Tensor) -> bool:
+def _needs_reference(block: nn.Module, x: torch.Tensor, params: tuple) -> bool:
     # The fused path assumes a frozen block on a constant input (always the case after inject):
     # anything else needs the backbone's backward, which only the reference computes.
     if not torch.is_grad_enabled():
         return False
-    return x.requires_grad or any(p.requires_grad for p in block.parameters())
+    return x.requires_grad or any(p.requires_grad for p in params)
 
 
 class FusedVQTBlock(SlotFn):
@@ -168,13 +169,20 @@ class FusedVQTBlock(SlotFn):
         self.ref = ref
         self.impl = impl
         self.key = ref.key
+        self._params: tuple | None = None  # (block, its parameters): see __call__
         #: set by `FusedVQTForward` around `model(x)` on the last block: the class-row pass (only
         #: the class token's row of the original tokens, the only one VQT's head reads)
         self.class_row = False
 
     def __call__(self, block: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         ref = self.ref
-        if attn_mask is not None or is_causal or _needs_reference(block, x):
+        params = self._params
+        if params is None or params[0] is not block:
+            # the block's parameter objects, collected once (`block.parameters()` walks every
+            # submodule); their requires_grad is read on every call, so unfreezing them after
+            # patch is seen (a parameter object swapped in later is not: patch again)
+            params = self._params = (block, tuple(block.parameters()))
+        if attn_mask is not None or is_causal or _needs_reference(block, x, params[1]):
             return ref(block, x, attn_mask, is_causal)
         if ref.layer == 0:
             ref.outputs.items = []

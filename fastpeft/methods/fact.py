@@ -40,7 +40,7 @@ from torch import nn
 
 from .base import Builder, Method, OutputHook, ViTInfo, check_positive_int, check_prob
 
-__all__ = ["FacT", "fact_cores"]
+__all__ = ["FacT", "fact_cores", "fact_tk_cores"]
 
 
 def fact_cores(model: nn.Module, kind: str, i: int) -> dict[str, torch.Tensor]:
@@ -54,9 +54,14 @@ def fact_cores(model: nn.Module, kind: str, i: int) -> dict[str, torch.Tensor]:
         a, m = blk.attn, blk.mlp
         return {"q": a.q_FacTs.weight, "k": a.k_FacTs.weight, "v": a.v_FacTs.weight,
                 "proj": a.proj_FacTs.weight, "fc1": m.fc1_FacTs.weight, "fc2": m.fc2_FacTs.weight}
-    r = model.FacTc.shape[0]
-    c4 = model.FacTc @ model.FacTp[:, 12 * i:12 * i + 4]  # [r, r, 4]
-    c8 = model.FacTc @ model.FacTp[:, 12 * i + 4:12 * i + 12]  # [r, r, 8]
+    return fact_tk_cores(model.FacTc, model.FacTp, i)
+
+
+def fact_tk_cores(fact_c: torch.Tensor, fact_p: torch.Tensor, i: int) -> dict[str, torch.Tensor]:
+    """FacT-TK's cores of block i (as `fact_cores`) from FacTc [r, r, r] and FacTp [r, 12 L]."""
+    r = fact_c.shape[0]
+    c4 = fact_c @ fact_p[:, 12 * i:12 * i + 4]  # [r, r, 4]
+    c8 = fact_c @ fact_p[:, 12 * i + 4:12 * i + 12]  # [r, r, 8]
     f1 = c8[:, :, :4].reshape(r, 4 * r)  # official reshape (column b*4 + m)
     f2 = c8[:, :, 4:].reshape(r, 4 * r)
     return {"q": c4[:, :, 0].t(), "k": c4[:, :, 1].t(), "v": c4[:, :, 2].t(), "proj": c4[:, :, 3].t(),

@@ -8,8 +8,12 @@ Layers, each doing one job:
         the custom ops: C++ (csrc/cpu/vqt.cpp) / CUDA (csrc/cuda/vqt.cu) kernels from
         fastpeft._C, or the references registered here when the extension is unavailable;
         fake + autograd formulas are registered here in both cases
+  _AttentionFunction, _AggregateFunction
+        the eager path: one autograd.Function each over the same kernels (called below the
+        Autograd key), saving what the registered autograd saves
   vqt_query_attention, vqt_aggregate
-        public functionals: validate (ValueError before any kernel), call the op
+        public functionals: validate (ValueError before any kernel), then the autograd.Function
+        (eager) or the registered op (under torch.compile)
 
 vqt_query_attention(q, k, v, scale) -> (out, lse)
     q [B, H, Q, d] (Q query rows per head), k, v [B, H, N, d] (the N original tokens' keys and
@@ -185,10 +189,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
         raise RuntimeError("vqt_query_attention: keys/values are frozen; it gives gradients for q only")
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        # d lse / d logit_n = p_n: folds into ds_n = p_n (dp_n - (delta - grad_lse)).
-        delta = delta - grad_lse
+    delta = _attention_delta(grad_out, out, grad_lse)
     grad_q = torch.ops.fastpeft.vqt_query_attention_backward(grad_out, q, k, v, lse, delta, ctx.scale)
     return grad_q, None, None, None
 
@@ -214,6 +215,80 @@ def _aggregate_backward(ctx, grad_out, _grad_norms):
 
 
 torch.library.register_autograd(_AGG, _aggregate_backward, setup_context=_aggregate_setup)
+
+
+# --- eager path: the kernels without the registered autograd's dispatch ---------------------
+# Eager calls run these autograd.Functions (one Python node each, as the Triton ops do); the ops
+# themselves are called below the Autograd key (their CPU/CUDA kernels, or the references when the
+# extension is absent). torch.compile traces the registered ops with their fake + autograd
+# formulas above instead (`torch.compiler.is_compiling()`).
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def attention_forward(q, k, v, scale):
+    """(out, lse) of the query attention op on validated arguments, no autograd recorded."""
+    return _below_autograd(torch.ops.fastpeft.vqt_query_attention.default, q, k, v, scale)
+
+
+def attention_backward(grad_out, q, k, v, lse, delta, scale):
+    """grad_q of the query attention op (see the module docstring), no autograd recorded."""
+    return _below_autograd(torch.ops.fastpeft.vqt_query_attention_backward.default, grad_out, q, k, v, lse, delta,
+                           scale)
+
+
+def _attention_delta(grad_out, out, grad_lse):
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        # d lse / d logit_n = p_n: folds into ds_n = p_n (dp_n - (delta - grad_lse)).
+        delta = delta - grad_lse
+    return delta
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Eager `vqt_query_attention`: same kernels and saved tensors as the registered autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("vqt_query_attention: keys/values are frozen; it gives gradients for q only")
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_out = grad_out.contiguous()
+        grad_q = attention_backward(grad_out, q, k, v, lse, _attention_delta(grad_out, out, grad_lse), ctx.scale)
+        return grad_q, None, None, None
+
+
+class _AggregateFunction(torch.autograd.Function):
+    """Eager `vqt_aggregate`: same kernels and saved tensors (out, norms) as the registered autograd."""
+
+    @staticmethod
+    def forward(ctx, cls, queries, eps):
+        out, norms = _below_autograd(torch.ops.fastpeft.vqt_aggregate.default, cls, queries, eps)
+        ctx.mark_non_differentiable(norms)
+        ctx.save_for_backward(out, norms)
+        ctx.num_queries, ctx.eps = queries.shape[2], eps
+        return out, norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_norms):
+        out, norms = ctx.saved_tensors
+        grad_cls, grad_queries = _below_autograd(torch.ops.fastpeft.vqt_aggregate_backward.default,
+                                                 grad_out.contiguous(), out, norms, ctx.num_queries, ctx.eps)
+        need_cls, need_queries, _ = ctx.needs_input_grad
+        return (grad_cls if need_cls else None), (grad_queries if need_queries else None), None
 
 
 # --- public functionals --------------------------------------------------------------------
@@ -277,7 +352,9 @@ def vqt_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"vqt_query_attention: scale must be finite, got {scale}")
-    return torch.ops.fastpeft.vqt_query_attention(q, k, v, scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastpeft.vqt_query_attention(q, k, v, scale)
+    return _AttentionFunction.apply(q, k, v, scale)
 
 
 def _stack_queries(queries) -> torch.Tensor:
@@ -310,5 +387,8 @@ def vqt_aggregate(cls: torch.Tensor, queries: torch.Tensor | Sequence[torch.Tens
         raise ValueError(f"{op}: need at least one query per layer, got queries {tuple(queries.shape)}")
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
-    out, _norms = torch.ops.fastpeft.vqt_aggregate(cls, queries, float(eps))
+    if torch.compiler.is_compiling():
+        out, _norms = torch.ops.fastpeft.vqt_aggregate(cls, queries, float(eps))
+    else:
+        out, _norms = _AggregateFunction.apply(cls, queries, float(eps))
     return out

@@ -37,3 +37,21 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90(tmp_path):
         assert r["stack"] == 0 and (r["local"] or 0) == 0, r      # no register spills
         assert r["regs"] and r["regs"] <= 255, r
         assert r["shared"] <= {80: 166912, 90: 232448}[r["arch"]], r
+
+
+def test_bench_shape_launch_report_counts_programs_per_launch():
+    # recorded on meta tensors (no GPU, nothing launched): the row-tiled rank-r kernels split
+    # their output width so the ViT-B/16 batch-8 grid fills one wave of 132 SMs
+    from fastpeft.kernels import _common, aot
+
+    backend_before = _common.get_backend()
+    launches = aot.bench_launches()
+    assert _common.get_backend() == backend_before and _common.interpreting() == _common._INTERPRETING
+    by = {}
+    for ln in launches:
+        by.setdefault(ln["kernel"], []).append(ln)
+        assert ln["programs"] == __import__("math").prod(ln["grid"]) and ln["fills_wave"] == (ln["programs"] >= 132)
+    for k in ("_adapter_fwd_kernel", "_adapter_bwd_kernel", "_ssf_fwd_kernel", "_ssf_bwd_kernel",
+              "_layernorm_ssf_fwd_kernel", "_layernorm_ssf_bwd_kernel", "_convpass_up_fwd_kernel",
+              "_convpass_down_bwd_kernel"):
+        assert by.get(k) and all(ln["fills_wave"] for ln in by[k]), (k, by.get(k))

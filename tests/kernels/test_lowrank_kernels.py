@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import fastpeft.kernels.lowrank as L  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from fastpeft.kernels.adapter import dropout_keep_mask  # noqa: E402
+from fastpeft.methods.fact import fact_tk_cores  # noqa: E402
 from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
 pytestmark = interpreter_only
@@ -345,7 +346,7 @@ def test_fact(kind, layer, rows, dtype):
 
     def tk(fn):
         def call(x, weight, bias, fact_u, fact_v, fact_c, fact_p, layer, seed):
-            c = L.fact_tk_cores(fact_c, fact_p, 1)
+            c = fact_tk_cores(fact_c, fact_p, 1)
             core = [c["q"], c["k"], c["v"]] if layer == "qkv" else c[layer]
             return fn(x, weight, bias, fact_u, fact_v, core, layer, seed)
         return call
@@ -368,7 +369,7 @@ def test_fact_tk_fc1_official_interleave():
     t = (x @ U.t()) @ c8[:, :, :4].reshape(r, 4 * r)            # u -> u @ core, right-multiplied
     official = x @ W.t() + (t.reshape(rows, 4, r) @ V.t()).reshape(rows, 4 * D) * 3.0
     with backend("triton"):
-        got = L.fact_linear(x, W, None, U, V, L.fact_tk_cores(c, p, i)["fc1"], layer="fc1", scale=3.0)
+        got = L.fact_linear(x, W, None, U, V, fact_tk_cores(c, p, i)["fc1"], layer="fc1", scale=3.0)
     assert_close("fc1", got, official, TOL[torch.float32])
 
 

@@ -1,0 +1,88 @@
+"""kernels.lowrank.fact_linear's eager op (`_FacTFunction`: addmm chains over the chunks, no
+block-diagonal matrices) against `lowrank_linear` on the effective matrices of `fact_effective`
+(what torch.compile traces): same dropout masks, same values and gradients; what it saves; errors.
+
+Kernels run through the Triton interpreter on CPU (backend "triton"); the torch path too.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastpeft.kernels.lowrank as L  # noqa: E402
+from fastpeft.kernels import backend  # noqa: E402
+from tests.kernels.conftest import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
+
+TOL = dict(atol=2e-5, rtol=2e-4)
+D, R = 32, 4
+SHAPES = {"qkv": (D, 3 * D, (3 * R, R)), "proj": (D, D, (R, R)), "fc1": (D, 4 * D, (4 * R, R)),
+          "fc2": (4 * D, D, (R, 4 * R))}
+
+
+def _leaves(layer, rows, g):
+    din, dout, cshape = SHAPES[layer]
+    return {"x": torch.randn(2, rows, din, generator=g).requires_grad_(True),
+            "weight": torch.randn(dout, din, generator=g) / din ** 0.5,
+            "bias": (0.1 * torch.randn(dout, generator=g)).requires_grad_(True),
+            "u": (torch.randn(R, D, generator=g) / D ** 0.5).requires_grad_(True),
+            "v": (0.1 * torch.randn(D, R, generator=g)).requires_grad_(True),
+            "core": (0.5 * torch.randn(*cshape, generator=g)).requires_grad_(True)}
+
+
+def _run(fn, t, grad):
+    for v in t.values():
+        v.grad = None
+    out = fn(t)
+    out.backward(grad)
+    return out.detach(), {k: v.grad.clone() for k, v in t.items() if v.requires_grad}
+
+
+@pytest.mark.parametrize("which", ["triton", "torch"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("layer", sorted(SHAPES))
+def test_fact_op_matches_lowrank_on_effective_matrices(layer, p, which):
+    g = torch.Generator().manual_seed(3)
+    t = _leaves(layer, 37, g)
+    seed = torch.tensor([11], dtype=torch.int64)
+    grad = torch.randn(2, 37, SHAPES[layer][1], generator=g)
+    with backend(which):
+        got, got_g = _run(lambda t: L.fact_linear(t["x"], t["weight"], t["bias"], t["u"], t["v"], t["core"],
+                                                  layer=layer, scale=3.0, dropout_p=p, training=True, seed=seed),
+                          t, grad)
+        want, want_g = _run(lambda t: L.lowrank_linear(
+            t["x"], t["weight"], t["bias"], *L.fact_effective(layer, t["u"], t["v"], t["core"], 3.0),
+            dropout_p=p, training=True, seed=seed), t, grad)
+    assert_close("out", got, want, TOL)
+    for k in want_g:
+        assert_close(f"grad {k}", got_g[k], want_g[k], TOL)
+
+
+def test_fact_op_saves_x_u_and_the_small_down_matrix_only():
+    g = torch.Generator().manual_seed(0)
+    t = _leaves("fc1", 7, g)
+    saved = []
+    with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        L.fact_linear(t["x"], t["weight"], t["bias"], t["u"], t["v"], t["core"], layer="fc1", scale=2.0,
+                      dropout_p=0.1, training=True, seed=torch.tensor([1]))
+    params = {t[k].data_ptr() for k in ("weight", "u", "v", "core", "x")}
+    shapes = sorted(tuple(s.shape) for s in saved if s.data_ptr() not in params and s.numel() > 1)
+    assert shapes == sorted([(14, 4 * R), (4 * R, D)]), shapes  # u [M, 4r] and A [4r, D]; no [4D, 4r] block matrix
+
+
+def test_fact_op_errors():
+    g = torch.Generator().manual_seed(0)
+    t = _leaves("qkv", 3, g)
+    with pytest.raises(ValueError, match=r"core\[0\] must have shape"):
+        L.fact_linear(t["x"], t["weight"], None, t["u"], t["v"], torch.ones(2 * R, R), layer="qkv")
+    with pytest.raises(ValueError, match=r"weight must have shape"):
+        L.fact_linear(t["x"], t["weight"][:-1], None, t["u"], t["v"], t["core"], layer="qkv")
+    with pytest.raises(ValueError, match=r"layer must be one of"):
+        L.fact_linear(t["x"], t["weight"], None, t["u"], t["v"], t["core"], layer="fc3")
+    with pytest.raises(TypeError):
+        L.fact_linear("x", t["weight"], None, t["u"], t["v"], t["core"], layer="qkv")
