@@ -64,7 +64,7 @@ def _attention_impls(impl: str):
     plain-torch references (same saving scheme, for backend='torch')."""
     from ..ops import vqt as ops
 
-    if impl == "ops":  # the kernels below the Autograd key (this Function is the autograd)
+    if impl == "cpp":  # the extension's kernels below the Autograd key (this Function is the autograd)
         return ops.attention_forward, ops.attention_backward
     return ops.vqt_query_attention_ref, ops.vqt_query_attention_backward_ref
 
@@ -299,7 +299,7 @@ class FusedVQTForwardHead:
                 "call the model (or forward_features then forward_head) once per batch"
             )
         pooled = m.fc_norm(m.pool(x))
-        if self.impl == "ops":
+        if self.impl == "cpp":
             from ..ops.vqt import vqt_aggregate
 
             feats = vqt_aggregate(pooled, items)
@@ -352,9 +352,9 @@ class VQTRule(Rule):
             return []
         device = next(model.parameters()).device
         if backend == "torch" or not _has_kernel(device):
-            impl, label = "torch", "torch"
+            impl = "torch"
         else:  # cpp, or triton (no Triton VQT kernel: the extension's kernel for this device)
-            impl, label = "ops", "cuda" if device.type == "cuda" else "cpp"
+            impl = "cpp"
         records, done = [], []
         for i, blk in found:
             why = _why_not(blk, device)
@@ -368,7 +368,7 @@ class VQTRule(Rule):
         if done:
             where = f"blocks.{done[0]}..{done[-1]}" if len(done) > 1 else f"blocks.{done[0]}"
             report.patched.append((where, "VQT block: frozen tokens without autograd, query-only attention "
-                                          "(saves LN1 output, not K/V)", label))
+                                          "(saves LN1 output, not K/V)", impl))
         if done and done[-1] == len(model.blocks) - 1:
             last = model.blocks[done[-1]]._fastpeft_slots["block_fn"][0]
             why = _class_row_why_not(model, model.blocks[done[-1]])
@@ -383,7 +383,7 @@ class VQTRule(Rule):
         if isinstance(head, _VQTForwardHead):
             model.__dict__["forward_head"] = FusedVQTForwardHead(head, impl)
             records.append(("head", "forward_head"))
-            report.patched.append(("forward_head", "VQT features: fused L2-normalise + concatenate", label))
+            report.patched.append(("forward_head", "VQT features: fused L2-normalise + concatenate", impl))
         return records
 
     def undo(self, model: nn.Module, record: Any) -> None:
