@@ -4,7 +4,7 @@ call under the backend `patch` resolved for the model.
 
 A fused kernel's dropout is its own Philox stream: keyed by one seed drawn from torch's generator
 per call (whatever the shape) and numbered by element, regenerated in backward, never eager's
-masks. On the class token's row alone (fastpeft/last_token.py) it draws that row a fresh mask,
+masks. On the class token's row alone (fastpeft/class_row.py) it draws that row a fresh mask,
 distributed as the full block's would be, and leaves torch's generator where the full block
 would: so the fused slots and projections are `class_row_local` with dropout on as well."""
 from __future__ import annotations

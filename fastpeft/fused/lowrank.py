@@ -118,30 +118,30 @@ CPU_REASON = "CPU path: the eager reference is faster and saves (nearly) as litt
 
 class FusedLowRankLinear(nn.Linear):
     """A frozen nn.Linear computing its output and a method's low-rank delta in one op.
-    `_fp_hook` is the (absorbed) reference hook whose parameters it reads."""
+    `_fastpeft_hook` is the (absorbed) reference hook whose parameters it reads."""
 
-    _fp_hook: OutputHook
-    _fp_backend: str
+    _fastpeft_hook: OutputHook
+    _fastpeft_backend: str
 
     @property
     def class_row_local(self) -> bool:
         # Triton: row-local, seeded dropout (fused/common.py); else (and KAdaptation, whose
         # dropout on H is the reference's own torch dropout on every backend) the hook's math
-        return (self._fp_backend not in ("torch", "cpp") and type(self._fp_hook) is not _KAdaptHook) \
-            or self._fp_hook.class_row_local
+        return (self._fastpeft_backend not in ("torch", "cpp") and type(self._fastpeft_hook) is not _KAdaptHook) \
+            or self._fastpeft_hook.class_row_local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hook = self._fp_hook
+        hook = self._fastpeft_hook
         if torch.is_grad_enabled() and (self.weight.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
             # the user unfroze the projection after `patch`: the fused ops give the frozen weight
             # no gradient, so run the reference (the Linear, then the absorbed hook's delta,
             # first among the layer's hooks as the rule required), which gives it one
             return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
-        if self._fp_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
+        if self._fastpeft_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
             return _CPU_FUSED[type(hook)](self, hook, x)
         fn = _FUSED[type(hook)]
-        return kernel_call(self._fp_backend, x.device.type, fn, self, hook, x)
+        return kernel_call(self._fastpeft_backend, x.device.type, fn, self, hook, x)
 
 
 class LowRankRule:
@@ -167,10 +167,10 @@ class LowRankRule:
             else:
                 swap_hook(layer, hook, AbsorbedHook(hook, by="FusedLowRankLinear"))
                 layer.__class__ = FusedLowRankLinear
-                layer._fp_hook, layer._fp_backend = hook, backend
+                layer._fastpeft_hook, layer._fastpeft_backend = hook, backend
                 records.append(path)
         if records:
-            kinds = sorted({_WHAT[type(model.get_submodule(p)._fp_hook)] for p in records})
+            kinds = sorted({_WHAT[type(model.get_submodule(p)._fastpeft_hook)] for p in records})
             how = ("frozen GEMM + low-rank delta in one op" if backend not in ("torch", "cpp")
                    else "delta folded into the frozen weight: one GEMM")
             report.patched.append((f"{len(records)} projections", f"{how} ({', '.join(kinds)})", backend))
@@ -178,9 +178,9 @@ class LowRankRule:
 
     def undo(self, model, path):
         layer = model.get_submodule(path)
-        hook = layer._fp_hook
+        hook = layer._fastpeft_hook
         for fn in list(layer._forward_hooks.values()):
             if isinstance(fn, AbsorbedHook) and fn.original is hook:
                 swap_hook(layer, fn, hook)
         layer.__class__ = nn.Linear
-        del layer._fp_hook, layer._fp_backend
+        del layer._fastpeft_hook, layer._fastpeft_backend

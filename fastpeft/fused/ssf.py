@@ -30,18 +30,18 @@ def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _LayerNormSSF:
     """A LayerNorm whose output is scaled and shifted in the same op. Installed by re-classing the
-    model's own LayerNorm (its weight/bias stay where they were); `_fp_ssf` is the SSF hook whose
+    model's own LayerNorm (its weight/bias stay where they were); `_fastpeft_ssf` is the SSF hook whose
     parameters it applies."""
 
-    _fp_ssf: SSFHook
-    _fp_backend: str
-    class_row_local = True  # (fastpeft/last_token.py)
+    _fastpeft_ssf: SSFHook
+    _fastpeft_backend: str
+    class_row_local = True  # (fastpeft/class_row.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import ssf as kssf
 
-        scale, shift = _ssf_params(self._fp_ssf)
-        return kernel_call(self._fp_backend, x.device.type, kssf.layernorm_ssf,
+        scale, shift = _ssf_params(self._fastpeft_ssf)
+        return kernel_call(self._fastpeft_backend, x.device.type, kssf.layernorm_ssf,
                            x, self.weight, self.bias, scale, shift, self.eps)
 
 
@@ -61,17 +61,17 @@ class SSFGELU(nn.Module):
     """Replaces an Mlp's `act` (exact-erf nn.GELU): GELU(z * scale + shift) with the fc1 SSF's
     parameters, saving only z. Holds no parameters of its own."""
 
-    class_row_local = True  # (fastpeft/last_token.py)
+    class_row_local = True  # (fastpeft/class_row.py)
 
     def __init__(self, ssf_hook: SSFHook, backend: str):
         super().__init__()
-        self.__dict__["_fp_ssf"] = ssf_hook  # a plain reference, not a submodule
+        self.__dict__["_fastpeft_ssf"] = ssf_hook  # a plain reference, not a submodule
         self.backend = backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         from ..kernels import ssf as kssf
 
-        scale, shift = _ssf_params(self._fp_ssf)
+        scale, shift = _ssf_params(self._fastpeft_ssf)
         return kernel_call(self.backend, z.device.type, kssf.ssf_gelu, z, scale, shift)
 
 
@@ -111,7 +111,7 @@ class SSFRule:
                     swap_hook(layer, hook, AbsorbedHook(hook, by=fused_ln.__name__))
                     records.append(("layernorm", path, type(layer)))
                     layer.__class__ = fused_ln
-                    layer._fp_ssf, layer._fp_backend = hook, backend
+                    layer._fastpeft_ssf, layer._fastpeft_backend = hook, backend
                     report.patched.append((path, "LayerNorm + SSF (saves x + row statistics)", backend))
                     continue
                 mlp = model.get_submodule(path.rpartition(".")[0]) if path.endswith("mlp.fc1") else None
@@ -135,6 +135,6 @@ class SSFRule:
                 swap_hook(layer, fn, fn.original)
         if kind == "layernorm":
             layer.__class__ = record[2]
-            del layer._fp_ssf, layer._fp_backend
+            del layer._fastpeft_ssf, layer._fastpeft_backend
         elif kind == "gelu":
             model.get_submodule(path.rpartition(".")[0]).act = record[2]
