@@ -87,8 +87,8 @@ class AdapterRule(SlotRule):
     name = "adapter"
     fused = _FUSED
     what = "fused bottleneck adapter"
-    # measured on this CPU (ViT-S width, 8x197 tokens, r=64, dropout 0.1): the op's torch path
-    # takes 142 ms fwd+bwd vs eager's 61 ms, for <= 3% fewer saved bytes
+    # the op's torch path is slower than eager's chain on a CPU for a few percent fewer saved
+    # bytes (`pytest bench -k ops`, bench/test_ops.py, measures both)
     cpu_reason = "CPU path: the eager reference is faster and saves within 3% as much (fused on the Triton backend)"
 
     def skip(self, fn):

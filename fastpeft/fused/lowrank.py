@@ -107,12 +107,11 @@ _CPU_FUSED = {_KAdaptHook: _kadapt_folded}
 _WHAT = {NoahLoRAHook: "LoRA (NOAH)", PetlLoRAHook: "LoRA (PETL-ViT)", _FacTHook: "FacT", _KAdaptHook: "KAdaptation"}
 
 
-#: On the CPU backends the fused op is torch math, which is slower than the eager reference
-#: (measured on this CPU, 1576 x 768 -> 2304, r=8: 301 ms fwd+bwd vs 168 ms; with NOAH's input
-#: dropout, whose Philox mask the torch path regenerates over [M, D], 1612 ms vs 332 ms) and saves
-#: no fewer bytes except NOAH's (0.92x: its [M, D] dropout mask): the reference is kept there.
-#: KAdaptation is the exception (`_kadapt_folded`: 75 ms vs 108 ms fwd+bwd at ViT-B/16 batch 8,
-#: 2 threads, dropout 0.5).
+#: On the CPU backends the fused op is torch math, which is slower than the eager reference (most
+#: of all with NOAH's input dropout, whose Philox mask the torch path regenerates over [M, D]) and
+#: saves no fewer bytes except NOAH's (its [M, D] dropout mask): the reference is kept there.
+#: KAdaptation is the exception (`_kadapt_folded`: one GEMM on the folded weight beats the
+#: reference's three). `pytest bench -k ops` (bench/test_ops.py) measures both sides.
 CPU_REASON = "CPU path: the eager reference is faster and saves (nearly) as little (fused on the Triton backend)"
 
 
