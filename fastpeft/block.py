@@ -6,6 +6,7 @@ slots (fastpeft/methods/base.py `PetlBlock`):
     x  <- block_in(x)                                   prompts in
     h  =  norm1(x)
     y  =  x + drop_path1(ls1(attn(h)))  + attn_branch(x, h) ...
+    y  <- mlp_in(y)                                     serial adapters before the MLP
     h2 =  norm2(y)
     m  =  mlp_out(mlp(h2))
     z  =  y + ffn_out(drop_path2(ls2(m)))  + ffn_branch(y, h2) ...
@@ -38,6 +39,7 @@ __all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_cl
 SLOTS: dict[str, str] = {
     "block_in": "x -> x                 before norm1 (prompt insertion / replacement)",
     "attn_branch": "(x, h) -> delta     added to the attention residual, h = norm1(x) (Convpass)",
+    "mlp_in": "y -> y                   before norm2, on the residual stream (ST-Adapter's pre-MLP adapter)",
     "mlp_out": "(m) -> m                on the raw MLP output, before ls2 and DropPath (VPT adapter)",
     "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
     "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
@@ -77,6 +79,7 @@ class BlockRun:
     """Runs one block in the order of the module docstring. Subclasses override pieces:
 
     `slots(block)`            the slot entries to run (NO_SLOTS: none);
+    `mlp_in(block, y)`        the mlp_in slots;
     `norm(block, i, x)`       norm1 / norm2 (i = 1, 2); None when the next piece normalises itself;
     `branches_first(block, half)`  compute the branch deltas before the frozen path (same sum order);
     `attention(block, x, h, kw)`   the attention output [B, rows, D] (h may be None: norm1(x));
@@ -112,6 +115,7 @@ class BlockRun:
 
     def mlp_half(self, block, y: torch.Tensor) -> torch.Tensor:
         slots = self.slots(block)
+        y = self.mlp_in(block, y)
         h2 = self.norm(block, 2, y)
         branches = slots["ffn_branch"]
         deltas = [self.branch(fn, y, h2) for fn in branches] if branches and self.branches_first(block, "mlp") else None
@@ -128,6 +132,11 @@ class BlockRun:
 
     def slots(self, block) -> dict:
         return block._fastpeft_slots
+
+    def mlp_in(self, block, y: torch.Tensor) -> torch.Tensor:
+        for fn in self.slots(block)["mlp_in"]:
+            y = fn(y)
+        return y
 
     def norm(self, block, i: int, x: torch.Tensor) -> torch.Tensor | None:
         return (block.norm1 if i == 1 else block.norm2)(x)
@@ -157,14 +166,19 @@ class BlockRun:
 
 
 class _BranchesFirst(BlockRun):
-    """The reference order with each half's branch deltas computed before its frozen path (the
-    same values where that path draws no random numbers: fastpeft/recompute.py decides)."""
+    """The MLP half of recompute's whole-half regions (fastpeft/recompute.py): the reference
+    order with each half's branch deltas computed before its frozen path where `first` says so
+    (the same values where that path draws no random numbers: recompute decides), and the
+    mlp_in slots left out (recompute runs them before the region, on the stream it keeps)."""
 
     def __init__(self, attn: bool, mlp: bool):
         self.first = {"attn": attn, "mlp": mlp}
 
     def branches_first(self, block, half: str) -> bool:
         return self.first[half]
+
+    def mlp_in(self, block, y):
+        return y
 
 
 #: the reference run of a block (what `PetlBlock.forward` runs unless `patch` set another)

@@ -39,26 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _two_columns(title: str, header: tuple[str, str], rows) -> Table:
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
 def backends_table() -> Table:
     from fastpeft import _ext
 
-    table = Table(title="fastpeft backends")
-    table.add_column("backend")
-    table.add_column("available")
-    for name, ok in _ext.backends().items():
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]")
-    return table
+    return _two_columns("fastpeft backends", ("backend", "available"),
+                        ((name, "[green]yes[/]" if ok else "[red]no[/]") for name, ok in _ext.backends().items()))
 
 
 def build_info_table() -> Table:
     from fastpeft import _ext
 
-    table = Table(title="fastpeft build")
-    table.add_column("field")
-    table.add_column("value")
-    for key, value in _ext.build_info().items():
-        table.add_row(key, str(value))
-    return table
+    return _two_columns("fastpeft build", ("field", "value"), ((k, str(v)) for k, v in _ext.build_info().items()))
 
 
 def _op_path(device: torch.device) -> str:

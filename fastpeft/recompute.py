@@ -546,8 +546,9 @@ class _Regions(BlockRun):
 
     def mlp_half(self, block, y):
         if any(fn.reads_norm for fn in block._fastpeft_slots["ffn_branch"]):
+            # (mlp_in slots, serial adapters on the stream, run before the region: it keeps their output)
             run = BRANCHES_FIRST[False, _branches_first(block, "mlp")]
-            return checkpoint(run.mlp_half, block, y, **self.mlp_opts)
+            return checkpoint(run.mlp_half, block, self.mlp_in(block, y), **self.mlp_opts)
         return super().mlp_half(block, y)
 
     def norm(self, block, i, x):

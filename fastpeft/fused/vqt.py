@@ -48,7 +48,7 @@ from torch import nn
 
 from ..block import NO_SLOTS, BlockRun
 from ..methods.base import PetlBlock, SlotFn, dropout
-from ..methods.vqt import _VQTBlock, _VQTForwardHead, vqt_features
+from ..methods.vqt import _VQTBlock, _VQTForwardHead
 from ..rule import PatchReport, Rule
 
 __all__ = ["FusedVQTBlock", "FusedVQTForward", "FusedVQTForwardHead", "VQTRule"]
@@ -281,32 +281,19 @@ def _class_row_why_not(model: nn.Module, last: nn.Module) -> str | None:
     return None
 
 
-class FusedVQTForwardHead:
-    """Stands in for the method's `_VQTForwardHead` (kept in `ref`): the features come from the
-    fused L2-normalise-and-concatenate op (impl 'ops') or the method's own `vqt_features`."""
+class FusedVQTForwardHead(_VQTForwardHead):
+    """Stands in for the method's `_VQTForwardHead` (kept in `ref`): the same head, with the
+    features from the fused L2-normalise-and-concatenate op (impl 'cpp') or the method's own
+    `vqt_features` (impl 'torch')."""
 
     def __init__(self, ref: _VQTForwardHead, impl: str):
+        super().__init__(ref.model, ref.outputs, ref.depth)
         self.ref = ref
         self.impl = impl
-
-    def __call__(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        ref = self.ref
-        m = ref.model
-        items, ref.outputs.items = ref.outputs.items, None
-        if items is None or len(items) != ref.depth:
-            raise RuntimeError(
-                "VQT: forward_head needs the query outputs of every block from the same forward; "
-                "call the model (or forward_features then forward_head) once per batch"
-            )
-        pooled = m.fc_norm(m.pool(x))
-        if self.impl == "cpp":
+        if impl == "cpp":
             from ..ops.vqt import vqt_aggregate
 
-            feats = vqt_aggregate(pooled, items)
-        else:
-            feats = vqt_features(pooled, items)
-        feats = m.head_drop(feats)
-        return feats if pre_logits else m.head(feats)
+            self.features = vqt_aggregate
 
 
 def _has_kernel(device: torch.device) -> bool:
@@ -380,7 +367,7 @@ class VQTRule(Rule):
                 report.patched.append(("forward", "VQT: last block computes the class token row only "
                                                   "(class-row pass: the only token row the head reads)", "torch"))
         head = model.__dict__.get("forward_head")
-        if isinstance(head, _VQTForwardHead):
+        if type(head) is _VQTForwardHead:
             model.__dict__["forward_head"] = FusedVQTForwardHead(head, impl)
             records.append(("head", "forward_head"))
             report.patched.append(("forward_head", "VQT features: fused L2-normalise + concatenate", impl))

@@ -176,6 +176,8 @@ class _VQTForwardHead:
         self.model = model
         self.outputs = outputs
         self.depth = depth
+        #: (pooled, query outputs) -> features; the fused head (fastpeft/fused/vqt.py) swaps in its op
+        self.features = vqt_features
 
     def __call__(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         m = self.model
@@ -185,7 +187,7 @@ class _VQTForwardHead:
                 "VQT: forward_head needs the query outputs of every block from the same forward; "
                 "call the model (or forward_features then forward_head) once per batch"
             )
-        feats = vqt_features(m.fc_norm(m.pool(x)), items)
+        feats = self.features(m.fc_norm(m.pool(x)), items)
         feats = m.head_drop(feats)
         return feats if pre_logits else m.head(feats)
 
