@@ -33,6 +33,12 @@ from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
 MAX_LN_WIDTH = 8192
+# The fp32 torch path takes aten's native LayerNorm forward / backward from this width up, the
+# step-by-step math below it: the native CPU backward forms x̂ as x·rstd - mean·rstd, which cancels
+# when a row's spread is tiny against its mean (always at width 1, where x̂ is exactly 0 and rstd
+# is 1/sqrt(eps)), and puts that error into dγ and dx; at width 2 (x̂ = ±1, dx all cancellation)
+# its mean/rstd are not accurate enough either (tests/test_reliability.py, float64 comparison).
+NATIVE_LN_MIN_WIDTH = 4
 
 # Single source of truth for launchers and kernels/aot.py.
 CONFIGS: dict[str, dict[int, Cfg]] = {
@@ -465,7 +471,7 @@ def _folded_affine(ln_weight, ln_bias, scale, shift):
 
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
     d = x.shape[-1]
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and d >= NATIVE_LN_MIN_WIDTH:
         # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
         # ~3x faster than the step-by-step math below); mean/rstd come out of the same pass
         w, b = _folded_affine(ln_weight, ln_bias, scale, shift)
@@ -485,7 +491,7 @@ def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
 
 def _layernorm_ssf_bwd_torch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     d = x.shape[-1]
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and d >= NATIVE_LN_MIN_WIDTH:
         # native backward with the folded affine: its weight/bias grads are S1 = Σ g x̂ and S0 = Σ g
         w, b = _folded_affine(ln_weight, ln_bias, scale, torch.zeros_like(scale))
         dx, s1, s0 = torch.ops.aten.native_layer_norm_backward(

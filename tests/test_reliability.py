@@ -557,3 +557,43 @@ def test_patched_vqt_backward_inside_autocast(backend):
     out, g = run()
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)  # bf16
     assert_grads_close(g, gref, atol=3e-2, rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. numerics: degenerate widths, NaN / inf propagation
+# ----------------------------------------------------------------------------------------------
+
+def _layernorm_ssf_f64(x, a, c, g, b, eps=1e-6):
+    """LayerNorm + SSF written out in float64 (F.layer_norm's CPU backward is not the float64
+    reference: it has the cancellation the fix removes)."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    return ((x - mu) / torch.sqrt(var + eps) * a + c) * g + b
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_layernorm_ssf_degenerate_widths_match_float64(width, backend):
+    """Width 1 (x̂ ≡ 0, rstd = 1/sqrt(eps)) and 2-3: the op's output and every gradient against
+    float64 math, each within 1e-5 of the largest entry of that tensor (the CPU fp32 path's dγ was
+    off by ~1e-4 at width 1: aten's LayerNorm backward re-forms x̂ as x·rstd - mean·rstd)."""
+    from kernels import ssf as S
+    from kernels._common import backend as kernel_backend, interpreting
+
+    if backend == "triton" and not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(64, width, generator=gen) * 3 + 1
+    a, c, g, b = (torch.randn(width, generator=gen) for _ in range(4))
+    go = torch.randn(64, width, generator=gen)
+    ins = [t.clone().requires_grad_() for t in (x, a, c, g, b)]
+    with kernel_backend(backend):
+        y = S.layernorm_ssf(*ins)
+        y.backward(go)
+    ins64 = [t.double().requires_grad_() for t in (x, a, c, g, b)]
+    y64 = _layernorm_ssf_f64(*ins64)
+    y64.backward(go.double())
+    for name, got, want in [("y", y, y64)] + [(f"grad {n}", t.grad, t64.grad)
+                                              for n, t, t64 in zip("x a c γ β".split(), ins, ins64)]:
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * max(1.0, want.abs().max().item()), (name, err)
