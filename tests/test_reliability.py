@@ -447,12 +447,11 @@ def test_repatch_with_other_arguments_rolls_back_to_the_old_patch(monkeypatch):
 # 5. users' hooks see every row
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("where", ["last-block", "norm", "last-mlp", "global"])
+@pytest.mark.parametrize("where", ["last-block", "norm", "last-mlp", "last-fc1-pre", "global"])
 @pytest.mark.parametrize("when", ["before", "after"])
-# (VQT's own class-token pass, fastpeft/fused/vqt.py, is left as tests/test_vqt_patch.py specifies it)
-@pytest.mark.parametrize("method", ["lora"])
+@pytest.mark.parametrize("method", ["lora", "vqt"])
 def test_user_forward_hooks_see_every_row_after_patch(where, when, method):
-    if method == "vqt" and where == "last-mlp":
+    if method == "vqt" and where in ("last-mlp", "last-fc1-pre"):
         pytest.skip("the fused VQT block runs the MLP on the frozen tokens and the queries separately")
     model = make_vit(depth=2).eval()
     fastpeft.inject(model, fastpeft.LoRA(rank=4) if method == "lora" else fastpeft.VQT(num_queries=2))
@@ -463,10 +462,15 @@ def test_user_forward_hooks_see_every_row_after_patch(where, when, method):
     def hook(mod, args, out):
         seen.append(tuple(out.shape))
 
+    def pre_hook(mod, args):
+        seen.append(tuple(args[0].shape))
+
     def register():
         if where == "global":
             return nn.modules.module.register_module_forward_hook(
                 lambda mod, a, out: seen.append(tuple(out.shape)) if mod is model.norm else None)
+        if where == "last-fc1-pre":
+            return model.blocks[-1].mlp.fc1.register_forward_pre_hook(pre_hook)
         target = {"last-block": model.blocks[-1], "norm": model.norm, "last-mlp": model.blocks[-1].mlp}[where]
         return target.register_forward_hook(hook)
 
