@@ -50,7 +50,7 @@ import types
 
 import torch
 
-from ._common import (CheckedSignatures, check_dropout, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -400,6 +400,14 @@ def _bwd_launch(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, 
     return dx, da, db, dbias
 
 
+def _validate_bwd(grad_out, x, weight, a, b, u, p, seed):
+    """The registered backward op's arguments: the forward's, grad_out [..., N] like x, u [M, R]."""
+    _validate(x, weight, None, a, b, p, seed)
+    op = "lowrank_linear_backward"
+    check_tensor(op, "grad_out", grad_out, shape=(*x.shape[:-1], weight.shape[0]), like=x)
+    check_tensor(op, "u", u, shape=(x.numel() // x.shape[-1], a.shape[0]), like=x)
+
+
 def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
     """Triton-backend backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
     n, r = weight.shape[0], a.shape[0]
@@ -474,6 +482,7 @@ def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @_lowrank_linear_op.register_fake
 def _lowrank_linear_fake(x, weight, bias, a, b, p, seed, drop_input):
+    _validate(x, weight, bias, a, b, p, seed)
     m = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, a.shape[0]))
 
@@ -483,6 +492,8 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
                                 a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, p: float,
                                 seed: torch.Tensor | None, drop_input: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_bwd(grad_out, x, weight, a, b, u, p, seed),
+                   grad_out, x, weight, a, b, u, seed, extra=("bwd", p))
     grad_out = grad_out.contiguous()
     if _triton_ok(x, a):
         dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
@@ -493,6 +504,7 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
 
 @_lowrank_linear_backward_op.register_fake
 def _lowrank_linear_backward_fake(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    _validate_bwd(grad_out, x, weight, a, b, u, p, seed)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a),
             torch.empty_like(b), x.new_empty((weight.shape[0],)))
 
@@ -593,7 +605,8 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_frozen(op, weight)
     dt = x.dtype
     weight, bias, a, b = (_cast(t, dt) for t in (weight, bias, a, b))
-    p = float(dropout_p) if training else 0.0
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
     seed = _seed(p, seed, x)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate(x, weight, bias, a, b, p, seed), x, weight, bias, a, b, seed, extra=(p,))
@@ -659,6 +672,7 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
     `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
     the order of `downs`.
     """
+    check_tensor("lora_petl_qkv", "weight", weight, dim=2)
     n = weight.shape[0]
     if n % 3:
         raise ValueError(f"lora_petl_qkv: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
@@ -707,12 +721,41 @@ def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale
     return core @ torch.block_diag(u_w, u_w, u_w, u_w), bv  # fc2: U per D-chunk of the 4D input
 
 
+def _validate_fact(layer, x, weight, fact_u, fact_v, core, scale):
+    """ValueError / TypeError for FacT's factors before they are multiplied: fact_u [r, D],
+    fact_v [D, r], the core [3r, r] (or three [r, r]) / [r, r] / [4r, r] / [r, 4r] for qkv / proj /
+    fc1 / fc2, on x's device (any float dtype: cast to x's), a finite scale."""
+    op = f"fact_linear({layer})"
+    if layer not in FACT_LAYERS:
+        raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, dim=2)
+    check_tensor(op, "fact_u", fact_u, dim=2, like=x, dtype=fact_u.dtype if isinstance(fact_u, torch.Tensor) else None)
+    r = fact_u.shape[0]
+    check_tensor(op, "fact_v", fact_v, dim=2, like=x, dtype=fact_v.dtype if isinstance(fact_v, torch.Tensor) else None)
+    if fact_v.shape[1] != r:
+        raise ValueError(f"{op}: fact_v must be [D, r] = [D, {r}] for fact_u {describe(fact_u)}, got {describe(fact_v)}")
+    want = {"qkv": (3 * r, r), "proj": (r, r), "fc1": (4 * r, r), "fc2": (r, 4 * r)}[layer]
+    cores = list(core) if layer == "qkv" and isinstance(core, (list, tuple)) else [core]
+    if len(cores) not in (1, 3) or (len(cores) == 3 and layer != "qkv"):
+        raise ValueError(f"{op}: core must be one tensor (or, for qkv, three [r, r] tensors), got {len(cores)}")
+    for i, c in enumerate(cores):
+        shape = want if len(cores) == 1 else (r, r)
+        check_tensor(op, f"core[{i}]" if len(cores) > 1 else "core", c, like=x,
+                     dtype=c.dtype if isinstance(c, torch.Tensor) else None)
+        if tuple(c.shape) != shape:
+            raise ValueError(f"{op}: the core must be {list(shape)} for rank r = {r} (fact_u {describe(fact_u)}), "
+                             f"got {describe(c)}")
+    _check_scale(op, scale)
+
+
 def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
                 dropout_p: float = 0.1, training: bool = False, seed=None):
     """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (spec §5): out = x W^T + b + s V dp(M U x)
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
     `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fact_tk_cores(FacTc, FacTp, i)[layer...]`).
     Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r])."""
+    _validate_fact(layer, x, weight, fact_u, fact_v, core, scale)
     a, b = fact_effective(layer, fact_u, fact_v, core, scale)
     if a.shape[1] != x.shape[-1] or b.shape[0] != weight.shape[0]:
         raise ValueError(f"fact_linear({layer}): the delta maps {a.shape[1]} -> {b.shape[0]} features but x is "
@@ -770,6 +813,40 @@ class _QVFoldedLinear(torch.autograd.Function):
         return gx, None, gb, gh_q, gh_v, None, None
 
 
+def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult):
+    """ValueError / TypeError for KAdaptation's factors before they are combined: each rule a pair
+    (left [n, n, k1], right [n, k1, n]), each factor pair (left [n, m, k2], right [n, k2, m]) with
+    n m = D (x's width), b_shared [D], on x's device; finite scale and q_mult."""
+    op = "kadaptation_qkv"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, dim=2)
+    d = x.shape[-1] if x.dim() else 0
+    pairs = {"rule1": rule1, "rule2": rule2, "q_factors": q_factors, "v_factors": v_factors}
+    for name, pair in pairs.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{op}: {name} must be a pair of tensors (left, right), got {type(pair).__name__}")
+        for side, t in zip(("left", "right"), pair):
+            check_tensor(op, f"{name}[{side}]", t, dim=3, like=x, dtype=t.dtype if isinstance(t, torch.Tensor) else None)
+    n, m = rule1[0].shape[0], q_factors[0].shape[1]
+    for name in ("rule1", "rule2"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, n, k) or right.shape != (n, k, n):
+            raise ValueError(f"{op}: {name} must be ([n, n, k1], [n, k1, n]) with n = {n}, got "
+                             f"{describe(left)} / {describe(right)}")
+    for name in ("q_factors", "v_factors"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, m, k) or right.shape != (n, k, m):
+            raise ValueError(f"{op}: {name} must be ([n, m, k2], [n, k2, m]) with n = {n}, m = {m}, got "
+                             f"{describe(left)} / {describe(right)}")
+    if n * m != d:
+        raise ValueError(f"{op}: the Kronecker factors build an {n * m}-wide H (n = {n}, m = {m}) but x is {describe(x)}")
+    check_tensor(op, "b_shared", b_shared, shape=(d,), like=x, dtype=b_shared.dtype if isinstance(b_shared, torch.Tensor) else None)
+    _check_scale(op, scale)
+    _check_scale(op, q_mult, "q_mult")
+
+
 def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
                     q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
     """KAdaptation on a fused qkv (spec §11; `fastpeft.methods.kadaptation` semantics):
@@ -783,6 +860,7 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     is materialised once per call (not per token), masked (Philox, q offsets [0, D^2), v [D^2,
     2 D^2)) and folded into the frozen weight in plain torch, as the official code does.
     """
+    _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult)
     _check_frozen("kadaptation_qkv", weight)
     d = x.shape[-1]
     n_out = weight.shape[0]
@@ -795,7 +873,8 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     zeros = b_shared.new_zeros(d)
     b_eff = torch.cat([b_shared * q_mult, zeros, b_shared])
     bias_eff = b_eff if bias is None else bias + b_eff
-    p = float(dropout_p) if training else 0.0
+    p = check_p("kadaptation_qkv", dropout_p)
+    p = p if training else 0.0
     if p > 0.0:
         seed = _seed(p, seed, x)
         drop = ~dropout_keep_mask(seed, 2 * d, d, p)  # bool: autograd keeps 1 byte per entry

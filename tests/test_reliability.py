@@ -601,3 +601,66 @@ def test_layernorm_ssf_degenerate_widths_match_float64(width, backend):
                                               for n, t, t64 in zip("x a c γ β".split(), ins, ins64)]:
         err = (got.double() - want).abs().max().item()
         assert err <= 1e-5 * max(1.0, want.abs().max().item()), (name, err)
+
+
+def test_vqt_aggregate_nan_in_the_class_vector_propagates():
+    """A NaN in cls made the compiled kernels divide by eps (`norm >= eps ? norm : eps` is false
+    for NaN): its segment came out ~1e12 instead of NaN, and its gradient g / eps."""
+    from fastpeft.ops import vqt_aggregate
+    from fastpeft.ops.vqt import vqt_aggregate_backward_ref
+
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randn(2, 8, generator=gen)
+    cls[0, 3] = math.nan
+    queries = torch.randn(2, 2, 3, 8, generator=gen)
+    cls.requires_grad_(True)
+    out = vqt_aggregate(cls, queries)
+    assert out[0, :8].isnan().all() and out[1].isfinite().all() and out[0, 8:].isfinite().all()
+    out.sum().backward()
+    assert cls.grad[0].isnan().all() and cls.grad[1].isfinite().all()
+    # the reference backward (the fallback op) too
+    out2, norms = torch.ops.fastpeft.vqt_aggregate(cls.detach(), queries, 1e-12)
+    g_cls, _ = vqt_aggregate_backward_ref(torch.ones_like(out2), out2, norms, 3, 1e-12)
+    assert g_cls[0].isnan().all() and g_cls[1].isfinite().all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. bad inputs to every public functional and raw op; NaN / inf propagation (tests/bad_inputs.py)
+# ----------------------------------------------------------------------------------------------
+
+from tests import bad_inputs  # noqa: E402
+
+FUNCTIONAL_CASES = {c.name: c for c in bad_inputs.functional_cases()}
+RAW_OP_CASES = {c.name: c for c in bad_inputs.raw_op_cases()}
+
+
+def _assert_all_clear(case):
+    bad = []
+    for label, thunk in bad_inputs.mutations(case):
+        what, detail = bad_inputs.outcome(thunk)
+        if what != "clear":
+            bad.append(f"{what}: {label}: {detail}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONAL_CASES))
+def test_every_bad_input_to_a_functional_is_a_clear_error(name):
+    """Each fixed argument one dim too large, a dim fewer / more, int64 / float64 / meta / a list /
+    None, and bad scalars (fact_linear's core, convpass's conv weight and grid, kadaptation's
+    factors raised IndexError / RuntimeError from inside torch before)."""
+    _assert_all_clear(FUNCTIONAL_CASES[name])
+
+
+@pytest.mark.parametrize("name", sorted(RAW_OP_CASES))
+def test_every_bad_input_to_a_raw_op_is_a_clear_error(name):
+    """The same for `torch.ops.fastpeft.*`, the backward ops included (their torch paths took any
+    shapes: RuntimeError / AttributeError from inside torch, or a result)."""
+    _assert_all_clear(RAW_OP_CASES[name])
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONAL_CASES))
+def test_nan_and_inf_inputs_propagate(name):
+    case = FUNCTIONAL_CASES[name]
+    bad = [m for path, i in bad_inputs.poison_points(case) for v in (math.nan, math.inf, -math.inf)
+           if (m := bad_inputs.propagation_mismatch(case, path, i, v))]
+    assert not bad, "\n".join(bad)
