@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import check_dropout, check_p, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
+from ._common import (check_dropout, check_p, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl,
+                      triton)
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
                       row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures, dot_precision,
                       with_tf32_variants)

@@ -755,7 +755,9 @@ def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: flo
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
     `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fact_tk_cores(FacTc, FacTp, i)[layer...]`).
     Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r])."""
-    _validate_fact(layer, x, weight, fact_u, fact_v, core, scale)
+    cores = tuple(core) if isinstance(core, (list, tuple)) else (core,)
+    _CHECKED.check(torch.compiler.is_compiling(), lambda: _validate_fact(layer, x, weight, fact_u, fact_v, core, scale),
+                   x, weight, fact_u, fact_v, *cores, extra=("fact", repr(layer), len(cores), repr(scale)))
     a, b = fact_effective(layer, fact_u, fact_v, core, scale)
     if a.shape[1] != x.shape[-1] or b.shape[0] != weight.shape[0]:
         raise ValueError(f"fact_linear({layer}): the delta maps {a.shape[1]} -> {b.shape[0]} features but x is "
@@ -860,7 +862,11 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     is materialised once per call (not per token), masked (Philox, q offsets [0, D^2), v [D^2,
     2 D^2)) and folded into the frozen weight in plain torch, as the official code does.
     """
-    _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult)
+    factors = [t for pair in (rule1, rule2, q_factors, v_factors)
+               for t in (pair if isinstance(pair, (tuple, list)) else (pair, None, None))]
+    _CHECKED.check(torch.compiler.is_compiling(),
+                   lambda: _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult),
+                   x, weight, *factors, b_shared, extra=("kadaptation", len(factors), repr(scale), repr(q_mult)))
     _check_frozen("kadaptation_qkv", weight)
     d = x.shape[-1]
     n_out = weight.shape[0]

@@ -185,7 +185,7 @@ def _functional_cases() -> list[Case]:
                                   {"grid": (2, 2), "num_prefix": 1}),
              [Arg((0,), free=(0,)), Arg((1,), cast=True), Arg((2,), cast=True, optional=True), Arg((3,), cast=True),
               Arg((4,), cast=True, optional=True), Arg((5,), cast=True), Arg((6,), cast=True, optional=True)],
-             [(("grid",), (2, 3)), (("grid",), (-2, -2)), (("grid",), "2x2"), (("num_prefix",), -1),
+             [((3,), _t(R, R, 1, 1)), ((3,), _t(R, R, 5, 5)), (("grid",), (2, 3)), (("grid",), (-2, -2)), (("grid",), "2x2"), (("num_prefix",), -1),
               (("num_prefix",), 2), (("dropout_p",), 1.0), (("scale",), math.nan)]),
         Case("ssf", lambda: (S.ssf, [x(), _t(D), _t(D)], {}),
              [Arg((0,), free=(0, 1), any_ndim=True), Arg((1,), cast=True), Arg((2,), cast=True)]),
