@@ -163,7 +163,6 @@ class ClassRowRun(BlockRun):
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_OUTPUT_TABLES = ("_forward_hooks", "_backward_hooks")
 
 
 def _foreign(mod: nn.Module, tables: tuple[str, ...]) -> bool:
@@ -176,11 +175,10 @@ def _foreign(mod: nn.Module, tables: tuple[str, ...]) -> bool:
 
 def has_user_hooks(model: nn.Module) -> bool:
     """Whether a hook not installed by fastpeft (a user's, registered before or after `patch`)
-    would see the class-row pass: any hook on the last block or the final norm, a forward (output)
-    hook on a module inside the last block, or a global module hook. Such a hook is promised the
-    full [B, N, D] rows, so the forward keeps every row while it is there. Checked per forward: a
-    few dict lookups. (A forward pre-hook on a module inside the last block, added after `patch`,
-    sees the rows that module computes on.)"""
+    would see the class-row pass: any hook on the last block, on a module inside it or on the final
+    norm, or a global module hook. Such a hook is promised what the unpatched model shows it, the
+    full [B, N, ...] rows, so the forward keeps every row while it is there. Checked per forward: a
+    few dict lookups."""
     from torch.nn.modules import module as _m
 
     if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
@@ -188,11 +186,9 @@ def has_user_hooks(model: nn.Module) -> bool:
         return True
     last = model.blocks[-1]
     norm = getattr(model, "norm", None)
-    if _foreign(last, _HOOK_TABLES):
-        return True
     if isinstance(norm, nn.Module) and any(_foreign(m, _HOOK_TABLES) for m in norm.modules()):
         return True
-    return any(_foreign(m, _OUTPUT_TABLES) for m in last.modules())
+    return any(_foreign(m, _HOOK_TABLES) for m in last.modules())
 
 
 class ClassRowForward:

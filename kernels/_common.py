@@ -182,6 +182,13 @@ class CheckedSignatures:
             self.add(key)
 
 
+def check_p(op: str, p) -> float:
+    """`dropout_p` as a float in [0, 1), checked whether or not the call trains (as F.dropout)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: dropout p must be in [0, 1), got {p!r}")
+    return float(p)
+
+
 def check_dropout(op: str, p: float, seed, like: torch.Tensor, like_name: str = "x") -> None:
     """ValueError unless p is in [0, 1) and, when p > 0, `seed` is a one-element int64 tensor on
     `like`'s device (the Philox seed the masks are regenerated from)."""

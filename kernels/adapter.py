@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import check_dropout, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl, triton
+from ._common import (check_dropout, check_p, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl,
+                      triton)
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
                       column_splits, row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures,
                       dot_precision, with_tf32_variants)
@@ -467,6 +468,14 @@ def _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, se
     check_dropout(op, p, seed, x, "x")
 
 
+def _validate_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, act, p, seed):
+    """The registered backward op's arguments: the forward's, grad_out like x, a [M, r] fp32."""
+    _validate(x, w_down, None, w_up, b_up, None, None, scale_t, act, p, seed)
+    op = "adapter_backward"
+    check_tensor(op, "grad_out", grad_out, shape=x.shape, like=x)
+    check_tensor(op, "a", a, shape=(x.numel() // x.shape[-1], w_down.shape[0]), like=x, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: check, reshape, allocate, launch (Triton path only)
 # ----------------------------------------------------------------------------------------------
@@ -676,6 +685,7 @@ def _adapter_op(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | No
 
 @_adapter_op.register_fake
 def _adapter_fake(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save):
+    _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed)
     m = x.numel() // x.shape[-1] if save else 0
     return torch.empty_like(x, memory_format=torch.contiguous_format), \
         x.new_empty((m, w_down.shape[0]), dtype=torch.float32)
@@ -694,6 +704,8 @@ def _adapter_backward_op(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tenso
                          scale_t: torch.Tensor | None, scale: float, act: int, p: float,
                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, act, p, seed),
+                   grad_out, x, a, w_down, w_up, b_up, scale_t, seed, extra=("bwd", act, p))
     if use_triton(x):
         return adapter_bwd(grad_out.contiguous(), x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
     out = _backward_impl(False, grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed)
@@ -702,6 +714,7 @@ def _adapter_backward_op(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tenso
 
 @_adapter_backward_op.register_fake
 def _adapter_backward_fake(grad_out, x, a, w_down, w_up, b_up, scale_t, scale, act, p, seed):
+    _validate_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, act, p, seed)
     r, d = w_down.shape
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((r, d)),
             x.new_empty((r,)), x.new_empty((d, r)), x.new_empty((d,)),
@@ -806,7 +819,8 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
     w_down, b_down, w_up, b_up = (_cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
     scale_t = scale if isinstance(scale, torch.Tensor) else None
     scale_f = 1.0 if scale_t is not None else float(scale)
-    p = float(dropout_p) if training else 0.0
+    p = check_p("adapter", dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
     if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
     compiling = torch.compiler.is_compiling()

@@ -31,10 +31,13 @@ row * d + col of the [M, d] activation; `adapter.dropout_keep_mask` in torch).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._common import (CheckedSignatures, check_dropout, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
-                      column_splits, rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero, tl, triton, use_triton,
+from ._common import (CheckedSignatures, check_dropout, check_p, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy,
+                      inv_keep, keep_scale, column_splits, rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero,
+                      tl, triton, use_triton,
                       dot_precision, with_tf32_variants)
 from .adapter import Cfg, dropout_keep_mask
 from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, r_pad_of
@@ -167,6 +170,31 @@ def _validate_down(x, w_down, b_down):
         check_tensor(op, "b_down", b_down, shape=(d,), like=x)
 
 
+def _validate_conv(h, w_down, conv_w, conv_b, grid, num_prefix, scale):
+    """The conv and token-grid arguments: conv_w [d, d, 3, 3] and conv_b [d] for w_down's d (any
+    float dtype on h's device: cast to h's), grid two positive ints and num_prefix an int >= 0
+    with num_prefix + Gh * Gw = h's tokens, a finite scale."""
+    op = "convpass"
+    d = w_down.shape[0] if isinstance(w_down, torch.Tensor) and w_down.dim() == 2 else None
+    check_tensor(op, "conv_w", conv_w, dim=4, like=h, dtype=conv_w.dtype if isinstance(conv_w, torch.Tensor) else None)
+    if d is not None and tuple(conv_w.shape) != (d, d, 3, 3):
+        raise ValueError(f"{op}: conv_w must be [d, d, 3, 3] = [{d}, {d}, 3, 3] for w_down {describe(w_down)}, "
+                         f"got conv_w {describe(conv_w)}")
+    if conv_b is not None:
+        check_tensor(op, "conv_b", conv_b, shape=(conv_w.shape[0],), like=h, dtype=conv_b.dtype
+                     if isinstance(conv_b, torch.Tensor) else None)
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise ValueError(f"{op}: grid must be two positive ints (Gh, Gw), got {grid!r}")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
+        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {num_prefix!r}")
+    if h.shape[1] != num_prefix + grid[0] * grid[1]:
+        raise ValueError(f"{op}: expected {num_prefix} prefix + {grid[0]}x{grid[1]} patch tokens = "
+                         f"{num_prefix + grid[0] * grid[1]}, got h {describe(h)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+
+
 def _validate_up(c, w_up, b_up, base, p, seed):
     op = "convpass_up"
     check_tensor(op, "c", c)
@@ -182,6 +210,21 @@ def _validate_up(c, w_up, b_up, base, p, seed):
     if base is not None:
         check_tensor(op, "base", base, shape=(*c.shape[:-1], D), like=c)
     check_dropout(op, p, seed, c, "c")
+
+
+def _validate_down_bwd(grad_u, x, a, w_down):
+    """The registered backward op's arguments: the forward's, grad_u [..., d] like x, a [M, d] fp32."""
+    _validate_down(x, w_down, None)
+    op = "convpass_down_backward"
+    d = w_down.shape[0]
+    check_tensor(op, "grad_u", grad_u, shape=(*x.shape[:-1], d), like=x)
+    check_tensor(op, "a", a, shape=(x.numel() // x.shape[-1], d), like=x, dtype=torch.float32)
+
+
+def _validate_up_bwd(grad_out, c, w_up, p, seed):
+    """The registered backward op's arguments: the forward's, grad_out [..., D] like c."""
+    _validate_up(c, w_up, None, None, p, seed)
+    check_tensor("convpass_up_backward", "grad_out", grad_out, shape=(*c.shape[:-1], w_up.shape[0]), like=c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +419,7 @@ def _convpass_down_op(x: torch.Tensor, w_down: torch.Tensor,
 
 @_convpass_down_op.register_fake
 def _convpass_down_fake(x, w_down, b_down):
+    _validate_down(x, w_down, b_down)
     d = w_down.shape[0]
     return x.new_empty((*x.shape[:-1], d)), x.new_empty((x.numel() // x.shape[-1], d), dtype=torch.float32)
 
@@ -383,6 +427,7 @@ def _convpass_down_fake(x, w_down, b_down):
 @torch.library.custom_op("fastpeft::convpass_down_backward", mutates_args=())
 def _convpass_down_backward_op(grad_u: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                                w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_down_bwd(grad_u, x, a, w_down), grad_u, x, a, w_down, extra=("down_bwd",))
     grad_u = grad_u.contiguous()
     fn = convpass_down_bwd if use_triton(x) and w_down.shape[0] <= MAX_DIM else _convpass_down_bwd_torch
     return fn(grad_u, x, a, w_down)
@@ -390,6 +435,7 @@ def _convpass_down_backward_op(grad_u: torch.Tensor, x: torch.Tensor, a: torch.T
 
 @_convpass_down_backward_op.register_fake
 def _convpass_down_backward_fake(grad_u, x, a, w_down):
+    _validate_down_bwd(grad_u, x, a, w_down)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(w_down),
             w_down.new_empty((w_down.shape[0],)))
 
@@ -420,6 +466,7 @@ def _convpass_up_op(c: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | No
 
 @_convpass_up_op.register_fake
 def _convpass_up_fake(c, w_up, b_up, base, scale, p, seed):
+    _validate_up(c, w_up, b_up, base, p, seed)
     return c.new_empty((*c.shape[:-1], w_up.shape[0]))
 
 
@@ -427,6 +474,8 @@ def _convpass_up_fake(c, w_up, b_up, base, scale, p, seed):
 def _convpass_up_backward_op(grad_out: torch.Tensor, c: torch.Tensor, w_up: torch.Tensor, scale: float,
                              p: float, seed: torch.Tensor | None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_up_bwd(grad_out, c, w_up, p, seed), grad_out, c, w_up, seed,
+                   extra=("up_bwd", p))
     grad_out = grad_out.contiguous()
     fn = convpass_up_bwd if use_triton(c) and c.shape[-1] <= MAX_DIM else _convpass_up_bwd_torch
     return fn(grad_out, c, w_up, scale, p, seed)
@@ -434,6 +483,7 @@ def _convpass_up_backward_op(grad_out: torch.Tensor, c: torch.Tensor, w_up: torc
 
 @_convpass_up_backward_op.register_fake
 def _convpass_up_backward_fake(grad_out, c, w_up, scale, p, seed):
+    _validate_up_bwd(grad_out, c, w_up, p, seed)
     return (torch.empty_like(c, memory_format=torch.contiguous_format), torch.empty_like(w_up),
             w_up.new_empty((w_up.shape[0],)))
 
@@ -598,7 +648,8 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     """
     check_tensor("convpass", "h", h, dim=3)
     w_down, b_down, conv_w, conv_b, w_up, b_up = (_cast(t, h.dtype) for t in (w_down, b_down, conv_w, conv_b, w_up, b_up))
-    p = float(dropout_p) if training else 0.0
+    p = check_p("convpass", dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
     if p > 0.0 and seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
     # eager: one autograd.Function for the bypass, checks once per call signature; compiling: the
@@ -607,22 +658,18 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     if not compiling:
         def validate():
             _validate_down(h, w_down, b_down)
-            gh, gw = grid
-            if h.shape[1] != num_prefix + gh * gw:
-                raise ValueError(f"convpass: expected {num_prefix} prefix + {gh}x{gw} patch tokens = "
-                                 f"{num_prefix + gh * gw}, got h {describe(h)}")
-            check_tensor("convpass", "conv_w", conv_w, shape=(w_down.shape[0], w_down.shape[0], 3, 3), like=h)
-            if conv_b is not None:
-                check_tensor("convpass", "conv_b", conv_b, shape=(w_down.shape[0],), like=h)
+            _validate_conv(h, w_down, conv_w, conv_b, grid, num_prefix, scale)
             _validate_up(h.new_empty((*h.shape[:-1], w_down.shape[0])), w_up, b_up, base, p, seed)
 
         _CHECKED.check(False, validate, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base,
-                       seed if p > 0 else None, extra=("bypass", tuple(grid), num_prefix, p))
+                       seed if p > 0 else None, extra=("bypass", repr(grid), repr(num_prefix), repr(scale), p))
         d = w_down.shape[0]
         return _ConvpassFunction.apply(h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, tuple(grid),
                                        num_prefix, float(scale), p, seed if p > 0 else None,
                                        _triton_ok(h, d), _triton_ok(h, d))
     _CHECKED.check(compiling, lambda: _validate_down(h, w_down, b_down), h, w_down, b_down, extra=("down",))
+    _CHECKED.check(compiling, lambda: _validate_conv(h, w_down, conv_w, conv_b, grid, num_prefix, scale),
+                   h, w_down, conv_w, conv_b, extra=("conv", repr(grid), repr(num_prefix), repr(scale)))
     if compiling:
         u, _ = torch.ops.fastpeft.convpass_down(h, w_down, b_down)
     else:

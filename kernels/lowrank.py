@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from ._common import (CheckedSignatures, check_dropout, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
+from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
                       next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
@@ -399,6 +399,14 @@ def _bwd_launch(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, 
     return dx, da, db, dbias
 
 
+def _validate_bwd(grad_out, x, weight, a, b, u, p, seed):
+    """The registered backward op's arguments: the forward's, grad_out [..., N] like x, u [M, R]."""
+    _validate(x, weight, None, a, b, p, seed)
+    op = "lowrank_linear_backward"
+    check_tensor(op, "grad_out", grad_out, shape=(*x.shape[:-1], weight.shape[0]), like=x)
+    check_tensor(op, "u", u, shape=(x.numel() // x.shape[-1], a.shape[0]), like=x)
+
+
 def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
     """Triton-backend backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
     n, r = weight.shape[0], a.shape[0]
@@ -473,6 +481,7 @@ def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @_lowrank_linear_op.register_fake
 def _lowrank_linear_fake(x, weight, bias, a, b, p, seed, drop_input):
+    _validate(x, weight, bias, a, b, p, seed)
     m = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, a.shape[0]))
 
@@ -482,6 +491,8 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
                                 a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, p: float,
                                 seed: torch.Tensor | None, drop_input: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_bwd(grad_out, x, weight, a, b, u, p, seed),
+                   grad_out, x, weight, a, b, u, seed, extra=("bwd", p))
     grad_out = grad_out.contiguous()
     if _triton_ok(x, a):
         dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
@@ -492,6 +503,7 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
 
 @_lowrank_linear_backward_op.register_fake
 def _lowrank_linear_backward_fake(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    _validate_bwd(grad_out, x, weight, a, b, u, p, seed)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a),
             torch.empty_like(b), x.new_empty((weight.shape[0],)))
 
@@ -592,7 +604,8 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_frozen(op, weight)
     dt = x.dtype
     weight, bias, a, b = (_cast(t, dt) for t in (weight, bias, a, b))
-    p = float(dropout_p) if training else 0.0
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
     seed = _seed(p, seed, x)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate(x, weight, bias, a, b, p, seed), x, weight, bias, a, b, seed, extra=(p,))
@@ -658,6 +671,7 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
     `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
     the order of `downs`.
     """
+    check_tensor("lora_petl_qkv", "weight", weight, dim=2)
     n = weight.shape[0]
     if n % 3:
         raise ValueError(f"lora_petl_qkv: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
@@ -812,6 +826,8 @@ def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
     if fact_v.shape != (d, r) or r == 0:
         raise ValueError(f"{op}: fact_u must be [r, D] and fact_v [D, r] with r >= 1, got fact_u "
                          f"{describe(fact_u)}, fact_v {describe(fact_v)}")
+    if len(cores) not in (1, 3) or (len(cores) == 3 and layer != "qkv"):
+        raise ValueError(f"{op}: core must be one tensor (or, for qkv, three [r, r] tensors), got {len(cores)}")
     want = {"qkv": (r, r), "proj": (r, r), "fc1": (4 * r, r), "fc2": (r, 4 * r)}[layer]
     if layer == "qkv" and len(cores) == 1:
         want = (3 * r, r)
@@ -849,7 +865,8 @@ def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: flo
     cores = tuple(core) if not isinstance(core, torch.Tensor) else (core,)
     dt = x.dtype
     weight, bias = _cast(weight, dt), _cast(bias, dt)
-    p = float(dropout_p) if training else 0.0
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
     seed = _seed(p, seed, x)
     _CHECKED.check(False, lambda: _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed),
                    x, weight, bias, fact_u, fact_v, seed, *cores, extra=(op, layer, p))
@@ -909,6 +926,40 @@ class _QVFoldedLinear(torch.autograd.Function):
         return gx, None, gb, gh_q, gh_v, None, None
 
 
+def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult):
+    """ValueError / TypeError for KAdaptation's factors before they are combined: each rule a pair
+    (left [n, n, k1], right [n, k1, n]), each factor pair (left [n, m, k2], right [n, k2, m]) with
+    n m = D (x's width), b_shared [D], on x's device; finite scale and q_mult."""
+    op = "kadaptation_qkv"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, dim=2)
+    d = x.shape[-1] if x.dim() else 0
+    pairs = {"rule1": rule1, "rule2": rule2, "q_factors": q_factors, "v_factors": v_factors}
+    for name, pair in pairs.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{op}: {name} must be a pair of tensors (left, right), got {type(pair).__name__}")
+        for side, t in zip(("left", "right"), pair):
+            check_tensor(op, f"{name}[{side}]", t, dim=3, like=x, dtype=t.dtype if isinstance(t, torch.Tensor) else None)
+    n, m = rule1[0].shape[0], q_factors[0].shape[1]
+    for name in ("rule1", "rule2"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, n, k) or right.shape != (n, k, n):
+            raise ValueError(f"{op}: {name} must be ([n, n, k1], [n, k1, n]) with n = {n}, got "
+                             f"{describe(left)} / {describe(right)}")
+    for name in ("q_factors", "v_factors"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, m, k) or right.shape != (n, k, m):
+            raise ValueError(f"{op}: {name} must be ([n, m, k2], [n, k2, m]) with n = {n}, m = {m}, got "
+                             f"{describe(left)} / {describe(right)}")
+    if n * m != d:
+        raise ValueError(f"{op}: the Kronecker factors build an {n * m}-wide H (n = {n}, m = {m}) but x is {describe(x)}")
+    check_tensor(op, "b_shared", b_shared, shape=(d,), like=x, dtype=b_shared.dtype if isinstance(b_shared, torch.Tensor) else None)
+    _check_scale(op, scale)
+    _check_scale(op, q_mult, "q_mult")
+
+
 def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
                     q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
     """KAdaptation on a fused qkv (spec §11; `fastpeft.methods.kadaptation` semantics):
@@ -922,6 +973,11 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     is materialised once per call (not per token), masked (Philox, q offsets [0, D^2), v [D^2,
     2 D^2)) and folded into the frozen weight in plain torch, as the official code does.
     """
+    factors = [t for pair in (rule1, rule2, q_factors, v_factors)
+               for t in (pair if isinstance(pair, (tuple, list)) else (pair, None, None))]
+    _CHECKED.check(torch.compiler.is_compiling(),
+                   lambda: _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult),
+                   x, weight, *factors, b_shared, extra=("kadaptation", len(factors), repr(scale), repr(q_mult)))
     _check_frozen("kadaptation_qkv", weight)
     d = x.shape[-1]
     n_out = weight.shape[0]
@@ -934,7 +990,8 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
     zeros = b_shared.new_zeros(d)
     b_eff = torch.cat([b_shared * q_mult, zeros, b_shared])
     bias_eff = b_eff if bias is None else bias + b_eff
-    p = float(dropout_p) if training else 0.0
+    p = check_p("kadaptation_qkv", dropout_p)
+    p = p if training else 0.0
     if p > 0.0:
         seed = _seed(p, seed, x)
         drop = ~dropout_keep_mask(seed, 2 * d, d, p)  # bool: autograd keeps 1 byte per entry

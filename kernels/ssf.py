@@ -36,6 +36,12 @@ from .adapter import Cfg
 
 ACTS = {"none": 0, "gelu": 1}
 MAX_LN_WIDTH = 8192
+# The fp32 torch path takes aten's native LayerNorm forward / backward from this width up, the
+# step-by-step math below it: the native CPU backward forms x̂ as x·rstd - mean·rstd, which cancels
+# when a row's spread is tiny against its mean (always at width 1, where x̂ is exactly 0 and rstd
+# is 1/sqrt(eps)), and puts that error into dγ and dx; at width 2 (x̂ = ±1, dx all cancellation)
+# its mean/rstd are not accurate enough either (tests/test_reliability.py, float64 comparison).
+NATIVE_LN_MIN_WIDTH = 4
 
 # Single source of truth for launchers and kernels/aot.py.
 CONFIGS: dict[str, dict[int, Cfg]] = {
@@ -293,6 +299,25 @@ def _validate_ln(x, ln_weight, ln_bias, scale, shift, eps):
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
 
 
+def _validate_ssf_bwd(grad_out, x, scale, shift, act):
+    """The registered backward op's arguments: the forward's, grad_out like x, act 0 or 1."""
+    op = "ssf_backward"
+    _validate_ssf(op, x, scale, shift)
+    check_tensor(op, "grad_out", grad_out, shape=x.shape, like=x)
+    if act not in ACTS.values():
+        raise ValueError(f"{op}: act code {act!r} is not one of {ACTS}")
+
+
+def _validate_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
+    """The registered backward op's arguments: the forward's, grad_out like x, mean / rstd [M] fp32."""
+    op = "layernorm_ssf_backward"
+    _validate_ln(x, ln_weight, ln_bias, scale, scale, 1.0)
+    check_tensor(op, "grad_out", grad_out, shape=x.shape, like=x)
+    m = x.numel() // x.shape[-1]
+    check_tensor(op, "mean", mean, shape=(m,), like=x, dtype=torch.float32)
+    check_tensor(op, "rstd", rstd, shape=(m,), like=x, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers (Triton path)
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +474,7 @@ def _folded_affine(ln_weight, ln_bias, scale, shift):
 
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
     d = x.shape[-1]
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and d >= NATIVE_LN_MIN_WIDTH:
         # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
         # ~3x faster than the step-by-step math below); mean/rstd come out of the same pass
         w, b = _folded_affine(ln_weight, ln_bias, scale, shift)
@@ -469,7 +494,7 @@ def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
 
 def _layernorm_ssf_bwd_torch(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
     d = x.shape[-1]
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and d >= NATIVE_LN_MIN_WIDTH:
         # native backward with the folded affine: its weight/bias grads are S1 = Σ g x̂ and S0 = Σ g
         w, b = _folded_affine(ln_weight, ln_bias, scale, torch.zeros_like(scale))
         dx, s1, s0 = torch.ops.aten.native_layer_norm_backward(
@@ -508,22 +533,27 @@ def _ssf_gelu_op(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
 @torch.library.custom_op("fastpeft::ssf_backward", mutates_args=())
 def _ssf_backward_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                      act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_ssf_bwd(grad_out, x, scale, shift, act), grad_out, x, scale, shift,
+                   extra=("ssf_bwd", act))
     grad_out = grad_out.contiguous()
     return (ssf_bwd if use_triton(x) else _ssf_bwd_torch)(grad_out, x, scale, shift, act)
 
 
 @_ssf_op.register_fake
 def _ssf_fake(x, scale, shift):
+    _validate_ssf("ssf", x, scale, shift)
     return _contig_like(x)
 
 
 @_ssf_gelu_op.register_fake
 def _ssf_gelu_fake(z, scale, shift):
+    _validate_ssf("ssf_gelu", z, scale, shift)
     return _contig_like(z)
 
 
 @_ssf_backward_op.register_fake
 def _ssf_backward_fake(grad_out, x, scale, shift, act):
+    _validate_ssf_bwd(grad_out, x, scale, shift, act)
     return _contig_like(x), scale.new_empty(scale.shape, dtype=x.dtype), scale.new_empty(scale.shape, dtype=x.dtype)
 
 
@@ -556,6 +586,7 @@ def _layernorm_ssf_op(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: 
 
 @_layernorm_ssf_op.register_fake
 def _layernorm_ssf_fake(x, ln_weight, ln_bias, scale, shift, eps):
+    _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
     m = x.numel() // x.shape[-1]
     return _contig_like(x), x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
 
@@ -565,6 +596,8 @@ def _layernorm_ssf_backward_op(grad_out: torch.Tensor, x: torch.Tensor, ln_weigh
                                ln_bias: torch.Tensor | None, scale: torch.Tensor, mean: torch.Tensor,
                                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                             torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd),
+                   grad_out, x, ln_weight, ln_bias, scale, mean, rstd, extra=("ln_bwd",))
     grad_out = grad_out.contiguous()
     fn = layernorm_ssf_bwd if use_triton(x) else _layernorm_ssf_bwd_torch
     return fn(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
@@ -572,6 +605,7 @@ def _layernorm_ssf_backward_op(grad_out: torch.Tensor, x: torch.Tensor, ln_weigh
 
 @_layernorm_ssf_backward_op.register_fake
 def _layernorm_ssf_backward_fake(grad_out, x, ln_weight, ln_bias, scale, mean, rstd):
+    _validate_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd)
     d = x.shape[-1]
     return (_contig_like(x),) + tuple(x.new_empty((d,)) for _ in range(4))
 

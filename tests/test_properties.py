@@ -9,6 +9,12 @@
    state dict and the outputs as each call promises, or raises ValueError / TypeError with the
    model unchanged (state dict names and values, parameter objects, module classes, hooks and the
    outputs).
+3. Every public functional (fastpeft.kernels.*, fastpeft.ops.*) and every raw
+   `torch.ops.fastpeft.*` op, on a random bad argument (a fixed dim resized, dims dropped or
+   added, a wrong dtype or device, a non-tensor), raises ValueError / TypeError naming it: never
+   an internal exception, never a result (the cases: tests/bad_inputs.py).
+4. A NaN / inf entry in any input of a functional makes its output non-finite wherever the
+   plain-torch reference's is (never finite garbage), equal to it elsewhere.
 
 Each example builds a depth-2 ViT of width 32 on 32 px images; the example counts are bounded so
 the file runs in a couple of minutes on 2 CPU cores (see MAX_EXAMPLES).
@@ -28,7 +34,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 ATOL, RTOL = 1e-5, 1e-4  # fp32, as tests/patch/test_fused_rules.py
-MAX_EXAMPLES = {"equivalence": 25, "triton": 3, "lifecycle": 15}
+MAX_EXAMPLES = {"equivalence": 25, "triton": 3, "lifecycle": 15, "bad_inputs": 150, "raw_ops": 150, "nan": 60}
 SETTINGS = dict(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HAS_CPP = fastpeft.backends()["extension_cpu"]
@@ -176,8 +182,11 @@ OPS = st.one_of(
 @given(variant=st.sampled_from(sorted(VARIANTS)), ops=st.lists(OPS, min_size=1, max_size=6))
 def test_lifecycle_sequences(variant, ops):
     model = build_vit(variant, dropout=False, seed=0)
-    plain_keys = list(model.state_dict())
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    plain_keys = list(plain)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trains_own = False  # BitFit trains the model's own biases (randomized below): no way back to `plain`
+    last_ok = None  # (the last call that succeeded, the state dict before it)
     for op in ops:
         before = snapshot(model)
         out_before = out_eval(model, x)
@@ -201,6 +210,8 @@ def test_lifecycle_sequences(variant, ops):
             assert_same(model, before)  # a clear error, and the model exactly as it was
             assert torch.equal(out_eval(model, x), out_before)
             continue
+        if op[0] == "inject" and isinstance(op[1], fastpeft.BitFit):
+            trains_own = True
         out = out_eval(model, x)
         assert out.isfinite().all()
         sd = model.state_dict()
@@ -215,16 +226,115 @@ def test_lifecycle_sequences(variant, ops):
             torch.testing.assert_close(out, out_before, atol=ATOL, rtol=RTOL)
             if op[0] == "merge":
                 assert list(sd) == plain_keys
+            elif last_ok is not None and last_ok[0] == "merge":  # merge -> unmerge: bit for bit
+                assert list(sd) == list(last_ok[1])
+                for k, v in last_ok[1].items():
+                    assert torch.equal(sd[k], v), k
         elif op[0] == "remove":
             assert not patched_before
             left = [i.method.name for i in fastpeft.injections(model)]
             assert len(left) < len(injected_before)
             if not left:
                 assert list(sd) == plain_keys
+                if not trains_own:  # every frozen weight as it was (VPT's re-initialised head too)
+                    for k, v in plain.items():
+                        assert torch.equal(sd[k], v), k
         else:
             assert not patched_before
             assert len(fastpeft.injections(model)) == len(injected_before) + 1
+        last_ok = (op[0], before["sd"])
         # whatever state it is in, the model trains
         model.train()
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. bad inputs to every functional and raw op
+# --------------------------------------------------------------------------------------------
+
+from tests import bad_inputs  # noqa: E402
+
+FUNCTIONALS = bad_inputs.functional_cases()
+RAW_OPS = bad_inputs.raw_op_cases()
+WRONG_DTYPES = [torch.int64, torch.int32, torch.bool, torch.complex64, torch.float64]
+
+
+@st.composite
+def bad_variants(draw, cases):
+    """(label, thunk) of one random bad variant of one case: a fixed argument with a fixed dim
+    resized by a random amount, its dims changed, a wrong dtype / device, or a non-tensor; or one
+    of the case's bad scalars."""
+    case = draw(st.sampled_from(cases))
+    fn, args, kwargs = case.valid()
+    choices = [("tensor", a) for a in case.args] + [("scalar", sc) for sc in case.scalars]
+    kind, what = draw(st.sampled_from(choices))
+    if kind == "scalar":
+        path, value = what
+        label = f"{case.name}: {'.'.join(map(str, path))} = {value!r}"
+    else:
+        arg, path = what, what.path
+        t = bad_inputs._get(args, kwargs, path)
+        fixed = [d for d in range(t.dim()) if d not in arg.free]
+        how = draw(st.sampled_from((["resize"] if fixed else []) + ([] if arg.any_ndim else ["ndim"])
+                                   + ["dtype", "meta", "non-tensor"]))
+        if how == "resize":
+            d = draw(st.sampled_from(fixed))
+            size = draw(st.integers(0, t.shape[d] + 3).filter(lambda n: n != t.shape[d]))
+            shape = list(t.shape)
+            shape[d] = size
+            value = torch.randn(shape)
+        elif how == "ndim":
+            extra = draw(st.sampled_from([-1, 1, 2]))
+            value = t.reshape(-1)[:1].reshape(()) if t.dim() + extra < 0 else (
+                t.unsqueeze(0).repeat(2, *[1] * t.dim()) if extra > 0 else t[0].clone())
+            if extra == 2:
+                value = value.unsqueeze(0)
+        elif how == "dtype":
+            dts = [dt for dt in WRONG_DTYPES if not (arg.cast and dt == torch.float64)]
+            value = t.to(draw(st.sampled_from(dts)))
+        elif how == "meta":
+            value = t.to("meta")
+        else:
+            value = draw(st.sampled_from([t.tolist(), 1.5, "x"] + ([] if arg.optional else [None])))
+        label = f"{case.name}: {'.'.join(map(str, path))} {how}: {type(value).__name__} " + (
+            f"{tuple(value.shape)} {value.dtype} {value.device}" if isinstance(value, torch.Tensor) else repr(value)[:20])
+
+    def thunk():
+        f, a, k = case.valid()
+        a = list(a)
+        bad_inputs._set(a, k, path, value)
+        return f, a, k
+    return label, thunk
+
+
+@settings(max_examples=MAX_EXAMPLES["bad_inputs"], **SETTINGS)
+@given(variant=bad_variants(FUNCTIONALS))
+def test_functionals_on_random_bad_inputs_raise_a_clear_error(variant):
+    label, thunk = variant
+    what, detail = bad_inputs.outcome(thunk)
+    assert what == "clear", f"{label}: {what}: {detail}"
+
+
+@settings(max_examples=MAX_EXAMPLES["raw_ops"], **SETTINGS)
+@given(variant=bad_variants(RAW_OPS))
+def test_raw_ops_on_random_bad_inputs_raise_a_clear_error(variant):
+    label, thunk = variant
+    what, detail = bad_inputs.outcome(thunk)
+    assert what == "clear", f"{label}: {what}: {detail}"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. NaN / inf propagation
+# --------------------------------------------------------------------------------------------
+
+@settings(max_examples=MAX_EXAMPLES["nan"], **SETTINGS)
+@given(data=st.data(), value=st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+def test_nan_and_inf_propagate_through_every_functional(data, value):
+    case = data.draw(st.sampled_from(FUNCTIONALS))
+    fn, args, kwargs = case.valid()
+    arg = data.draw(st.sampled_from([a for a in case.args if isinstance(bad_inputs._get(args, kwargs, a.path),
+                                                                          torch.Tensor)]))
+    n = bad_inputs._get(args, kwargs, arg.path).numel()
+    index = data.draw(st.integers(0, n - 1))
+    assert bad_inputs.propagation_mismatch(case, arg.path, index, value) is None

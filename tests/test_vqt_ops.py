@@ -267,9 +267,10 @@ def test_attention_errors(make, message):
 
 
 def test_direct_op_call_with_bad_shapes_is_refused_by_the_kernel():
-    # Bypassing the functional still cannot read out of bounds (C++ TORCH_CHECK / reference error).
+    # Bypassing the functional still cannot read out of bounds: the C++ checks (TORCH_CHECK_VALUE) and
+    # the reference ops' checks raise a ValueError naming the shapes.
     q, k, v = _qkv(v=(2, 3, 6, 8))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="shape|lengths"):
         torch.ops.fastpeft.vqt_query_attention(q, k, v, 1.0)
 
 

@@ -88,16 +88,28 @@ def test_qkv_without_bias_and_train_mode_dropout():
     _assert_same_step(ref, fused, images(), seed=5)
 
 
-def _block_io(model):
-    """Record every block's input and output for the next forward."""
+def _block_io(model, last_by_forward=False):
+    """Record every block's input and output for the next forward; the last block's through its
+    forward instead of a hook when `last_by_forward` (a user's hook there is shown every row, as by
+    the unpatched model, so the class-token pass steps aside while one is registered)."""
     rec = {"in": [], "out": []}
 
     def hook(mod, inp, out):
         rec["in"].append(inp[0].detach().clone())
         rec["out"].append(out.detach().clone())
 
-    for blk in model.blocks:
+    for blk in model.blocks[:-1] if last_by_forward else model.blocks:
         blk.register_forward_hook(hook)
+    if last_by_forward:
+        last = model.blocks[-1]
+        inner = last.forward
+
+        def forward(x):
+            out = inner(x)
+            hook(last, (x,), out)
+            return out
+
+        last.forward = forward
     return rec
 
 
@@ -106,7 +118,7 @@ def test_original_tokens_bit_identical_to_frozen_model():
     fused = fastpeft.inject(copy.deepcopy(frozen), fastpeft.VQT(num_queries=2))
     report = fastpeft.patch(fused)
     assert any("class token row only" in what for _, what, _ in report.patched), str(report)
-    ref, got = _block_io(frozen), _block_io(fused)
+    ref, got = _block_io(frozen), _block_io(fused, last_by_forward=True)
     x = images()
     with torch.no_grad():
         frozen(x)
@@ -132,6 +144,12 @@ def test_original_tokens_bit_identical_to_frozen_model():
         fused.forward_features(x)
     for a, b in zip(got["out"], ref["out"], strict=True):
         assert torch.equal(a, b)
+    # a user's hook on the last block sees every row, the frozen model's, as without `patch`
+    seen = []
+    fused.blocks[-1].register_forward_hook(lambda mod, inp, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        fused(x)
+    assert torch.equal(seen[0], ref["out"][-1])
 
 
 def test_class_token_shortcut_only_where_the_head_reads_the_class_token_alone():

@@ -875,6 +875,7 @@ constexpr int64_t kGrainElements = 32768;
 std::tuple<at::Tensor, at::Tensor> vqt_aggregate_cpu(const at::Tensor& cls_in,
                                                      const at::Tensor& queries_in, double eps) {
   vq::check_aggregate(cls_in, queries_in, "fastpeft::vqt_aggregate");
+  vq::check_eps(eps, "fastpeft::vqt_aggregate");
   const at::Tensor cls = cls_in.contiguous();
   const at::Tensor queries = queries_in.contiguous();
   const Segments sg{cls.size(0), queries.size(0), queries.size(2), cls.size(1)};
@@ -915,6 +916,7 @@ std::tuple<at::Tensor, at::Tensor> vqt_aggregate_backward_cpu(const at::Tensor& 
   const int64_t L = norms.dim() == 2 ? norms.size(1) - 1 : 0;
   vq::check_aggregate_backward(grad_in, out_in, norms, num_queries, L,
                                "fastpeft::vqt_aggregate_backward");
+  vq::check_eps(eps, "fastpeft::vqt_aggregate_backward");
   const at::Tensor g = grad_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const int64_t B = out.size(0);

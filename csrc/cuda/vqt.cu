@@ -245,12 +245,12 @@ __global__ void __launch_bounds__(kAggThreads)
 at::Tensor unit_last_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 void check_launchable(const at::Tensor& q, int64_t N, const char* op) {
-  TORCH_CHECK(q.size(3) <= kMaxD, op, ": the CUDA kernel supports head dims up to ", kMaxD,
-              ", got d = ", q.size(3));
-  TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, op,
-              ": the CUDA kernel supports B, H <= 65535, got ", q.sizes());
-  TORCH_CHECK(q.size(2) <= (int64_t{1} << 30) && N <= (int64_t{1} << 30), op,
-              ": Q and N must fit in int32");
+  TORCH_CHECK_VALUE(q.size(3) <= kMaxD, op, ": the CUDA kernel supports head dims up to ", kMaxD,
+                    ", got d = ", q.size(3));
+  TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535, op,
+                    ": the CUDA kernel supports B, H <= 65535, got ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(2) <= (int64_t{1} << 30) && N <= (int64_t{1} << 30), op,
+                    ": Q and N must fit in int32");
 }
 
 KVStrides kv_strides(const at::Tensor& k, const at::Tensor& v) {
@@ -319,11 +319,12 @@ std::tuple<at::Tensor, at::Tensor> vqt_aggregate_cuda(const at::Tensor& cls_in,
                                                       const at::Tensor& queries_in, double eps) {
   constexpr const char* op = "fastpeft::vqt_aggregate";
   vq::check_aggregate(cls_in, queries_in, op);
+  vq::check_eps(eps, op);
   const c10::cuda::CUDAGuard guard(cls_in.device());
   const at::Tensor cls = cls_in.contiguous();
   const at::Tensor queries = queries_in.contiguous();
   const int64_t B = cls.size(0), D = cls.size(1), L = queries.size(0), Q = queries.size(2);
-  TORCH_CHECK(B <= 65535 && L + 1 <= 65535, op, ": the CUDA kernel supports B, L < 65535");
+  TORCH_CHECK_VALUE(B <= 65535 && L + 1 <= 65535, op, ": the CUDA kernel supports B, L < 65535");
   at::Tensor out = at::empty({B, D * (1 + L * Q)}, cls.options());
   at::Tensor norms = at::empty({B, 1 + L}, cls.options().dtype(at::kFloat));
   if (B == 0 || D == 0) return {out, norms.zero_()};
@@ -346,11 +347,12 @@ std::tuple<at::Tensor, at::Tensor> vqt_aggregate_backward_cuda(const at::Tensor&
   const at::Tensor norms = norms_in.contiguous();
   const int64_t L = norms.dim() == 2 ? norms.size(1) - 1 : 0;
   vq::check_aggregate_backward(grad_in, out_in, norms, num_queries, L, op);
+  vq::check_eps(eps, op);
   const c10::cuda::CUDAGuard guard(out_in.device());
   const at::Tensor g = grad_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const int64_t B = out.size(0), D = out.size(1) / (1 + L * num_queries);
-  TORCH_CHECK(B <= 65535 && L + 1 <= 65535, op, ": the CUDA kernel supports B, L < 65535");
+  TORCH_CHECK_VALUE(B <= 65535 && L + 1 <= 65535, op, ": the CUDA kernel supports B, L < 65535");
   at::Tensor grad_cls = at::empty({B, D}, out.options());
   at::Tensor grad_queries = at::empty({L, B, num_queries, D}, out.options());
   if (B == 0 || D == 0) return {grad_cls, grad_queries};

@@ -32,9 +32,9 @@ Per block that is B N D + 2 B H Q d + B H Q floats for the attention, plus the q
 own LayerNorm/MLP activations (~13 B Q D floats): on ViT-B/16, batch 8, fp32, Q = 1,
 12 x (4.84 MB + 0.05 MB + 0.32 MB) ~ 59 MiB, against ~619 MiB for the reference.
 
-Dropout on the queries and the block's own dropouts follow the model's mode as in the reference;
-blocks with attention dropout or DropPath > 0 (the reference draws one per-sample mask for queries
-and tokens together), qk-norm on keys, or foreign hooks are left to the reference. If a block's
+Dropout on the queries follows the model's mode as in the reference; blocks with attention
+dropout, DropPath > 0 or a dropout of their own (the reference draws one mask for queries and
+tokens together), qk-norm on keys, or foreign hooks are left to the reference. If a block's
 parameters or its input require grad at call time (e.g. the backbone was unfrozen), that call
 runs the reference block_fn, which is then the correct computation.
 """
@@ -263,6 +263,10 @@ class FusedVQTForward:
         model = self.model
         if attn_mask is not None or is_causal:
             return type(model).forward(model, x, attn_mask=attn_mask, is_causal=is_causal)
+        from ..class_row import has_user_hooks
+
+        if has_user_hooks(model):  # a user's hook there is shown every row, as by the unpatched model
+            return type(model).forward(model, x)
         self.last.class_row = True
         try:
             return type(model).forward(model, x)
@@ -315,6 +319,9 @@ def _why_not(block: nn.Module, device: torch.device) -> str | None:
     for name in ("drop_path1", "drop_path2"):
         if getattr(getattr(block, name), "drop_prob", 0.0) > 0:
             return f"{name} > 0 (the reference draws one per-sample mask for queries and tokens together)"
+    drops = [n for n, m in block.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if drops:  # (the fused block runs the tokens and the queries separately: other numbers)
+        return f"dropout in {drops[0]} (the reference draws its mask over the tokens and queries together)"
     if device.type == "cuda" and attn.head_dim > _CUDA_MAX_HEAD_DIM:
         return f"head dim {attn.head_dim} > {_CUDA_MAX_HEAD_DIM} (the CUDA kernel's limit)"
     for name, mod in block.named_modules():

@@ -49,6 +49,17 @@ def scale_shift_backward_ref(
 
 # --- custom op registration --------------------------------------------------------------
 
+def _checked_forward_ref(x, scale, shift):
+    """The reference as the op's kernel, after the compiled kernels' argument checks."""
+    _validate(x, scale, shift, op=_OP)
+    return scale_shift_ref(x, scale, shift)
+
+
+def _checked_backward_ref(grad_out, x, scale):
+    _validate_backward(grad_out, x, scale)
+    return scale_shift_backward_ref(grad_out, x, scale)
+
+
 def _op_exists(qualname: str) -> bool:
     namespace, name = qualname.split("::")
     return hasattr(getattr(torch.ops, namespace), name)
@@ -60,8 +71,8 @@ def _register_reference_ops(status: _ext.ExtensionStatus) -> None:
         for qualname, schema in SCHEMAS.items():
             if not _op_exists(qualname):
                 torch.library.define(qualname, schema)
-        torch.library.impl(_OP, "CompositeExplicitAutograd")(scale_shift_ref)
-        torch.library.impl(_BWD_OP, "CompositeExplicitAutograd")(scale_shift_backward_ref)
+        torch.library.impl(_OP, "CompositeExplicitAutograd")(_checked_forward_ref)
+        torch.library.impl(_BWD_OP, "CompositeExplicitAutograd")(_checked_backward_ref)
     elif not status.has_cuda:
         # A CPU-only build: CUDA tensors still work, through the reference.
         torch.library.register_kernel(_OP, "cuda")(scale_shift_ref)
@@ -75,11 +86,13 @@ _register_reference_ops(_ext.load())
 # are always contiguous, whatever the input strides (both kernels and the reference agree).
 @torch.library.register_fake(_OP)
 def _scale_shift_fake(x, scale, shift):
+    _validate(x, scale, shift, op=_OP)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.register_fake(_BWD_OP)
 def _scale_shift_backward_fake(grad_out, x, scale):
+    _validate_backward(grad_out, x, scale)
     c = x.shape[-1]
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
@@ -137,7 +150,9 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def _validate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+def _validate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, op: str = "scale_shift") -> None:
+    """The functional's checks; `op` the registered op's name: the op (C++ kernels, its fake) also
+    needs scale and shift in x's dtype (the functional casts them)."""
     for name, t in (("x", x), ("scale", scale), ("shift", shift)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"scale_shift: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -160,6 +175,17 @@ def _validate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"scale_shift: {name} has unsupported dtype {t.dtype}; expected one "
                              f"of {', '.join(map(str, SUPPORTED_DTYPES))}")
+        if op != "scale_shift" and t.dtype != x.dtype:
+            raise ValueError(f"{op}: dtype mismatch: x is {x.dtype} but {name} is {t.dtype}")
+
+
+def _validate_backward(grad_out, x, scale) -> None:
+    op = _BWD_OP
+    _validate(x, scale, scale, op=op)
+    if not isinstance(grad_out, torch.Tensor):
+        raise TypeError(f"{op}: grad_out must be a torch.Tensor, got {type(grad_out).__name__}")
+    if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
+        raise ValueError(f"{op}: grad_out ({_describe(grad_out)}) must match x ({_describe(x)})")
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

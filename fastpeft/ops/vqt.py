@@ -109,7 +109,8 @@ def vqt_aggregate_backward_ref(grad_out: torch.Tensor, out: torch.Tensor, norms:
     for i, (g, y) in enumerate(zip(grad_out.float().split(sizes, 1), out.float().split(sizes, 1))):
         n = norms[:, i:i + 1]
         yg = (y * g).sum(1, keepdim=True)
-        grads.append(torch.where(n >= eps, (g - y * yg) / n, g / eps))
+        # (a NaN norm takes the first branch: NaN, never the finite g / eps)
+        grads.append(torch.where(n < eps, g / eps, (g - y * yg) / n))
     grad_cls = grads[0].to(out.dtype).contiguous()
     if L:
         grad_q = torch.stack([g.view(B, num_queries, D) for g in grads[1:]]).to(out.dtype)
@@ -133,6 +134,120 @@ _REFS = {
 }
 
 
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def _check_tensor(op: str, name: str, t, dim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D {layout}, got {_describe(t)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: {name} has unsupported dtype {t.dtype}; expected one of "
+                         f"{', '.join(map(str, SUPPORTED_DTYPES))}")
+
+
+def _check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: device mismatch: {ref_name} is on {ref.device} but {name} is on {t.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{op}: dtype mismatch: {ref_name} is {ref.dtype} but {name} is {t.dtype}")
+
+
+def _check_stat(op: str, name: str, t, shape, ref: torch.Tensor) -> None:
+    """An fp32 per-row statistic (lse, delta, norms) of `shape` on ref's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32 or t.device != ref.device or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be float32 {list(shape)} on {ref.device}, got {_describe(t)}")
+
+
+def check_attention_args(op: str, q, k, v) -> None:
+    """q [B, H, Q, d], k, v [B, H, N, d] (N >= 1), one dtype and device (what the kernels check)."""
+    _check_tensor(op, "q", q, 4, "[B, H, Q, d]")
+    _check_tensor(op, "k", k, 4, "[B, H, N, d]")
+    _check_tensor(op, "v", v, 4, "[B, H, N, d]")
+    _check_like(op, "k", k, "q", q)
+    _check_like(op, "v", v, "q", q)
+    if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: head dims differ: q has d={q.shape[3]}, k d={k.shape[3]}, "
+                         f"v d={v.shape[3]} (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: keys and values have different lengths: k has N={k.shape[2]}, "
+                         f"v has N={v.shape[2]} (k {tuple(k.shape)}, v {tuple(v.shape)})")
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{op}: batch/heads differ: q is [B, H] = {list(q.shape[:2])}, "
+                         f"k {list(k.shape[:2])}, v {list(v.shape[:2])}")
+    if k.shape[2] == 0:
+        raise ValueError(f"{op}: need at least one key/value token, got k {tuple(k.shape)}")
+
+
+def check_attention_backward_args(op: str, grad_out, q, k, v, lse, delta) -> None:
+    check_attention_args(op, q, k, v)
+    _check_tensor(op, "grad_out", grad_out, 4, "[B, H, Q, d]")
+    _check_like(op, "grad_out", grad_out, "q", q)
+    if grad_out.shape != q.shape:
+        raise ValueError(f"{op}: grad_out {tuple(grad_out.shape)} must have q's shape {tuple(q.shape)}")
+    _check_stat(op, "lse", lse, q.shape[:3], q)
+    _check_stat(op, "delta", delta, q.shape[:3], q)
+
+
+def _check_eps(op: str, eps) -> None:
+    if not eps > 0:  # (NaN too)
+        raise ValueError(f"{op}: eps must be positive, got {eps}")
+
+
+def check_aggregate_args(op: str, cls, queries, eps) -> None:
+    """cls [B, D], queries [L, B, Q, D] (Q >= 1), one dtype and device; eps > 0."""
+    _check_tensor(op, "cls", cls, 2, "[B, D]")
+    _check_tensor(op, "queries", queries, 4, "[L, B, Q, D]")
+    _check_like(op, "queries", queries, "cls", cls)
+    if queries.shape[1] != cls.shape[0] or queries.shape[3] != cls.shape[1]:
+        raise ValueError(f"{op}: queries {tuple(queries.shape)} must be [L, B, Q, D] for cls "
+                         f"{tuple(cls.shape)} (B = {cls.shape[0]}, D = {cls.shape[1]})")
+    if queries.shape[2] == 0:
+        raise ValueError(f"{op}: need at least one query per layer, got queries {tuple(queries.shape)}")
+    _check_eps(op, eps)
+
+
+def check_aggregate_backward_args(op: str, grad_out, out, norms, num_queries, eps) -> None:
+    """out [B, D (1 + L Q)], grad_out like out, norms [B, 1 + L] fp32, num_queries Q >= 1; eps > 0."""
+    _check_tensor(op, "out", out, 2, "[B, D (1 + L Q)]")
+    _check_tensor(op, "grad_out", grad_out, 2, "[B, D (1 + L Q)]")
+    _check_like(op, "grad_out", grad_out, "out", out)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"{op}: grad_out {tuple(grad_out.shape)} must have out's shape {tuple(out.shape)}")
+    if not isinstance(norms, torch.Tensor) or norms.dim() != 2 or norms.shape[1] < 1:
+        raise ValueError(f"{op}: norms must be a float32 [B, 1 + L] tensor, got "
+                         f"{_describe(norms) if isinstance(norms, torch.Tensor) else type(norms).__name__}")
+    _check_stat(op, "norms", norms, (out.shape[0], norms.shape[1]), out)
+    L = norms.shape[1] - 1
+    if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1 \
+            or out.shape[1] % (1 + L * num_queries):
+        raise ValueError(f"{op}: out width {out.shape[1]} is not D (1 + L Q) for L = {L}, Q = {num_queries!r}")
+    _check_eps(op, eps)
+
+
+_CHECKS = {
+    _ATTN: lambda q, k, v, scale: check_attention_args(_ATTN, q, k, v),
+    _ATTN_BWD: lambda g, q, k, v, lse, delta, scale: check_attention_backward_args(_ATTN_BWD, g, q, k, v, lse, delta),
+    _AGG: lambda cls, queries, eps: check_aggregate_args(_AGG, cls, queries, eps),
+    _AGG_BWD: lambda g, out, norms, nq, eps: check_aggregate_backward_args(_AGG_BWD, g, out, norms, nq, eps),
+}
+
+
+def _checked_ref(qualname: str, fn):
+    """The reference as the op's kernel: the compiled kernels' argument checks first."""
+    check = _CHECKS[qualname]
+
+    def op(*args):
+        check(*args)
+        return fn(*args)
+    op.__name__ = fn.__name__
+    return op
+
+
 def _register_reference_ops(status: _ext.ExtensionStatus) -> None:
     # A build from before these ops existed (the .so loads, but has no vqt_* kernels) is treated
     # like a missing extension for these ops only.
@@ -141,29 +256,33 @@ def _register_reference_ops(status: _ext.ExtensionStatus) -> None:
             if not _op_exists(qualname):
                 torch.library.define(qualname, schema)
         for qualname, fn in _REFS.items():
-            torch.library.impl(qualname, "CompositeExplicitAutograd")(fn)
+            torch.library.impl(qualname, "CompositeExplicitAutograd")(_checked_ref(qualname, fn))
     elif not status.has_cuda:
         for qualname, fn in _REFS.items():
-            torch.library.register_kernel(qualname, "cuda")(fn)
+            torch.library.register_kernel(qualname, "cuda")(_checked_ref(qualname, fn))
 
 
 _register_reference_ops(_ext.load())
 
 
 def _attention_fake(q, k, v, scale):
+    check_attention_args(_ATTN, q, k, v)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_backward_fake(grad_out, q, k, v, lse, delta, scale):
+    check_attention_backward_args(_ATTN_BWD, grad_out, q, k, v, lse, delta)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _aggregate_fake(cls, queries, eps):
+    check_aggregate_args(_AGG, cls, queries, eps)
     L, B, Q, D = queries.shape
     return cls.new_empty((B, D * (1 + L * Q))), cls.new_empty((B, 1 + L), dtype=torch.float32)
 
 
 def _aggregate_backward_fake(grad_out, out, norms, num_queries, eps):
+    check_aggregate_backward_args(_AGG_BWD, grad_out, out, norms, num_queries, eps)
     B, L = out.shape[0], norms.shape[1] - 1
     D = out.shape[1] // (1 + L * num_queries)
     return out.new_empty((B, D)), out.new_empty((L, B, num_queries, D))
@@ -293,46 +412,10 @@ class _AggregateFunction(torch.autograd.Function):
 
 # --- public functionals --------------------------------------------------------------------
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
-
-
-def _check_tensor(op: str, name: str, t, dim: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        raise ValueError(f"{op}: {name} must be {dim}-D {layout}, got {_describe(t)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: {name} has unsupported dtype {t.dtype}; expected one of "
-                         f"{', '.join(map(str, SUPPORTED_DTYPES))}")
-
-
-def _check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: device mismatch: {ref_name} is on {ref.device} but {name} is on {t.device}")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{op}: dtype mismatch: {ref_name} is {ref.dtype} but {name} is {t.dtype}")
-
-
 def validate_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """ValueError (TypeError for non-tensors) naming the shapes, before any kernel runs."""
     op = "vqt_query_attention"
-    _check_tensor(op, "q", q, 4, "[B, H, Q, d]")
-    _check_tensor(op, "k", k, 4, "[B, H, N, d]")
-    _check_tensor(op, "v", v, 4, "[B, H, N, d]")
-    _check_like(op, "k", k, "q", q)
-    _check_like(op, "v", v, "q", q)
-    if k.shape[3] != q.shape[3] or v.shape[3] != q.shape[3]:
-        raise ValueError(f"{op}: head dims differ: q has d={q.shape[3]}, k d={k.shape[3]}, "
-                         f"v d={v.shape[3]} (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{op}: keys and values have different lengths: k has N={k.shape[2]}, "
-                         f"v has N={v.shape[2]} (k {tuple(k.shape)}, v {tuple(v.shape)})")
-    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"{op}: batch/heads differ: q is [B, H] = {list(q.shape[:2])}, "
-                         f"k {list(k.shape[:2])}, v {list(v.shape[:2])}")
-    if k.shape[2] == 0:
-        raise ValueError(f"{op}: need at least one key/value token, got k {tuple(k.shape)}")
+    check_attention_args(op, q, k, v)
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
         raise ValueError(f"{op}: keys/values are frozen (gradients flow to q only) but k/v "
                          "require grad; pass k.detach(), v.detach()")

@@ -31,19 +31,19 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_supported_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(is_supported_float(t.scalar_type()), op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
 // A per-channel vector: 1-D, `n` elements, same dtype and device as `like`.
 inline void check_channel_vector(const at::Tensor& v, int64_t n, const at::Tensor& like,
                                  const char* op, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, op, ": ", name, " must have shape [", n,
-              "] (the last dim of x), got ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ",
-              v.scalar_type(), " must match x dtype ", like.scalar_type());
-  TORCH_CHECK(v.device() == like.device(), op, ": ", name, " is on ", v.device(),
-              " but x is on ", like.device());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == n, op, ": ", name, " must have shape [", n,
+                    "] (the last dim of x), got ", v.sizes());
+  TORCH_CHECK_VALUE(v.scalar_type() == like.scalar_type(), op, ": ", name, " dtype ",
+                    v.scalar_type(), " must match x dtype ", like.scalar_type());
+  TORCH_CHECK_VALUE(v.device() == like.device(), op, ": ", name, " is on ", v.device(),
+                    " but x is on ", like.device());
 }
 
 // Treat any [..., C] tensor as a [rows, C] matrix (callers pass contiguous tensors).

@@ -56,7 +56,7 @@ FASTPEFT_HD inline void combine(ColumnSums& acc, const ColumnSums& other) {
 // Host-side argument checks shared by the CPU and CUDA entry points.
 inline void check_forward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
   constexpr const char* op = "fastpeft::scale_shift";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   check_supported_float(x, op, "x");
   check_channel_vector(scale, x.size(-1), x, op, "scale");
   check_channel_vector(shift, x.size(-1), x, op, "shift");
@@ -65,13 +65,13 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& scale, const at
 inline void check_backward(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& scale) {
   constexpr const char* op = "fastpeft::scale_shift_backward";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   check_supported_float(x, op, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out shape ", grad_out.sizes(),
-              " must equal x shape ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
-              ": grad_out (", grad_out.scalar_type(), ", ", grad_out.device(),
-              ") must match x (", x.scalar_type(), ", ", x.device(), ")");
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, ": grad_out shape ", grad_out.sizes(),
+                    " must equal x shape ", x.sizes());
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(), op,
+                    ": grad_out (", grad_out.scalar_type(), ", ", grad_out.device(),
+                    ") must match x (", x.scalar_type(), ", ", x.device(), ")");
   check_channel_vector(scale, x.size(-1), x, op, "scale");
 }
 

@@ -150,52 +150,55 @@ FASTPEFT_HD inline float dlogit(float p, float dp, float delta) { return p * (dp
 
 // ---- aggregate ---------------------------------------------------------------------------
 
-// 1 / max(norm, eps): the factor F.normalize divides by.
+// 1 / max(norm, eps): the factor F.normalize divides by. A NaN norm (a NaN in the segment) stays
+// NaN, as torch's clamp_min keeps it: `norm >= eps ? norm : eps` would divide by eps instead and
+// turn the segment's finite entries into ~1e12.
 FASTPEFT_HD inline float inv_clamped_norm(float norm, float eps) {
-  return 1.0f / (norm >= eps ? norm : eps);
+  return 1.0f / (norm < eps ? eps : norm);
 }
 
 // dx for one element of a segment: y = x / max(||x||, eps), yg = y . g over the segment.
-// clamp_min passes the gradient where norm >= eps (torch's rule at equality too).
+// clamp_min passes the gradient where norm >= eps (torch's rule at equality too); a NaN norm takes
+// that branch as well, so the gradient is NaN rather than the finite g / eps.
 FASTPEFT_HD inline float normalize_grad(float g, float y, float yg, float norm, float eps) {
-  return norm >= eps ? (g - y * yg) / norm : g / eps;
+  return norm < eps ? g / eps : (g - y * yg) / norm;
 }
 
 // ---- host-side argument checks shared by the CPU and CUDA entry points --------------------
 
 inline void check_same(const at::Tensor& a, const at::Tensor& ref, const char* op, const char* name,
                        const char* ref_name) {
-  TORCH_CHECK(a.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", a.scalar_type(),
-              " must match ", ref_name, " dtype ", ref.scalar_type());
-  TORCH_CHECK(a.device() == ref.device(), op, ": ", name, " is on ", a.device(), " but ",
-              ref_name, " is on ", ref.device());
+  TORCH_CHECK_VALUE(a.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", a.scalar_type(),
+                    " must match ", ref_name, " dtype ", ref.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == ref.device(), op, ": ", name, " is on ", a.device(), " but ",
+                    ref_name, " is on ", ref.device());
 }
 
 // q [B,H,Q,d]; k, v [B,H,N,d]; N >= 1.
 inline void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-              ": q, k, v must be 4-D [B, H, Q, d] / [B, H, N, d], got ", q.sizes(), ", ",
-              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+                    ": q, k, v must be 4-D [B, H, Q, d] / [B, H, N, d], got ", q.sizes(), ", ",
+                    k.sizes(), ", ", v.sizes());
   check_supported_float(q, op, "q");
   check_same(k, q, op, "k", "q");
   check_same(v, q, op, "v", "q");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
-              ": k ", k.sizes(), " must be [B, H, N, d] for q ", q.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v ", v.sizes(), " must have k's shape ", k.sizes());
-  TORCH_CHECK(k.size(2) >= 1, op, ": need at least one key (N >= 1), got k ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+                    ": k ", k.sizes(), " must be [B, H, N, d] for q ", q.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v ", v.sizes(), " must have k's shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(2) >= 1, op, ": need at least one key (N >= 1), got k ", k.sizes());
 }
 
 inline void check_row_stat(const at::Tensor& t, const at::Tensor& q, const char* op,
                            const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
-              q.device());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) &&
-                  t.size(2) == q.size(2),
-              op, ": ", name, " must be [B, H, Q] = [", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
+                    q.device());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) &&
+                        t.size(2) == q.size(2),
+                    op, ": ", name, " must be [B, H, Q] = [", q.size(0), ", ", q.size(1), ", ",
+                    q.size(2), "], got ", t.sizes());
 }
 
 inline void check_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
@@ -204,40 +207,45 @@ inline void check_attention_backward(const at::Tensor& grad_out, const at::Tenso
                                      const char* op) {
   check_attention(q, k, v, op);
   check_same(grad_out, q, op, "grad_out", "q");
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
-              " must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
+                    " must have q's shape ", q.sizes());
   check_row_stat(lse, q, op, "lse");
   check_row_stat(delta, q, op, "delta");
 }
 
+// F.normalize's eps: positive (a NaN fails too).
+inline void check_eps(double eps, const char* op) {
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+}
+
 // cls [B, D]; queries [L, B, Q, D].
 inline void check_aggregate(const at::Tensor& cls, const at::Tensor& queries, const char* op) {
-  TORCH_CHECK(cls.dim() == 2 && queries.dim() == 4, op,
-              ": cls must be [B, D] and queries [L, B, Q, D], got ", cls.sizes(), " and ",
-              queries.sizes());
+  TORCH_CHECK_VALUE(cls.dim() == 2 && queries.dim() == 4, op,
+                    ": cls must be [B, D] and queries [L, B, Q, D], got ", cls.sizes(), " and ",
+                    queries.sizes());
   check_supported_float(cls, op, "cls");
   check_same(queries, cls, op, "queries", "cls");
-  TORCH_CHECK(queries.size(1) == cls.size(0) && queries.size(3) == cls.size(1), op,
-              ": queries ", queries.sizes(), " must be [L, B, Q, D] for cls ", cls.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) == cls.size(0) && queries.size(3) == cls.size(1), op,
+                    ": queries ", queries.sizes(), " must be [L, B, Q, D] for cls ", cls.sizes());
 }
 
 // grad_out, out [B, D (1 + L Q)]; norms [B, 1 + L] fp32 (L = layers, Q = num_queries).
 inline void check_aggregate_backward(const at::Tensor& grad_out, const at::Tensor& out,
                                      const at::Tensor& norms, int64_t num_queries,
                                      int64_t layers, const char* op) {
-  TORCH_CHECK(out.dim() == 2 && norms.dim() == 2 && norms.size(0) == out.size(0) &&
-                  norms.size(1) >= 1,
-              op, ": out must be [B, F] and norms [B, 1 + L], got ", out.sizes(), " and ",
-              norms.sizes());
+  TORCH_CHECK_VALUE(out.dim() == 2 && norms.dim() == 2 && norms.size(0) == out.size(0) &&
+                        norms.size(1) >= 1,
+                    op, ": out must be [B, F] and norms [B, 1 + L], got ", out.sizes(), " and ",
+                    norms.sizes());
   check_supported_float(out, op, "out");
   check_same(grad_out, out, op, "grad_out", "out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), op, ": grad_out ", grad_out.sizes(),
-              " must have out's shape ", out.sizes());
-  TORCH_CHECK(norms.scalar_type() == at::kFloat && norms.device() == out.device(), op,
-              ": norms must be float32 on out's device");
-  TORCH_CHECK(num_queries >= 1 && out.size(1) % (1 + layers * num_queries) == 0, op,
-              ": out width ", out.size(1), " is not D (1 + L Q) for L = ", layers,
-              ", Q = ", num_queries);
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), op, ": grad_out ", grad_out.sizes(),
+                    " must have out's shape ", out.sizes());
+  TORCH_CHECK_VALUE(norms.scalar_type() == at::kFloat && norms.device() == out.device(), op,
+                    ": norms must be float32 on out's device");
+  TORCH_CHECK_VALUE(num_queries >= 1 && out.size(1) % (1 + layers * num_queries) == 0, op,
+                    ": out width ", out.size(1), " is not D (1 + L Q) for L = ", layers,
+                    ", Q = ", num_queries);
 }
 
 }  // namespace vqt
