@@ -31,6 +31,9 @@ vpt, vqt (KMnP/vpt, andytu28/VQT: the jeonsworld ViT port inside `enc.`; the lea
     The jeonsworld layers are torch nn.Linear / nn.Conv2d (its `load_from` already converted the JAX
     kernels), so no tensor is transposed; only q/k/v are concatenated.
 
+conv_adapter (Hhhhhhao/Conv-Adapter; ResNet or FB ConvNeXt names): `conv_adapter_official_keys` in
+fastpeft/methods/conv_adapter.py (head.linear -> fc / head.fc, FB ConvNeXt -> timm ConvNeXt names).
+
 ssf, noah, fact, convpass: the official code uses timm names already; keys pass through unchanged
 (and are validated like the others).
 
@@ -47,7 +50,7 @@ from torch import nn
 
 __all__ = ["load_official", "official_to_fastpeft", "Mapped", "SOURCES"]
 
-SOURCES = ("adaptformer", "ssf", "vpt", "noah", "fact", "convpass", "vqt")
+SOURCES = ("adaptformer", "ssf", "vpt", "noah", "fact", "convpass", "vqt", "conv_adapter")
 
 _QKV = {"adaptformer": ("q_proj", "k_proj", "v_proj"), "jeonsworld": ("query", "key", "value")}
 
@@ -101,6 +104,10 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
     unmapped: list[str] = []
     qkv_parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}  # (block, param) -> {q|k|v: (key, t)}
     dropped: list[str] = []
+    if source == "conv_adapter":
+        from .methods.conv_adapter import conv_adapter_official_keys
+
+        renamed, _ = conv_adapter_official_keys(state_dict)
 
     def put(new: str, key: str, t: torch.Tensor) -> None:
         if new in out:
@@ -146,6 +153,11 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
                     break
             else:
                 unmapped.append(key)
+        elif source == "conv_adapter":
+            if key in renamed:
+                put(renamed[key], key, t)
+            else:
+                unmapped.append(key)
         else:  # ssf, noah, fact, convpass: timm names already
             put(key, key, t)
 
@@ -170,7 +182,7 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
 
 def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str):
     """Map an official checkpoint of `source` ("adaptformer", "ssf", "vpt", "noah", "fact",
-    "convpass", "vqt") onto `model`'s names and load it with `load_state_dict(strict=False)`.
+    "convpass", "vqt", "conv_adapter") onto `model`'s names and load it with `load_state_dict(strict=False)`.
 
     Inject the matching method first (its parameters must exist to receive the checkpoint's).
     Raises ValueError, before anything is loaded, naming every checkpoint key that maps to no
@@ -191,7 +203,7 @@ def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
         arrow = src if origin[new] == [new] else f"{src} -> {new!r}"
         if new not in own:
             hint = ""
-            if any(s in new for s in ("prompt", "adapter", "FacT", "ssf_", "LoRA", "adaptmlp")):
+            if any(s in new for s in ("prompt", "adapter", "FacT", "ssf_", "LoRA", "adaptmlp", "tuning_module")):
                 hint = " (inject the method first)"
             problems.append(f"{arrow}: no such tensor in the model{hint}")
         elif tuple(own[new].shape) != tuple(t.shape):

@@ -199,6 +199,7 @@ SLOTS: dict[str, str] = {
     "block_in": "x -> x                 before norm1 (prompt insertion / replacement)",
     "attn_branch": "(x, h) -> delta     added to the attention residual, h = norm1(x) (Convpass)",
     "mlp_out": "(m) -> m                on the raw MLP output, before ls2 and DropPath (VPT adapter)",
+    "mlp_in": "y -> y                 before norm2, on the residual stream (ST-Adapter's pre-MLP adapter)",
     "ffn_out": "(f) -> f                on the drop-pathed FFN output (serial adapters)",
     "ffn_branch": "(y, h2) -> delta     added to the block output; y = residual stream, h2 = norm2(y)",
     "block_out": "x -> x                after the block (prompt removal)",
@@ -281,8 +282,11 @@ class PetlBlock:
             y = y + d
         return y
 
-    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False, block_out: bool = True) -> torch.Tensor:
+    def _mlp_half(self, y: torch.Tensor, branches_first: bool = False, block_out: bool = True,
+                  mlp_in: bool = True) -> torch.Tensor:
         slots = self._fastpeft_slots
+        for fn in slots["mlp_in"] if mlp_in else ():
+            y = fn(y)
         h2 = self.norm2(y)
         deltas = [fn(y, h2) for fn in slots["ffn_branch"]] if branches_first else None
         m = self.mlp(h2)
@@ -570,6 +574,13 @@ class Method:
 
     def validate(self, info: ViTInfo) -> None:
         pass
+
+    @classmethod
+    def model_info(cls, model: nn.Module) -> Any:
+        """Validate that `model` is of the family this method serves and read its shape facts (the
+        `info` that `validate` / `apply` receive): a timm ViT (`vit_info`) unless a method serves
+        another family (Conv-Adapter: fastpeft/methods/convnet.py)."""
+        return vit_info(model)
 
     def check(self, info: ViTInfo) -> None:
         """Every check `inject` runs before touching the model: each field against its annotation
