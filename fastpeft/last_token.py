@@ -74,7 +74,7 @@ def cls_only_why_not(model: nn.Module) -> str | None:
         return "the last block's attention is not timm's fused Attention"
     if type(last.mlp) is not Mlp:
         return "the last block's MLP is not timm's Mlp"
-    not_local = list(dict.fromkeys(type(fn).__name__ for s in ("attn_branch", "mlp_out", "ffn_out", "ffn_branch")
+    not_local = list(dict.fromkeys(type(fn).__name__ for s in ("attn_branch", "mlp_in", "mlp_out", "ffn_out", "ffn_branch")
                                    for fn in slots[s] if not fn.class_row_local))
     if not_local:
         return f"{', '.join(not_local)} in the last block reads other rows or draws its own randomness"

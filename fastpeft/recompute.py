@@ -232,7 +232,11 @@ def probe_reference(model: nn.Module) -> Probe | None:
     if size is None or not isinstance(proj, nn.Conv2d):
         return None
     p = next(model.parameters())
-    images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2, 4))
+    example = getattr(model.__dict__.get("forward"), "example_input", None)
+    if example is not None:  # a method's own forward that takes other inputs (ST-Adapter: clips of frames)
+        images = tuple(example(b) for b in (1, 2, 4))
+    else:
+        images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2, 4))
     return Probe(images, _saved_per_batch(model, images))
 
 
@@ -328,8 +332,9 @@ def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, float]:
         per_image = shape.numel() // shape[-1] // 4
         return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features / mod.weight.element_size()
     n, heads = shape[1], mod.num_heads
-    per_image = n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4)
-    return per_image, ATTENTION_COST * 4 * n * n * heads * mod.head_dim / per_image
+    seqs = max(1, shape[0] // 4)  # token sequences per probe input: 1 per image, T per clip of T frames
+    per_image = seqs * n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4)
+    return per_image, ATTENTION_COST * 4 * n * n * heads * mod.head_dim * seqs / per_image
 
 
 def _get(blk: nn.Module, get):
@@ -543,8 +548,10 @@ def recompute_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
         y = x + block.drop_path1(block.ls1(a))
         for fn in slots["attn_branch"]:
             y = y + checkpoint(_branch, fn, x, **plain)
+    for fn in slots["mlp_in"]:  # serial adapters before norm2 (ST-Adapter): outside the region, as block_in
+        y = fn(y)
     if any(fn.reads_norm for fn in slots["ffn_branch"]):
-        return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), **mlp_opts)
+        return checkpoint(block._mlp_half, y, _branches_first(block, "mlp"), True, False, **mlp_opts)
     if _runs_plain(block, "mlp"):
         m = _mlp_core(block, y, None)
     else:
