@@ -393,4 +393,8 @@ def demo_methods(args: argparse.Namespace, console: Console) -> list[MethodResul
     out = Path(getattr(args, "out", None) or "demo-results")
     paths = write_results(results, out, meta)
     console.print(f"results written to {out}/: " + ", ".join(p.name for p in paths), highlight=False)
+    if not getattr(args, "methods", None):  # the ConvNet / video families (fastpeft/demo_families.py)
+        from .demo_families import demo_families
+
+        demo_families(args, console, device)
     return results
