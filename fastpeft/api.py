@@ -16,6 +16,15 @@ def injections(model: nn.Module) -> list[Injection]:
     return list(st.injections) if st is not None else []
 
 
+def _model_info(model: nn.Module):
+    """The shape facts of an injected model, read (and validated) by the family its methods serve
+    (a ViT unless they say otherwise, e.g. Conv-Adapter's ConvNets)."""
+    st = state_of(model) if isinstance(model, nn.Module) else None
+    if st is not None and st.injections:
+        return type(st.injections[0].method).model_info(model)
+    return vit_info(model)
+
+
 def _refuse_if_patched(model: nn.Module, op: str) -> None:
     """The lifecycle rule for a patched model: only `patch` (again) and `unpatch` change it.
     inject / remove / merge / unmerge need the reference modules, so they ask for the order that
@@ -64,7 +73,7 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
             raise TypeError(f"method must be a fastpeft method config instance: use fastpeft.{method.__name__}(), "
                             f"not the class {method.__name__}")
         raise TypeError(f"method must be a fastpeft method config (e.g. fastpeft.LoRA()), got {type(method).__name__}")
-    info = vit_info(model)
+    info = method.model_info(model)
     _refuse_if_patched(model, "inject")
     st = state_of(model)
     if st is not None:
@@ -109,7 +118,7 @@ def remove(model: nn.Module, method: type[Method] | Method | str | None = None) 
     nothing, when that method is not injected, is merged (unmerge first) or the model is patched
     (unpatch first)."""
     cls = _method_class(method)
-    vit_info(model)
+    _model_info(model)
     st = state_of(model)
     if st is None or not st.injections:
         raise ValueError("no fastpeft method is injected into this model")
@@ -161,7 +170,7 @@ def merge(model: nn.Module) -> nn.Module:
     weights. Afterwards the forward is a plain timm model's (no hooks, no extra modules, no
     extra state-dict keys); `unmerge` restores the injected form exactly (the original frozen
     tensors are kept, not recomputed by subtraction)."""
-    info = vit_info(model)
+    info = _model_info(model)
     injs = injections(model)
     if not injs:
         raise ValueError("nothing to merge: no fastpeft method is injected into this model")
@@ -206,7 +215,7 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: restore the frozen tensors and re-attach the method modules."""
-    vit_info(model)
+    _model_info(model)
     injs = [i for i in injections(model) if i.merged]
     if not injs:
         raise ValueError("nothing to unmerge: no merged fastpeft method in this model")

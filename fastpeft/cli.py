@@ -143,6 +143,10 @@ def demo(args: argparse.Namespace, console: Console) -> int:
     console.print(f"scale_shift max relative error vs reference: {worst:.2e}")
 
     demo_methods(args, console)
+    if not getattr(args, "methods", None):  # the ConvNet / video families (fastpeft/demo_families.py)
+        from fastpeft.demo_families import demo_families
+
+        demo_families(args, console, device)
     return 1 if failed else 0
 
 

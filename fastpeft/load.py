@@ -31,6 +31,14 @@ vpt, vqt (KMnP/vpt, andytu28/VQT: the jeonsworld ViT port inside `enc.`; the lea
     The jeonsworld layers are torch nn.Linear / nn.Conv2d (its `load_from` already converted the JAX
     kernels), so no tensor is transposed; only q/k/v are concatenated.
 
+conv_adapter (Hhhhhhao/Conv-Adapter; ResNet or FB ConvNeXt names): `conv_adapter_official_keys` in
+fastpeft/methods/conv_adapter.py (head.linear -> fc / head.fc, FB ConvNeXt -> timm ConvNeXt names).
+
+st_adapter (linziyi96/st-adapter; OpenAI CLIP visual names): `st_adapter_official_key` in
+fastpeft/methods/st_adapter.py (transformer.resblocks.i.adapter_pre_{attn,mlp}.* ->
+blocks.i.adapter_pre_*, fc -> head, CLIP backbone names as timm's `_convert_openai_clip`); CLIP's
+`proj` is dropped, with a warning.
+
 ssf, noah, fact, convpass: the official code uses timm names already; keys pass through unchanged
 (and are validated like the others).
 
@@ -47,7 +55,7 @@ from torch import nn
 
 __all__ = ["load_official", "official_to_fastpeft", "Mapped", "SOURCES"]
 
-SOURCES = ("adaptformer", "ssf", "vpt", "noah", "fact", "convpass", "vqt")
+SOURCES = ("adaptformer", "ssf", "vpt", "noah", "fact", "convpass", "vqt", "conv_adapter", "st_adapter")
 
 _QKV = {"adaptformer": ("q_proj", "k_proj", "v_proj"), "jeonsworld": ("query", "key", "value")}
 
@@ -101,6 +109,10 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
     unmapped: list[str] = []
     qkv_parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}  # (block, param) -> {q|k|v: (key, t)}
     dropped: list[str] = []
+    if source == "conv_adapter":
+        from .methods.conv_adapter import conv_adapter_official_keys
+
+        renamed, _ = conv_adapter_official_keys(state_dict)
 
     def put(new: str, key: str, t: torch.Tensor) -> None:
         if new in out:
@@ -146,6 +158,21 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
                     break
             else:
                 unmapped.append(key)
+        elif source == "conv_adapter":
+            if key in renamed:
+                put(renamed[key], key, t)
+            else:
+                unmapped.append(key)
+        elif source == "st_adapter":
+            from .methods.st_adapter import ST_ADAPTER_DROPPED, st_adapter_official_key, st_adapter_official_tensor
+
+            new = st_adapter_official_key(key)
+            if key in ST_ADAPTER_DROPPED:
+                dropped.append(key)
+            elif new is None:
+                unmapped.append(key)
+            else:
+                put(new, key, st_adapter_official_tensor(key, t))
         else:  # ssf, noah, fact, convpass: timm names already
             put(key, key, t)
 
@@ -170,7 +197,7 @@ def official_to_fastpeft(state_dict: Mapping[str, torch.Tensor], source: str) ->
 
 def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str):
     """Map an official checkpoint of `source` ("adaptformer", "ssf", "vpt", "noah", "fact",
-    "convpass", "vqt") onto `model`'s names and load it with `load_state_dict(strict=False)`.
+    "convpass", "vqt", "conv_adapter", "st_adapter") onto `model`'s names and load it with `load_state_dict(strict=False)`.
 
     Inject the matching method first (its parameters must exist to receive the checkpoint's).
     Raises ValueError, before anything is loaded, naming every checkpoint key that maps to no
@@ -191,14 +218,17 @@ def load_official(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
         arrow = src if origin[new] == [new] else f"{src} -> {new!r}"
         if new not in own:
             hint = ""
-            if any(s in new for s in ("prompt", "adapter", "FacT", "ssf_", "LoRA", "adaptmlp")):
+            if any(s in new for s in ("prompt", "adapter", "FacT", "ssf_", "LoRA", "adaptmlp", "tuning_module")):
                 hint = " (inject the method first)"
             problems.append(f"{arrow}: no such tensor in the model{hint}")
         elif tuple(own[new].shape) != tuple(t.shape):
             problems.append(f"{arrow}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[new].shape)}")
     if problems:
         raise ValueError(f"cannot load the {source} checkpoint into this model:\n  " + "\n  ".join(problems))
-    if dropped:
+    if dropped and source == "st_adapter":
+        warnings.warn(f"{source} checkpoint: dropping CLIP's text projection ({', '.join(dropped)}); the video "
+                      "head is `head` (official `fc`)", stacklevel=2)
+    elif dropped:
         warnings.warn(
             f"{source} checkpoint: dropping the BatchNorm1d before the head ({', '.join(dropped)}); "
             "fastpeft's head is the plain linear `head` (the official linear-probe head normalises its "

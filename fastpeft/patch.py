@@ -351,7 +351,7 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
     `fastpeft.inject`, `remove`, `merge` and `unmerge` refuse it with a ValueError asking for
     `unpatch` first (they work on the reference modules), and `patch(model)` again afterwards.
     """
-    info = vit_info(model)
+    info = _family_info(model)
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute must be a bool, got {recompute!r}")
     resolved = resolve_backend(backend, _model_device(model))
@@ -372,18 +372,33 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
         raise
 
 
+def _family_info(model: nn.Module):
+    """`vit_info(model)`, or the shape facts of the family the injected methods serve (ConvNets:
+    fastpeft/methods/convnet.py), which also picks the rules."""
+    from .api import _model_info
+
+    return _model_info(model)
+
+
 def _patch(model: nn.Module, info: ViTInfo, resolved: str, recompute: bool) -> PatchReport:
     report = PatchReport(backend=resolved, recompute=recompute)
+    vit = isinstance(info, ViTInfo)
     probe = None
-    if recompute:  # the reference's saved bytes per block, measured before anything is swapped
+    if recompute and vit:  # the reference's saved bytes per block, measured before anything is swapped
         from .recompute import probe_reference
 
         probe = probe_reference(model)
     undo: list[tuple[Rule, Any]] = []
-    for rule in _all_rules(report):
+    if vit:
+        rules = _all_rules(report)
+    else:
+        from .fused.conv_adapter import convnet_rules
+
+        rules = convnet_rules()
+    for rule in rules:
         for rec in rule.apply(model, info, resolved, recompute, report):
             undo.append((rule, rec))
-    if recompute:
+    if recompute and vit:
         _RECOMPUTE.finish(model, probe, report)
     if undo:
         model.__dict__["_fastpeft_patch"] = _PatchState(resolved, recompute, report, undo)

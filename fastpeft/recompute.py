@@ -233,7 +233,11 @@ def probe_reference(model: nn.Module) -> Probe | None:
     if size is None or not isinstance(proj, nn.Conv2d):
         return None
     p = next(model.parameters())
-    images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2, 4))
+    example = getattr(model.__dict__.get("forward"), "example_input", None)
+    if example is not None:  # a method's own forward that takes other inputs (ST-Adapter: clips of frames)
+        images = tuple(example(b) for b in (1, 2, 4))
+    else:
+        images = tuple(torch.randn(b, proj.in_channels, *size, device=p.device, dtype=p.dtype) for b in (1, 2, 4))
     return Probe(images, _saved_per_batch(model, images))
 
 
@@ -329,8 +333,9 @@ def _option(mod: nn.Module, shape: torch.Size) -> tuple[int, float]:
         per_image = shape.numel() // shape[-1] // 4
         return per_image * mod.out_features * mod.weight.element_size(), 2 * mod.in_features / mod.weight.element_size()
     n, heads = shape[1], mod.num_heads
-    per_image = n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4)
-    return per_image, ATTENTION_COST * 4 * n * n * heads * mod.head_dim / per_image
+    seqs = max(1, shape[0] // 4)  # token sequences per probe input: 1 per image, T per clip of T frames
+    per_image = seqs * n * (heads * mod.head_dim * mod.qkv.weight.element_size() + heads * 4)
+    return per_image, ATTENTION_COST * 4 * n * n * heads * mod.head_dim * seqs / per_image
 
 
 def _get(blk: nn.Module, get):

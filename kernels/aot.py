@@ -27,7 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 # Per-block dynamic shared memory limits (bytes), engineering guide §3.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 MODULES = ("fastpeft.kernels.adapter", "fastpeft.kernels.ssf", "fastpeft.kernels.lowrank",
-           "fastpeft.kernels.convpass")
+           "fastpeft.kernels.convpass", "fastpeft.kernels.st_adapter",
+           "fastpeft.kernels.conv_adapter")
 DIVISIBLE_INTS = ("D",)  # integer args compiled as multiples of 16 (see docstring)
 
 

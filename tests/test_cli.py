@@ -20,6 +20,7 @@ def test_demo_quick(tmp_path):
     assert "MISMATCH" not in out.stdout
     assert "recompute" in out.stdout and "results written to" in out.stdout
     assert (tmp_path / "res" / "demo.md").exists()
+    assert "Conv-Adapter" in out.stdout and "ST-Adapter" in out.stdout  # the ConvNet / video section
 
 
 def test_info(tmp_path):

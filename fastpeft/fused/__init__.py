@@ -12,5 +12,6 @@ def rules():
     from .convpass import ConvpassRule
     from .lowrank import LowRankRule
     from .ssf import SSFRule
+    from .st_adapter import STAdapterRule
 
-    return [SSFRule(), LowRankRule(), AdapterRule(), ConvpassRule()]
+    return [SSFRule(), LowRankRule(), AdapterRule(), ConvpassRule(), STAdapterRule()]

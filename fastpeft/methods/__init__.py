@@ -10,7 +10,9 @@ from .fact import FacT
 from .kadaptation import KAdaptation
 from .ssf import SSF
 from .bitfit import BitFit, LinearProbe
+from .conv_adapter import ConvAdapter
+from .st_adapter import STAdapter
 from .base import Method, ViTInfo, vit_info
 
 __all__ = ["Method", "ViTInfo", "vit_info", "AdaptFormer", "Adapter", "Convpass", "VPT", "VQT", "NOAH",
-           "LoRA", "FacT", "KAdaptation", "SSF", "BitFit", "LinearProbe"]
+           "LoRA", "FacT", "KAdaptation", "SSF", "BitFit", "LinearProbe", "ConvAdapter", "STAdapter"]

@@ -523,6 +523,13 @@ class Method:
     def validate(self, info: ViTInfo) -> None:
         pass
 
+    @classmethod
+    def model_info(cls, model: nn.Module) -> Any:
+        """Validate that `model` is of the family this method serves and read its shape facts (the
+        `info` that `validate` / `apply` receive): a timm ViT (`vit_info`) unless a method serves
+        another family (Conv-Adapter: fastpeft/methods/convnet.py)."""
+        return vit_info(model)
+
     def check(self, info: ViTInfo) -> None:
         """Every check `inject` runs before touching the model: each field against its annotation
         (`check_fields`), then the method's own `validate(info)`."""

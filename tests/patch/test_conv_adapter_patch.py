@@ -1,0 +1,119 @@
+"""fastpeft.patch on a Conv-Adapter ConvNet (ResNet-50 / ConvNeXt): the fused epilogues
+(kernels/conv_adapter.py) and recompute (block checkpointing) give the reference model's logits,
+gradients and BatchNorm statistics; recompute keeps at most 0.4x of the reference's saved bytes;
+unpatch restores the reference; torch.compile(fullgraph=True) runs the patched model."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft.profile import saved_activation_bytes  # noqa: E402
+from tests.methods.conftest import grads_of  # noqa: E402
+
+
+def build(name="resnet", reduction=8, **kw):
+    """resnet: timm's ResNet with one Bottleneck per stage (resnet50's blocks and widths);
+    convnext: a small timm ConvNeXt (depths 1, 1, 2, 1); "resnet50": the real one."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    if name == "resnet":
+        m = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5)
+    elif name == "convnext":
+        m = ConvNeXt(depths=(1, 1, 2, 1), dims=(32, 64, 96, 128), num_classes=5)
+    else:
+        m = timm.create_model(name, pretrained=False, num_classes=5)
+    fastpeft.inject(m, fastpeft.ConvAdapter(reduction=reduction, **kw))
+    if name == "convnext":
+        with torch.no_grad():
+            for blk in m.modules():
+                if isinstance(getattr(blk, "gamma", None), torch.nn.Parameter):
+                    blk.gamma.fill_(0.5)
+    return m
+
+
+def step(m, x):
+    m.zero_grad(set_to_none=True)
+    loss = m(x).square().mean()
+    loss.backward()
+    return loss.detach(), grads_of(m)
+
+
+def _bn_state(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def _close(a, b, tol):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
+@pytest.mark.parametrize("name", ["resnet", "convnext"])
+def test_patched_equals_reference(name, recompute, backend):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = build(name)
+    ref.train()
+    loss0, g0 = step(ref, x)
+    bn0 = _bn_state(ref)
+    m = build(name)
+    m.train()
+    report = fastpeft.patch(m, backend=backend, recompute=recompute)
+    assert any("Conv-Adapters" in w for w, _, _ in report.patched), str(report)
+    loss1, g1 = step(m, x)
+    _close(loss1, loss0, 1e-5)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        _close(g1[n], g0[n], 1e-4)
+    bn1 = _bn_state(m)  # train-mode BN statistics updated exactly once, also under recompute
+    for k in bn0:
+        _close(bn1[k].float(), bn0[k].float(), 1e-5)
+    fastpeft.unpatch(m)
+    assert not any(type(v).__name__.startswith(("Fused", "Checkpointed")) for mod in m.modules()
+                   for v in mod.__dict__.values())
+
+
+def test_patch_keeps_parameters_and_names():
+    m = build()
+    before = dict(m.named_parameters())
+    keys = list(m.state_dict())
+    fastpeft.patch(m, backend="torch", recompute=True)
+    assert list(m.state_dict()) == keys
+    assert all(p is before[n] for n, p in m.named_parameters())
+    with pytest.raises(ValueError, match="unpatch"):
+        fastpeft.remove(m)
+
+
+def test_saved_bytes():
+    m = build("resnet50")
+    m.train()
+    x = torch.randn(2, 3, 96, 96)
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch")
+    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch", recompute=True)
+    kept = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert fused < ref, (fused / ref, fused, ref)
+    assert kept <= 0.4 * ref, (kept / ref, kept, ref)
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 32, 32)
+    m = build("convnext")
+    loss0, g0 = step(m, x)
+    fastpeft.patch(m, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    m.zero_grad(set_to_none=True)
+    loss = compiled(x).square().mean()
+    loss.backward()
+    _close(loss.detach(), loss0, 1e-5)
+    for n, g in grads_of(m).items():
+        _close(g, g0[n], 1e-4)

@@ -1,0 +1,111 @@
+"""fastpeft.patch on an ST-Adapter video model: the fused serial adapters (kernels/st_adapter.py)
+and recompute give the reference model's logits and gradients; recompute keeps at most 0.4x of the
+reference's saved bytes; torch.compile(fullgraph=True) runs the patched model; a clip with the wrong
+frame count is refused before any kernel runs."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft.profile import saved_activation_bytes  # noqa: E402
+from tests.methods.conftest import grads_of  # noqa: E402
+
+
+def build(positions=("attn", "mlp"), frames=3, depth=2, img=48, embed_dim=64, heads=2, seed=0):
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, num_classes=5, depth=depth,
+                          img_size=img, embed_dim=embed_dim, num_heads=heads)
+    fastpeft.inject(m, fastpeft.STAdapter(width=16, positions=positions, frames=frames))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".adapter_pre_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def clips(B=2, T=3, img=48, seed=2):
+    return torch.randn(B, T, 3, img, img, generator=torch.Generator().manual_seed(seed))
+
+
+def step(m, x):
+    m.zero_grad(set_to_none=True)
+    loss = m(x).square().mean()
+    loss.backward()
+    return loss.detach(), grads_of(m)
+
+
+def _close(a, b, tol):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
+@pytest.mark.parametrize("positions", [("mlp",), ("attn", "mlp")], ids=["mlp", "attn+mlp"])
+def test_patched_equals_reference(backend, recompute, positions):
+    m, x = build(positions), clips()
+    loss0, g0 = step(m, x)
+    report = fastpeft.patch(m, backend=backend, recompute=recompute)
+    assert any("STAdapter" in w for w, _, _ in report.patched), str(report)
+    loss1, g1 = step(m, x)
+    _close(loss1, loss0, 1e-5)
+    assert g1.keys() == g0.keys() and len(g0) == 2 + 6 * len(positions) * 2
+    for n in g0:
+        _close(g1[n], g0[n], 1e-4)
+    fastpeft.unpatch(m)
+    loss2, g2 = step(m, x)
+    assert torch.equal(loss2, loss0)
+
+
+def test_patch_keeps_parameters_and_names():
+    m = build()
+    before = {n: p for n, p in m.named_parameters()}
+    keys = list(m.state_dict())
+    fastpeft.patch(m, backend="torch")
+    assert list(m.state_dict()) == keys
+    assert all(p is before[n] for n, p in m.named_parameters())
+
+
+def test_recompute_saves_at_most_0_4x():
+    # ViT-S width, 6 blocks, 101 tokens per frame, 2 clips of 2 frames (ViT-B/16 x 8 frames: the bench)
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, depth=6, img_size=160)
+    fastpeft.inject(m, fastpeft.STAdapter(width=192, frames=2))
+    x = clips(B=2, T=2, img=160)
+    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch")
+    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch", recompute=True)
+    kept = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
+    assert fused < ref, (fused / ref, fused, ref)
+    assert kept <= 0.4 * ref, (kept / ref, kept, ref)
+
+
+def test_torch_compile_fullgraph():
+    m, x = build(), clips()
+    loss0, g0 = step(m, x)
+    fastpeft.patch(m, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    m.zero_grad(set_to_none=True)
+    loss = compiled(x).square().mean()
+    loss.backward()
+    _close(loss.detach(), loss0, 1e-5)
+    for n, g in grads_of(m).items():
+        _close(g, g0[n], 1e-4)
+
+
+def test_wrong_frame_count_is_refused_before_any_kernel():
+    m = build()
+    fastpeft.patch(m, backend="triton")
+    with pytest.raises(ValueError, match="clips of 3 frames, got 4"):
+        m(clips(T=4))
+    blk = m.blocks[0]
+    with pytest.raises(ValueError, match="3 frames per clip; 4 frames"):
+        blk._fastpeft_slots["block_in"][0](torch.randn(4, 10, 64))
