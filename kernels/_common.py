@@ -376,10 +376,19 @@ def rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, 
     """fp32 [BLOCK_M, R_PAD] = drop(X[rows, :D]) @ P^T with D streamed in BLOCK_K chunks; X is
     [M, D] contiguous, P[r, k] sits at r * stride_pr + k * stride_pk. Padded rank columns stay
     exactly 0. IN_DROP drops X's elements (offsets row * D + col)."""
+    return rank_down_range(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, 0, D, SEED, p, inv_keep,
+                           IN_DROP, BLOCK_M, BLOCK_K, R_PAD, PREC)
+
+
+@triton.jit
+def rank_down_range(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, K0, K_END, SEED, p, inv_keep,
+                    IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                    PREC: tl.constexpr):
+    """`rank_down` over the columns K0:K_END only (one split of a split-K grid)."""
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(K0, K_END, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < D
+        cmask = cols < K_END
         x = tl.load(X + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         if IN_DROP:
             x = (x.to(tl.float32) * keep_scale(SEED, rows64, cols, D, p, inv_keep)).to(X.dtype.element_ty)
@@ -396,10 +405,17 @@ def rank_down_t(G, WT, rows64, rmask, rk, kmask, D, R, BLOCK_M: tl.constexpr, BL
     in the backward), D streamed in BLOCK_N chunks. `rank_down` with P = WT^T computes the same,
     but its address and mask order changed the backward kernels' register allocation
     (kernels/aot.py), so this keeps the loop those kernels were tuned with."""
+    return rank_down_t_range(G, WT, rows64, rmask, rk, kmask, D, 0, D, R, BLOCK_M, BLOCK_N, R_PAD, PREC)
+
+
+@triton.jit
+def rank_down_t_range(G, WT, rows64, rmask, rk, kmask, D, N0, N_END, R, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr):
+    """`rank_down_t` over the columns N0:N_END of G only (one split of a split-K grid)."""
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
+    for n0 in range(N0, N_END, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < D
+        cmask = cols < N_END
         g = tl.load(G + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         wt = tl.load(WT + cols[:, None] * R + rk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(g, wt, acc, input_precision=PREC)

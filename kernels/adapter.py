@@ -525,7 +525,10 @@ def adapter_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: f
     return _fwd_launch(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed, save)
 
 
-FINISH_BLOCK = 1024
+#: elements per program of the finish kernel: small, so that its grid (D * R / FINISH_BLOCK: 192
+#: programs at ViT-B width and rank 8) still fills one wave of a 132-SM GPU; one warp each
+FINISH_BLOCK = 32
+FINISH_WARPS = 1
 
 
 def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
@@ -578,7 +581,7 @@ def _bwd_launch(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: 
     _adapter_bwd_finish_kernel[(cdiv(d * r, FINISH_BLOCK),)](
         pwu, pwd, pbu, pbd, pds, b_up if b_up is not None else dx, st, dwu, dwd, dbu, dbd, ds,
         d, r, s_splits, p1, float(scale), use_st, int(b_up is not None), int(scale_t is not None),
-        R_PAD=rp, BLOCK=FINISH_BLOCK, num_warps=4)
+        R_PAD=rp, BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
     return dx.view(x.shape), dwd, dbd, dwu, dbu, ds if scale_t is not None else None
 
 
@@ -873,7 +876,8 @@ def aot_specs():
                    "D": "i32", "R": "i32", "S": "i32", "P1": "i32", "scale": "fp32", "use_scale_t": "i32",
                    "has_bu": "i32", "want_ds": "i32"}
             specs.append(("adapter_bwd_finish", _adapter_bwd_finish_kernel, sig,
-                          dict(R_PAD=rp, BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1),
+                          dict(R_PAD=rp, BLOCK=FINISH_BLOCK), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=FINISH_WARPS,
+                                                                  num_stages=1),
                           str(dt)))
     specs.append(("philox_rand", _philox_rand_kernel, {"SEED": "*i64", "OUT": "*fp32", "N": "i32"},
                   dict(BLOCK=1024), Cfg(BLOCK_M=0, BLOCK_N=0, num_warps=4, num_stages=1), "fp32"))

@@ -259,19 +259,31 @@ def bench_launches(sms: int = 132) -> list[dict]:
         for cls, run_ in saved_run:
             cls.run = run_
         _common.interpreting, _common._backend = saved
+        for key in [k for k in _common._SPLIT_WS if k[0].type == "meta"]:  # (the recorded launches' scratch)
+            del _common._SPLIT_WS[key]
     return rows
 
 
 def _attach_resources(launches: list[dict], rows: list[dict]) -> None:
     """Registers / shared memory of the compiled config each launch uses (fp32, per arch)."""
-    def norm(cfg: str) -> frozenset:
-        return frozenset(x for x in cfg.split(",") if not x.startswith("PREC="))
+    def norm(cfg: str, stages: bool = True) -> frozenset:
+        # PREC: the launch's own choice (ieee here, no GPU); True/False vs 1/0; a launch that
+        # leaves num_stages to triton's default matches on the rest
+        out = set()
+        for x in cfg.split(","):
+            k, _, v = x.partition("=")
+            if k == "PREC" or (k == "s" and not stages):
+                continue
+            out.add((k, {"True": "1", "False": "0"}.get(v, v)))
+        return frozenset(out)
 
     for ln in launches:
+        stages = not ln["config"].endswith(",s=None")
         for r in rows:
-            if r["kernel"] == ln["kernel"].lstrip("_").replace("_kernel", "") or \
-                    f"_{r['kernel']}_kernel" == ln["kernel"]:
-                if r["dtype"] == "float32" and norm(r["config"]) == norm(ln["config"]):
+            # (spec names extend the kernel's: lowrank_down_indrop, lowrank_gemm_dx_drop; the
+            # constexprs tell them apart)
+            if r["kernel"].startswith(ln["kernel"].lstrip("_").replace("_kernel", "")):
+                if r["dtype"] == "float32" and norm(r["config"], stages) == norm(ln["config"], stages):
                     ln[f"regs_sm{r['arch']}"] = r["regs"]
                     ln[f"shared_sm{r['arch']}"] = r["shared"]
 

@@ -36,8 +36,8 @@ import math
 import torch
 
 from ._common import (CheckedSignatures, check_dropout, check_p, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy,
-                      inv_keep, keep_scale, column_splits, rank_down_t, rank_up_store, row_rank_tile, rows_of, seed_or_zero,
-                      tl, triton, use_triton,
+                      inv_keep, keep_scale, column_splits, last_split, rank_down_t, rank_down_t_range, rank_up_store,
+                      row_rank_tile, split_workspace, rows_of, seed_or_zero, tl, triton, use_triton,
                       dot_precision, with_tf32_variants)
 from .adapter import Cfg, dropout_keep_mask
 from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, r_pad_of
@@ -102,7 +102,7 @@ def _convpass_up_fwd_kernel(
         tl.store(OUT + offs, o.to(OUT.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "use_dropout"])
+@triton.jit(do_not_specialize=["M", "R", "p", "inv_keep", "scale", "use_dropout", "k_split", "S"])
 def _convpass_up_bwd_kernel(
     G,      # [M, D] grad of out (x dtype), contiguous
     C,      # [M, R] saved conv output
@@ -110,11 +110,35 @@ def _convpass_up_bwd_kernel(
     SEED,   # [1] int64
     DC,     # [M, R] out: grad of c (x dtype)
     H,      # [M, R] out: drop(QuickGELU(c)) (x dtype), for dW_u
+    PS,     # [S, M, R_PAD] fp32 scratch: per-split partial g @ W_u (read when S > 1)
+    LOCK,   # [>= row blocks] int32 arrival counters, zero (left zero)
     M, D, R, p, inv_keep, scale, use_dropout,
+    k_split, S,  # columns of D per split (a multiple of BLOCK_N) and splits (grid axis 1)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
 ):
-    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
-    dh = rank_down_t(G, WU, rows64, rmask, rk, kmask, D, R, BLOCK_M, BLOCK_N, R_PAD, PREC)
+    # grid (row blocks, K splits): as kernels/lowrank.py's down kernel, the D reduction of dh is
+    # split when rows are few; the last split of a row block sums the partials and writes DC, H
+    pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_k = tl.program_id(1)
+    dh = rank_down_t_range(G, WU, rows64, rmask, rk, kmask, D, pid_k * k_split,
+                           tl.minimum(D, (pid_k + 1) * k_split), R, BLOCK_M, BLOCK_N, R_PAD, PREC)
+    last = S == 1
+    if S > 1:
+        poffs = rows64[:, None] * R_PAD + rk[None, :]
+        tl.store(PS + pid_k.to(tl.int64) * M * R_PAD + poffs, dh, mask=rmask[:, None])
+        last = last_split(LOCK, pid, S)
+        if last:
+            dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for i in range(0, S):
+                dh += tl.load(PS + i * M * R_PAD + poffs, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(LOCK + pid, 0)
+    if last:
+        _convpass_up_bwd_epilogue(dh, C, SEED, DC, H, rows64, rmask, rk, kmask, R, p, inv_keep, scale,
+                                  use_dropout)
+
+
+@triton.jit
+def _convpass_up_bwd_epilogue(dh, C, SEED, DC, H, rows64, rmask, rk, kmask, R, p, inv_keep, scale, use_dropout):
     rkmask = rmask[:, None] & kmask[None, :]
     offs = rows64[:, None] * R + rk[None, :]
     c = tl.load(C + offs, mask=rkmask, other=0.0).to(tl.float32)
@@ -326,9 +350,12 @@ def _up_bwd_launch(grad_out, c, w_up, scale: float, p: float, seed):
     h = torch.empty((m, d), dtype=dt, device=dev)
     if m:
         dp, cf = _config("convpass_up_bwd", d, c)
-        _convpass_up_bwd_kernel[(cdiv(m, cf.BLOCK_M),)](
-            g2, c2, w_up.contiguous(), seed_or_zero(seed, p, dev), dc, h,
-            m, D, d, float(p), inv_keep(p), float(scale), int(p > 0.0),
+        rb = cdiv(m, cf.BLOCK_M)
+        k_split, splits = column_splits(D, cf.BLOCK_N, rb, dev)  # (splits of the reduction here)
+        ps, lock = split_workspace(dev, splits * m * dp, rb) if splits > 1 else (dummy(dev), dummy(dev))
+        _convpass_up_bwd_kernel[(rb, splits)](
+            g2, c2, w_up.contiguous(), seed_or_zero(seed, p, dev), dc, h, ps, lock,
+            m, D, d, float(p), inv_keep(p), float(scale), int(p > 0.0), k_split, splits,
             BLOCK_M=cf.BLOCK_M, BLOCK_N=cf.BLOCK_N, R_PAD=dp, PREC=dot_precision(dt, dev), num_warps=cf.num_warps,
             num_stages=cf.num_stages)
     # dW_u = s g^T h on the vendor BLAS (contiguous, as the registered fake promises); db_u = s colsum(g)
@@ -726,8 +753,9 @@ def aot_specs():
             specs.append(("convpass_up_fwd", _convpass_up_fwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_up_bwd"][(dp, dt.itemsize)]
-            sig = {"G": P, "C": P, "WU": P, "SEED": "*i64", "DC": P, "H": P, "M": "i32", "D": "i32",
-                   "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "use_dropout": "i32"}
+            sig = {"G": P, "C": P, "WU": P, "SEED": "*i64", "DC": P, "H": P, "PS": "*fp32", "LOCK": "*i32",
+                   "M": "i32", "D": "i32", "R": "i32", "p": "fp32", "inv_keep": "fp32", "scale": "fp32",
+                   "use_dropout": "i32", "k_split": "i32", "S": "i32"}
             specs.append(("convpass_up_bwd", _convpass_up_bwd_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC="ieee"), c, str(dt)))
             c = CONFIGS["convpass_down_bwd"][(dp, dt.itemsize)]

@@ -49,8 +49,9 @@ import math
 
 import torch
 
-from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, keep_scale,
-                      next_pow2, rank_down, row_rank_tile, row_splits, rows_of, seed_or_zero, tl, triton,
+from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv,
+                      check_tensor, describe, dummy, inv_keep, keep_scale, column_splits, last_split, next_pow2, rank_down,
+                      rank_down_range, row_rank_tile, split_workspace, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from .adapter import Cfg, dropout_keep_mask
 
@@ -65,16 +66,18 @@ CONFIGS: dict[str, dict[int, Cfg]] = {
     # keyed by (R_PAD, IN_DROP): acc [BLOCK_M, R_PAD] fp32 in registers, D streamed in BLOCK_K
     # chunks. BLOCK_K 64 spilled for fp32 on sm_80 (the ieee fp32 dot is FMA: STACK up to 3568
     # at R_PAD 32/64), and with IN_DROP (a Philox number per x element of the tile, NOAH's input
-    # dropout) up to 1176: every variant streams 32 columns.
+    # dropout) up to 1176: every variant streams 32 columns. R_PAD 128 spilled in fp32 (STACK
+    # 24-32) once the split-K partials are summed in the kernel: 32-row tiles there (16 with
+    # IN_DROP: STACK 8 at 32 on sm_80).
     "lowrank_down": {
         (16, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
         (32, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
         (64, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
-        (128, 0): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+        (128, 0): Cfg(BLOCK_M=32, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
         (16, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
         (32, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=4, num_stages=2),
         (64, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
-        (128, 1): Cfg(BLOCK_M=64, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
+        (128, 1): Cfg(BLOCK_M=16, BLOCK_N=0, BLOCK_K=32, num_warps=8, num_stages=2),
     },
     # keyed by (LR_MASK, element bytes); R is a runtime loop bound over BLOCK_K chunks, like D.
     # 128x128x32 tiles, 3 stages, 48 KiB shared in fp16/bf16. fp32 (an ieee dot: FMA, no tensor
@@ -116,7 +119,7 @@ def _quick_gelu(a):
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_pr", "stride_pk", "p", "inv_keep", "scale",
-                               "out_drop", "has_bias", "act", "save_pre"])
+                               "out_drop", "has_bias", "act", "save_pre", "k_split", "S"])
 def _lowrank_down_kernel(
     X,      # [M, D] input rows (x dtype), contiguous
     P,      # [R, D] down matrix, element (r, k) at r * stride_pr + k * stride_pk
@@ -124,14 +127,40 @@ def _lowrank_down_kernel(
     SEED,   # [1]    int64, read when in_drop or out_drop
     OUT,    # [M, R] output (x dtype)
     PRE,    # [M, R] fp32 pre-activation (after bias, before act/dropout), written when save_pre
+    PS,     # [S, M, R_PAD] fp32 scratch: per-split partial products (read when S > 1)
+    LOCK,   # [>= row blocks] int32 arrival counters, zero (left zero)
     M, D, R, stride_pr, stride_pk, p, inv_keep, scale, out_drop, has_bias, act, save_pre,
+    k_split, S,  # columns of D per split (a multiple of BLOCK_K) and splits (grid axis 1)
     IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,  # tl.dot input_precision for fp32 ("ieee" | "tf32", `dot_precision`)
 ):
-    _, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
-    acc = rank_down(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, SEED, p, inv_keep,
-                    IN_DROP, BLOCK_M, BLOCK_K, R_PAD, PREC)
+    # grid (row blocks, K splits): with few rows the D reduction is split over S programs per row
+    # block (the grid fills the GPU); each stores its fp32 partial, the last to arrive sums them
+    # in split order (deterministic, `_common.last_split`) and runs the epilogue.
+    pid, rows64, rmask, rk, kmask = row_rank_tile(M, R, BLOCK_M, R_PAD)
+    pid_k = tl.program_id(1)
+    acc = rank_down_range(X, P, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, pid_k * k_split,
+                          tl.minimum(D, (pid_k + 1) * k_split), SEED, p, inv_keep, IN_DROP, BLOCK_M, BLOCK_K,
+                          R_PAD, PREC)
     rkmask = rmask[:, None] & kmask[None, :]
+    last = S == 1
+    if S > 1:
+        poffs = rows64[:, None] * R_PAD + rk[None, :]
+        tl.store(PS + pid_k.to(tl.int64) * M * R_PAD + poffs, acc, mask=rmask[:, None])
+        last = last_split(LOCK, pid, S)
+        if last:
+            acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for i in range(0, S):
+                acc += tl.load(PS + i * M * R_PAD + poffs, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(LOCK + pid, 0)
+    if last:
+        _lowrank_down_epilogue(acc, BIAS, SEED, OUT, PRE, rows64, rk, kmask, rkmask, R, p, inv_keep, scale,
+                               out_drop, has_bias, act, save_pre)
+
+
+@triton.jit
+def _lowrank_down_epilogue(acc, BIAS, SEED, OUT, PRE, rows64, rk, kmask, rkmask, R, p, inv_keep, scale,
+                           out_drop, has_bias, act, save_pre):
     offs = rows64[:, None] * R + rk[None, :]
     if has_bias:
         acc += tl.load(BIAS + rk, mask=kmask, other=0.0).to(tl.float32)[None, :]
@@ -259,11 +288,17 @@ def launch_down(x2, p_mat, stride_pr, stride_pk, r, *, bias=None, act=ACT_NONE, 
     rp = r_pad_of(r)
     in_drop = int(in_drop and p > 0)
     c = CONFIGS["lowrank_down"][(rp, in_drop)]
-    _lowrank_down_kernel[(cdiv(m, c.BLOCK_M),)](
+    row_blocks = cdiv(m, c.BLOCK_M)
+    k_split, splits = column_splits(d, c.BLOCK_K, row_blocks, dev)  # (splits of the reduction here)
+    if splits > 1:
+        ps, lock = split_workspace(dev, splits * m * rp, row_blocks)
+    else:
+        ps = lock = dummy(dev)
+    _lowrank_down_kernel[(row_blocks, splits)](
         x2, p_mat, bias if bias is not None else dummy(dev), seed_or_zero(seed, p, dev), out,
-        pre if save_pre else dummy(dev),
+        pre if save_pre else dummy(dev), ps, lock,
         m, d, r, stride_pr, stride_pk, float(p), inv_keep(p), float(scale),
-        int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre),
+        int(out_drop and p > 0), int(bias is not None), int(act), int(save_pre), k_split, splits,
         IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp,
         PREC="ieee" if in_drop else dot_precision(x2.dtype, dev),  # (tf32 + the Philox tile spilled: aot.py)
         num_warps=c.num_warps, num_stages=c.num_stages)
@@ -1113,10 +1148,10 @@ def aot_specs():
     for dt in AOT_DTYPES:
         P = TRITON_PTR[dt]
         for (rp, in_drop), c in CONFIGS["lowrank_down"].items():
-            sig = {"X": P, "P": P, "BIAS": P, "SEED": "*i64", "OUT": P, "PRE": "*fp32",
-                   "M": "i32", "D": "i32", "R": "i32", "stride_pr": "i32", "stride_pk": "i32",
+            sig = {"X": P, "P": P, "BIAS": P, "SEED": "*i64", "OUT": P, "PRE": "*fp32", "PS": "*fp32",
+                   "LOCK": "*i32", "M": "i32", "D": "i32", "R": "i32", "stride_pr": "i32", "stride_pk": "i32",
                    "p": "fp32", "inv_keep": "fp32", "scale": "fp32", "out_drop": "i32",
-                   "has_bias": "i32", "act": "i32", "save_pre": "i32"}
+                   "has_bias": "i32", "act": "i32", "save_pre": "i32", "k_split": "i32", "S": "i32"}
             specs.append(("lowrank_down_indrop" if in_drop else "lowrank_down", _lowrank_down_kernel, sig,
                           dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, PREC="ieee"), c,
                           str(dt)))

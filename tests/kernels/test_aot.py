@@ -40,8 +40,9 @@ def test_one_config_per_kernel_compiles_for_sm80_and_sm90(tmp_path):
 
 
 def test_bench_shape_launch_report_counts_programs_per_launch():
-    # recorded on meta tensors (no GPU, nothing launched): the row-tiled rank-r kernels split
-    # their output width so the ViT-B/16 batch-8 grid fills one wave of 132 SMs
+    # recorded on meta tensors (no GPU, nothing launched): every launch of the bench's ViT-B/16
+    # batch-8 ops fills one wave of 132 SMs (row-tiled rank-r kernels split their output width or
+    # their reduction when rows are few)
     from fastpeft.kernels import _common, aot
 
     backend_before = _common.get_backend()
@@ -53,5 +54,7 @@ def test_bench_shape_launch_report_counts_programs_per_launch():
         assert ln["programs"] == __import__("math").prod(ln["grid"]) and ln["fills_wave"] == (ln["programs"] >= 132)
     for k in ("_adapter_fwd_kernel", "_adapter_bwd_kernel", "_ssf_fwd_kernel", "_ssf_bwd_kernel",
               "_layernorm_ssf_fwd_kernel", "_layernorm_ssf_bwd_kernel", "_convpass_up_fwd_kernel",
-              "_convpass_down_bwd_kernel"):
+              "_convpass_down_bwd_kernel", "_convpass_up_bwd_kernel", "_lowrank_down_kernel",
+              "_adapter_bwd_dw_kernel", "_adapter_bwd_finish_kernel", "_lowrank_gemm_kernel", "_lowrank_dw_kernel"):
         assert by.get(k) and all(ln["fills_wave"] for ln in by[k]), (k, by.get(k))
+    assert all(ln["fills_wave"] for ln in launches), [ln for ln in launches if not ln["fills_wave"]]
