@@ -28,7 +28,7 @@ from torch import nn
 
 from .block import replaced_dataflow
 from .fused.vqt import VQTRule
-from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, state_of, vit_info
+from .methods.base import PetlBlock, ViTInfo, ensure_petl_block, state_of
 from .rule import PatchReport, Rule
 
 __all__ = ["patch", "unpatch", "PatchReport", "resolve_backend", "Rule", "RULES"]
