@@ -30,8 +30,8 @@ from bench import measure
 from bench.rows import skip, timed
 
 #: (row label, fastpeft class name, constructor kwargs or a function of the depth giving them).
-#: Defaults are the official settings (shared/spec/methods.md); AdaptFormer dim 64 and LoRA r=8
-#: as in performance.md's baseline; NOAH as a uniform subnet from its released search space.
+#: Defaults are the official settings (each method's module in fastpeft/methods/ cites its source);
+#: AdaptFormer dim 64 and LoRA r=8 as in the project's performance baseline; NOAH as a uniform subnet from its released search space.
 METHODS: list[tuple[str, str, Any]] = [
     ("LinearProbe", "LinearProbe", {}),
     ("BitFit", "BitFit", {}),

@@ -13,6 +13,7 @@ The backend is "auto" unless `FASTPEFT_KERNEL_BACKEND` (auto | triton | torch) o
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import os
 import warnings
 
@@ -37,6 +38,26 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """One launch configuration of a Triton kernel (tile sizes, warps, pipeline stages); every op
+    family keeps a table of them per (rank or width bucket, dtype class), checked by kernels/aot.py."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def cast_param(t, dtype):
+    """A parameter cast to the activation dtype, differentiably (fp32 parameters under autocast);
+    None, non-tensors and non-float tensors pass through."""
+    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
+        return t.to(dtype)
+    return t
 
 # Triton pointer type names for ASTSource signatures (kernels/aot.py).
 TRITON_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}

@@ -1,6 +1,6 @@
 """Fused bottleneck adapter: out = base + s * (up(drop(act(down(x) + b_d))) + b_u) (+ residual).
 
-One kernel family covers (spec: shared/spec/methods.md §2, §3):
+One kernel family covers (the official code each method cites: fastpeft/methods/adaptformer.py, adapter.py):
   * AdaptFormer parallel:   x = y (residual stream), base = the FFN branch, residual = y
   * AdaptFormer sequential: x = base = f (drop-pathed FFN output)
   * NOAH / Pfeiffer serial: x = base = h, s = 1, act = quick_gelu
@@ -28,11 +28,9 @@ Backward (deterministic: no atomics):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ._common import (check_dropout, check_p, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl,
+from ._common import (Cfg, cast_param, check_dropout, check_p, keep_scale, rank_down, rank_down_t, rank_up_store, row_rank_tile, tl,
                       triton)
 from ._common import (AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy, inv_keep, next_pow2,
                       column_splits, row_splits, rows_of, seed_or_zero, use_triton, zeros_const, CheckedSignatures,
@@ -47,15 +45,6 @@ MAX_RANK = 128
 # Keyed by R_PAD (the rank padded to a power of two >= 16: tl.dot needs every dim >= 16 on
 # sm_80/sm_90). Widths (D) are runtime loop bounds, so they do not multiply the configs.
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cfg:
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_K: int = 0
-    num_warps: int = 4
-    num_stages: int = 2
-
-
 R_PADS = (16, 32, 64, 128)
 # "lp" = fp16/bf16 (tensor-core tl.dot); "fp32" = tl.dot with input_precision="ieee" (exact fp32
 # FMA, like torch's fp32 matmul without TF32), which keeps whole tiles in registers: smaller
@@ -391,6 +380,11 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, rank: int, p: float) -> tor
     """The [rows, rank] bool keep-mask the kernels draw for seed and dropout probability p."""
     offs = torch.arange(rows * rank, dtype=torch.int64, device=seed.device).view(rows, rank)
     return philox_uniform(seed, offs) >= torch.tensor(p, dtype=torch.float32)
+
+
+def dropout_keep_scale(seed: torch.Tensor, rows: int, width: int, p: float) -> torch.Tensor:
+    """`dropout_keep_mask` as the fp32 factor dropout multiplies by: keep / (1 - p)."""
+    return dropout_keep_mask(seed, rows, width, p).to(torch.float32) * (1.0 / (1.0 - p))
 
 
 def philox_uniform_triton(seed: torch.Tensor, n: int) -> torch.Tensor:
@@ -785,11 +779,6 @@ class _AdapterFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functional
 # ----------------------------------------------------------------------------------------------
-def _cast_param(t, dtype):
-    """Cast a parameter to the activation dtype (differentiably), e.g. fp32 params under autocast."""
-    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
-        return t.to(dtype)
-    return t
 
 
 _CHECKED = CheckedSignatures()
@@ -819,7 +808,7 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
         raise ValueError(f"adapter: act must be one of {tuple(ACTS)}, got {act!r}")
     check_tensor("adapter", "x", x)
     dt = x.dtype
-    w_down, b_down, w_up, b_up = (_cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
+    w_down, b_down, w_up, b_up = (cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
     scale_t = scale if isinstance(scale, torch.Tensor) else None
     scale_f = 1.0 if scale_t is not None else float(scale)
     p = check_p("adapter", dropout_p)  # (in range even when not training, as F.dropout)

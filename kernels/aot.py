@@ -24,7 +24,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# Per-block dynamic shared memory limits (bytes), engineering guide §3.
+# Per-block dynamic shared memory limits (bytes): the CUDA C++ Programming Guide's compute
+# capability table ("maximum amount of shared memory per thread block", opt-in).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 MODULES = ("fastpeft.kernels.adapter", "fastpeft.kernels.ssf", "fastpeft.kernels.lowrank",
            "fastpeft.kernels.convpass", "fastpeft.kernels.st_adapter",

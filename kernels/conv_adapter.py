@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._common import AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, dot_precision, tl, triton, use_triton, with_tf32_variants
-from .adapter import Cfg
+from ._common import Cfg
 
 ACTS = {"relu": 0, "gelu": 1}
 

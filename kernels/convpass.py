@@ -1,4 +1,4 @@
-"""Fused Convpass bypass (spec shared/spec/methods.md §6; `fastpeft.methods.convpass.ConvpassModule`):
+"""Fused Convpass bypass (JieShibo/PETL-ViT `convpass/vtab/convpass.py`; `fastpeft.methods.convpass.ConvpassModule`):
 
     out = base + s * up(drop(QuickGELU(conv(QuickGELU(down(h))))))
 
@@ -39,7 +39,8 @@ from ._common import (CheckedSignatures, check_dropout, check_p, AOT_DTYPES, TRI
                       inv_keep, keep_scale, column_splits, last_split, rank_down_t, rank_down_t_range, rank_up_store,
                       row_rank_tile, split_workspace, rows_of, seed_or_zero, tl, triton, use_triton,
                       dot_precision, with_tf32_variants)
-from .adapter import Cfg, dropout_keep_mask
+from ._common import Cfg, cast_param
+from .adapter import dropout_keep_mask, dropout_keep_scale
 from .lowrank import ACT_QUICK_GELU, _quick_gelu, launch_down, r_pad_of
 
 MAX_DIM = 32  # bypass widths d above this (official: 8) run the torch math of the same ops
@@ -396,8 +397,6 @@ def _convpass_down_bwd_torch(grad_u, x, a, w_down):
     return (da @ w_down.to(f32)).to(dt).view(x.shape), (da.t() @ x2).to(dt), da.sum(0).to(dt)
 
 
-def _keep_torch(seed, m, d, p):
-    return dropout_keep_mask(seed, m, d, p).to(torch.float32) / (1.0 - p)
 
 
 def _convpass_up_fwd_torch(c, w_up, b_up, base, scale, p, seed):
@@ -406,7 +405,7 @@ def _convpass_up_fwd_torch(c, w_up, b_up, base, scale, p, seed):
     c2 = c.reshape(-1, d).to(f32)
     h = _qg(c2)
     if p > 0:
-        h = h * _keep_torch(seed, c2.shape[0], d, p)
+        h = h * dropout_keep_scale(seed, c2.shape[0], d, p)
     o = h.to(c.dtype).to(f32) @ w_up.to(f32).t()
     if b_up is not None:
         o = o + b_up.to(f32)
@@ -423,7 +422,7 @@ def _convpass_up_bwd_torch(grad_out, c, w_up, scale, p, seed):
     g = grad_out.reshape(-1, D).to(f32)
     h, dact = _qg(c2), _qg_grad(c2)
     if p > 0:
-        keep = _keep_torch(seed, c2.shape[0], d, p)
+        keep = dropout_keep_scale(seed, c2.shape[0], d, p)
         h, dact = h * keep, dact * keep
     dc = scale * (g @ w_up.to(f32)) * dact
     dt = c.dtype
@@ -636,10 +635,6 @@ class _ConvpassFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functional and reference
 # ----------------------------------------------------------------------------------------------
-def _cast(t, dtype):
-    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
-        return t.to(dtype)
-    return t
 
 
 _CHECKED = CheckedSignatures()
@@ -674,7 +669,7 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     bypass and apply DropPath to the result). Dropout p on the d-wide activation when `training`.
     """
     check_tensor("convpass", "h", h, dim=3)
-    w_down, b_down, conv_w, conv_b, w_up, b_up = (_cast(t, h.dtype) for t in (w_down, b_down, conv_w, conv_b, w_up, b_up))
+    w_down, b_down, conv_w, conv_b, w_up, b_up = (cast_param(t, h.dtype) for t in (w_down, b_down, conv_w, conv_b, w_up, b_up))
     p = check_p("convpass", dropout_p)  # (in range even when not training, as F.dropout)
     p = p if training else 0.0
     if p > 0.0 and seed is None:

@@ -6,14 +6,15 @@ Every method here adds a rank-R term to the output of a frozen nn.Linear (W [N, 
                                  or u = drop(x) A^T   (dropout on the input, NOAH LoRA)
 
 with an *effective* down matrix A [R, D] and up matrix B [N, R] that each method's functional
-builds, differentiably and in plain torch, from its (tiny) parameters (spec shared/spec/methods.md):
+builds, differentiably and in plain torch, from its (tiny) parameters (official code: see each
+method's module in fastpeft/methods/):
 
-  lora_noah_qkv   §4.1  A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
-  lora_petl_qkv   §4.2  A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
-  fact_linear     §5    A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
+  lora_noah_qkv         A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
+  lora_petl_qkv         A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
+  fact_linear           A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
                         B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); the cores are passed
                         in (TT: the *_FacTs weights; TK: built from FacTc/FacTp by the method)
-  kadaptation_qkv §11   H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
+  kadaptation_qkv       H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
                         (x Dn^T) Up with Dn[(i,al,be), a*m+k] = L_i[a,al] WL_i[k,be] and
                         Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
                         (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
@@ -53,7 +54,8 @@ from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, 
                       check_tensor, describe, dummy, inv_keep, keep_scale, column_splits, last_split, next_pow2, rank_down,
                       rank_down_range, row_rank_tile, split_workspace, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
-from .adapter import Cfg, dropout_keep_mask
+from ._common import Cfg, cast_param
+from .adapter import dropout_keep_mask, dropout_keep_scale
 
 MAX_RANK = 128
 R_PADS = (16, 32, 64, 128)
@@ -455,8 +457,6 @@ def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input:
 # ----------------------------------------------------------------------------------------------
 # Torch math with the kernels' saving policy (CPU / no Triton / R > MAX_RANK): saves x and u.
 # ----------------------------------------------------------------------------------------------
-def _keep_torch(seed, rows, width, p):
-    return dropout_keep_mask(seed, rows, width, p).to(torch.float32) * (1.0 / (1.0 - p))
 
 
 def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
@@ -464,10 +464,10 @@ def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
     d, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d).to(f32)
     m = x2.shape[0]
-    xin = x2 * _keep_torch(seed, m, d, p) if (p > 0 and drop_input) else x2
+    xin = x2 * dropout_keep_scale(seed, m, d, p) if (p > 0 and drop_input) else x2
     z = xin @ a.to(f32).t()
     if p > 0 and not drop_input:
-        z = z * _keep_torch(seed, m, a.shape[0], p)
+        z = z * dropout_keep_scale(seed, m, a.shape[0], p)
     u = z.to(x.dtype)
     out = x2 @ weight.to(f32).t() + u.to(f32) @ b.to(f32).t()
     if bias is not None:
@@ -483,12 +483,12 @@ def _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
     m = x2.shape[0]
     dz = g @ b.to(f32)
     if p > 0 and not drop_input:
-        dz = dz * _keep_torch(seed, m, r, p)
+        dz = dz * dropout_keep_scale(seed, m, r, p)
     dz = dz.to(x.dtype).to(f32)  # the kernel feeds dz to its GEMMs in x's dtype
     lr = dz @ a.to(f32)
     xin = x2
     if p > 0 and drop_input:
-        keep = _keep_torch(seed, m, d, p)
+        keep = dropout_keep_scale(seed, m, d, p)
         lr = lr * keep
         xin = x2 * keep
     dx = g @ weight.to(f32) + lr
@@ -599,10 +599,6 @@ class _LowRankFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Functionals
 # ----------------------------------------------------------------------------------------------
-def _cast(t, dtype):
-    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
-        return t.to(dtype)
-    return t
 
 
 def _check_frozen(op, weight):
@@ -638,7 +634,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     check_tensor(op, "x", x)
     _check_frozen(op, weight)
     dt = x.dtype
-    weight, bias, a, b = (_cast(t, dt) for t in (weight, bias, a, b))
+    weight, bias, a, b = (cast_param(t, dt) for t in (weight, bias, a, b))
     p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
     p = p if training else 0.0
     seed = _seed(p, seed, x)
@@ -677,7 +673,7 @@ def _check_scale(op: str, scale, name: str = "scale") -> None:
 
 def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
                   dropout_p: float = 0.1, training: bool = False, seed=None):
-    """NOAH LoRA (spec §4.1): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
+    """NOAH LoRA (ZhangYuanhan-AI/NOAH `Attention`): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
     op = "lora_noah_qkv"
     check_tensor(op, "lora_a", lora_a, dim=2)
     check_tensor(op, "lora_b", lora_b, dim=2)
@@ -700,7 +696,7 @@ _QKV = ("q", "k", "v")
 
 def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0, dropout_p: float = 0.1,
                   training: bool = False, seed=None):
-    """PETL-ViT LoRA (spec §4.2): qkv[t] += s * U_t drop(D_t x) for t in downs (subset of q, k, v).
+    """PETL-ViT LoRA (JieShibo/PETL-ViT `lora/vtab/lora.py`): qkv[t] += s * U_t drop(D_t x) for t in downs (subset of q, k, v).
 
     downs[t] = lora_t.adapter_down.weight [r, D]; ups[t] = lora_t.adapter_up.weight [N/3, r];
     `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
@@ -732,7 +728,7 @@ FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
 def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale: float):
-    """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (spec §5.1); `core`: qkv: a
+    """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (JieShibo/PETL-ViT `FacT/fact_tt.py`, `fact_tk.py`); `core`: qkv: a
     [3r, r] tensor or a (M_q, M_k, M_v) sequence; proj [r, r]; fc1 [4r, r]; fc2 [r, 4r]."""
     if layer not in FACT_LAYERS:
         raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
@@ -785,7 +781,7 @@ class _FacTFunction(torch.autograd.Function):
         if p > 0.0 and triton_path:
             u, _ = launch_down(x2, a, a.shape[1], 1, big_r, p=p, seed=seed, out_drop=True)
         elif p > 0.0:
-            u = ((x2.float() @ a.float().t()) * _keep_torch(seed, m, big_r, p)).to(dt)
+            u = ((x2.float() @ a.float().t()) * dropout_keep_scale(seed, m, big_r, p)).to(dt)
         else:
             u = torch.mm(x2, a.t())
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
@@ -815,7 +811,7 @@ class _FacTFunction(torch.autograd.Function):
         else:
             dz = torch.mm(gk, v_dt)
             if p > 0.0:
-                dz = (dz.float() * _keep_torch(seed, m, k * r, p).view(m * k, r) * scale).to(dt)
+                dz = (dz.float() * dropout_keep_scale(seed, m, k * r, p).view(m * k, r) * scale).to(dt)
             elif scale != 1.0:
                 dz.mul_(scale)
         dz = dz.view(m, k * r)
@@ -878,7 +874,7 @@ def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
 
 def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
                 dropout_p: float = 0.1, training: bool = False, seed=None):
-    """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (spec §5): out = x W^T + b + s V dp(M U x)
+    """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (JieShibo/PETL-ViT `FacT/`): out = x W^T + b + s V dp(M U x)
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
     `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fastpeft.methods.fact.fact_tk_cores(FacTc, FacTp, i)`).
     Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r]).
@@ -899,7 +895,7 @@ def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: flo
     _check_scale(op, scale)
     cores = tuple(core) if not isinstance(core, torch.Tensor) else (core,)
     dt = x.dtype
-    weight, bias = _cast(weight, dt), _cast(bias, dt)
+    weight, bias = cast_param(weight, dt), cast_param(bias, dt)
     p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
     p = p if training else 0.0
     seed = _seed(p, seed, x)
@@ -997,7 +993,7 @@ def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_share
 
 def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
                     q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
-    """KAdaptation on a fused qkv (spec §11; `fastpeft.methods.kadaptation` semantics):
+    """KAdaptation on a fused qkv (eric-ai-lab/PEViT; `fastpeft.methods.kadaptation` semantics):
     q += q_mult * (x drop(H_q) * scale + b), v += x drop(H_v) * scale + b, H = sum_i A_i (x) B_i.
 
     rule1/rule2 = (phm_rule_left [n, n, k1], phm_rule_right [n, k1, n]); q_factors/v_factors =
@@ -1033,7 +1029,7 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
         h_q = (dn_q.t() @ up_q).masked_fill(drop[:d], 0.0)
         h_v = (dn_v.t() @ up_v).masked_fill(drop[d:], 0.0)
         c = scale / (1.0 - p)
-        return _QVFoldedLinear.apply(x, weight, _cast(bias_eff, x.dtype), h_q, h_v, c * q_mult, c)
+        return _QVFoldedLinear.apply(x, weight, cast_param(bias_eff, x.dtype), h_q, h_v, c * q_mult, c)
     a = torch.cat([dn_q, dn_v], 0)
     b = segmented_up(n_out, [(0, up_q.t(), scale * q_mult), (2 * d, up_v.t(), scale)])
     return lowrank_linear(x, weight, bias_eff, a, b)

@@ -1,4 +1,4 @@
-"""SSF family (spec: shared/spec/methods.md §7): scale-shift and its fusions with neighbours.
+"""SSF family (dongzelian/SSF `models/vision_transformer.py`): scale-shift and its fusions with neighbours.
 
   ssf          y = x * γ + β                       (after qkv, attn.proj, fc2, patch embed)
   ssf_gelu     g = GELU(z * γ + β)                 (fc1 -> SSF -> GELU: saves only z)
@@ -32,7 +32,7 @@ import torch
 from ._common import tl, triton
 from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, next_pow2,
                       flat, last_split, row_splits, rows_of, split_sums, split_workspace, use_triton)
-from .adapter import Cfg
+from ._common import Cfg, cast_param
 
 ACTS = {"none": 0, "gelu": 1}
 MAX_LN_WIDTH = 8192
@@ -475,8 +475,8 @@ def _folded_affine(ln_weight, ln_bias, scale, shift):
 def _layernorm_ssf_fwd_torch(x, ln_weight, ln_bias, scale, shift, eps):
     d = x.shape[-1]
     if x.dtype == torch.float32 and d >= NATIVE_LN_MIN_WIDTH:
-        # one native LayerNorm kernel with the folded affine (measured on this CPU, 1576 x 768:
-        # ~3x faster than the step-by-step math below); mean/rstd come out of the same pass
+        # one native LayerNorm kernel with the folded affine (much faster on a CPU than the
+        # step-by-step math below); mean/rstd come out of the same pass
         w, b = _folded_affine(ln_weight, ln_bias, scale, shift)
         y, mean, rstd = torch.native_layer_norm(x.reshape(-1, d), (d,), w, b, eps)
         return y.view(x.shape), mean.view(-1), rstd.view(-1)
@@ -687,16 +687,12 @@ class _LayerNormSSFFunction(torch.autograd.Function):
 _CHECKED = CheckedSignatures()
 
 
-def _cast(t, dtype):
-    if isinstance(t, torch.Tensor) and t.dtype != dtype and t.is_floating_point():
-        return t.to(dtype)
-    return t
 
 
 def _ssf_call(op, x, scale, shift, act):
     if not isinstance(x, torch.Tensor):
         check_tensor(op, "x", x)  # TypeError
-    scale, shift = _cast(scale, x.dtype), _cast(shift, x.dtype)
+    scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate_ssf(op, x, scale, shift), x, scale, shift, extra=(op,))
     if compiling:
@@ -721,7 +717,7 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
     if not isinstance(x, torch.Tensor):
         check_tensor("layernorm_ssf", "x", x)  # TypeError
-    ln_weight, ln_bias, scale, shift = (_cast(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
+    ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
     eps = float(eps)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate_ln(x, ln_weight, ln_bias, scale, shift, eps),

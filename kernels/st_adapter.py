@@ -31,7 +31,7 @@ import torch
 
 from ._common import (AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, dot_precision, tl,
                       triton, use_triton, with_tf32_variants)
-from .adapter import Cfg
+from ._common import Cfg
 
 # keyed by element bytes (kernels/aot.py compiles each for sm_80 / sm_90 with no spills). Half
 # types: 64x64 output tiles over K chunks of 32 adapter channels on 8 warps (4 warps spilled with

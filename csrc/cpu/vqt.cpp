@@ -12,19 +12,10 @@
 // accumulators in registers; below kTransposeMinRows query rows, logits straight from the key
 // rows instead of a packed K^T); other head dims the generic loops.
 //
-// Measured fwd+bwd (fwd op, delta = rowsum(dO * out), bwd op), ViT-B shapes B=8 H=12 N=197
-// d=64 fp32, 2-core AMD EPYC (AVX-512), median ms at 1 / 2 threads; eager = autograd through
-// softmax(scale q k^T) v:
-//                Q = 1          Q = 10         Q = 50
-//   eager        0.43 / 0.25    2.53 / 1.11    9.23 / 4.98
-//   before       1.00 / 0.53    3.94 / 1.67   12.15 / 7.32   (generic loops for every head dim)
-//   now          0.25 / 0.15    1.16 / 0.58    5.54 / 2.57   (fast path)
-//   functional   0.32 / 0.19    1.34 / 0.64    5.76 / 2.88   (now + Python autograd)
-// (run-to-run spread ~10%.) With the AVX2 / baseline instantiations forced on the same machine,
-// Q=50 at 1 thread went from 22.6 to 14.8 ms / 32.5 to 23.2 ms. Q=1 now reads K and V at about
-// the L3 bandwidth (~90 GB/s) in each pass; a software prefetch of the next tile measured no
-// gain (within 2%) and was left out. Earlier: the row blocking took Q=50 from ~55 ms to ~20 ms,
-// the blocked transpose the Q=1 backward from 2.0 to 0.6 ms.
+// `pytest bench -k vqt` (bench/test_ops.py) times this kernel against eager autograd through
+// softmax(scale q k^T) v at ViT-B shapes; bench/results keeps the numbers with date and machine.
+// The fast path beats the generic loops and eager at every query count measured there; a
+// software prefetch of the next tile gained nothing and was left out.
 //
 // The hot functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time
 // (GCC target_clones for the generic loops, fast_kernels() for the fast path): the wheel stays
@@ -312,8 +303,8 @@ struct FastKernels {
 
 // Below this many query rows the fast path computes logits from the key/value rows directly
 // (one horizontal reduction per row and key) instead of packing transposed K^T (and V^T) tiles,
-// whose cost only pays off over enough rows: measured break-even between Q = 10 and 12 (ViT-B,
-// 1 thread); at Q = 1 the (scalar) pack was 2/3 of the old kernel's time. Chosen from Q, never
+// whose cost only pays off over enough rows (the break-even lies between Q = 10 and 12 at ViT-B
+// shapes on one thread; at Q = 1 the scalar pack dominated). Chosen from Q, never
 // from a task's share of the rows, so a row's arithmetic does not depend on the thread count.
 constexpr int64_t kTransposeMinRows = 12;
 
@@ -411,7 +402,7 @@ struct Fast {
   static constexpr int KV = kTile / W;  // key vectors per tile
   // Register blocking, for the logits (R rows x KC = 4 key vectors) and for P V / dS K (R rows x
   // C <= 4 head-dim vectors): up to 24 of AVX-512's 32 registers hold accumulators (R = 6; R = 4
-  // measured ~10% slower at Q = 10..50), 8 of AVX2's / SSE's 16 (R = 2).
+  // was slower at Q = 10..50), 8 of AVX2's / SSE's 16 (R = 2).
   static constexpr int R = W >= 16 ? 6 : 2;
   static constexpr int KC = KV < 4 ? KV : 4;
   static constexpr int C = DV % 4 == 0 ? 4 : DV % 3 == 0 ? 3 : DV % 2 == 0 ? 2 : 1;
