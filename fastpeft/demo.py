@@ -207,7 +207,12 @@ def run_method(label: str, cfg, data: DigitsSplit, s: DemoSettings, on_step=None
     torch.manual_seed(0)
     base = build_model(s, data.num_classes)
     fastpeft.inject(base, cfg)
-    base.to(s.device)
+    return run_contenders(label, base.to(s.device), data, s, on_step)
+
+
+def run_contenders(label: str, base, data: DigitsSplit, s: DemoSettings, on_step=None) -> MethodResult:
+    """Train copies of the injected `base` as each contender (reference, patch, recompute) from the
+    same starting weights on the same batches."""
     params = sum(p.numel() for _, p in fastpeft.trainable_parameters(base))
     result = MethodResult(label, params, accuracy(base, data.test_x.to(s.device), data.test_y.to(s.device)))
     for name in CONTENDERS:

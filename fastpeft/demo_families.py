@@ -12,9 +12,7 @@ contenders train alike while their step time and saved bytes differ.
 """
 from __future__ import annotations
 
-import copy
 import math
-import statistics
 
 import timm
 import torch
@@ -22,7 +20,7 @@ from rich.console import Console
 
 import fastpeft
 
-from .demo import CONTENDERS, ContenderResult, DemoSettings, DigitsSplit, MethodResult, _saved, accuracy, results_table, train
+from .demo import DemoSettings, DigitsSplit, MethodResult, results_table, run_contenders
 
 IMG = 32
 FRAMES = 8
@@ -76,19 +74,7 @@ def _video_vit() -> torch.nn.Module:
 
 def run_family(label: str, build, data: DigitsSplit, s: DemoSettings, on_step=None) -> MethodResult:
     torch.manual_seed(0)
-    base = build().to(s.device)
-    params = sum(p.numel() for _, p in fastpeft.trainable_parameters(base))
-    result = MethodResult(label, params, accuracy(base, data.test_x.to(s.device), data.test_y.to(s.device)))
-    for name in CONTENDERS:
-        model = copy.deepcopy(base)
-        if name != "reference":
-            fastpeft.patch(model, recompute=name == "recompute")
-        saved = _saved(model, data, s)
-        losses, times = train(model, data, s, on_step)
-        step = statistics.median(times[s.warmup:] if len(times) > s.warmup else times)
-        acc = accuracy(model, data.test_x.to(s.device), data.test_y.to(s.device))
-        result.contenders.append(ContenderResult(name, step, saved, acc, losses))
-    return result
+    return run_contenders(label, build().to(s.device), data, s, on_step)
 
 
 def demo_families(args, console: Console, device: torch.device) -> list[MethodResult]:

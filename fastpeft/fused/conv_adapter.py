@@ -32,27 +32,16 @@ def _fused(backend: str, x: torch.Tensor, base: torch.Tensor, mod) -> torch.Tens
                        mod.se, stride=c1.stride[0], padding=c1.padding[0], act=mod.act)
 
 
-class FusedBottleneck:
+class FusedBottleneck(_AdaptedBottleneck):
     """`_AdaptedBottleneck` with the adapter's epilogue fused into the sum after act2."""
 
     def __init__(self, original: _AdaptedBottleneck, backend: str):
+        super().__init__(original.block)
         self.original = original
-        self.block = original.block
         self.backend = backend
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        shortcut = x
-        h = b.act1(b.bn1(b.conv1(x)))
-        y = _fused(self.backend, h, b.act2(b.drop_block(b.bn2(b.conv2(h)))), b.tuning_module)
-        y = b.bn3(b.conv3(b.aa(y)))
-        if b.se is not None:
-            y = b.se(y)
-        if b.drop_path is not None:
-            y = b.drop_path(y)
-        if b.downsample is not None:
-            shortcut = b.downsample(shortcut)
-        return b.act3(y + shortcut)
+    def adapted(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _fused(self.backend, h, y, self.block.tuning_module)
 
 
 class FusedParallel(OutputHook):
@@ -76,7 +65,7 @@ class ConvAdapterRule:
         records = []
         for path, mod in model.named_modules():
             fwd = mod.__dict__.get("forward")
-            if isinstance(fwd, _AdaptedBottleneck):
+            if type(fwd) is _AdaptedBottleneck:
                 mod.forward = FusedBottleneck(fwd, backend)
                 records.append(("forward", path))
             for fn in list(mod._forward_hooks.values()):

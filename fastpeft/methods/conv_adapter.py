@@ -113,12 +113,15 @@ class _AdaptedBottleneck:
     def __init__(self, block: nn.Module):
         self.block = block
 
+    def adapted(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """act2's output `y` plus the adapter on conv2's input `h` (the fused twin overrides it)."""
+        return y + self.block.tuning_module(h)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
         shortcut = x
         h = b.act1(b.bn1(b.conv1(x)))
-        y = b.act2(b.drop_block(b.bn2(b.conv2(h))))
-        y = y + b.tuning_module(h)
+        y = self.adapted(h, b.act2(b.drop_block(b.bn2(b.conv2(h)))))
         y = b.bn3(b.conv3(b.aa(y)))
         if b.se is not None:
             y = b.se(y)
