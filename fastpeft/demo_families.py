@@ -85,10 +85,10 @@ def demo_families(args, console: Console, device: torch.device) -> list[MethodRe
     console.print(f"generated data: {n_train} train / {n_test} held-out; {s.steps} AdamW steps of batch {s.batch}, "
                   f"lr {s.lr}, {device.type}; random-init backbones", highlight=False)
     results = [
-        run_family("Conv-Adapter resnet50", _resnet, _split(stripes, n_train, n_test), s),
-        run_family(f"ST-Adapter {FRAMES}-frame clips", _video_vit, _split(moving_squares, n_train, n_test), s),
+        run_family("Conv-Adapter", _resnet, _split(stripes, n_train, n_test), s),
+        run_family("ST-Adapter", _video_vit, _split(moving_squares, n_train, n_test), s),
     ]
     console.print(results_table(results, "Conv-Adapter: 32x32 stripes, 4 classes; ST-Adapter: CLIP-style ViT "
-                                         "(4 blocks, width 192) on 32x32 clips of moving squares, 4 directions"))
+                                         "(4 blocks, width 192) on 8-frame 32x32 clips of moving squares, 4 directions"))
     console.print("trainable parameters: " + "; ".join(f"{r.label} {r.params:,}" for r in results), highlight=False)
     return results
