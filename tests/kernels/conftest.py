@@ -37,6 +37,17 @@ def assert_close(name, got, want, tol):
                                msg=lambda m: f"{name}: {m}")
 
 
+def assert_matches_reference(out, grads, ref_out, ref_grads, inputs, dtype, tol):
+    """A fused op's output and every input gradient against the fp32 reference run: same dtype
+    (the inputs') and shape, values within `tol`; the same inputs got gradients."""
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close("out", out, ref_out, tol)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert grads[k].dtype == inputs[k].dtype and grads[k].shape == inputs[k].shape, k
+        assert_close(f"grad {k}", grads[k], ref_grads[k], tol)
+
+
 def check_aot_smoke(tmp_path, kernels):
     """`python -m fastpeft.kernels.aot --smoke` on `kernels`: one small config each compiles for
     sm_80 and sm_90 with no error, no spills and shared memory within the arch's limit."""

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.conv_adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
 pytestmark = interpreter_only
 
@@ -68,11 +68,8 @@ def check(case, dtype, which):
     with backend(which):
         out, grads = run(K.conv_adapter, t, grad, case)
     ref_out, ref_grads = run(K.conv_adapter_ref, {n: v.float() for n, v in t.items()}, grad.float(), case)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close("out", out, ref_out, TOL[dtype])
-    for n in NAMES:
-        assert grads[n].dtype == dtype and grads[n].shape == t[n].shape, n
-        assert_close(f"grad {n}", grads[n], ref_grads[n], TOL[dtype])
+    assert_matches_reference(out, grads, ref_out, ref_grads, t, dtype, TOL[dtype])
+    assert set(grads) == set(NAMES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.convpass as C  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
 pytestmark = interpreter_only
 
@@ -73,11 +73,7 @@ def check(case, dtype, which):
     with backend(which):
         out, grads = run(C.convpass, t, grad, case, seed_t, training=True)
     ref_out, ref_grads = run(C.convpass_ref, {k: v.float() for k, v in t.items()}, grad.float(), case, seed_t)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close("out", out, ref_out, TOL[dtype])
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        assert_close(f"grad {k}", grads[k], ref_grads[k], TOL[dtype])
+    assert_matches_reference(out, grads, ref_out, ref_grads, t, dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

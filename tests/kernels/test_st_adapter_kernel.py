@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import fastpeft.kernels.st_adapter as S  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
 pytestmark = interpreter_only
 
@@ -69,14 +69,9 @@ def check(case, dtype, which):
     with backend(which):
         out, grads = run(S.st_adapter, t, grad, case)
     ref_out, ref_grads = run(S.st_adapter_ref, {k: v.float() for k, v in t.items()}, grad.float(), case)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close("out", out, ref_out, TOL[dtype])
+    assert_matches_reference(out, grads, ref_out, ref_grads, t, dtype, TOL[dtype])
     P = case[2]
     assert torch.equal(out[:, :P], t["x"][:, :P])  # prefix tokens pass through exactly
-    assert grads.keys() == ref_grads.keys()
-    for k in grads:
-        assert grads[k].dtype == dtype and grads[k].shape == t[k].shape
-        assert_close(f"grad {k}", grads[k], ref_grads[k], TOL[dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
