@@ -10,7 +10,7 @@ its rows run, on a fixed tiny model with the Triton launches stubbed, one thread
 go to `DIR/<device>-<date>-host_overhead.{json,md}`.
 
 Defaults finish on the 2-core CPU machines (see README "Benchmarks"); the GPU setting of
-performance.md is `--bench-model vit_base_patch16_224 --bench-batch 128 --bench-dtype bf16
+the project's baseline is `--bench-model vit_base_patch16_224 --bench-batch 128 --bench-dtype bf16
 --bench-device cuda --bench-compile all`.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Methods whose torch.compile rows run by default: a first compile costs ~40 s (train) + ~12 s
 #: (inference) per method on the 2-core CPU machines (measured, vit_small), so all 13 would
-#: take ~11 min alone. These two are the ones performance.md's baseline has compile numbers for.
+#: take ~11 min alone. These two are the ones the project's baseline has compile numbers for.
 DEFAULT_COMPILE = ("AdaptFormer", "SSF")
 
 

@@ -1,4 +1,4 @@
-"""Host-overhead mode (shared/guides/performance.md, "Host cost"): what a patched train step costs
+"""Host-overhead mode (README "Benchmarks", `make bench-host`): what a patched train step costs
 in Python and dispatch work alone, next to the eager reference, on a model whose compute is
 negligible.
 

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from fastpeft.profile import custom_op_keyset
 
-#: H100 SXM HBM3 bandwidth used for the lower bound `bytes / H100_BW` (performance.md).
+#: H100 SXM HBM3 bandwidth (NVIDIA's H100 datasheet), for the lower bound `bytes / H100_BW`.
 H100_BW = 3.35e12
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
 
 
-# --- host overhead (performance.md "Host cost") ----------------------------------------------
+# --- host overhead (`pytest bench --bench-host`) ----------------------------------------------
 
 #: The host-overhead mode's model (bench/host.py): compute is negligible, host work is all that is
 #: left. 32 px at patch 16 is 4 patches + the class token = 5 tokens.

@@ -130,7 +130,7 @@ def markdown(doc: dict, chart: str | None = None) -> str:
             "compute negligible: median (IQR) over rounds in which the contenders alternate. \"x eager\" = "
             "ratio of medians; \"paired\" = median over rounds of the same-round ratio. Per block: Triton "
             "launches, aten ops that do work (a TorchDispatchMode; custom ops looked through), their sum, "
-            "divided by the depth. Targets (performance.md): patch <= 1.10x, recompute <= 1.3x, "
+            "divided by the depth. Targets: patch <= 1.10x, recompute <= 1.3x, "
             "patch launches/block <= eager's.",
             "",
             "| method | contender | host/step | x eager | paired | Triton/block | aten/block | launches/block | "

@@ -1,6 +1,6 @@
 """End-to-end rows: every PETL method x every contender x {train step, inference} on one timm ViT.
 
-Contenders (performance.md), all on the same seeded model weights and inputs:
+Contenders (README "Benchmarks"), all on the same seeded model weights and inputs:
   eager            fastpeft.inject(model, Method()) — the reference implementation
   compile          torch.compile of that same model (default mode)
   peft             HF peft where it covers the method (LoRA r=8 on timm `attn.qkv`)

@@ -1,4 +1,4 @@
-"""Host-overhead rows (`pytest bench --bench-host`; shared/guides/performance.md "Host cost").
+"""Host-overhead rows (`pytest bench --bench-host`, bench/host.py).
 
 Every method of `fastpeft.demo.demo_configs` x {eager, timm-ckpt, patch, patch-recompute}: host
 time of a train step with the Triton launches stubbed, its ratio to eager, and Triton launches +

@@ -25,7 +25,7 @@ from bench import measure
 from bench.rows import skip, timed
 
 RANK = 8          # LoRA / FacT rank
-ADAPTER_DIM = 64  # AdaptFormer bottleneck (performance.md baseline)
+ADAPTER_DIM = 64  # AdaptFormer bottleneck (the project's baseline setting)
 ADAPTER_SCALE = 0.1
 VQT_QUERIES = 10  # query tokens per layer (VQT's scripts use 1..20)
 VQT_LAYERS = 12

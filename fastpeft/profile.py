@@ -1,7 +1,7 @@
 """Measurement helpers shared by the tests and the benchmark suite.
 
 `saved_activation_bytes(fn)`: how many bytes of activations autograd keeps for backward while `fn`
-runs — the "saved for backward" column of shared/guides/performance.md. Exact and identical on CPU
+runs — the "saved" column of `pytest bench` (bench/report.py). Exact and identical on CPU
 and GPU (it counts storages, not allocator blocks).
 
 `custom_op_keyset(func, args, kwargs)`: for a TorchDispatchMode that must see the aten ops a
