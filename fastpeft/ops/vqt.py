@@ -459,17 +459,7 @@ def vqt_aggregate(cls: torch.Tensor, queries: torch.Tensor | Sequence[torch.Tens
     flattened query outputs, concatenated. cls [B, D]; queries [L, B, Q, D] or L tensors
     [B, Q, D]; same dtype and device. Differentiable in both."""
     queries = _stack_queries(queries)
-    op = "vqt_aggregate"
-    _check_tensor(op, "cls", cls, 2, "[B, D]")
-    _check_tensor(op, "queries", queries, 4, "[L, B, Q, D]")
-    _check_like(op, "queries", queries, "cls", cls)
-    if queries.shape[1] != cls.shape[0] or queries.shape[3] != cls.shape[1]:
-        raise ValueError(f"{op}: queries {tuple(queries.shape)} must be [L, B, Q, D] for cls "
-                         f"{tuple(cls.shape)} (B = {cls.shape[0]}, D = {cls.shape[1]})")
-    if queries.shape[2] == 0:
-        raise ValueError(f"{op}: need at least one query per layer, got queries {tuple(queries.shape)}")
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be positive, got {eps}")
+    check_aggregate_args("vqt_aggregate", cls, queries, eps)
     if torch.compiler.is_compiling():
         out, _norms = torch.ops.fastpeft.vqt_aggregate(cls, queries, float(eps))
     else:
