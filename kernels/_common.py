@@ -468,6 +468,25 @@ def last_split(LOCK, idx, S):
 
 
 @triton.jit
+def finish_row_splits(acc, PS, LOCK, pid, pid_k, S, M, rows64, rmask, rk, R_PAD: tl.constexpr):
+    """A [BLOCK_M, R_PAD] row tile whose D reduction was split over S programs (grid axis 1):
+    each stores its partial `acc` in PS [S, M, R_PAD]; the last to arrive (`last_split`) sums
+    them in split order and resets the lock. Returns (the full sum where `last`, last); with S = 1
+    the tile is already whole."""
+    last = S == 1
+    if S > 1:
+        poffs = rows64[:, None] * R_PAD + rk[None, :]
+        tl.store(PS + pid_k.to(tl.int64) * M * R_PAD + poffs, acc, mask=rmask[:, None])
+        last = last_split(LOCK, pid, S)
+        if last:
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            for i in range(0, S):
+                acc += tl.load(PS + i * M * R_PAD + poffs, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(LOCK + pid, 0)
+    return acc, last
+
+
+@triton.jit
 def split_sums(PS, S, D, cols, cmask, BLOCK: tl.constexpr):
     """(Σ_i PS[i, cols], Σ_i PS[S + i, cols]) over the S splits, in split order (fp32): the two
     column sums of a [2, S, D] partial buffer, read at L2 (written by other programs)."""

@@ -36,7 +36,7 @@ import math
 import torch
 
 from ._common import (CheckedSignatures, check_dropout, check_p, AOT_DTYPES, TRITON_PTR, cdiv, check_tensor, describe, dummy,
-                      inv_keep, keep_scale, column_splits, last_split, rank_down_t, rank_down_t_range, rank_up_store,
+                      inv_keep, keep_scale, column_splits, finish_row_splits, rank_down_t, rank_down_t_range, rank_up_store,
                       row_rank_tile, split_workspace, rows_of, seed_or_zero, tl, triton, use_triton,
                       dot_precision, with_tf32_variants)
 from ._common import Cfg, cast_param
@@ -123,16 +123,7 @@ def _convpass_up_bwd_kernel(
     pid_k = tl.program_id(1)
     dh = rank_down_t_range(G, WU, rows64, rmask, rk, kmask, D, pid_k * k_split,
                            tl.minimum(D, (pid_k + 1) * k_split), R, BLOCK_M, BLOCK_N, R_PAD, PREC)
-    last = S == 1
-    if S > 1:
-        poffs = rows64[:, None] * R_PAD + rk[None, :]
-        tl.store(PS + pid_k.to(tl.int64) * M * R_PAD + poffs, dh, mask=rmask[:, None])
-        last = last_split(LOCK, pid, S)
-        if last:
-            dh = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for i in range(0, S):
-                dh += tl.load(PS + i * M * R_PAD + poffs, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(LOCK + pid, 0)
+    dh, last = finish_row_splits(dh, PS, LOCK, pid, pid_k, S, M, rows64, rmask, rk, R_PAD)
     if last:
         _convpass_up_bwd_epilogue(dh, C, SEED, DC, H, rows64, rmask, rk, kmask, R, p, inv_keep, scale,
                                   use_dropout)

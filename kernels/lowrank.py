@@ -51,7 +51,7 @@ import math
 import torch
 
 from ._common import (CheckedSignatures, check_dropout, check_p, dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv,
-                      check_tensor, describe, dummy, inv_keep, keep_scale, column_splits, last_split, next_pow2, rank_down,
+                      check_tensor, describe, dummy, inv_keep, keep_scale, column_splits, finish_row_splits, next_pow2, rank_down,
                       rank_down_range, row_rank_tile, split_workspace, row_splits, rows_of, seed_or_zero, tl, triton,
                       use_triton)
 from ._common import Cfg, cast_param
@@ -145,16 +145,7 @@ def _lowrank_down_kernel(
                           tl.minimum(D, (pid_k + 1) * k_split), SEED, p, inv_keep, IN_DROP, BLOCK_M, BLOCK_K,
                           R_PAD, PREC)
     rkmask = rmask[:, None] & kmask[None, :]
-    last = S == 1
-    if S > 1:
-        poffs = rows64[:, None] * R_PAD + rk[None, :]
-        tl.store(PS + pid_k.to(tl.int64) * M * R_PAD + poffs, acc, mask=rmask[:, None])
-        last = last_split(LOCK, pid, S)
-        if last:
-            acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for i in range(0, S):
-                acc += tl.load(PS + i * M * R_PAD + poffs, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(LOCK + pid, 0)
+    acc, last = finish_row_splits(acc, PS, LOCK, pid, pid_k, S, M, rows64, rmask, rk, R_PAD)
     if last:
         _lowrank_down_epilogue(acc, BIAS, SEED, OUT, PRE, rows64, rk, kmask, rkmask, R, p, inv_keep, scale,
                                out_drop, has_bias, act, save_pre)
