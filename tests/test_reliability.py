@@ -575,17 +575,13 @@ def _layernorm_ssf_f64(x, a, c, g, b, eps=1e-6):
     return ((x - mu) / torch.sqrt(var + eps) * a + c) * g + b
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("width", [1, 2, 3])
-def test_layernorm_ssf_degenerate_widths_match_float64(width, backend):
-    """Width 1 (x̂ ≡ 0, rstd = 1/sqrt(eps)) and 2-3: the op's output and every gradient against
-    float64 math, each within 1e-5 of the largest entry of that tensor (the CPU fp32 path's dγ was
-    off by ~1e-4 at width 1: aten's LayerNorm backward re-forms x̂ as x·rstd - mean·rstd)."""
+def layernorm_ssf_errors(width: int, backend: str) -> list[tuple[str, float, float]]:
+    """(name, max abs error, bound) of `kernels.ssf.layernorm_ssf`'s output and every gradient on
+    a [64, width] input against float64 math; bound = 1e-5 of the largest entry of that tensor.
+    (Shared with tools/reliability_table.py's numerics cases.)"""
     from kernels import ssf as S
-    from kernels._common import backend as kernel_backend, interpreting
+    from kernels._common import backend as kernel_backend
 
-    if backend == "triton" and not interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1")
     gen = torch.Generator().manual_seed(width)
     x = torch.randn(64, width, generator=gen) * 3 + 1
     a, c, g, b = (torch.randn(width, generator=gen) for _ in range(4))
@@ -597,10 +593,23 @@ def test_layernorm_ssf_degenerate_widths_match_float64(width, backend):
     ins64 = [t.double().requires_grad_() for t in (x, a, c, g, b)]
     y64 = _layernorm_ssf_f64(*ins64)
     y64.backward(go.double())
-    for name, got, want in [("y", y, y64)] + [(f"grad {n}", t.grad, t64.grad)
-                                              for n, t, t64 in zip("x a c γ β".split(), ins, ins64)]:
-        err = (got.double() - want).abs().max().item()
-        assert err <= 1e-5 * max(1.0, want.abs().max().item()), (name, err)
+    pairs = [("y", y, y64)] + [(f"grad {n}", t.grad, t64.grad) for n, t, t64 in zip("x a c γ β".split(), ins, ins64)]
+    return [(name, (got.double() - want).abs().max().item(), 1e-5 * max(1.0, want.abs().max().item()))
+            for name, got, want in pairs]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_layernorm_ssf_degenerate_widths_match_float64(width, backend):
+    """Width 1 (x̂ ≡ 0, rstd = 1/sqrt(eps)) and 2-3: the op's output and every gradient against
+    float64 math, each within 1e-5 of the largest entry of that tensor (the CPU fp32 path's dγ was
+    off by ~1e-4 at width 1: aten's LayerNorm backward re-forms x̂ as x·rstd - mean·rstd)."""
+    from kernels._common import interpreting
+
+    if backend == "triton" and not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    for name, err, bound in layernorm_ssf_errors(width, backend):
+        assert err <= bound, (name, err)
 
 
 def test_vqt_aggregate_nan_in_the_class_vector_propagates():

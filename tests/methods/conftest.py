@@ -45,6 +45,20 @@ def method_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
 
 
+def assert_patch_saves_less(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Saved activation bytes of a train forward: default `patch` below the reference's, and
+    `patch(recompute=True)` at most 0.4x of it (the memory promise)."""
+    from fastpeft.profile import saved_activation_bytes
+
+    ref = saved_activation_bytes(lambda: model(x).sum(), exclude=[model])
+    fastpeft.patch(model, backend="torch")
+    fused = saved_activation_bytes(lambda: model(x).sum(), exclude=[model])
+    fastpeft.patch(model, backend="torch", recompute=True)
+    kept = saved_activation_bytes(lambda: model(x).sum(), exclude=[model])
+    assert fused < ref, (fused / ref, fused, ref)
+    assert kept <= 0.4 * ref, (kept / ref, kept, ref)
+
+
 def assert_grads_reach_only_trainable(model: torch.nn.Module) -> None:
     """After a backward: every trainable parameter has a nonzero grad, every frozen one none."""
     for n, p in model.named_parameters():

@@ -13,8 +13,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft.profile import saved_activation_bytes  # noqa: E402
-from tests.methods.conftest import grads_of  # noqa: E402
+from tests.methods.conftest import assert_patch_saves_less, grads_of  # noqa: E402
 
 
 def build(positions=("attn", "mlp"), frames=3, depth=2, img=48, embed_dim=64, heads=2, seed=0):
@@ -78,13 +77,7 @@ def test_recompute_saves_at_most_0_4x():
     m = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, depth=6, img_size=160)
     fastpeft.inject(m, fastpeft.STAdapter(width=192, frames=2))
     x = clips(B=2, T=2, img=160)
-    ref = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
-    fastpeft.patch(m, backend="torch")
-    fused = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
-    fastpeft.patch(m, backend="torch", recompute=True)
-    kept = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
-    assert fused < ref, (fused / ref, fused, ref)
-    assert kept <= 0.4 * ref, (kept / ref, kept, ref)
+    assert_patch_saves_less(m, x)
 
 
 def test_torch_compile_fullgraph():
