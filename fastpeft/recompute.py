@@ -375,7 +375,17 @@ def _predraw(block, x: torch.Tensor) -> tuple:
     hook = _predraw_hook(block)
     if hook is None or x.device.type != "cpu" or torch.compiler.is_compiling():
         return ()
-    return (torch.empty_like(x).bernoulli_(1.0 - hook.predrawable_dropout()).bool(),)
+    # F.dropout fills a tensor laid out like its input, norm1(x), in memory order: a LayerNorm's
+    # output is contiguous whatever x's strides (x is the patch embedding's transposed view in the
+    # first block of a model without a class token), an Identity's is x itself. Other norms: no
+    # predraw unless x is contiguous (then their output's layout is the same).
+    if x.is_contiguous() or isinstance(block.norm1, nn.LayerNorm):
+        like = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif isinstance(block.norm1, nn.Identity):
+        like = torch.empty_like(x)
+    else:
+        return ()
+    return (like.bernoulli_(1.0 - hook.predrawable_dropout()).bool(),)
 
 
 def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
