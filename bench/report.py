@@ -16,7 +16,6 @@ import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 CONTENDER_ORDER = ("eager", "compile", "peft", "timm-ckpt", "patch", "patch-recompute", "patch+compile",
@@ -98,45 +97,30 @@ def markdown(doc: dict, chart: str | None = None) -> str:
         lines += [f"![bench chart]({chart})", ""]
     e2e = _grouped(rows, "e2e")
     if e2e:
-        lines += [
+        body = []
+        for (name, _, contender), modes in e2e.items():
+            tr, inf = modes.get("train"), modes.get("infer")
+            if all(r["status"] != "ok" for r in modes.values()):
+                continue
+            params = _get(tr, "trainable_params") or _get(inf, "trainable_params")
+            body.append(
+                f"| {name} | {contender} | {_num(params, '{:,}')} | {_time_cell(tr)} | {_x(_get(tr, 'time_vs_eager'))} | "
+                f"{_num(_get(tr, 'throughput'))} | {_mib(_get(tr, 'saved_bytes'))} | {_x(_get(tr, 'saved_vs_eager'))} | "
+                f"{_gb(_get(tr, 'hbm_bytes'))} | {_t(_get(tr, 'h100_lower_bound_s'))} | "
+                f"{_num(_get(tr, 'launches_per_block'), '{:.0f}')} | {_time_cell(inf)} | "
+                f"{_x(_get(inf, 'time_vs_eager'))} | {_num(_get(inf, 'throughput'))} |")
+        lines += _table(
             "Train step = forward + backward + AdamW step; inference = no_grad forward. Times: median (IQR); "
             "\"x eager\" = ratio to the eager reference of the same method in this run (lower is better). "
             "Saved = activation bytes autograd keeps for backward (distinct storages, parameters and buffers "
             "excluded). HBM = modeled bytes moved by one train step (eager/patch: inputs + outputs of every "
             "dispatched op; compile: Inductor's count for its kernels); H100 bound = HBM / 3.35 TB/s. "
             "Launches/block: dispatched aten ops per block (eager proxy) or profiler-counted kernels (compile).",
-            "",
-            "| method | contender | trainable | train | x eager | img/s | saved MiB | x eager | HBM GB | H100 bound | "
-            "launches/block | inference | x eager | img/s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for (name, _, contender), modes in e2e.items():
-            tr, inf = modes.get("train"), modes.get("infer")
-            if all(r["status"] != "ok" for r in modes.values()):
-                continue
-            params = _get(tr, "trainable_params") or _get(inf, "trainable_params")
-            lines.append(
-                f"| {name} | {contender} | {_num(params, '{:,}')} | {_time_cell(tr)} | {_x(_get(tr, 'time_vs_eager'))} | "
-                f"{_num(_get(tr, 'throughput'))} | {_mib(_get(tr, 'saved_bytes'))} | {_x(_get(tr, 'saved_vs_eager'))} | "
-                f"{_gb(_get(tr, 'hbm_bytes'))} | {_t(_get(tr, 'h100_lower_bound_s'))} | "
-                f"{_num(_get(tr, 'launches_per_block'), '{:.0f}')} | {_time_cell(inf)} | "
-                f"{_x(_get(inf, 'time_vs_eager'))} | {_num(_get(inf, 'throughput'))} |")
-        lines.append("")
+            ["method", "contender"], ["trainable", "train", "x eager", "img/s", "saved MiB", "x eager", "HBM GB",
+                                      "H100 bound", "launches/block", "inference", "x eager", "img/s"], body)
     host = _grouped(rows, "host")
     if host:
-        lines += [
-            "Host time of a train step (forward + cross-entropy + backward, no optimizer) with every Triton "
-            "launch replaced by a counter (patched models: `fastpeft.patch(model, backend=\"triton\")`), "
-            "compute negligible: median (IQR) over rounds in which the contenders alternate. \"x eager\" = "
-            "ratio of medians; \"paired\" = median over rounds of the same-round ratio. Per block: Triton "
-            "launches, aten ops that do work (a TorchDispatchMode; custom ops looked through), their sum, "
-            "divided by the depth. Targets: patch <= 1.10x, recompute <= 1.3x, "
-            "patch launches/block <= eager's.",
-            "",
-            "| method | contender | host/step | x eager | paired | Triton/block | aten/block | launches/block | "
-            "x eager | patched |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+        body = []
         for (name, _, contender), modes in host.items():
             r = modes.get("train")
             if r is None or r["status"] != "ok":
@@ -147,34 +131,40 @@ def markdown(doc: dict, chart: str | None = None) -> str:
             tvse = r.get("time_vs_eager")
             if tvse is None and eager is not None and _get(eager, "time_median_s"):
                 tvse = r["time_median_s"] / eager["time_median_s"]
-            lines.append(
+            body.append(
                 f"| {name} | {contender} | {_time_cell(r)} | {_x(tvse)} | {_x(r.get('paired_vs_eager'))} | "
                 f"{_num(_get(r, 'triton_per_block'), '{:.1f}')} | {_num(_get(r, 'aten_per_block'), '{:.1f}')} | "
                 f"{_num(lpb, '{:.1f}')} | {_x(lpb / elpb if lpb is not None and elpb else None)} | "
                 f"{_num(r.get('patched'), '{:d}') if r.get('patched') is not None else ''} |")
-        lines.append("")
+        lines += _table(
+            "Host time of a train step (forward + cross-entropy + backward, no optimizer) with every Triton "
+            "launch replaced by a counter (patched models: `fastpeft.patch(model, backend=\"triton\")`), "
+            "compute negligible: median (IQR) over rounds in which the contenders alternate. \"x eager\" = "
+            "ratio of medians; \"paired\" = median over rounds of the same-round ratio. Per block: Triton "
+            "launches, aten ops that do work (a TorchDispatchMode; custom ops looked through), their sum, "
+            "divided by the depth. Targets: patch <= 1.10x, recompute <= 1.3x, "
+            "patch launches/block <= eager's.",
+            ["method", "contender"], ["host/step", "x eager", "paired", "Triton/block", "aten/block", "launches/block",
+                                      "x eager", "patched"], body)
     ops = _grouped(rows, "op")
     if ops:
-        lines += [
-            "Per-op rows (fixed random output gradient; dropout off). HBM and launches are for fwd+bwd.",
-            "",
-            "| op | B x N x D | contender | fwd+bwd | x eager | fwd | x eager | saved KiB | x eager | HBM MB | x eager | "
-            "launches |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+        body = []
         for (name, size, contender), modes in ops.items():
             tr, inf = modes.get("fwd+bwd"), modes.get("fwd")
             if all(r["status"] != "ok" for r in modes.values()):
                 continue
             saved = _get(tr, "saved_bytes")
             hbm = _get(tr, "hbm_bytes")
-            lines.append(
+            body.append(
                 f"| {name} | {size} | {contender} | {_time_cell(tr)} | {_x(_get(tr, 'time_vs_eager'))} | "
                 f"{_time_cell(inf)} | {_x(_get(inf, 'time_vs_eager'))} | "
                 f"{'-' if saved is None else f'{saved / 1024:,.0f}'} | {_x(_get(tr, 'saved_vs_eager'))} | "
                 f"{'-' if hbm is None else f'{hbm / 1e6:,.1f}'} | {_x(_get(tr, 'hbm_vs_eager'))} | "
                 f"{_num(_get(tr, 'launches'), '{:.0f}')} |")
-        lines.append("")
+        lines += _table(
+            "Per-op rows (fixed random output gradient; dropout off). HBM and launches are for fwd+bwd.",
+            ["op", "B x N x D", "contender"], ["fwd+bwd", "x eager", "fwd", "x eager", "saved KiB", "x eager", "HBM MB",
+                                               "x eager", "launches"], body)
     skipped: "OrderedDict[str, list[str]]" = OrderedDict()
     for r in rows:
         if r["status"] != "ok":
@@ -187,6 +177,12 @@ def markdown(doc: dict, chart: str | None = None) -> str:
             lines.append(f"- {reason}: {shown}")
         lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def _table(intro: str, left: list[str], right: list[str], body: list[str]) -> list[str]:
+    """A markdown table after its intro paragraph: `left` columns left-aligned, `right` numeric."""
+    return [intro, "", "| " + " | ".join(left + right) + " |",
+            "|" + "---|" * len(left) + "---:|" * len(right), *body, ""]
 
 
 def chart(doc: dict, path: Path) -> bool:

@@ -31,6 +31,7 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 __all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass",
            "replaced_dataflow", "timm_sdpa_attention"]

@@ -160,6 +160,14 @@ def check_tensor(op: str, name: str, t, *, dim: int | None = None, shape=None,
         raise ValueError(f"{op}: {name} must be {dtype}, got {name} {describe(t)}")
 
 
+def check_features(op: str, x, width: str = "D") -> int:
+    """check_tensor for an op's input x [..., width] with width > 0; returns the width."""
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., {width}] with {width} > 0, got x {describe(x)}")
+    return x.shape[-1]
+
+
 class CheckedSignatures:
     """Argument checks once per call signature: `seen(key)` is True when the checks already passed
     for arguments with this key (every property the checks read: shapes, dtypes, devices, flags),

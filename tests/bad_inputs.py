@@ -218,7 +218,6 @@ def _raw_cases() -> list[Case]:
     F = torch.ops.fastpeft
     M = B * N
     x = lambda: _t(M, D)  # noqa: E731
-    seed = torch.tensor([7], dtype=torch.int64)
 
     def with_fwd(fwd, fwd_args, make):
         def valid():

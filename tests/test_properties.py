@@ -27,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import fastpeft
 from tests.methods.conftest import assert_grads_close, grads_of, randomize_
+from tests.random_methods import random_method
 from tests.test_reliability import assert_same, out_eval, snapshot
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -61,49 +62,10 @@ def build_vit(variant: str, dropout: bool, seed: int) -> VisionTransformer:
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **kw)
 
 
-def _p(draw, dropout: bool):
-    return draw(st.sampled_from([0.1, 0.5])) if dropout else 0.0
-
-
 @st.composite
 def method_configs(draw, dropout: bool):
     """One method config (valid for the width-32, depth-2 models above)."""
-    name = draw(st.sampled_from(["lora", "lora-petl", "fact", "kadaptation", "ssf", "bitfit", "adaptformer",
-                                 "adapter", "convpass", "vpt", "noah", "vqt", "linear-probe"]))
-    p = _p(draw, dropout)
-    r = draw(st.integers(1, 8))
-    if name == "lora":
-        return fastpeft.LoRA(rank=r, dropout=p, scale=draw(st.sampled_from([1.0, 0.5, 4])))
-    if name == "lora-petl":
-        t = draw(st.sampled_from([("q",), ("q", "v"), ("k", "v"), ("q", "k", "v")]))
-        return fastpeft.LoRA(rank=r, targets=t, dropout=p, style="petl", scale=draw(st.sampled_from([1.0, 10.0])))
-    if name == "fact":
-        return fastpeft.FacT(kind=draw(st.sampled_from(["tt", "tk"])), rank=r, dropout=p)
-    if name == "kadaptation":
-        return fastpeft.KAdaptation(phm_dim=draw(st.sampled_from([2, 4, 8])), rank=1, lora_dim=draw(st.integers(1, 4)),
-                                    dropout=p, init="trainable", v_uses_q_factors=draw(st.booleans()))
-    if name == "ssf":
-        return fastpeft.SSF()
-    if name == "bitfit":
-        return fastpeft.BitFit()
-    if name == "linear-probe":
-        return fastpeft.LinearProbe()
-    if name == "adaptformer":
-        return fastpeft.AdaptFormer(dim=r, dropout=p, mode=draw(st.sampled_from(["parallel", "sequential"])),
-                                    learnable_scale=draw(st.booleans()),
-                                    layernorm_option=draw(st.sampled_from(["none", "in", "out"])))
-    if name == "adapter":
-        return fastpeft.Adapter(dim=r, dropout=p, style=draw(st.sampled_from(["noah", "vpt"])))
-    if name == "convpass":
-        return fastpeft.Convpass(dim=r, dropout=p, mlp=draw(st.booleans()))
-    if name == "vpt":
-        return fastpeft.VPT(num_tokens=draw(st.integers(1, 4)), deep=draw(st.booleans()), dropout=p)
-    if name == "noah":
-        lists = [draw(st.lists(st.integers(0, 4), min_size=2, max_size=2)) for _ in range(3)]
-        if not any(any(v) for v in lists):
-            lists[0] = [2, 2]
-        return fastpeft.NOAH(adapter_dims=lists[0], lora_ranks=lists[1], prompt_lens=lists[2], dropout=p, lora_dropout=p)
-    return fastpeft.VQT(num_queries=draw(st.integers(1, 3)), dropout=p)
+    return random_method(lambda options: draw(st.sampled_from(list(options))), dropout)
 
 
 def try_inject(model, method) -> bool:
@@ -308,20 +270,22 @@ def bad_variants(draw, cases):
     return label, thunk
 
 
-@settings(max_examples=MAX_EXAMPLES["bad_inputs"], **SETTINGS)
-@given(variant=bad_variants(FUNCTIONALS))
-def test_functionals_on_random_bad_inputs_raise_a_clear_error(variant):
+def assert_clear_error(variant) -> None:
     label, thunk = variant
     what, detail = bad_inputs.outcome(thunk)
     assert what == "clear", f"{label}: {what}: {detail}"
+
+
+@settings(max_examples=MAX_EXAMPLES["bad_inputs"], **SETTINGS)
+@given(variant=bad_variants(FUNCTIONALS))
+def test_functionals_on_random_bad_inputs_raise_a_clear_error(variant):
+    assert_clear_error(variant)
 
 
 @settings(max_examples=MAX_EXAMPLES["raw_ops"], **SETTINGS)
 @given(variant=bad_variants(RAW_OPS))
 def test_raw_ops_on_random_bad_inputs_raise_a_clear_error(variant):
-    label, thunk = variant
-    what, detail = bad_inputs.outcome(thunk)
-    assert what == "clear", f"{label}: {what}: {detail}"
+    assert_clear_error(variant)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from torch import nn
 warnings.simplefilter("ignore")
 
 import fastpeft  # noqa: E402
-from tests import bad_inputs  # noqa: E402
+from tests import bad_inputs, random_methods  # noqa: E402
 from tests.methods.conftest import grads_of, randomize_  # noqa: E402
 from tests.test_reliability import BAD_CONFIGS, assert_same, out_eval, snapshot  # noqa: E402
 
@@ -70,41 +70,7 @@ def x_for(batch=2, seed=0):
 
 
 def random_method(rng: random.Random, dropout: bool):
-    p = rng.choice([0.1, 0.5]) if dropout else 0.0
-    r = rng.randint(1, 8)
-    name = rng.choice(["lora", "lora-petl", "fact", "kadaptation", "ssf", "bitfit", "adaptformer", "adapter",
-                       "convpass", "vpt", "noah", "vqt", "linear-probe"])
-    if name == "lora":
-        return fastpeft.LoRA(rank=r, dropout=p, scale=rng.choice([1.0, 0.5, 4]))
-    if name == "lora-petl":
-        return fastpeft.LoRA(rank=r, targets=rng.choice([("q",), ("q", "v"), ("k", "v"), ("q", "k", "v")]), dropout=p,
-                             style="petl", scale=rng.choice([1.0, 10.0]))
-    if name == "fact":
-        return fastpeft.FacT(kind=rng.choice(["tt", "tk"]), rank=r, dropout=p)
-    if name == "kadaptation":
-        return fastpeft.KAdaptation(phm_dim=rng.choice([2, 4, 8]), rank=1, lora_dim=rng.randint(1, 4), dropout=p,
-                                    init="trainable", v_uses_q_factors=rng.random() < 0.5)
-    if name == "ssf":
-        return fastpeft.SSF()
-    if name == "bitfit":
-        return fastpeft.BitFit()
-    if name == "linear-probe":
-        return fastpeft.LinearProbe()
-    if name == "adaptformer":
-        return fastpeft.AdaptFormer(dim=r, dropout=p, mode=rng.choice(["parallel", "sequential"]),
-                                    learnable_scale=rng.random() < 0.5, layernorm_option=rng.choice(["none", "in", "out"]))
-    if name == "adapter":
-        return fastpeft.Adapter(dim=r, dropout=p, style=rng.choice(["noah", "vpt"]))
-    if name == "convpass":
-        return fastpeft.Convpass(dim=r, dropout=p, mlp=rng.random() < 0.5)
-    if name == "vpt":
-        return fastpeft.VPT(num_tokens=rng.randint(1, 4), deep=rng.random() < 0.5, dropout=p)
-    if name == "noah":
-        lists = [[rng.randint(0, 4) for _ in range(2)] for _ in range(3)]
-        if not any(any(v) for v in lists):
-            lists[0] = [2, 2]
-        return fastpeft.NOAH(adapter_dims=lists[0], lora_ranks=lists[1], prompt_lens=lists[2], dropout=p, lora_dropout=p)
-    return fastpeft.VQT(num_queries=rng.randint(1, 3), dropout=p)
+    return random_methods.random_method(rng.choice, dropout)
 
 
 def all_methods():
@@ -189,6 +155,18 @@ def equivalence(model, x, backend, recompute, training, atol=ATOL, rtol=RTOL) ->
 # categories: each yields (name, thunk -> (outcome, detail))
 # ----------------------------------------------------------------------------------------------
 
+def inject_then_compare(model, make_method, backend, training) -> tuple[str, str]:
+    """Inject `make_method()` (a clear refusal leaves the model as it was), randomise the trainable
+    parameters, then compare patched with unpatched (`equivalence`)."""
+    x = x_for()
+    ref, before = out_eval(model, x), snapshot(model)
+    what, detail = refused_cleanly(model, before, x, ref, lambda: fastpeft.inject(model, make_method()))
+    if what != "ok":
+        return what, detail
+    randomize_([p for _, p in fastpeft.trainable_parameters(model)])
+    return equivalence(model if training else model.eval(), x, backend, False, training)
+
+
 def bad_configs(quick):
     from tests.methods.conftest import images, make_vit
 
@@ -247,27 +225,14 @@ def models_and_wrappers(quick):
         for name in (names[::2] if quick else names):
             for backend in backends:
                 def case(variant=variant, name=name, backend=backend):
-                    model = build_vit(variant)
-                    x = x_for()
-                    ref, before = out_eval(model, x), snapshot(model)
-                    what, detail = refused_cleanly(model, before, x, ref, lambda: fastpeft.inject(model, methods[name]()))
-                    if what != "ok":
-                        return what, detail
-                    randomize_([p for _, p in fastpeft.trainable_parameters(model)])
-                    return equivalence(model, x, backend, False, True)
+                    return inject_then_compare(build_vit(variant), methods[name], backend, training=True)
                 yield f"{variant} {name} [{backend}]", case
     for name in (names[::2] if quick else names):
         def deit(name=name):
             torch.manual_seed(0)
             model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, img_size=32,
                                       patch_size=8, depth=2, embed_dim=32, num_heads=2)
-            x = x_for()
-            ref, before = out_eval(model, x), snapshot(model)
-            what, detail = refused_cleanly(model, before, x, ref, lambda: fastpeft.inject(model, methods[name]()))
-            if what != "ok":
-                return what, detail
-            randomize_([p for _, p in fastpeft.trainable_parameters(model)])
-            return equivalence(model.eval(), x, "torch", False, False)
+            return inject_then_compare(model, methods[name], "torch", training=False)
         yield f"deit-distilled {name}", deit
     for wrap in ("sequential", "dataparallel"):
         def wrapped(wrap=wrap):

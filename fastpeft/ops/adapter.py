@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels._common import (CheckedSignatures, cast_param, check_dropout, check_p, check_tensor, describe,
-                               use_triton)
+from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
+                               check_tensor, describe, use_triton)
 from ..kernels.adapter import ACTS, MAX_RANK, dropout_keep_mask, launch_bwd, launch_fwd
 
 
@@ -62,10 +62,7 @@ def adapter_ref(x, w_down, b_down, w_up, b_up, *, base=None, residual=None, scal
 # ----------------------------------------------------------------------------------------------
 def _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed):
     op = "adapter"
-    check_tensor(op, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
-    d = x.shape[-1]
+    d = check_features(op, x)
     check_tensor(op, "w_down", w_down, dim=2, like=x)
     r = w_down.shape[0]
     if w_down.shape[1] != d:

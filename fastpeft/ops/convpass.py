@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from ..kernels._common import (CheckedSignatures, cast_param, check_dropout, check_p, check_tensor, describe,
-                               use_triton)
+from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
+                               check_tensor, describe, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
 from ..kernels.convpass import MAX_DIM, launch_down_bwd, launch_down_fwd, launch_up_bwd, launch_up_fwd
 
@@ -27,9 +27,7 @@ from ..kernels.convpass import MAX_DIM, launch_down_bwd, launch_down_fwd, launch
 # ----------------------------------------------------------------------------------------------
 def _validate_down(x, w_down, b_down):
     op = "convpass_down"
-    check_tensor(op, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    check_features(op, x)
     check_tensor(op, "w_down", w_down, dim=2, like=x)
     d = w_down.shape[0]
     if w_down.shape[1] != x.shape[-1] or d < 1:

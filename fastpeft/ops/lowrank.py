@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from ..kernels._common import (CheckedSignatures, cast_param, check_dropout, check_p, check_tensor, describe,
-                               rows_of, use_triton)
+from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
+                               check_tensor, describe, rows_of, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
 from ..kernels.lowrank import MAX_RANK, launch_bwd, launch_down, launch_fwd
 
@@ -40,10 +40,7 @@ from ..kernels.lowrank import MAX_RANK, launch_bwd, launch_down, launch_fwd
 # ----------------------------------------------------------------------------------------------
 def _validate(x, weight, bias, a, b, p, seed):
     op = "lowrank_linear"
-    check_tensor(op, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
-    d = x.shape[-1]
+    d = check_features(op, x)
     check_tensor(op, "weight", weight, dim=2, like=x)
     n = weight.shape[0]
     if weight.shape[1] != d:
@@ -465,9 +462,7 @@ class _FacTFunction(torch.autograd.Function):
 
 
 def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
-    check_tensor(op, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    check_features(op, x)
     # (the factors keep their own dtype, cast to x's inside; one dtype and x's device for all)
     check_tensor(op, "fact_u", fact_u, dim=2, like=x, dtype=fact_u.dtype if isinstance(fact_u, torch.Tensor) else None)
     check_tensor(op, "fact_v", fact_v, dim=2, like=x, dtype=fact_u.dtype)
@@ -598,18 +593,13 @@ def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_share
         for side, t in zip(("left", "right"), pair):
             check_tensor(op, f"{name}[{side}]", t, dim=3, like=x, dtype=t.dtype if isinstance(t, torch.Tensor) else None)
     n, m = rule1[0].shape[0], q_factors[0].shape[1]
-    for name in ("rule1", "rule2"):
+    for name, width, want in (("rule1", n, "[n, n, k1], [n, k1, n]"), ("rule2", n, "[n, n, k1], [n, k1, n]"),
+                              ("q_factors", m, "[n, m, k2], [n, k2, m]"), ("v_factors", m, "[n, m, k2], [n, k2, m]")):
         left, right = pairs[name]
         k = left.shape[2]
-        if left.shape != (n, n, k) or right.shape != (n, k, n):
-            raise ValueError(f"{op}: {name} must be ([n, n, k1], [n, k1, n]) with n = {n}, got "
-                             f"{describe(left)} / {describe(right)}")
-    for name in ("q_factors", "v_factors"):
-        left, right = pairs[name]
-        k = left.shape[2]
-        if left.shape != (n, m, k) or right.shape != (n, k, m):
-            raise ValueError(f"{op}: {name} must be ([n, m, k2], [n, k2, m]) with n = {n}, m = {m}, got "
-                             f"{describe(left)} / {describe(right)}")
+        if left.shape != (n, width, k) or right.shape != (n, k, width):
+            sizes = f"n = {n}" if width is n else f"n = {n}, m = {m}"
+            raise ValueError(f"{op}: {name} must be ({want}) with {sizes}, got {describe(left)} / {describe(right)}")
     if n * m != d:
         raise ValueError(f"{op}: the Kronecker factors build an {n * m}-wide H (n = {n}, m = {m}) but x is {describe(x)}")
     check_tensor(op, "b_shared", b_shared, shape=(d,), like=x, dtype=b_shared.dtype if isinstance(b_shared, torch.Tensor) else None)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels._common import CheckedSignatures, cast_param, check_tensor, describe, use_triton
+from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_tensor, describe,
+                               use_triton)
 from ..kernels.ssf import (ACTS, MAX_LN_WIDTH, ln_finalize, launch_ln_bwd, launch_ln_fwd, launch_ssf_bwd,
                            launch_ssf_fwd)
 
@@ -52,10 +53,7 @@ def layernorm_ssf_ref(x, ln_weight, ln_bias, scale, shift, eps=1e-6):
 # Validation
 # ----------------------------------------------------------------------------------------------
 def _validate_ssf(op, x, scale, shift):
-    check_tensor(op, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must be [..., C] with C > 0, got x {describe(x)}")
-    c = x.shape[-1]
+    c = check_features(op, x, "C")
     check_tensor(op, "scale", scale, shape=(c,), like=x)
     check_tensor(op, "shift", shift, shape=(c,), like=x)
 

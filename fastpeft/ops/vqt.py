@@ -302,12 +302,17 @@ def _attention_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _query_grad_out(ctx, grad_out, out):
+    """The attention's backwards give q's gradient only (keys and values are frozen); a missing
+    output gradient is zero."""
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("vqt_query_attention: keys/values are frozen; it gives gradients for q only")
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
+    return torch.zeros_like(out) if grad_out is None else grad_out
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_out = _query_grad_out(ctx, grad_out, out)
     delta = _attention_delta(grad_out, out, grad_lse)
     grad_q = torch.ops.fastpeft.vqt_query_attention_backward(grad_out, q, k, v, lse, delta, ctx.scale)
     return grad_q, None, None, None
@@ -380,11 +385,7 @@ class _AttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("vqt_query_attention: keys/values are frozen; it gives gradients for q only")
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        grad_out = grad_out.contiguous()
+        grad_out = _query_grad_out(ctx, grad_out, out).contiguous()
         grad_q = attention_backward(grad_out, q, k, v, lse, _attention_delta(grad_out, out, grad_lse), ctx.scale)
         return grad_q, None, None, None
 

@@ -103,27 +103,19 @@ def test_lowrank_linear_fp32(case, which):
         check_against(_generic, _generic_ref, leaves, grad, TOL[torch.float32], p=p, drop_input=drop_input, seed=seed)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=[IDS[1], IDS[2], IDS[3]])
-def test_lowrank_linear_fp16_triton(case):
-    rows, d, n, r, p, drop_input = case
-    leaves, grad = generic_inputs(rows, d, n, r, torch.float16)
-    seed = torch.tensor([7], dtype=torch.int64)
-    with backend("triton"):
-        out = check_against(_generic, _generic_ref, leaves, grad, TOL[torch.float16], p=p, drop_input=drop_input,
-                            seed=seed)
-    assert out.dtype == torch.float16
+LOW_PRECISION = ([(torch.float16, "triton", i) for i in (1, 2, 3)]
+                 # bf16 through the torch path (the interpreter's bf16 is unreliable), vs the fp32 reference
+                 + [(torch.bfloat16, "torch", i) for i in (0, 2)])
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[IDS[0], IDS[2]])
-def test_lowrank_linear_bf16_torch_path(case):
-    """bf16 through the torch path (the interpreter's bf16 is unreliable), vs the fp32 reference."""
-    rows, d, n, r, p, drop_input = case
-    leaves, grad = generic_inputs(rows, d, n, r, torch.bfloat16)
+@pytest.mark.parametrize("dtype, which, i", LOW_PRECISION, ids=[f"{str(d)[6:]}-{w}-{IDS[i]}" for d, w, i in LOW_PRECISION])
+def test_lowrank_linear_low_precision(dtype, which, i):
+    rows, d, n, r, p, drop_input = CASES[i]
+    leaves, grad = generic_inputs(rows, d, n, r, dtype)
     seed = torch.tensor([7], dtype=torch.int64)
-    with backend("torch"):
-        out = check_against(_generic, _generic_ref, leaves, grad, TOL[torch.bfloat16], p=p, drop_input=drop_input,
-                            seed=seed)
-    assert out.dtype == torch.bfloat16
+    with backend(which):
+        out = check_against(_generic, _generic_ref, leaves, grad, TOL[dtype], p=p, drop_input=drop_input, seed=seed)
+    assert out.dtype == dtype
 
 
 def test_rank_above_max_uses_torch_path():

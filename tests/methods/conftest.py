@@ -115,3 +115,22 @@ def assert_train_forward_deterministic(model: torch.nn.Module, x: torch.Tensor) 
     first = model(x)
     torch.manual_seed(1)
     assert torch.equal(first, model(x))
+
+
+def assert_dropout_follows_train_eval(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Training forwards draw new dropout masks (two calls differ); eval forwards are deterministic
+    and differ from the training ones. Returns the first training output."""
+    model.train()
+    a, b = model(x), model(x)
+    assert not torch.allclose(a, b)
+    model.eval()
+    c, d = model(x), model(x)
+    assert torch.equal(c, d) and not torch.allclose(c, a)
+    return a
+
+
+def load_official_state_dict(model: torch.nn.Module, sd: dict) -> None:
+    """Load an official-layout state dict of the method's tensors (strict=False: the frozen
+    backbone's keys are not in it); every key must land."""
+    res = model.load_state_dict(sd, strict=False)
+    assert res.unexpected_keys == [] and not set(sd) & set(res.missing_keys)

@@ -13,8 +13,9 @@ from torch.func import functional_call
 import fastpeft
 from fastpeft import FacT
 
-from .conftest import (assert_grads_reach_only_trainable, assert_inject_refused_unchanged,
-                       assert_out_and_grads_match, images, make_vit, method_params, randomize_, vitb_meta)
+from .conftest import (assert_dropout_follows_train_eval, assert_grads_reach_only_trainable,
+                       assert_inject_refused_unchanged, assert_out_and_grads_match, images, make_vit,
+                       method_params, randomize_, vitb_meta)
 
 D = 192
 
@@ -149,12 +150,7 @@ def test_dropout_modules_follow_train_eval(kind):
     assert isinstance(m.blocks[0].attn.dp, torch.nn.Dropout) and m.blocks[0].attn.dp.p == 0.5
     assert isinstance(m.blocks[1].mlp.dp, torch.nn.Dropout)
     randomize_([m.FacTv.weight], std=0.5)
-    x = images()
-    m.train()
-    a, b = m(x), m(x)
-    assert not torch.allclose(a, b)
-    m.eval()
-    assert torch.equal(m(x), m(x)) and not torch.allclose(m(x), a)
+    assert_dropout_follows_train_eval(m, images())
 
 
 @pytest.mark.parametrize("kind", ["tt", "tk"])

@@ -14,8 +14,8 @@ import fastpeft
 from fastpeft import KAdaptation
 from fastpeft.methods.base import vit_info
 
-from .conftest import (assert_inject_refused_unchanged, images, make_vit, method_params, randomize_,
-                       vitb_meta)
+from .conftest import (assert_dropout_follows_train_eval, assert_inject_refused_unchanged, images, make_vit,
+                       method_params, randomize_, vitb_meta)
 
 D = 192  # vit_tiny: 3 heads of 64
 
@@ -164,12 +164,7 @@ def test_q_delta_is_added_after_the_1_over_sqrt_dh_scaling_like_pevit():
 def test_dropout_on_H_follows_train_eval():
     m = fastpeft.inject(make_vit(), KAdaptation(phm_dim=16, init="trainable", dropout=0.5))
     randomize_(list(method_params(m).values()), std=0.3)
-    x = images()
-    m.train()
-    a, b = m(x), m(x)
-    assert not torch.allclose(a, b)
-    m.eval()
-    assert torch.equal(m(x), m(x)) and not torch.allclose(m(x), a)
+    assert_dropout_follows_train_eval(m, images())
     assert isinstance(m.blocks[0].attn.kdropout, torch.nn.Dropout)
 
 

@@ -14,8 +14,8 @@ from fastpeft import LoRA
 from fastpeft.methods.base import vit_info
 from fastpeft.methods.lora import NoahLoRAHook, make_noah_lora
 
-from .conftest import (assert_grads_reach_only_trainable, assert_out_and_grads_match, images, make_vit,
-                       method_params, randomize_, vitb_meta)
+from .conftest import (assert_dropout_follows_train_eval, assert_grads_reach_only_trainable,
+                       assert_out_and_grads_match, images, make_vit, method_params, randomize_, vitb_meta)
 
 D_TINY = 192  # vit_tiny width
 
@@ -148,12 +148,8 @@ def test_dropout_follows_train_eval(cfg):
     x = images()
     m = fastpeft.inject(make_vit(), cfg)
     randomize_(list(method_params(m).values()), std=0.2)
-    m.train()
-    a, b = m(x), m(x)
-    assert not torch.allclose(a, b)
-    m.eval()
-    c, d = m(x), m(x)
-    assert torch.equal(c, d) and not torch.allclose(a, c)
+    assert_dropout_follows_train_eval(m, x)
+    c = m(x)  # (eval)
     m.train()
     assert not torch.allclose(m(x), c)
 

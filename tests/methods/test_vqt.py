@@ -213,6 +213,19 @@ def test_query_outputs_and_hidden_states_match_manual(x):
     torch.testing.assert_close(feats[:, D:3 * D], F.normalize(q_outs[0].flatten(1), dim=1), atol=1e-5, rtol=1e-5)
 
 
+def _injected_and_frozen_block_outputs(m, x, num_queries):
+    """The blocks' outputs of m injected with VQT (checked against the manual formulation) and of
+    a frozen copy, on one forward each."""
+    frozen = copy.deepcopy(m).eval()
+    inj = _check_against_manual(m, x, num_queries)
+    o_ref, _ = _block_outputs(frozen)
+    o, _ = _block_outputs(inj)
+    with torch.no_grad():
+        frozen(x)
+        inj(x)
+    return o, o_ref
+
+
 def test_qk_norm_model(x):
     m = make_vit("vit_small_patch16_224", depth=2, qk_norm=True)
     assert not isinstance(m.blocks[0].attn.q_norm, torch.nn.Identity)
@@ -220,26 +233,14 @@ def test_qk_norm_model(x):
         for blk in m.blocks:
             blk.attn.q_norm.weight.uniform_(0.5, 1.5)
             blk.attn.k_norm.bias.uniform_(-0.2, 0.2)
-    frozen = copy.deepcopy(m).eval()
-    inj = _check_against_manual(m, x, 2)
-    o_ref, _ = _block_outputs(frozen)
-    o, _ = _block_outputs(inj)
-    with torch.no_grad():
-        frozen(x)
-        inj(x)
+    o, o_ref = _injected_and_frozen_block_outputs(m, x, 2)
     assert all(torch.equal(a, b) for a, b in zip(o, o_ref))
 
 
 def test_register_tokens(x):
     m = make_vit(depth=2, reg_tokens=4)
     assert m.num_prefix_tokens == 5
-    frozen = copy.deepcopy(m).eval()
-    inj = _check_against_manual(m, x, 3)
-    o_ref, _ = _block_outputs(frozen)
-    o, _ = _block_outputs(inj)
-    with torch.no_grad():
-        frozen(x)
-        inj(x)
+    o, o_ref = _injected_and_frozen_block_outputs(m, x, 3)
     assert all(torch.equal(a, b) and a.shape[1] == 5 + 16 for a, b in zip(o, o_ref))
 
 
