@@ -2,7 +2,7 @@
 the ViT ones when the injected method serves ConvNets).
 
 * `ConvAdapterRule`: each adapter's 1x1 up-projection, activation, scale and add to the frozen
-  branch run as one fused epilogue after the vendor grouped conv (kernels/conv_adapter.py; saves
+  branch run as one fused epilogue after the vendor grouped conv (fastpeft/ops/conv_adapter.py; saves
   the w-wide conv output only). ResNet Bottlenecks get a fused instance `forward`, ConvNeXt's
   parallel-adapter hooks are swapped for fused twins at the same position.
 * `ConvRecomputeRule` (`recompute=True`): every adapted block runs under activation checkpointing
@@ -25,7 +25,7 @@ from .common import kernel_call, swap_hook
 
 
 def _fused(backend: str, x: torch.Tensor, base: torch.Tensor, mod) -> torch.Tensor:
-    from ..kernels import conv_adapter as kc
+    from ..ops import conv_adapter as kc
 
     c1, c2 = mod.conv1, mod.conv2
     return kernel_call(backend, x.device.type, kc.conv_adapter, x, base, c1.weight, c1.bias, c2.weight, c2.bias,

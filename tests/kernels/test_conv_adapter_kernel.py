@@ -1,5 +1,5 @@
-"""Fused Conv-Adapter epilogue (kernels/conv_adapter.py) against its plain-torch reference (the
-official module math: grouped conv, act, 1x1 conv, per-channel scale, added to the frozen branch).
+"""Fused Conv-Adapter epilogue (fastpeft/ops/conv_adapter.py over kernels/conv_adapter.py) against
+its plain-torch reference (the official module math: grouped conv, act, 1x1 conv, per-channel scale, added to the frozen branch).
 
 Triton kernels run through the interpreter on CPU tensors with backend "triton"; the torch twin
 (backend "torch") is checked the same way. fp32 and fp16 go through the kernels, bf16 through the
@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.conv_adapter as K  # noqa: E402
+import fastpeft.ops.conv_adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 

@@ -1,5 +1,5 @@
 """fastpeft.patch on a Conv-Adapter ConvNet (ResNet-50 / ConvNeXt): the fused epilogues
-(kernels/conv_adapter.py) and recompute (block checkpointing) give the reference model's logits,
+(fastpeft/ops/conv_adapter.py) and recompute (block checkpointing) give the reference model's logits,
 gradients and BatchNorm statistics; recompute keeps at most 0.4x of the reference's saved bytes;
 unpatch restores the reference; torch.compile(fullgraph=True) runs the patched model."""
 from __future__ import annotations
