@@ -12,8 +12,14 @@ The grouped conv stays the vendor's (cuDNN / ATen: its backward over the grid an
 they provide); the Triton kernel `_ca_up_fwd_kernel` (kernels/conv_adapter.py) fuses everything
 after it: act, the 1x1 GEMM per image ([C, w] x [w, Ho*Wo]), its bias, the scale and the add to
 base, so neither act(h) nor the C-wide conv2 output is written or saved. Saved for backward: h
-only (w-wide). Off CUDA (and unless the interpreter is asked for) the op runs `_up_torch`, the
-same math in torch, saving the same tensor.
+only (w-wide). Under torch.compile off CUDA the op runs `_up_torch`, the same math in torch.
+
+CPU eager (and backend "torch"): `_AdapterFunction` runs the whole adapter in torch. The grouped
+conv (w groups of C_in / w channels, one output channel each) is computed as the depthwise conv
+of the same taps in channels_last followed by the sum over each group's channels (ATen's grouped
+NCHW conv with one output channel per group is several times slower on CPU, in both directions);
+the epilogue is batched GEMMs with the scale folded into W2 and the bias into a column of ones.
+It saves what the Triton path saves (x and h); channels_last x is made again in backward.
 
 Backward (vendor GEMMs on w-wide operands; deterministic):
   a = act(h) (recomputed), gs = se * g
@@ -167,6 +173,107 @@ def _cast(t, dtype):
     return t.to(dtype) if t.dtype != dtype else t
 
 
+# ----------------------------------------------------------------------------------------------
+# The whole adapter as torch math (CPU, or backend "torch"): the grouped conv as a depthwise conv
+# in channels_last plus a sum over each group's channels
+# ----------------------------------------------------------------------------------------------
+def _f32(t):
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _act_backward(da, h, act):
+    """da * act'(h) in one pass (the aten backward kernels of relu / exact gelu)."""
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(da, h, 0)
+    return torch.ops.aten.gelu_backward(da, h)
+
+
+def _memory_format(t):
+    return torch.channels_last if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+class _AdapterFunction(torch.autograd.Function):
+    """base + A(x) in torch, x's grouped conv (w groups of g = C_in / w channels, one output
+    channel each) computed as the depthwise conv of the same taps (weight [C_in, 1, k, k], channels
+    last) followed by a sum over each group's g channels: the vendor's depthwise kernels in
+    channels_last are far faster on CPU than its grouped NCHW conv with one output channel per
+    group, and give the same sums. The epilogue is two batched GEMMs per direction with the scale
+    folded into the [C, w] weight and the bias into an extra column of ones.
+
+    Saved: x (which the frozen block saves anyway) and h [B, w, Ho, Wo] (the w-wide conv output,
+    channels-last strides), as the Triton path; channels_last x and the C_in-wide depthwise
+    output are recomputed / transient."""
+
+    @staticmethod
+    def forward(ctx, x, base, w1, b1, w2, b2, se, stride, padding, act):
+        B, Cin = x.shape[:2]
+        K, g, k = w1.shape[0], w1.shape[1], w1.shape[-1]
+        C = w2.shape[0]
+        wd = w1.reshape(Cin, 1, k, k)
+        y = torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last), wd, None, stride, padding,
+                                       1, Cin)
+        Ho, Wo = y.shape[-2:]
+        N, S = B * Ho * Wo, Ho * Wo
+        y = y.permute(0, 2, 3, 1).reshape(N, K, g)
+        h = (y.sum(-1) if g > 1 else y.view(N, K)) + b1  # [N, K] rows (b, ho, wo): channels last
+        hf = _f32(h)
+        a = torch.relu(hf) if act == "relu" else torch.nn.functional.gelu(hf)
+        if h.dtype != torch.float32:
+            a = a.to(h.dtype).float()  # act(h) rounded to x's dtype, as the kernel's GEMM operand
+        sef = _f32(se)
+        w2e = torch.cat([sef[:, None] * _f32(w2), (sef * _f32(b2))[:, None]], 1)  # [C, K + 1]
+        ae = torch.cat([a, a.new_ones(N, 1)], 1).view(B, S, K + 1)
+        out = torch.baddbmm(_f32(base).reshape(B, C, S), w2e.expand(B, C, K + 1), ae.transpose(1, 2))
+        ctx.save_for_backward(x, h.view(B, Ho, Wo, K).permute(0, 3, 1, 2), w1, w2, b2, se)
+        ctx.geom = (stride, padding, act)
+        return out.to(base.dtype).view(base.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        x, h, w1, w2, b2, se = ctx.saved_tensors
+        stride, padding, act = ctx.geom
+        need = ctx.needs_input_grad
+        B, Cin = x.shape[:2]
+        K, g, k = w1.shape[0], w1.shape[1], w1.shape[-1]
+        Ho, Wo = h.shape[-2:]
+        C, N, S = w2.shape[0], B * Ho * Wo, Ho * Wo
+        h = h.permute(0, 2, 3, 1).reshape(N, K)
+        dt = x.dtype
+        g3 = _f32(gout).contiguous().view(B, C, S)
+        hf = _f32(h)
+        a = torch.relu(hf) if act == "relu" else torch.nn.functional.gelu(hf)
+        if dt != torch.float32:
+            a = a.to(dt).float()
+        sef, w2f, b2f = _f32(se), _f32(w2), _f32(b2)
+        dw2 = db2 = dse = None
+        if need[4] or need[5] or need[6]:
+            me = torch.bmm(g3, torch.cat([a, a.new_ones(N, 1)], 1).view(B, S, K + 1)).sum(0)  # [C, K + 1]
+            M, gsum = me[:, :K], me[:, K]
+            dw2 = (sef[:, None] * M).to(dt).view(w2.shape)
+            db2 = (sef * gsum).to(dt)
+            dse = ((w2f * M).sum(1) + b2f * gsum).to(dt)
+        dx = dw1 = db1 = None
+        if need[0] or need[2] or need[3]:
+            da = torch.bmm(g3.transpose(1, 2), (sef[:, None] * w2f).expand(B, C, K)).view(N, K)
+            dh = _act_backward(da, hf, act)
+            db1 = dh.sum(0).to(dt)
+            if need[0] or need[2]:
+                dy = dh.to(dt)
+                if g > 1:
+                    dy = dy[:, :, None].expand(N, K, g)
+                dy = dy.reshape(B, Ho, Wo, Cin).permute(0, 3, 1, 2)  # channels_last [B, C_in, Ho, Wo]
+                dx, dwd, _ = torch.ops.aten.convolution_backward(
+                    dy, x.contiguous(memory_format=torch.channels_last), w1.reshape(Cin, 1, k, k), None,
+                    [stride, stride], [padding, padding], [1, 1], False, [0, 0], Cin, [need[0], need[2], False])
+                dw1 = dwd.view(w1.shape) if dwd is not None else None
+                if dx is not None:  # x's own layout: a channels_last gradient slows the frozen block's backward
+                    dx = dx.contiguous(memory_format=_memory_format(x))
+        return (dx, gout if need[1] else None, dw1, db1 if need[3] else None, dw2 if need[4] else None,
+                db2 if need[5] else None, dse if need[6] else None, None, None, None)
+
+
 def conv_adapter(x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor, se: torch.Tensor, *, stride: int = 1, padding: int = 0, act: str = "relu"
                  ) -> torch.Tensor:
@@ -175,21 +282,36 @@ def conv_adapter(x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, b1: torc
     x [B, C_in, H, W] float32/float16/bfloat16; base [B, C, Ho, Wo] (the output of the frozen conv
     or block the adapter runs beside); w1 [w, C_in / w, k, k], b1 [w] (the grouped conv, groups =
     w); w2 [C, w, 1, 1] or [C, w], b2 [C]; se [1, C, 1, 1] or [C] (cast to x.dtype, differentiably).
+
+    Triton (CUDA, or the interpreter): the vendor grouped conv, then the fused epilogue kernel;
+    torch.compile traces the same through `fastpeft::conv_adapter_up`; otherwise (CPU eager)
+    `_AdapterFunction`. All save x and the w-wide conv output only.
     """
     check_tensor("conv_adapter", "x", x, dim=4)
     check_tensor("conv_adapter", "w1", w1, dim=4, like=x)
-    if w1.shape[0] < 1 or x.shape[1] % w1.shape[0] or x.shape[1] // w1.shape[0] != w1.shape[1]:
+    if w1.shape[0] < 1 or x.shape[1] % w1.shape[0] or x.shape[1] // w1.shape[0] != w1.shape[1] \
+            or w1.shape[2] != w1.shape[3]:
         raise ValueError(f"conv_adapter: w1 must be the grouped conv weight [w, C_in / w, k, k] for C_in = "
                          f"{x.shape[1]}, got {describe(w1)}")
     w2 = w2.reshape(w2.shape[0], -1) if w2.dim() == 4 else w2
     se = se.reshape(-1)
     w1, b1, w2, b2, se = (_cast(t, x.dtype) for t in (w1, b1, w2, b2, se))
-    h = torch.nn.functional.conv2d(x, w1, b1, stride=stride, padding=padding, groups=w1.shape[0])
     compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate(h, w2, b2, se, base, act), h, w2, b2, se, base, extra=(act,))
-    if compiling:
-        return torch.ops.fastpeft.conv_adapter_up(h, w2, b2, se, base, act)
-    return _UpFunction.apply(h, w2, b2, se, base, act, _triton_ok(h))
+    if compiling or _triton_ok(x):
+        h = torch.nn.functional.conv2d(x, w1, b1, stride=stride, padding=padding, groups=w1.shape[0])
+        _CHECKED.check(compiling, lambda: _validate(h, w2, b2, se, base, act), h, w2, b2, se, base, extra=(act,))
+        if compiling:
+            return torch.ops.fastpeft.conv_adapter_up(h, w2, b2, se, base, act)
+        return _UpFunction.apply(h, w2, b2, se, base, act, True)
+    B, _, H, W = x.shape
+    k = w1.shape[-1]
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"conv_adapter: x {describe(x)} is smaller than the {k}x{k} kernel at padding {padding}")
+    h_like = x.new_empty(()).expand(B, w1.shape[0], Ho, Wo)  # h's shape, dtype and device (no storage)
+    _CHECKED.check(False, lambda: _validate(h_like, w2, b2, se, base, act), h_like, w2, b2, se, base,
+                   extra=(act, stride, padding))
+    return _AdapterFunction.apply(x, base, w1, b1, w2, b2, se, stride, padding, act)
 
 
 def conv_adapter_ref(x, base, w1, b1, w2, b2, se, *, stride=1, padding=0, act="relu"):

@@ -88,6 +88,29 @@ def test_conv_adapter_bf16_torch_path(case):
     check(case, torch.bfloat16, "torch")
 
 
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_torch_path_channels_last_input(x_grad):
+    """The torch path (a channels_last depthwise conv inside) on a channels_last x, with and
+    without x's gradient: the reference's values and gradients, dx in x's layout."""
+    case = CASES[0]
+    *_, k, s, p, act = case
+    t, grad = make(case, torch.float32)
+    t["x"] = t["x"].contiguous(memory_format=torch.channels_last)
+    lv = {n: v.clone().requires_grad_(n != "x" or x_grad) for n, v in t.items()}
+    with backend("torch"):
+        out = K.conv_adapter(*(lv[n] for n in NAMES), stride=s, padding=p, act=act)
+    out.backward(grad)
+    ref_out, ref_grads = run(K.conv_adapter_ref, t, grad, case)
+    assert_close("out", out, ref_out, TOL[torch.float32])
+    for n in NAMES:
+        if n == "x" and not x_grad:
+            assert lv[n].grad is None
+            continue
+        assert_close(f"grad {n}", lv[n].grad, ref_grads[n], TOL[torch.float32])
+    if x_grad:
+        assert lv["x"].grad.is_contiguous(memory_format=torch.channels_last)
+
 def test_matches_the_method_module():
     from fastpeft.methods.conv_adapter import ConvAdapterModule
 
