@@ -1,8 +1,8 @@
 """fastpeft.patch on a Conv-Adapter ConvNet (ResNet-50 / ConvNeXt): the fused epilogues
-(fastpeft/ops/conv_adapter.py) and recompute (block checkpointing with a byte-budget plan of kept conv
-outputs) give the reference model's logits,
-gradients and BatchNorm statistics; recompute keeps at most 0.4x of the reference's saved bytes;
-unpatch restores the reference; torch.compile(fullgraph=True) runs the patched model."""
+(fastpeft/ops/conv_adapter.py) and recompute (block checkpointing with a byte-budget plan of kept
+conv outputs) give the reference model's logits, gradients and BatchNorm statistics; recompute
+keeps at most 0.4x of the reference's saved bytes; unpatch restores the reference;
+torch.compile(fullgraph=True) runs the patched model."""
 from __future__ import annotations
 
 import os
