@@ -144,11 +144,11 @@ _ca_up_op.register_autograd(_backward, setup_context=_setup)
 
 
 class _UpFunction(torch.autograd.Function):
-    """The eager path of `fastpeft::conv_adapter_up` (saves h): the same launcher (or torch math)."""
+    """The eager Triton path of `fastpeft::conv_adapter_up` (saves h): the same launcher."""
 
     @staticmethod
-    def forward(ctx, h, w2, b2, se, base, act, triton_path):
-        out = (launch_up if triton_path else _up_torch)(h, w2, b2, se, base, act)
+    def forward(ctx, h, w2, b2, se, base, act):
+        out = launch_up(h, w2, b2, se, base, act)
         ctx.save_for_backward(h, w2, b2, se)
         ctx.act = act
         return out
@@ -160,17 +160,7 @@ class _UpFunction(torch.autograd.Function):
         dh, dw2, db2, dse = _up_bwd(g, h, w2, b2, se, ctx.act)
         need = ctx.needs_input_grad
         return (dh if need[0] else None, dw2 if need[1] else None, db2 if need[2] else None,
-                dse if need[3] else None, g if need[4] else None, None, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Functional and reference
-# ----------------------------------------------------------------------------------------------
-_CHECKED = CheckedSignatures()
-
-
-def _cast(t, dtype):
-    return t.to(dtype) if t.dtype != dtype else t
+                dse if need[3] else None, g if need[4] else None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +264,16 @@ class _AdapterFunction(torch.autograd.Function):
                 db2 if need[5] else None, dse if need[6] else None, None, None, None)
 
 
+# ----------------------------------------------------------------------------------------------
+# Functional and reference
+# ----------------------------------------------------------------------------------------------
+_CHECKED = CheckedSignatures()
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.dtype != dtype else t
+
+
 def conv_adapter(x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                  b2: torch.Tensor, se: torch.Tensor, *, stride: int = 1, padding: int = 0, act: str = "relu"
                  ) -> torch.Tensor:
@@ -302,7 +302,7 @@ def conv_adapter(x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, b1: torc
         _CHECKED.check(compiling, lambda: _validate(h, w2, b2, se, base, act), h, w2, b2, se, base, extra=(act,))
         if compiling:
             return torch.ops.fastpeft.conv_adapter_up(h, w2, b2, se, base, act)
-        return _UpFunction.apply(h, w2, b2, se, base, act, True)
+        return _UpFunction.apply(h, w2, b2, se, base, act)
     B, _, H, W = x.shape
     k = w1.shape[-1]
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
