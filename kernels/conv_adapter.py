@@ -1,30 +1,19 @@
-"""Fused Conv-Adapter epilogue (fastpeft.methods.conv_adapter.ConvAdapterModule; official code
-Hhhhhhao/Conv-Adapter `models/tuning_modules/conv_adapter.py`, "Design 2 v4"):
+"""Triton kernel of the fused Conv-Adapter epilogue (the op, its torch twin, autograd and
+reference: fastpeft/ops/conv_adapter.py):
 
     out = base + se * (W2 act(h) + b2),   h = conv1(x) (the grouped k x k conv, with its bias)
 
-x, base, out are NCHW; h [B, w, Ho, Wo] is the adapter's w = C_in / reduction wide intermediate;
-W2 [C, w] is the 1x1 up-projection (`conv2`), se [C] the per-channel scale, act ReLU (ResNet) or
-exact GELU (ConvNeXt); base is the frozen branch the adapter is added to (act2's output in a
-ResNet Bottleneck, conv_dw's or a downsample conv's output in ConvNeXt).
-
-The grouped conv stays the vendor's (cuDNN / ATen: its backward over the grid and groups is what
-they provide); `_ca_up_fwd_kernel` fuses everything after it: act, the 1x1 GEMM per image
-([C, w] x [w, Ho*Wo]), its bias, the scale and the add to base, so neither act(h) nor the C-wide
-conv2 output is written or saved. Saved for backward: h only (w-wide).
-
-Backward (vendor GEMMs on w-wide operands; deterministic):
-  a = act(h) (recomputed), gs = se * g
-  dh = (W2^T gs) * act'(h)              (then through the vendor conv1 by autograd)
-  M = sum_b g_b a_b^T  [C, w]           dW2 = se * M,  db2 = se * sum(g),
-  dse = rowsum(W2 * M) + b2 * sum(g)    (no C-wide recompute: se multiplies W2 a + b2)
-  dbase = g
+h [B, K, Ho, Wo] is the adapter's K-wide intermediate, W2 [C, K] the 1x1 up-projection, se [C] the
+per-channel scale, act ReLU (0) or exact GELU (1), base / out [B, C, Ho, Wo] NCHW.
+`_ca_up_fwd_kernel` computes one [BLOCK_C, BLOCK_S] tile of one image: act, the 1x1 GEMM
+([C, K] x [K, Ho*Wo]) over K chunks, its bias, the scale and the add to base, so neither act(h)
+nor the C-wide conv2 output is written.
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import AOT_DTYPES, TRITON_PTR, CheckedSignatures, cdiv, check_tensor, describe, dot_precision, tl, triton, use_triton, with_tf32_variants
+from ._common import AOT_DTYPES, TRITON_PTR, cdiv, dot_precision, tl, triton, with_tf32_variants
 from ._common import Cfg
 
 ACTS = {"relu": 0, "gelu": 1}
@@ -80,25 +69,11 @@ def _ca_up_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation, launcher, torch twin
+# Launcher (arguments checked by the caller: fastpeft/ops/conv_adapter.py)
 # ----------------------------------------------------------------------------------------------
-def _validate(h, w2, b2, se, base, act):
-    op = "conv_adapter_up"
-    check_tensor(op, "h", h, dim=4)
-    B, K, Ho, Wo = h.shape
-    check_tensor(op, "w2", w2, dim=2, like=h)
-    C = w2.shape[0]
-    if w2.shape[1] != K:
-        raise ValueError(f"{op}: w2 must be [C, w] = [C, {K}] (the 1x1 conv weight [C, w, 1, 1]), got "
-                         f"{describe(w2)} for h {describe(h)}")
-    check_tensor(op, "b2", b2, shape=(C,), like=h)
-    check_tensor(op, "se", se, shape=(C,), like=h)
-    check_tensor(op, "base", base, shape=(B, C, Ho, Wo), like=h)
-    if act not in ACTS:
-        raise ValueError(f"{op}: act must be one of {sorted(ACTS)}, got {act!r}")
-
-
-def _up_launch(h, w2, b2, se, base, act: str):
+def launch_up(h, w2, b2, se, base, act: str):
+    """out [B, C, Ho, Wo] = base + se * (W2 act(h) + b2) from `_ca_up_fwd_kernel`; h [B, K, Ho, Wo],
+    w2 [C, K], b2 / se [C], base [B, C, Ho, Wo], act a key of ACTS."""
     B, K, Ho, Wo = h.shape
     C, S = w2.shape[0], Ho * Wo
     h, base = h.contiguous(), base.contiguous()
@@ -110,158 +85,6 @@ def _up_launch(h, w2, b2, se, base, act: str):
             BLOCK_K=cf.BLOCK_K, PREC=dot_precision(h.dtype, h.device), num_warps=cf.num_warps,
             num_stages=cf.num_stages)
     return out
-
-
-def _act_torch(h, act):
-    return torch.relu(h) if act == "relu" else torch.nn.functional.gelu(h)
-
-
-def _act_grad_torch(h, act):
-    if act == "relu":
-        return (h > 0).to(h.dtype)
-    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
-    return cdf + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
-
-
-def _up_torch(h, w2, b2, se, base, act: str):
-    f32 = torch.float32
-    B, K, Ho, Wo = h.shape
-    a = _act_torch(h.to(f32), act).to(h.dtype).to(f32).reshape(B, K, -1)
-    y = torch.matmul(w2.to(f32), a) + b2.to(f32)[:, None]
-    out = base.to(f32).reshape(B, -1, Ho * Wo) + se.to(f32)[:, None] * y
-    return out.to(base.dtype).view(base.shape)
-
-
-def _up_bwd(g, h, w2, b2, se, act: str):
-    """(dh, dw2 [C, w], db2, dse) in h's dtype; dbase is g itself."""
-    f32, dt = torch.float32, h.dtype
-    B, K, Ho, Wo = h.shape
-    hf = h.to(f32).reshape(B, K, -1)
-    a = _act_torch(hf, act).to(dt).to(f32)
-    g3 = g.to(f32).reshape(B, w2.shape[0], -1)
-    gsum = g3.sum((0, 2))
-    M = torch.einsum("bcs,bks->ck", g3, a)
-    sef = se.to(f32)
-    da = torch.matmul(w2.to(f32).t(), sef[:, None] * g3)
-    dh = (da * _act_grad_torch(hf, act)).to(dt).view(h.shape)
-    dw2 = (sef[:, None] * M).to(dt)
-    db2 = (sef * gsum).to(dt)
-    dse = ((w2.to(f32) * M).sum(1) + b2.to(f32) * gsum).to(dt)
-    return dh, dw2, db2, dse
-
-
-def _triton_ok(h) -> bool:
-    return use_triton(h)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op (what torch.compile traces) and the eager autograd.Function
-# ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastpeft::conv_adapter_up", mutates_args=())
-def _ca_up_op(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, se: torch.Tensor, base: torch.Tensor,
-              act: str) -> torch.Tensor:
-    _validate(h, w2, b2, se, base, act)
-    return (_up_launch if _triton_ok(h) else _up_torch)(h, w2, b2, se, base, act)
-
-
-@_ca_up_op.register_fake
-def _ca_up_fake(h, w2, b2, se, base, act):
-    return torch.empty_like(base, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastpeft::conv_adapter_up_backward", mutates_args=())
-def _ca_up_backward_op(g: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, se: torch.Tensor,
-                       act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _up_bwd(g, h, w2, b2, se, act)
-
-
-@_ca_up_backward_op.register_fake
-def _ca_up_backward_fake(g, h, w2, b2, se, act):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w2), torch.empty_like(b2),
-            torch.empty_like(se))
-
-
-def _setup(ctx, inputs, output):
-    h, w2, b2, se, base, act = inputs
-    ctx.save_for_backward(h, w2, b2, se)
-    ctx.act = act
-
-
-def _backward(ctx, g):
-    h, w2, b2, se = ctx.saved_tensors
-    dh, dw2, db2, dse = torch.ops.fastpeft.conv_adapter_up_backward(g, h, w2, b2, se, ctx.act)
-    need = ctx.needs_input_grad
-    return (dh if need[0] else None, dw2 if need[1] else None, db2 if need[2] else None, dse if need[3] else None,
-            g if need[4] else None, None)
-
-
-_ca_up_op.register_autograd(_backward, setup_context=_setup)
-
-
-class _UpFunction(torch.autograd.Function):
-    """The eager path of `fastpeft::conv_adapter_up` (saves h): the same launcher (or torch math)."""
-
-    @staticmethod
-    def forward(ctx, h, w2, b2, se, base, act, triton_path):
-        out = (_up_launch if triton_path else _up_torch)(h, w2, b2, se, base, act)
-        ctx.save_for_backward(h, w2, b2, se)
-        ctx.act = act
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        h, w2, b2, se = ctx.saved_tensors
-        dh, dw2, db2, dse = _up_bwd(g, h, w2, b2, se, ctx.act)
-        need = ctx.needs_input_grad
-        return (dh if need[0] else None, dw2 if need[1] else None, db2 if need[2] else None,
-                dse if need[3] else None, g if need[4] else None, None, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Functional and reference
-# ----------------------------------------------------------------------------------------------
-_CHECKED = CheckedSignatures()
-
-
-def _cast(t, dtype):
-    return t.to(dtype) if t.dtype != dtype else t
-
-
-def conv_adapter(x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                 b2: torch.Tensor, se: torch.Tensor, *, stride: int = 1, padding: int = 0, act: str = "relu"
-                 ) -> torch.Tensor:
-    """base + A(x), A the Conv-Adapter (module docstring).
-
-    x [B, C_in, H, W] float32/float16/bfloat16; base [B, C, Ho, Wo] (the output of the frozen conv
-    or block the adapter runs beside); w1 [w, C_in / w, k, k], b1 [w] (the grouped conv, groups =
-    w); w2 [C, w, 1, 1] or [C, w], b2 [C]; se [1, C, 1, 1] or [C] (cast to x.dtype, differentiably).
-    """
-    check_tensor("conv_adapter", "x", x, dim=4)
-    check_tensor("conv_adapter", "w1", w1, dim=4, like=x)
-    if w1.shape[0] < 1 or x.shape[1] % w1.shape[0] or x.shape[1] // w1.shape[0] != w1.shape[1]:
-        raise ValueError(f"conv_adapter: w1 must be the grouped conv weight [w, C_in / w, k, k] for C_in = "
-                         f"{x.shape[1]}, got {describe(w1)}")
-    w2 = w2.reshape(w2.shape[0], -1) if w2.dim() == 4 else w2
-    se = se.reshape(-1)
-    w1, b1, w2, b2, se = (_cast(t, x.dtype) for t in (w1, b1, w2, b2, se))
-    h = torch.nn.functional.conv2d(x, w1, b1, stride=stride, padding=padding, groups=w1.shape[0])
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate(h, w2, b2, se, base, act), h, w2, b2, se, base, extra=(act,))
-    if compiling:
-        return torch.ops.fastpeft.conv_adapter_up(h, w2, b2, se, base, act)
-    return _UpFunction.apply(h, w2, b2, se, base, act, _triton_ok(h))
-
-
-def conv_adapter_ref(x, base, w1, b1, w2, b2, se, *, stride=1, padding=0, act="relu"):
-    """`base + ConvAdapterModule.forward(x)` in fp32 with plain torch ops, cast back to base's dtype."""
-    F = torch.nn.functional
-    f = (lambda t: t.to(torch.float32))
-    h = F.conv2d(f(x), f(w1), f(b1), stride=stride, padding=padding, groups=w1.shape[0])
-    a = F.relu(h) if act == "relu" else F.gelu(h)
-    w2 = w2 if w2.dim() == 4 else w2[:, :, None, None]
-    y = F.conv2d(a, f(w2), f(b2))
-    return (f(base) + f(se).reshape(1, -1, 1, 1) * y).to(base.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """ST-Adapter under `fastpeft.patch`: each serial adapter slot (block_in / mlp_in: x <- ST(x)) is
-swapped in place for the fused op of kernels/st_adapter.py (down-projection GEMM, then the temporal
+swapped in place for the fused op of fastpeft/ops/st_adapter.py (down-projection GEMM, then the temporal
 depthwise conv fused into the up-projection GEMM with the residual; saves the input and the
 C-wide down-projection only). The same parameters are read from the reference module."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ class FusedSerial(SlotFn):
         self.backend = backend
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import st_adapter as ks
+        from ..ops import st_adapter as ks
 
         m = self.original.adapter
         m.check_input(x)  # the module's own message for a wrong frame count or grid

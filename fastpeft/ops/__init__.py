@@ -7,6 +7,8 @@ its eager path and public functional, and its plain-torch reference; one module 
   lowrank.py       low-rank deltas on frozen projections: LoRA, FacT, KAdaptation (kernels/lowrank.py)
   ssf.py           SSF's fused ops: scale-shift (eager), LayerNorm + scale-shift, scale-shift + GELU
   convpass.py      Convpass (kernels/convpass.py)
+  conv_adapter.py  Conv-Adapter on ConvNets: the fused epilogue (kernels/conv_adapter.py), the CPU path
+  st_adapter.py    ST-Adapter on video ViTs: down GEMM, temporal conv + up GEMM (kernels/st_adapter.py)
 
 Importing this package loads the compiled extension once (fastpeft._ext.load()); if it cannot
 be used, the extension's ops are defined on pure-torch references after one RuntimeWarning. The
@@ -30,7 +32,7 @@ from fastpeft.ops.vqt import (  # noqa: E402
 )
 # The Triton-backed families register their ops on import. Their functionals share the
 # modules' names (adapter, ssf, ...), so they are reached as fastpeft.ops.<family>.<functional>.
-from fastpeft.ops import adapter, convpass, lowrank, ssf  # noqa: E402,F401
+from fastpeft.ops import adapter, conv_adapter, convpass, lowrank, ssf, st_adapter  # noqa: E402,F401
 
 __all__ = [
     "scale_shift", "scale_shift_ref",

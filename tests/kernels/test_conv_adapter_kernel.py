@@ -1,5 +1,5 @@
-"""Fused Conv-Adapter epilogue (kernels/conv_adapter.py) against its plain-torch reference (the
-official module math: grouped conv, act, 1x1 conv, per-channel scale, added to the frozen branch).
+"""Fused Conv-Adapter epilogue (fastpeft/ops/conv_adapter.py over kernels/conv_adapter.py) against
+its plain-torch reference (the official module math: grouped conv, act, 1x1 conv, per-channel scale, added to the frozen branch).
 
 Triton kernels run through the interpreter on CPU tensors with backend "triton"; the torch twin
 (backend "torch") is checked the same way. fp32 and fp16 go through the kernels, bf16 through the
@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.conv_adapter as K  # noqa: E402
+import fastpeft.ops.conv_adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 
@@ -87,6 +87,29 @@ def test_conv_adapter_fp16_triton(case):
 def test_conv_adapter_bf16_torch_path(case):
     check(case, torch.bfloat16, "torch")
 
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+def test_torch_path_channels_last_input(x_grad):
+    """The torch path (a channels_last depthwise conv inside) on a channels_last x, with and
+    without x's gradient: the reference's values and gradients, dx in x's layout."""
+    case = CASES[0]
+    *_, k, s, p, act = case
+    t, grad = make(case, torch.float32)
+    t["x"] = t["x"].contiguous(memory_format=torch.channels_last)
+    lv = {n: v.clone().requires_grad_(n != "x" or x_grad) for n, v in t.items()}
+    with backend("torch"):
+        out = K.conv_adapter(*(lv[n] for n in NAMES), stride=s, padding=p, act=act)
+    out.backward(grad)
+    ref_out, ref_grads = run(K.conv_adapter_ref, t, grad, case)
+    assert_close("out", out, ref_out, TOL[torch.float32])
+    for n in NAMES:
+        if n == "x" and not x_grad:
+            assert lv[n].grad is None
+            continue
+        assert_close(f"grad {n}", lv[n].grad, ref_grads[n], TOL[torch.float32])
+    if x_grad:
+        assert lv["x"].grad.is_contiguous(memory_format=torch.channels_last)
 
 def test_matches_the_method_module():
     from fastpeft.methods.conv_adapter import ConvAdapterModule

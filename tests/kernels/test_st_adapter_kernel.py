@@ -1,5 +1,5 @@
-"""Fused ST-Adapter (kernels/st_adapter.py) against its plain-torch reference (the official module
-math: Linear, depthwise (k_t, 1, 1) Conv3d over the frames of a clip, Linear, prefix tokens passed
+"""Fused ST-Adapter (fastpeft/ops/st_adapter.py over kernels/st_adapter.py) against its plain-torch
+reference (the official module math: Linear, depthwise (k_t, 1, 1) Conv3d over the frames of a clip, Linear, prefix tokens passed
 through).
 
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.st_adapter as S  # noqa: E402
+import fastpeft.ops.st_adapter as S  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 

@@ -1,7 +1,8 @@
 """fastpeft.patch on a Conv-Adapter ConvNet (ResNet-50 / ConvNeXt): the fused epilogues
-(kernels/conv_adapter.py) and recompute (block checkpointing) give the reference model's logits,
-gradients and BatchNorm statistics; recompute keeps at most 0.4x of the reference's saved bytes;
-unpatch restores the reference; torch.compile(fullgraph=True) runs the patched model."""
+(fastpeft/ops/conv_adapter.py) and recompute (block checkpointing with a byte-budget plan of kept
+conv outputs) give the reference model's logits, gradients and BatchNorm statistics; recompute
+keeps at most 0.4x of the reference's saved bytes; unpatch restores the reference;
+torch.compile(fullgraph=True) runs the patched model."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import fastpeft  # noqa: E402
+from fastpeft.patch import patch_report  # noqa: E402
 from tests.methods.conftest import assert_patch_saves_less, grads_of  # noqa: E402
 
 
@@ -95,6 +97,10 @@ def test_saved_bytes():
     m.train()
     x = torch.randn(2, 3, 96, 96)
     assert_patch_saves_less(m, x)
+    # (the last patch is the recompute one: its byte-budget plan keeps the 3x3 conv outputs, the
+    # most recompute spared per byte, in every block, and stays within the bound above)
+    report = patch_report(m)
+    assert report.recompute and any("conv2 in 16 blocks" in what for _, what, _ in report.patched), str(report)
 
 
 def test_torch_compile_fullgraph():

@@ -1,4 +1,4 @@
-"""fastpeft.patch on an ST-Adapter video model: the fused serial adapters (kernels/st_adapter.py)
+"""fastpeft.patch on an ST-Adapter video model: the fused serial adapters (fastpeft/ops/st_adapter.py)
 and recompute give the reference model's logits and gradients; recompute keeps at most 0.4x of the
 reference's saved bytes; torch.compile(fullgraph=True) runs the patched model; a clip with the wrong
 frame count is refused before any kernel runs."""
