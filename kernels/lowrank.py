@@ -19,7 +19,7 @@ projection with dropout, NOAH's masked dx term (gemm, LR_MASK) and dA = dz^T dro
                         and of colsum(Q): deterministic (no atomics), the launcher sums the splits
 
 The ops, the methods' functionals and the references are in fastpeft/ops/lowrank.py; its eager
-autograd.Function and its registered op share these launchers (launch_fwd / launch_bwd). Saved for backward: x (the projection
+Function and its registered op share these launchers (launch_fwd / launch_bwd). Saved for backward: x (the projection
 input) and u [M, R] in x's dtype -- plus the int64 seed; the dropout mask is never stored (Philox
 `tl.rand(seed, offset)` regenerated, bit-exact with `adapter.dropout_keep_mask` in torch; offsets
 row * width + col of the tensor it drops: [M, D] for input dropout, [M, R] for rank dropout).

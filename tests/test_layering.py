@@ -113,6 +113,22 @@ def test_kernels_know_no_method(graph):
     assert not bad, sorted(bad)
 
 
+def test_ops_know_no_method_and_no_engine(graph):
+    # the op layer sits below the methods, the fused rules and the engines
+    bad = {(k, v) for k, deps in graph.items() if k.startswith("fastpeft.ops")
+           for v in deps if v.startswith(("fastpeft.methods", "fastpeft.fused")) or v in ENGINES}
+    assert not bad, sorted(bad)
+
+
+def test_kernels_define_no_op():
+    # kernels/ holds @triton.jit kernels, launchers and configs; the custom ops, their fakes and
+    # autograd, the eager autograd.Functions and the functionals live in fastpeft/ops/
+    pattern = re.compile(r"torch\.library|register_fake|register_autograd|custom_op|autograd\.Function")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "kernels").glob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
+
+
 def test_engines_know_methods_only_through_their_base(graph):
     bad = {(k, v) for k in ENGINES for v in graph[k]
            if v.startswith("fastpeft.methods") and v != "fastpeft.methods.base"}
