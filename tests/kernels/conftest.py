@@ -28,6 +28,15 @@ def needs_interpreter_unless_gpu(request):
         pytest.skip("kernel tests run on CPU through the Triton interpreter (TRITON_INTERPRET=1)")
 
 
+# Tolerances of a fused op with GEMMs inside (rank-r products, convolutions) vs the fp32-upcast
+# reference, per dtype, for outputs and every gradient (atol scaled as `assert_close` says).
+GEMM_TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
+}
+
+
 def assert_close(name, got, want, tol):
     """got vs the (fp32-upcast) reference with tol = dict(atol, rtol); atol is scaled by
     max(1, max|want|): weight grads are sums over rows and grow with them."""

@@ -3,23 +3,19 @@
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors with backend "triton"; the torch fallback (backend "torch") is checked the same way.
 fp32 and fp16 go through the kernels. bf16 goes through the torch path only: the interpreter's
-bf16 emulation is unreliable (engineering guide §3), so bf16 numerics are checked against the
+bf16 emulation is unreliable, so bf16 numerics are checked against the
 fp32-upcast reference there. Shapes are small and odd (rows 1, 7, 37: never a multiple of the
 64-row block); widths/ranks cover 192..1024 and 1..64 on a subset, not the full product.
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.kernels.adapter as KK  # noqa: E402  (the Triton side: Philox)
-import fastpeft.ops.adapter as K  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
+import fastpeft.kernels.adapter as KK  #  (the Triton side: Philox)
+import fastpeft.ops.adapter as K
+from fastpeft.kernels import backend
+from tests.kernels.conftest import INTERPRETING, assert_close
 
 pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 

@@ -3,30 +3,23 @@ its plain-torch reference (the official module math: grouped conv, act, 1x1 conv
 
 Triton kernels run through the interpreter on CPU tensors with backend "triton"; the torch twin
 (backend "torch") is checked the same way. fp32 and fp16 go through the kernels, bf16 through the
-torch path (the interpreter's bf16 emulation is unreliable, engineering guide §3). Odd shapes:
+torch path (the interpreter's bf16 emulation is unreliable). Odd shapes:
 strides 1 / 2, kernels 1..7, adapter widths 1..40 (not multiples of the K tile), one pixel, spatial
 sizes not multiples of the tiles; ReLU (ResNet) and exact GELU (ConvNeXt).
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.conv_adapter as K  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+import fastpeft.ops.conv_adapter as K
+from fastpeft.kernels import backend
+from tests.kernels.conftest import (GEMM_TOL, assert_matches_reference, assert_close, check_aot_smoke,
+                                    interpreter_only)
 
 pytestmark = interpreter_only
 
-TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
-}
+TOL = GEMM_TOL
 
 # (B, C_in, H, W, reduction, C_out, k, stride, padding, act)
 CASES = [

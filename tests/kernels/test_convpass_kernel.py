@@ -4,31 +4,24 @@ module math: prefix tokens as 1x1 images through the conv).
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors with backend "triton"; the torch fallback (backend "torch") is checked the same way. fp32
 and fp16 go through the kernels; bf16 goes through the torch path only (the interpreter's bf16
-emulation is unreliable, engineering guide §3), compared with the fp32-upcast reference. Token
+emulation is unreliable), compared with the fp32-upcast reference. Token
 counts are odd (1, 7, 13, 37 rows per image), widths 64..768, bypass dims 5 and 8.
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.convpass as C  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+import fastpeft.ops.convpass as C
+from fastpeft.kernels import backend
+from tests.kernels.conftest import (GEMM_TOL, assert_matches_reference, assert_close, check_aot_smoke,
+                                    interpreter_only)
 
 pytestmark = interpreter_only
 
 # Tolerances vs the fp32-upcast reference, per dtype (output and every grad); atol is scaled by
 # max(1, max|reference|).
-TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
-}
+TOL = GEMM_TOL
 
 # (batch, grid, prefix, D, d, p, with base)
 CASES = [

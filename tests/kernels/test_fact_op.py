@@ -6,16 +6,12 @@ Kernels run through the Triton interpreter on CPU (backend "triton"); the torch 
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.lowrank as L  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_close  # noqa: E402
+import fastpeft.ops.lowrank as L
+from fastpeft.kernels import backend
+from tests.kernels.conftest import assert_close
 
 pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 

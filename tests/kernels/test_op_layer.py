@@ -3,19 +3,15 @@ fused call outside torch.compile, argument checks once per call signature (re-ru
 that changed), and fp32 `tl.dot` precision following torch's TF32 setting."""
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.adapter as A  # noqa: E402
-import fastpeft.ops.lowrank as L  # noqa: E402
-import fastpeft.ops.ssf as S  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from fastpeft.kernels._common import CheckedSignatures, dot_precision  # noqa: E402
-from tests.kernels.conftest import interpreter_only  # noqa: E402
+import fastpeft.ops.adapter as A
+import fastpeft.ops.lowrank as L
+import fastpeft.ops.ssf as S
+from fastpeft.kernels import backend
+from fastpeft.kernels._common import CheckedSignatures, dot_precision
+from tests.kernels.conftest import interpreter_only
 
 
 def _inputs(seed=0, rows=5, d=32, r=4):

@@ -6,18 +6,14 @@ Kernels run through the Triton interpreter on CPU (backend "triton").
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.kernels.ssf as KS  # noqa: E402
-import fastpeft.ops.ssf as K  # noqa: E402
-from fastpeft.kernels import _common, backend  # noqa: E402
-from tests.kernels.conftest import assert_close  # noqa: E402
-from tests.kernels.test_ssf_kernels import TOL, params  # noqa: E402
+import fastpeft.kernels.ssf as KS
+import fastpeft.ops.ssf as K
+from fastpeft.kernels import _common, backend
+from tests.kernels.conftest import assert_close
+from tests.kernels.test_ssf_kernels import TOL, params
 
 pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 

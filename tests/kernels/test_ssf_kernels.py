@@ -8,16 +8,12 @@ multiple of a block), widths 192/384/768/1024 and odd ones (200, 1000, 3072) on 
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.ssf as K  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
+import fastpeft.ops.ssf as K
+from fastpeft.kernels import backend
+from tests.kernels.conftest import INTERPRETING, assert_close
 
 pytestmark = pytest.mark.usefixtures("needs_interpreter_unless_gpu")
 

@@ -5,30 +5,23 @@ through).
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors with backend "triton"; the torch twin (backend "torch") is checked the same way. fp32 and
 fp16 go through the kernels; bf16 through the torch path only (the interpreter's bf16 emulation
-is unreliable, engineering guide §3), compared with the fp32-upcast reference. Odd shapes: one
+is unreliable), compared with the fp32-upcast reference. Odd shapes: one
 frame, one patch token, no prefix / two prefix tokens, widths not multiples of the tiles, k_t
 1, 3, 5 and a 7-tap conv (no compiled config: the torch math).
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft.ops.st_adapter as S  # noqa: E402
-from fastpeft.kernels import backend  # noqa: E402
-from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
+import fastpeft.ops.st_adapter as S
+from fastpeft.kernels import backend
+from tests.kernels.conftest import (GEMM_TOL, assert_matches_reference, assert_close, check_aot_smoke,
+                                    interpreter_only)
 
 pytestmark = interpreter_only
 
-TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.float16: dict(atol=1e-2, rtol=1e-2),
-    torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
-}
+TOL = GEMM_TOL
 
 # (clips B, frames T, prefix P, patch tokens N, D, C, k_t)
 CASES = [
