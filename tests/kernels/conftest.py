@@ -57,6 +57,22 @@ def assert_matches_reference(out, grads, ref_out, ref_grads, inputs, dtype, tol)
         assert_close(f"grad {k}", grads[k], ref_grads[k], tol)
 
 
+def assert_compiles_like_eager(f, args, tol, grad_names=()):
+    """torch.compile(f, fullgraph=True, backend="aot_eager") on the torch backend gives the eager
+    call's value and, for `grad_names` (one per arg), its gradients w.r.t. args."""
+    from fastpeft.kernels import backend
+
+    torch._dynamo.reset()
+    with backend("torch"):
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+        g_got = torch.autograd.grad(got, args) if grad_names else ()
+        want = f(*args)
+        g_want = torch.autograd.grad(want, args) if grad_names else ()
+    assert_close("compiled", got, want, tol)
+    for n, a, b in zip(grad_names, g_got, g_want):
+        assert_close(f"compiled grad {n}", a, b, tol)
+
+
 def check_aot_smoke(tmp_path, kernels):
     """`python -m fastpeft.kernels.aot --smoke` on `kernels`: one small config each compiles for
     sm_80 and sm_90 with no error, no spills and shared memory within the arch's limit."""

@@ -14,8 +14,8 @@ import torch
 
 import fastpeft.ops.conv_adapter as K
 from fastpeft.kernels import backend
-from tests.kernels.conftest import (GEMM_TOL, assert_matches_reference, assert_close, check_aot_smoke,
-                                    interpreter_only)
+from tests.kernels.conftest import (GEMM_TOL, assert_compiles_like_eager, assert_matches_reference,
+                                    assert_close, check_aot_smoke, interpreter_only)
 
 pytestmark = interpreter_only
 
@@ -156,15 +156,7 @@ def test_torch_compile_fullgraph():
     def f(*a):
         return K.conv_adapter(*a, stride=2, padding=0, act="gelu").square().sum()
 
-    torch._dynamo.reset()
-    with backend("torch"):
-        got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
-        g_got = torch.autograd.grad(got, args)
-        want = f(*args)
-        g_want = torch.autograd.grad(want, args)
-    assert_close("compiled", got, want, TOL[torch.float32])
-    for n, a, b in zip(NAMES, g_got, g_want):
-        assert_close(f"compiled grad {n}", a, b, TOL[torch.float32])
+    assert_compiles_like_eager(f, args, TOL[torch.float32], NAMES)
 
 
 def test_errors():

@@ -14,8 +14,8 @@ import torch
 
 import fastpeft.ops.convpass as C
 from fastpeft.kernels import backend
-from tests.kernels.conftest import (GEMM_TOL, assert_matches_reference, assert_close, check_aot_smoke,
-                                    interpreter_only)
+from tests.kernels.conftest import (GEMM_TOL, assert_compiles_like_eager, assert_matches_reference,
+                                    assert_close, check_aot_smoke, interpreter_only)
 
 pytestmark = interpreter_only
 
@@ -174,11 +174,7 @@ def test_torch_compile_fullgraph():
         return C.convpass(*a, grid=grid, num_prefix=P, scale=2.0, dropout_p=0.1, training=True,
                           seed=torch.tensor([9], dtype=torch.int64)).sum()
 
-    torch._dynamo.reset()
-    with backend("torch"):
-        got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
-        want = f(*args)
-    assert_close("compiled", got, want, TOL[torch.float32])
+    assert_compiles_like_eager(f, args, TOL[torch.float32])
 
 
 def test_errors():

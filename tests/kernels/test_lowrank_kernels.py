@@ -18,7 +18,8 @@ import fastpeft.ops.lowrank as L
 from fastpeft.kernels import backend
 from fastpeft.kernels.adapter import dropout_keep_mask
 from fastpeft.methods.fact import fact_tk_cores
-from tests.kernels.conftest import GEMM_TOL, assert_close, check_aot_smoke, interpreter_only
+from tests.kernels.conftest import (GEMM_TOL, assert_close, assert_compiles_like_eager, check_aot_smoke,
+                                    interpreter_only)
 
 pytestmark = interpreter_only
 
@@ -183,11 +184,7 @@ def test_torch_compile_fullgraph():
         return L.lowrank_linear(x, weight, bias, a, b, dropout_p=0.1, training=True,
                                 seed=torch.tensor([9], dtype=torch.int64)).sum()
 
-    torch._dynamo.reset()
-    with backend("torch"):
-        got = torch.compile(f, fullgraph=True, backend="aot_eager")(**args)
-        want = f(**args)
-    assert_close("compiled", got, want, TOL[torch.float32])
+    assert_compiles_like_eager(lambda *a: f(**dict(zip(args, a))), list(args.values()), TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------
