@@ -3,14 +3,15 @@ recompute mode's exactness (selective checkpointing must not change a single gra
 from __future__ import annotations
 
 import copy
-import os
+from functools import partial
 
 import pytest
 import torch
 
 import fastpeft
 from fastpeft.patch import resolve_backend
-from tests.methods.conftest import grads_of, images, make_vit, randomize_
+from tests.methods.conftest import images, make_vit, randomize_
+from tests.patch.conftest import assert_recompute_bit_exact, train_step
 
 
 def adaptformer_vit(drop_path: float = 0.1):
@@ -20,12 +21,7 @@ def adaptformer_vit(drop_path: float = 0.1):
     return m.train()
 
 
-def step(m, x, seed=5):
-    m.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # same dropout / DropPath draws in both runs
-    loss = m(x).square().mean()
-    loss.backward()
-    return loss.detach(), grads_of(m)
+step = partial(train_step, seed=5)  # same dropout / DropPath draws in both runs
 
 
 def bitfit_vit(drop_path: float = 0.1):
@@ -62,12 +58,7 @@ def test_recompute_over_fused_ops_is_bit_exact():
     x = images(batch=1, img_size=32)
     report = fastpeft.patch(m, backend="triton")  # the fused adapter (Triton interpreter)
     assert "fused bottleneck adapter" in str(report)
-    loss0, g0 = step(m, x)
-    fastpeft.patch(m, backend="triton", recompute=True)
-    loss1, g1 = step(m, x)
-    assert torch.equal(loss0, loss1)
-    for n in g0:
-        assert torch.equal(g0[n], g1[n]), n
+    assert_recompute_bit_exact(m, x, "triton", seed=5)
 
 
 def test_patch_is_idempotent_and_unpatch_restores():

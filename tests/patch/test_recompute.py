@@ -5,6 +5,7 @@ proj / fc2 only where a method saves something behind them) and none the byte-bu
 from __future__ import annotations
 
 import collections
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastpeft
 from fastpeft.profile import saved_activation_bytes
 from tests.methods.conftest import grads_of, images, make_vit, randomize_
+from tests.patch.conftest import assert_recompute_bit_exact, train_step
 
 # default configs (their own dropouts, where they have one, stay on)
 METHODS = {
@@ -39,26 +41,13 @@ def build(case: str, depth: int = 2, drop_path_rate: float = 0.1, **kw):
     return m.train()
 
 
-def step(m, x, seed=3):
-    m.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the same dropout / DropPath draws in both runs
-    loss = m(x).square().mean()
-    loss.backward()
-    return loss.detach(), grads_of(m)
+step = partial(train_step, seed=3)  # the same dropout / DropPath draws in both runs
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.1, 0.0], ids=["droppath", "no-droppath"])
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_recompute_is_bit_exact(case, drop_path_rate):
-    m, x = build(case, drop_path_rate=drop_path_rate), images()
-    fastpeft.patch(m, backend="torch")
-    loss0, g0 = step(m, x)
-    fastpeft.patch(m, backend="torch", recompute=True)
-    loss1, g1 = step(m, x)
-    assert torch.equal(loss1, loss0)
-    assert g1.keys() == g0.keys() and g0
-    for n in g0:
-        assert torch.equal(g1[n], g0[n]), n
+    assert_recompute_bit_exact(build(case, drop_path_rate=drop_path_rate), images(), "torch")
 
 
 @pytest.mark.parametrize("case", ["lora", "noah"])
@@ -66,14 +55,7 @@ def test_recompute_is_bit_exact_without_a_class_token(case):
     # no class token: the first block's input is the patch embedding's transposed view, not a
     # contiguous tensor; the input-dropout mask drawn ahead of the attention region must still be
     # the one F.dropout draws on norm1's (contiguous) output
-    m, x = build(case, class_token=False, global_pool="avg"), images()
-    fastpeft.patch(m, backend="torch")
-    loss0, g0 = step(m, x)
-    fastpeft.patch(m, backend="torch", recompute=True)
-    loss1, g1 = step(m, x)
-    assert torch.equal(loss1, loss0)
-    for n in g0:
-        assert torch.equal(g1[n], g0[n]), n
+    assert_recompute_bit_exact(build(case, class_token=False, global_pool="avg"), images(), "torch")
 
 
 @pytest.mark.parametrize("case", sorted(METHODS))

@@ -4,16 +4,13 @@ reference's saved bytes; torch.compile(fullgraph=True) runs the patched model; a
 frame count is refused before any kernel runs."""
 from __future__ import annotations
 
-import os
+import pytest
+import timm
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import fastpeft  # noqa: E402
-from tests.methods.conftest import assert_patch_saves_less, grads_of  # noqa: E402
+import fastpeft
+from tests.methods.conftest import assert_patch_saves_less
+from tests.patch.conftest import assert_compiled_step_matches, close_scaled, train_step
 
 
 def build(positions=("attn", "mlp"), frames=3, depth=2, img=48, embed_dim=64, heads=2, seed=0):
@@ -33,32 +30,21 @@ def clips(B=2, T=3, img=48, seed=2):
     return torch.randn(B, T, 3, img, img, generator=torch.Generator().manual_seed(seed))
 
 
-def step(m, x):
-    m.zero_grad(set_to_none=True)
-    loss = m(x).square().mean()
-    loss.backward()
-    return loss.detach(), grads_of(m)
-
-
-def _close(a, b, tol):
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
 @pytest.mark.parametrize("positions", [("mlp",), ("attn", "mlp")], ids=["mlp", "attn+mlp"])
 def test_patched_equals_reference(backend, recompute, positions):
     m, x = build(positions), clips()
-    loss0, g0 = step(m, x)
+    loss0, g0 = train_step(m, x)
     report = fastpeft.patch(m, backend=backend, recompute=recompute)
     assert any("STAdapter" in w for w, _, _ in report.patched), str(report)
-    loss1, g1 = step(m, x)
-    _close(loss1, loss0, 1e-5)
+    loss1, g1 = train_step(m, x)
+    close_scaled(loss1, loss0, 1e-5)
     assert g1.keys() == g0.keys() and len(g0) == 2 + 6 * len(positions) * 2
     for n in g0:
-        _close(g1[n], g0[n], 1e-4)
+        close_scaled(g1[n], g0[n], 1e-4)
     fastpeft.unpatch(m)
-    loss2, g2 = step(m, x)
+    loss2, g2 = train_step(m, x)
     assert torch.equal(loss2, loss0)
 
 
@@ -82,16 +68,9 @@ def test_recompute_saves_at_most_0_4x():
 
 def test_torch_compile_fullgraph():
     m, x = build(), clips()
-    loss0, g0 = step(m, x)
+    loss0, g0 = train_step(m, x)
     fastpeft.patch(m, backend="torch")
-    torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    m.zero_grad(set_to_none=True)
-    loss = compiled(x).square().mean()
-    loss.backward()
-    _close(loss.detach(), loss0, 1e-5)
-    for n, g in grads_of(m).items():
-        _close(g, g0[n], 1e-4)
+    assert_compiled_step_matches(m, x, loss0, g0)
 
 
 def test_wrong_frame_count_is_refused_before_any_kernel():
