@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..methods.base import OutputHook
-from ..methods.fact import _FacTHook, fact_cores
+from ..methods.fact import _FacTHook, fact_tk_core
 from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
 from .common import AbsorbedHook, kernel_call, swap_hook
@@ -60,8 +60,8 @@ def _fact(layer, hook: _FacTHook, x):
     if core_mods:
         core = tuple(m.weight for m in core_mods) if len(core_mods) > 1 else core_mods[0].weight
     else:
-        c = fact_cores(hook.root, "tk", hook.i)
-        core = (c["q"], c["k"], c["v"]) if hook.layer == "qkv" else c[hook.layer]
+        root = hook.root  # only the core this layer reads (qkv's three as one [3r, r])
+        core = fact_tk_core(root.FacTc, root.FacTp, hook.i, hook.layer)
     return ol.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
                           layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training)
 
