@@ -187,6 +187,17 @@ def _draws_rng(mod: nn.Module) -> bool:
     return False
 
 
+def _core_draws(block, half: str) -> bool:
+    """Whether the frozen-path region of a half (`_attn_core`: norm1 -> attn; `_mlp_core`: norm2 ->
+    mlp -> mlp_out slots) may draw random numbers, conservatively: `_draws_rng` of its modules (any
+    hook counts: the fused modules keep the absorbed reference hook), a module whose instance
+    `forward` was replaced, or any mlp_out slot (a method's function, which may have dropout)."""
+    mods = (block.norm1, block.attn) if half == "attn" else (block.norm2, block.mlp)
+    if half == "mlp" and block._fastpeft_slots["mlp_out"]:
+        return True
+    return any(_draws_rng(m) or any("forward" in sub.__dict__ for sub in m.modules()) for m in mods)
+
+
 def _branches_first(block, half: str) -> bool:
     """Whether a half's branches that read the LayerNorm output (Convpass) may run before its frozen
     path (attention or MLP) in the checkpointed region: the recompute then stops at the frozen
@@ -543,12 +554,22 @@ class _Regions(BlockRun):
         # the same way. respect_saved_tensors_hooks: what the policy keeps goes through
         # saved-tensor hooks like any other saved tensor, so memory profilers (and offloading
         # hooks) see it.
-        self.plain = dict(use_reentrant=False)
+        # determinism_check="none": torch's metadata comparison of every recomputed tensor with the
+        # original (a debugging aid: the regions replay the forward's ops, tests/patch/test_recompute.py
+        # checks the gradients) costs host time on every saved tensor
+        self.plain = dict(use_reentrant=False, determinism_check="none")
         policy = functools.partial(_policy, keep_attn | keep_mlp, keep_attention)
         sac = dict(self.plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy),
                    **_SAC_HOOK_OPTS)
         self.attn_opts = sac if keep_attention or keep_attn else self.plain
         self.mlp_opts = sac if keep_mlp else self.plain
+        # the frozen-path regions (`_attn_core`, `_mlp_core`) that cannot draw random numbers skip
+        # checkpoint's RNG-state stash and restore (a copy of the CPU generator's state, and each
+        # device's, per region and again in its recompute)
+        self.attn_core_opts = self.attn_opts if _core_draws(block, "attn") else {**self.attn_opts,
+                                                                               "preserve_rng_state": False}
+        self.mlp_core_opts = self.mlp_opts if _core_draws(block, "mlp") else {**self.mlp_opts,
+                                                                            "preserve_rng_state": False}
 
     def attn_half(self, block, x, kw):
         if any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch"]):
@@ -572,13 +593,13 @@ class _Regions(BlockRun):
     def attention(self, block, x, h, kw):
         if not kw and _runs_plain(block, "attn"):
             return _attn_core(block, x, kw)
-        return checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **self.attn_opts)
+        return checkpoint(_attn_core, block, x, kw, *_predraw(block, x), **self.attn_core_opts)
 
     def mlp(self, block, y, h2):
         if _runs_plain(block, "mlp"):
             return _mlp_core(block, y, None)
         calls = None if torch.compiler.is_compiling() else _Calls(self.mlp_opts is self.plain)
-        return checkpoint(_mlp_core, block, y, calls, **self.mlp_opts)
+        return checkpoint(_mlp_core, block, y, calls, **self.mlp_core_opts)
 
     def branch(self, fn, x, h):
         return checkpoint(_branch, fn, x, **self.plain)

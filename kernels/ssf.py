@@ -249,7 +249,7 @@ def launch_ssf_fwd(x, scale, shift, act: int):
     x2 = flat(x)
     d = x.shape[-1]
     m = x.numel() // d
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     if m == 0:
         return y
     c = CONFIGS["ssf_fwd"][0]
@@ -264,9 +264,9 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     d = x.shape[-1]
     m = x.numel() // d
     dt, dev = x.dtype, x.device
-    dx = torch.empty(x.shape, dtype=dt, device=dev)
-    dscale = torch.empty(d, dtype=dt, device=dev)
-    dshift = torch.empty(d, dtype=dt, device=dev)
+    sc = scale.contiguous()
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)  # (scale: [d] in x's dtype)
     if m == 0:
         return dx, dscale.zero_(), dshift.zero_()
     c = CONFIGS["ssf_bwd"][0]
@@ -274,7 +274,7 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     s = row_splits(m, c.BLOCK_M, ncol, dev)
     ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, scale.contiguous(), shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act,
+        g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act,
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dscale, dshift
 
@@ -283,7 +283,7 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     x2 = flat(x)
     d = x.shape[-1]
     m = x.numel() // d
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -305,7 +305,7 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
     d = x.shape[-1]
     m = x.numel() // d
     dt, dev = x.dtype, x.device
-    dx = torch.empty(x.shape, dtype=dt, device=dev)
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
     if m == 0:
@@ -314,11 +314,10 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
         return (dx, dw, db, dscale, dshift) if want_ln else (dx, None, None, dscale, dshift)
     s = row_splits(m, c.BLOCK_M, 1, dev)
     ps, lock = split_workspace(dev, 2 * s * d, 1)
-    dscale = torch.empty(d, dtype=dt, device=dev)
-    dshift = torch.empty(d, dtype=dt, device=dev)
-    dw = torch.empty(d, dtype=dt, device=dev) if want_ln else None
-    db = torch.empty(d, dtype=dt, device=dev) if want_ln else None
-    sc = scale.contiguous()
+    sc = scale.contiguous()  # [d] in x's dtype: the d-vector outputs are allocated like it
+    dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)
+    dw = torch.empty_like(sc) if want_ln else None
+    db = torch.empty_like(sc) if want_ln else None
     _layernorm_ssf_bwd_kernel[(s,)](
         g2, x2, ln_weight.contiguous() if ln_weight is not None else sc,
         ln_bias.contiguous() if ln_bias is not None else sc, sc, mean, rstd, dx, ps, lock,

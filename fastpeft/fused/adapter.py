@@ -13,10 +13,21 @@ from ..methods.base import SlotFn
 from .common import SlotRule, kernel_call
 
 
-def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
-    from ..ops import adapter as oad
+_OPS = None
 
-    return kernel_call(backend, x.device.type, oad.adapter, x, w_down, b_down, w_up, b_up, **kw)
+
+def _ops():
+    """fastpeft.ops.adapter, imported on the first fused call (importing it imports triton) and kept: an import
+    statement per call costs a module lookup every time."""
+    global _OPS
+    if _OPS is None:
+        from ..ops import adapter as mod
+        _OPS = mod
+    return _OPS
+
+
+def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
+    return kernel_call(backend, x.device.type, _ops().adapter, x, w_down, b_down, w_up, b_up, **kw)
 
 
 class FusedAdaptFormer(SlotFn):

@@ -49,6 +49,19 @@ def find_hooks(layer: nn.Module, cls: type) -> list[OutputHook]:
     return [fn for fn in layer._forward_hooks.values() if type(fn) is cls]
 
 
+_KCOMMON = None
+
+
+def _kernels_common():
+    """fastpeft.kernels._common (lazy: importing triton waits for a kernel call), imported on the first fused call (importing it imports triton) and kept: an import
+    statement per call costs a module lookup every time."""
+    global _KCOMMON
+    if _KCOMMON is None:
+        from ..kernels import _common as mod
+        _KCOMMON = mod
+    return _KCOMMON
+
+
 def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **kwargs) -> T:
     """Call a fastpeft.kernels functional under the model's patch backend.
 
@@ -62,8 +75,7 @@ def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **k
         want = "torch"
     else:
         return fn(*args, **kwargs)
-    from ..kernels import _common as _kcommon  # (lazy: importing triton waits for a kernel call)
-
+    _kcommon = _kernels_common()
     if _kcommon.get_backend() == want:  # already in force (e.g. a whole step run under it)
         return fn(*args, **kwargs)
     with _kcommon.backend(want):

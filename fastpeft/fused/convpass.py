@@ -11,6 +11,19 @@ from ..methods.convpass import _Bypass
 from .common import SlotRule, kernel_call
 
 
+_OPS = None
+
+
+def _ops():
+    """fastpeft.ops.convpass, imported on the first fused call (importing it imports triton) and kept: an import
+    statement per call costs a module lookup every time."""
+    global _OPS
+    if _OPS is None:
+        from ..ops import convpass as mod
+        _OPS = mod
+    return _OPS
+
+
 class FusedBypass(SlotFn):
     def __init__(self, original: _Bypass, backend: str):
         self.original = original
@@ -22,14 +35,12 @@ class FusedBypass(SlotFn):
         return self.original.class_row_local
 
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        from ..ops import convpass as oc
-
         if in_class_row_pass():
             return self.original(resid, normed)
         o = self.original
         c = o.conv
         out = kernel_call(
-            self.backend, normed.device.type, oc.convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
+            self.backend, normed.device.type, _ops().convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
             c.adapter_conv.weight, c.adapter_conv.bias, c.adapter_up.weight, c.adapter_up.bias, grid=c.grid,
             num_prefix=c.num_prefix, scale=o.scale, dropout_p=c.dropout, training=c.training,
         )

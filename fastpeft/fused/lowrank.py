@@ -15,23 +15,34 @@ import torch
 from torch import nn
 
 from ..methods.base import OutputHook
-from ..methods.fact import _FacTHook, fact_cores
+from ..methods.fact import _FacTHook, fact_tk_core
 from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
 from .common import AbsorbedHook, kernel_call, swap_hook
 
 
-def _noah(layer, hook: NoahLoRAHook, x):
-    from ..ops import lowrank as ol
+_OPS = None
 
+
+def _ops():
+    """fastpeft.ops.lowrank, imported on the first fused call (importing it imports triton) and kept: an import
+    statement per call costs a module lookup every time."""
+    global _OPS
+    if _OPS is None:
+        from ..ops import lowrank as mod
+        _OPS = mod
+    return _OPS
+
+
+def _noah(layer, hook: NoahLoRAHook, x):
+    ol = _ops()
     a = hook.attn
     return ol.lora_noah_qkv(x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight, rank=hook.rank,
                             scale=hook.scale, dropout_p=hook.dropout_p, training=a.training)
 
 
 def _petl(layer, hook: PetlLoRAHook, x):
-    from ..ops import lowrank as ol
-
+    ol = _ops()
     mods = {t: getattr(hook.attn, f"lora_{t}") for t in hook.targets}
     drop = next(iter(mods.values())).dropout
     return ol.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
@@ -54,21 +65,19 @@ def _fact_modules(hook: _FacTHook) -> tuple:
 
 
 def _fact(layer, hook: _FacTHook, x):
-    from ..ops import lowrank as ol
-
+    ol = _ops()
     fact_u, fact_v, core_mods, dp = _fact_modules(hook)
     if core_mods:
         core = tuple(m.weight for m in core_mods) if len(core_mods) > 1 else core_mods[0].weight
     else:
-        c = fact_cores(hook.root, "tk", hook.i)
-        core = (c["q"], c["k"], c["v"]) if hook.layer == "qkv" else c[hook.layer]
+        root = hook.root  # only the core this layer reads (qkv's three as one [3r, r])
+        core = fact_tk_core(root.FacTc, root.FacTp, hook.i, hook.layer)
     return ol.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
                           layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training)
 
 
 def _kadapt(layer, hook: _KAdaptHook, x):
-    from ..ops import lowrank as ol
-
+    ol = _ops()
     a, r = hook.attn, hook.root
     qf = (a.q_proj_adapter1_left, a.q_proj_adapter1_right)
     vf = qf if hook.v_uses_q else (a.v_proj_adapter1_left, a.v_proj_adapter1_right)

@@ -24,6 +24,19 @@ from ..methods.ssf import SSFHook
 from .common import AbsorbedHook, find_hooks, kernel_call, swap_hook
 
 
+_OPS = None
+
+
+def _ops():
+    """fastpeft.ops.ssf, imported on the first fused call (importing it imports triton) and kept: an import
+    statement per call costs a module lookup every time."""
+    global _OPS
+    if _OPS is None:
+        from ..ops import ssf as mod
+        _OPS = mod
+    return _OPS
+
+
 def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
     return getattr(hook.owner, hook.scale_name), getattr(hook.owner, hook.shift_name)
 
@@ -38,10 +51,8 @@ class _LayerNormSSF:
     class_row_local = True  # (fastpeft/class_row.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..ops import ssf as ossf
-
         scale, shift = _ssf_params(self._fastpeft_ssf)
-        return kernel_call(self._fastpeft_backend, x.device.type, ossf.layernorm_ssf,
+        return kernel_call(self._fastpeft_backend, x.device.type, _ops().layernorm_ssf,
                            x, self.weight, self.bias, scale, shift, self.eps)
 
 
@@ -69,10 +80,8 @@ class SSFGELU(nn.Module):
         self.backend = backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from ..ops import ssf as ossf
-
         scale, shift = _ssf_params(self._fastpeft_ssf)
-        return kernel_call(self.backend, z.device.type, ossf.ssf_gelu, z, scale, shift)
+        return kernel_call(self.backend, z.device.type, _ops().ssf_gelu, z, scale, shift)
 
 
 class FusedSSFHook(OutputHook):
@@ -91,9 +100,7 @@ class FusedSSFHook(OutputHook):
             from ..ops import scale_shift
 
             return scale_shift(out, scale, shift)
-        from ..ops import ssf as ossf
-
-        return kernel_call(self.backend, out.device.type, ossf.ssf, out, scale, shift)
+        return kernel_call(self.backend, out.device.type, _ops().ssf, out, scale, shift)
 
 
 class SSFRule:

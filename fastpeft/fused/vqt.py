@@ -9,7 +9,8 @@ the original tokens never attend to the queries, so their hidden states are cons
 `FusedVQTBlock` (installed by `VQTRule` in place of the method's `block_fn`) does, per block:
 
   frozen path, under torch.no_grad():  x_next = Block.forward(x) (timm's own forward: bit-identical
-      to the frozen model), with a temporary forward hook on attn.qkv that captures its input
+      to the frozen model), with a temporary capture on attn.qkv (its instance `forward` for the
+      call; a forward hook while compiling) that captures its input
       h = LN1(x) [B, N, D] and output (whose K/V slices, [B, H, N, d] strided views, feed the
       query attention without a copy);
   query path, with autograd:  LN1 -> q rows of attn.qkv -> q_norm -> vqt_query_attention(q, K, V)
@@ -40,6 +41,7 @@ runs the reference block_fn, which is then the correct computation.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -100,7 +102,10 @@ class _QueryAttention(torch.autograd.Function):
         # A backward called inside an autocast block runs under it: its einsums / linear would
         # come out in the autocast dtype next to the float32 tensors cast here. Every dtype below
         # is explicit instead (K/V rebuilt in q's dtype, as forward's autocast qkv made them).
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        device_type = grad_out.device.type
+        if not torch.is_autocast_enabled(device_type):  # (nothing to switch off)
+            return _QueryAttention._backward(ctx, grad_out)
+        with torch.autocast(device_type=device_type, enabled=False):
             return _QueryAttention._backward(ctx, grad_out)
 
     @staticmethod
@@ -152,12 +157,29 @@ class _CaptureQKV:
         self.h, self.qkv = args[0], out
 
 
+class _CapturingForward:
+    """The same capture as `_CaptureQKV`, installed as attn.qkv's instance `forward` for one call
+    instead of as a hook: the Linear's own class forward runs, and the module call stays on
+    nn.Module's no-hook path (a hook also costs registering and removing a handle per call)."""
+
+    def __init__(self, module: nn.Module, capture: _CaptureQKV):
+        self.module, self.capture, self.forward = module, capture, type(module).forward
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.forward(self.module, h)
+        self.capture.h, self.capture.qkv = h, out
+        return out
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def _needs_reference(block: nn.Module, x: torch.Tensor, params: tuple) -> bool:
     # The fused path assumes a frozen block on a constant input (always the case after inject):
     # anything else needs the backbone's backward, which only the reference computes.
     if not torch.is_grad_enabled():
         return False
-    return x.requires_grad or any(p.requires_grad for p in params)
+    return x.requires_grad or any(map(_REQUIRES_GRAD, params))
 
 
 class FusedVQTBlock(SlotFn):
@@ -200,8 +222,14 @@ class FusedVQTBlock(SlotFn):
                 capture.h = block.norm1(x)
                 capture.qkv = block.attn.qkv(capture.h)
                 x_next = self._query_path(block, x[:, :1], capture.h, capture.qkv)
+            elif "forward" not in (qkv := block.attn.qkv).__dict__ and not torch.compiler.is_compiling():
+                qkv.__dict__["forward"] = _CapturingForward(qkv, capture)
+                try:
+                    x_next = block._fastpeft_orig_class.forward(block, x)
+                finally:
+                    del qkv.__dict__["forward"]
             else:
-                handle = block.attn.qkv.register_forward_hook(capture)
+                handle = qkv.register_forward_hook(capture)
                 try:
                     x_next = block._fastpeft_orig_class.forward(block, x)
                 finally:

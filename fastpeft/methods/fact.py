@@ -40,7 +40,7 @@ from torch import nn
 
 from .base import Builder, Method, OutputHook, ViTInfo, check_positive_int, check_prob
 
-__all__ = ["FacT", "fact_cores", "fact_tk_cores"]
+__all__ = ["FacT", "fact_cores", "fact_tk_core", "fact_tk_cores"]
 
 
 def fact_cores(model: nn.Module, kind: str, i: int) -> dict[str, torch.Tensor]:
@@ -66,6 +66,22 @@ def fact_tk_cores(fact_c: torch.Tensor, fact_p: torch.Tensor, i: int) -> dict[st
     f2 = c8[:, :, 4:].reshape(r, 4 * r)
     return {"q": c4[:, :, 0].t(), "k": c4[:, :, 1].t(), "v": c4[:, :, 2].t(), "proj": c4[:, :, 3].t(),
             "fc1": f1.t(), "fc2": f2}
+
+
+def fact_tk_core(fact_c: torch.Tensor, fact_p: torch.Tensor, i: int, layer: str) -> torch.Tensor:
+    """The one core matrix of block i's `layer` that a fused FacT-TK call reads, with the same values
+    as `fact_tk_cores` (the same products, only the one that layer needs): q, k, v stacked as one
+    [3r, r] for "qkv" (rows j*r.. are q, k, v), else the layer's core of `fact_tk_cores`."""
+    r = fact_c.shape[0]
+    if layer in ("qkv", "proj"):
+        c4 = fact_c @ fact_p[:, 12 * i:12 * i + 4]  # [r, r, 4]
+        if layer == "proj":
+            return c4[:, :, 3].t()
+        return c4[:, :, :3].permute(2, 1, 0).reshape(3 * r, r)  # cat(c4[:, :, j].t() for j < 3)
+    c8 = fact_c @ fact_p[:, 12 * i + 4:12 * i + 12]  # [r, r, 8]
+    if layer == "fc1":
+        return c8[:, :, :4].reshape(r, 4 * r).t()
+    return c8[:, :, 4:].reshape(r, 4 * r)
 
 
 class _FacTHook(OutputHook):

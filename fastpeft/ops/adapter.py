@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
                                check_tensor, describe, use_triton)
 from ..kernels.adapter import ACTS, MAX_RANK, dropout_keep_mask, launch_bwd, launch_fwd
@@ -287,7 +288,7 @@ class _AdapterFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         save, scale, act, p, triton_path, has_base, has_res = ctx.args
         need = ctx.needs_input_grad

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
                                check_tensor, describe, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
@@ -299,7 +300,7 @@ class _DownFunction(torch.autograd.Function):
         return u
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_u):
         x, a, w_down = ctx.saved_tensors
         fn = launch_down_bwd if ctx.triton_path else _convpass_down_bwd_torch
@@ -320,7 +321,7 @@ class _UpFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         c, w_up, seed = ctx.saved_tensors
         scale, p, has_base, triton_path = ctx.args
@@ -372,7 +373,7 @@ class _ConvpassFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         h, a, w_down, u, conv_w, c, w_up, seed = ctx.saved_tensors
         grid, num_prefix, scale, p, has_base, has_cb, down_triton, up_triton = ctx.args

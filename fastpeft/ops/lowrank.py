@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
                                check_tensor, describe, rows_of, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
@@ -202,7 +203,7 @@ class _LowRankFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight, a, b, u, seed = ctx.saved_tensors
         p, drop_input, triton_path = ctx.args
@@ -409,7 +410,7 @@ class _FacTFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], n)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight, u_w, v_w, core, a, u, seed = ctx.saved_tensors
         layer, scale, p, triton_path, n_cores = ctx.args

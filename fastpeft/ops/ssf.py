@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_tensor, describe,
                                use_triton)
 from ..kernels.ssf import (ACTS, MAX_LN_WIDTH, ln_finalize, launch_ln_bwd, launch_ln_fwd, launch_ssf_bwd,
@@ -311,7 +312,7 @@ class _SSFFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         x, scale, shift = ctx.saved_tensors
         act, triton_path = ctx.args
@@ -333,7 +334,7 @@ class _LayerNormSSFFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out):
         x, ln_weight, ln_bias, scale, mean, rstd = ctx.saved_tensors
         n = ctx.needs_input_grad

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft import _ext
+from fastpeft.ops._autograd import once_differentiable
 
 _ATTN = "fastpeft::vqt_query_attention"
 _ATTN_BWD = "fastpeft::vqt_query_attention_backward"
@@ -382,7 +383,7 @@ class _AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = _query_grad_out(ctx, grad_out, out).contiguous()
@@ -402,7 +403,7 @@ class _AggregateFunction(torch.autograd.Function):
         return out, norms
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_out, _grad_norms):
         out, norms = ctx.saved_tensors
         grad_cls, grad_queries = _below_autograd(torch.ops.fastpeft.vqt_aggregate_backward.default,

@@ -104,3 +104,24 @@ def test_dot_precision_follows_torch_tf32_setting():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_flag
         torch.set_float32_matmul_precision(old_prec)
+
+
+@pytest.mark.parametrize("which", ["triton", "torch"])
+def test_backward_is_once_differentiable(which):
+    """The eager Functions' backward (fastpeft/ops/_autograd.py once_differentiable) is called
+    directly when no graph of the gradients is asked for, and still refuses a second
+    differentiation when one is (create_graph=True), as torch's decorator does."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    scale = torch.randn(8, generator=g, requires_grad=True)
+    shift = torch.randn(8, generator=g, requires_grad=True)
+    with backend(which):
+        y = S.ssf(x, scale, shift)
+        (ds,) = torch.autograd.grad(y.square().sum(), scale)
+        assert not ds.requires_grad
+        torch.testing.assert_close(ds, (2 * y.detach() * x.detach()).sum((0, 1)))
+        y = S.ssf(x, scale, shift)
+        (ds,) = torch.autograd.grad(y.square().sum(), scale, create_graph=True)
+        assert ds.requires_grad
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            ds.sum().backward()
