@@ -240,3 +240,43 @@ def test_other_methods_and_lifecycle_are_refused_leaving_the_model_unchanged(tmp
     with pytest.raises(ValueError, match="same methods with the same configs"):
         fastpeft.load(m, path, task="b")
     assert list(fastpeft.tasks(m)) == ["a"]
+
+
+def test_ddp_without_find_unused_parameters(tmp_path):
+    """Every task's tensors enter every forward through the stack: DDP with
+    find_unused_parameters=False runs steps whose batches leave tasks out, and the tasks without
+    rows get exact zero gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
+    try:
+        m = multi_model("LoRA qkv", tasks=("a", "b", "c"))
+        ddp = DDP(m, find_unused_parameters=False)
+        x = images(batch=3, img_size=IMG)
+        for mix in ([0, 0, 1], [2, 2, 2]):  # each step leaves a task out
+            m.zero_grad(set_to_none=True)
+            ddp(x, task=torch.tensor(mix)).square().mean().backward()
+            for k, t in enumerate(("a", "b", "c")):
+                grads = [p.grad for p in m.fastpeft_tasks[t].parameters()]
+                assert all(g is not None for g in grads)
+                assert any(torch.count_nonzero(g) for g in grads) == (k in mix), (mix, t)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dropout_draws_per_row_in_training():
+    """Training mode: each row draws its own dropout mask (vmap randomness="different"): two
+    equal rows of one task differ; in eval mode they are equal."""
+    m = make_vit(depth=DEPTH, img_size=IMG, seed=0)
+    for t in ("a", "b"):
+        fastpeft.inject(m, fastpeft.LoRA(rank=8, dropout=0.5), task=t)
+    x = images(batch=1, img_size=IMG).repeat(4, 1, 1, 1)
+    ids = fastpeft.task_index(m, ["a", "a", "b", "b"])
+    m.train()
+    out = m(x, task=ids)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[2], out[3])
+    m.eval()
+    out = m(x, task=ids)
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[2], out[3])
