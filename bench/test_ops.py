@@ -185,17 +185,17 @@ def _fc1_then(fn, p):
 # fused_names: dotted paths under `fastpeft` (the Triton-kernel functionals dispatch to Triton on
 # CUDA and to their torch math, with the same saving policy, on CPU)
 OPS = [
-    OpSpec("adapter", make_adapter, adapter_ref, ("kernels.adapter.adapter",),
+    OpSpec("adapter", make_adapter, adapter_ref, ("ops.adapter.adapter",),
            lambda fn, p: fn(p["x"], p["w_down"], p["b_down"], p["w_up"], p["b_up"], scale=ADAPTER_SCALE, act="relu"),
            _tokens),
-    OpSpec("lora", make_lora, lora_ref, ("kernels.lowrank.lora_noah_qkv",),
+    OpSpec("lora", make_lora, lora_ref, ("ops.lowrank.lora_noah_qkv",),
            lambda fn, p: fn(p["x"], p["w"], p["b"], p["lora_a"], p["lora_b"], scale=1.0), _tokens),
-    OpSpec("fact", make_fact, fact_ref, ("kernels.lowrank.fact_linear",),
+    OpSpec("fact", make_fact, fact_ref, ("ops.lowrank.fact_linear",),
            lambda fn, p: fn(p["x"], p["w"], p["b"], p["fact_u"], p["fact_v"],
                             (p["core_q"], p["core_k"], p["core_v"]), layer="qkv", scale=1.0), _tokens),
-    OpSpec("layernorm+ssf", make_ln_ssf, ln_ssf_ref, ("kernels.ssf.layernorm_ssf",),
+    OpSpec("layernorm+ssf", make_ln_ssf, ln_ssf_ref, ("ops.ssf.layernorm_ssf",),
            lambda fn, p: fn(p["x"], p["ln_w"], p["ln_b"], p["gamma"], p["beta"], 1e-6), _tokens),
-    OpSpec("fc1+ssf+gelu", make_fc1_ssf_gelu, fc1_ssf_gelu_ref, ("kernels.ssf.ssf_gelu",), _fc1_then, _tokens),
+    OpSpec("fc1+ssf+gelu", make_fc1_ssf_gelu, fc1_ssf_gelu_ref, ("ops.ssf.ssf_gelu",), _fc1_then, _tokens),
     OpSpec("scale_shift", make_scale_shift, scale_shift_ref, ("ops.scale_shift",),
            lambda fn, p: fn(p["x"], p["gamma"], p["beta"]), _tokens),
     # the query-attention op at 1, 10 (VQT_QUERIES) and 50 query tokens per head

@@ -1,15 +1,17 @@
-"""fastpeft.kernels: fused Triton kernels (one file per op family), their launchers, the
-`torch.ops.fastpeft.*` custom ops that dispatch to them, and plain-torch references.
+"""fastpeft.kernels: the fused Triton kernels, one file per op family: `@triton.jit` kernels,
+their launchers (`launch_*`: reshape, allocate, launch) and configs, and `aot_specs()`. No
+method knowledge, no op registration: the `torch.ops.fastpeft.*` ops, their checks, eager
+autograd Functions, functionals and plain-torch references are in fastpeft/ops/.
 
-  adapter.py  bottleneck adapter (AdaptFormer parallel/sequential, NOAH/Pfeiffer serial)
-  ssf.py      SSF family: scale-shift, LayerNorm + scale-shift, fc1 -> scale-shift -> GELU
-  aot.py      ahead-of-time compile check for sm_80/sm_90 (`python -m fastpeft.kernels.aot`)
+  adapter.py       bottleneck adapter (AdaptFormer, serial adapters, NOAH)
+  lowrank.py       rank-R down projection with regenerated dropout, masked GEMM, weight grads
+  ssf.py           scale-shift, LayerNorm + scale-shift, scale-shift + GELU
+  convpass.py      Convpass's up projection and down backward
+  conv_adapter.py  Conv-Adapter; st_adapter.py: ST-Adapter
+  aot.py           ahead-of-time compile check for sm_80/sm_90 (`python -m fastpeft.kernels.aot`)
 
-Backend selection: see `_common.py` (`set_backend`, `backend`, FASTPEFT_KERNEL_BACKEND).
-Functionals live in their modules (`fastpeft.kernels.adapter.adapter`, ...); importing this
-package registers every op. Module names are not shadowed by functions of the same name.
+Backend selection: `_common.py` (`set_backend`, `backend`, FASTPEFT_KERNEL_BACKEND).
 """
-from . import adapter, ssf  # noqa: F401  (registers the fastpeft:: ops)
 from ._common import backend, get_backend, set_backend
 
-__all__ = ["adapter", "ssf", "backend", "get_backend", "set_backend"]
+__all__ = ["backend", "get_backend", "set_backend"]

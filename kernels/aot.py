@@ -179,7 +179,7 @@ def _bench_calls():
     on meta tensors of the bench shapes (no memory, no GPU: only the launch grids matter)."""
     import torch
 
-    from . import adapter as kad, convpass as kc, lowrank as kl, ssf as kssf
+    from fastpeft.ops import adapter as kad, convpass as kc, lowrank as kl, ssf as kssf  # the functionals
 
     M, D, H, dev = BENCH_ROWS, BENCH_WIDTH, BENCH_HIDDEN, torch.device("meta")
 

@@ -1,4 +1,4 @@
-"""Bad-input cases for every public functional (fastpeft.kernels.*, fastpeft.ops.*) and every raw
+"""Bad-input cases for every public functional (fastpeft.ops.*) and every raw
 `torch.ops.fastpeft.*` op, shared by tests/test_properties.py (hypothesis draws from them),
 tests/test_reliability.py and tools/reliability_table.py (the whole sweep, by category).
 
@@ -143,7 +143,7 @@ def outcome(thunk) -> tuple[str, str]:
 
 def _functional_cases() -> list[Case]:
     from fastpeft.ops import scale_shift, vqt_aggregate, vqt_query_attention
-    from kernels import adapter as A, convpass as C, lowrank as L, ssf as S
+    from fastpeft.ops import adapter as A, convpass as C, lowrank as L, ssf as S
 
     x = lambda: _t(B, N, D)  # noqa: E731
     cases = [
@@ -213,8 +213,7 @@ def _functional_cases() -> list[Case]:
 # ----------------------------------------------------------------------------------------------
 
 def _raw_cases() -> list[Case]:
-    import fastpeft.ops  # noqa: F401  (registers the ops)
-    import kernels.adapter, kernels.convpass, kernels.lowrank, kernels.ssf  # noqa: F401,E401
+    import fastpeft.ops  # noqa: F401  (registers every fastpeft:: op)
 
     F = torch.ops.fastpeft
     M = B * N
@@ -271,13 +270,10 @@ def _raw_cases() -> list[Case]:
              [((5,), 2.0)]),
         Case("op lowrank_linear_backward", with_fwd(F.lowrank_linear, lowrank_args, lowrank_bwd),
              [Arg((0,)), Arg((1,)), Arg((2,)), Arg((3,)), Arg((4,)), Arg((5,))]),
-        Case("op ssf_triton", lambda: (F.ssf_triton, [x(), _t(D), _t(D)], {}),
-             [Arg((0,), free=(0,), any_ndim=True), Arg((1,)), Arg((2,))]),
         Case("op ssf_gelu", lambda: (F.ssf_gelu, [x(), _t(D), _t(D)], {}),
              [Arg((0,), free=(0,), any_ndim=True), Arg((1,)), Arg((2,))]),
-        Case("op ssf_backward", lambda: (F.ssf_backward, [g_md(), x(), _t(D), _t(D), 0], {}),
-             [Arg((0,)), Arg((1,)), Arg((2,)), Arg((3,))],
-             [((4,), 5)]),
+        Case("op ssf_gelu_backward", lambda: (F.ssf_gelu_backward, [g_md(), x(), _t(D), _t(D)], {}),
+             [Arg((0,)), Arg((1,)), Arg((2,)), Arg((3,))]),
         Case("op layernorm_ssf", lambda: (F.layernorm_ssf, ln_args(), {}),
              [Arg((0,), free=(0,), any_ndim=True), Arg((1,), optional=True), Arg((2,), optional=True), Arg((3,)), Arg((4,))],
              [((5,), 0.0)]),
@@ -330,7 +326,7 @@ def raw_op_cases() -> list[Case]:
 
 def references() -> dict[str, Callable]:
     from fastpeft.ops import scale_shift_ref, vqt_aggregate_ref, vqt_query_attention_ref
-    from kernels import adapter as A, convpass as C, lowrank as L, ssf as S
+    from fastpeft.ops import adapter as A, convpass as C, lowrank as L, ssf as S
 
     return {
         "adapter": A.adapter_ref, "lowrank_linear": L.lowrank_linear_ref, "lora_noah_qkv": L.lora_noah_qkv_ref,

@@ -576,10 +576,10 @@ def _layernorm_ssf_f64(x, a, c, g, b, eps=1e-6):
 
 
 def layernorm_ssf_errors(width: int, backend: str) -> list[tuple[str, float, float]]:
-    """(name, max abs error, bound) of `kernels.ssf.layernorm_ssf`'s output and every gradient on
+    """(name, max abs error, bound) of `fastpeft.ops.ssf.layernorm_ssf`'s output and every gradient on
     a [64, width] input against float64 math; bound = 1e-5 of the largest entry of that tensor.
     (Shared with tools/reliability_table.py's numerics cases.)"""
-    from kernels import ssf as S
+    from fastpeft.ops import ssf as S
     from kernels._common import backend as kernel_backend
 
     gen = torch.Generator().manual_seed(width)

@@ -1,6 +1,6 @@
 """Bottleneck adapters under `fastpeft.patch`: each reference slot function (AdaptFormer parallel /
 sequential, NOAH's serial adapter, VPT's Pfeiffer adapter) is swapped in place for one call of the
-fused adapter op (kernels.adapter.adapter): down-projection, bias, activation, dropout (mask
+fused adapter op (ops.adapter.adapter): down-projection, bias, activation, dropout (mask
 regenerated from a saved seed, never stored), up-projection, scale and residual in one pass,
 saving x and the rank-r pre-activation only. Same parameters, same slot position."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ from .common import SlotRule, kernel_call
 
 
 def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
-    from ..kernels import adapter as kad
+    from ..ops import adapter as oad
 
-    return kernel_call(backend, x.device.type, kad.adapter, x, w_down, b_down, w_up, b_up, **kw)
+    return kernel_call(backend, x.device.type, oad.adapter, x, w_down, b_down, w_up, b_up, **kw)
 
 
 class FusedAdaptFormer(SlotFn):

@@ -22,14 +22,14 @@ class FusedBypass(SlotFn):
         return self.original.class_row_local
 
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        from ..kernels import convpass as kc
+        from ..ops import convpass as oc
 
         if in_class_row_pass():
             return self.original(resid, normed)
         o = self.original
         c = o.conv
         out = kernel_call(
-            self.backend, normed.device.type, kc.convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
+            self.backend, normed.device.type, oc.convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
             c.adapter_conv.weight, c.adapter_conv.bias, c.adapter_up.weight, c.adapter_up.bias, grid=c.grid,
             num_prefix=c.num_prefix, scale=o.scale, dropout_p=c.dropout, training=c.training,
         )

@@ -22,19 +22,19 @@ from .common import AbsorbedHook, kernel_call, swap_hook
 
 
 def _noah(layer, hook: NoahLoRAHook, x):
-    from ..kernels import lowrank as kl
+    from ..ops import lowrank as ol
 
     a = hook.attn
-    return kl.lora_noah_qkv(x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight, rank=hook.rank,
+    return ol.lora_noah_qkv(x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight, rank=hook.rank,
                             scale=hook.scale, dropout_p=hook.dropout_p, training=a.training)
 
 
 def _petl(layer, hook: PetlLoRAHook, x):
-    from ..kernels import lowrank as kl
+    from ..ops import lowrank as ol
 
     mods = {t: getattr(hook.attn, f"lora_{t}") for t in hook.targets}
     drop = next(iter(mods.values())).dropout
-    return kl.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
+    return ol.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
                             {t: m.adapter_up.weight for t, m in mods.items()}, scale=hook.scale,
                             dropout_p=drop.p, training=drop.training)
 
@@ -54,7 +54,7 @@ def _fact_modules(hook: _FacTHook) -> tuple:
 
 
 def _fact(layer, hook: _FacTHook, x):
-    from ..kernels import lowrank as kl
+    from ..ops import lowrank as ol
 
     fact_u, fact_v, core_mods, dp = _fact_modules(hook)
     if core_mods:
@@ -62,17 +62,17 @@ def _fact(layer, hook: _FacTHook, x):
     else:
         c = fact_cores(hook.root, "tk", hook.i)
         core = (c["q"], c["k"], c["v"]) if hook.layer == "qkv" else c[hook.layer]
-    return kl.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
+    return ol.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
                           layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training)
 
 
 def _kadapt(layer, hook: _KAdaptHook, x):
-    from ..kernels import lowrank as kl
+    from ..ops import lowrank as ol
 
     a, r = hook.attn, hook.root
     qf = (a.q_proj_adapter1_left, a.q_proj_adapter1_right)
     vf = qf if hook.v_uses_q else (a.v_proj_adapter1_left, a.v_proj_adapter1_right)
-    return kl.kadaptation_qkv(x, layer.weight, layer.bias, (r.phm_rule1_left, r.phm_rule1_right),
+    return ol.kadaptation_qkv(x, layer.weight, layer.bias, (r.phm_rule1_left, r.phm_rule1_right),
                               (r.phm_rule2_left, r.phm_rule2_right), qf, vf, a.b, scale=hook.scale,
                               q_mult=hook.q_mult, dropout_p=a.kdropout.p, training=a.kdropout.training)
 
@@ -81,8 +81,8 @@ def _kadapt_folded(layer, hook: _KAdaptHook, x):
     """The CPU backends' KAdaptation: the reference's own dense H_q, H_v (same kron sums, same
     torch dropout draws in the same order, so the same masks as the eager model) folded into the
     frozen qkv weight, one [D, 3D] GEMM instead of the qkv GEMM plus two [D, D] ones, in forward and
-    in the input-gradient backward (`_QVFoldedLinear`: saves x and the two H, as the reference)."""
-    from ..kernels.lowrank import _QVFoldedLinear
+    in the input-gradient backward (`qv_folded_linear`: saves x and the two H, as the reference)."""
+    from ..ops.lowrank import qv_folded_linear
 
     a = hook.attn
     h_q = a.kdropout(hook.h("q"))
@@ -90,7 +90,7 @@ def _kadapt_folded(layer, hook: _KAdaptHook, x):
     # q += (x H_q s + b) q_mult, v += x H_v s + b
     b_eff = torch.cat([a.b * hook.q_mult, a.b.new_zeros(a.b.shape), a.b])
     bias = b_eff if layer.bias is None else layer.bias + b_eff
-    return _QVFoldedLinear.apply(x, layer.weight, bias.to(x.dtype), h_q, h_v, hook.scale * hook.q_mult, hook.scale)
+    return qv_folded_linear(x, layer.weight, bias.to(x.dtype), h_q, h_v, hook.scale * hook.q_mult, hook.scale)
 
 
 def _kadapt_drops(hook: _KAdaptHook) -> bool:

@@ -1,12 +1,12 @@
 """SSF under `fastpeft.patch`: the reference applies `x * scale + shift` as a hook after every
 site, and autograd keeps a copy of each scaled tensor. Fused:
 
-  LayerNorm -> SSF           one op (kernels.ssf.layernorm_ssf): saves x + row mean/rstd, not the
+  LayerNorm -> SSF           one op (ops.ssf.layernorm_ssf): saves x + row mean/rstd, not the
                              normalised tensor                  (norm1, norm2, final norm)
-  fc1 -> SSF -> GELU         the GELU module becomes GELU(z * scale + shift) (kernels.ssf.ssf_gelu):
+  fc1 -> SSF -> GELU         the GELU module becomes GELU(z * scale + shift) (ops.ssf.ssf_gelu):
                              saves z only instead of z, z*scale+shift and the GELU input
   Linear -> SSF              one scale-shift op (C++ `fastpeft::scale_shift` on the cpp backend,
-                             kernels.ssf.ssf otherwise)         (qkv, proj, fc2, patch embedding)
+                             ops.ssf.ssf otherwise)         (qkv, proj, fc2, patch embedding)
 
 The fused modules read the very same `ssf_scale_*` / `ssf_shift_*` parameters from their official
 owners; the reference hooks stay registered (absorbed, or swapped for their fused twin in place),
@@ -38,10 +38,10 @@ class _LayerNormSSF:
     class_row_local = True  # (fastpeft/class_row.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import ssf as kssf
+        from ..ops import ssf as ossf
 
         scale, shift = _ssf_params(self._fastpeft_ssf)
-        return kernel_call(self._fastpeft_backend, x.device.type, kssf.layernorm_ssf,
+        return kernel_call(self._fastpeft_backend, x.device.type, ossf.layernorm_ssf,
                            x, self.weight, self.bias, scale, shift, self.eps)
 
 
@@ -69,10 +69,10 @@ class SSFGELU(nn.Module):
         self.backend = backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from ..kernels import ssf as kssf
+        from ..ops import ssf as ossf
 
         scale, shift = _ssf_params(self._fastpeft_ssf)
-        return kernel_call(self.backend, z.device.type, kssf.ssf_gelu, z, scale, shift)
+        return kernel_call(self.backend, z.device.type, ossf.ssf_gelu, z, scale, shift)
 
 
 class FusedSSFHook(OutputHook):
@@ -91,9 +91,9 @@ class FusedSSFHook(OutputHook):
             from ..ops import scale_shift
 
             return scale_shift(out, scale, shift)
-        from ..kernels import ssf as kssf
+        from ..ops import ssf as ossf
 
-        return kernel_call(self.backend, out.device.type, kssf.ssf, out, scale, shift)
+        return kernel_call(self.backend, out.device.type, ossf.ssf, out, scale, shift)
 
 
 class SSFRule:

@@ -74,9 +74,28 @@ def _register_reference_ops(status: _ext.ExtensionStatus) -> None:
         torch.library.impl(_OP, "CompositeExplicitAutograd")(_checked_forward_ref)
         torch.library.impl(_BWD_OP, "CompositeExplicitAutograd")(_checked_backward_ref)
     elif not status.has_cuda:
-        # A CPU-only build: CUDA tensors still work, through the reference.
-        torch.library.register_kernel(_OP, "cuda")(scale_shift_ref)
-        torch.library.register_kernel(_BWD_OP, "cuda")(scale_shift_backward_ref)
+        # A CPU-only build: CUDA tensors run the Triton scale-shift kernels (or the reference
+        # where Triton cannot run), so there is one scale-shift op on every device.
+        torch.library.register_kernel(_OP, "cuda")(_cuda_forward)
+        torch.library.register_kernel(_BWD_OP, "cuda")(_cuda_backward)
+
+
+def _cuda_forward(x, scale, shift):
+    from ..kernels._common import use_triton
+    from ..kernels.ssf import launch_ssf_fwd
+
+    if not use_triton(x):
+        return scale_shift_ref(x, scale, shift)
+    return launch_ssf_fwd(x, scale, shift, 0)
+
+
+def _cuda_backward(grad_out, x, scale):
+    from ..kernels._common import use_triton
+    from ..kernels.ssf import launch_ssf_bwd
+
+    if not use_triton(x):
+        return scale_shift_backward_ref(grad_out, x, scale)
+    return launch_ssf_bwd(grad_out.contiguous(), x, scale, scale, 0)  # (the shift is unused at act 0)
 
 
 _register_reference_ops(_ext.load())

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastpeft.kernels.convpass as C
-import fastpeft.kernels.lowrank as L
+import fastpeft.ops.convpass as C
+import fastpeft.ops.lowrank as L
 from fastpeft.kernels import backend
 from tests.gpu.conftest import on_gpu, to_cuda
 from tests.kernels import test_convpass_kernel as tc

@@ -1,4 +1,4 @@
-"""Fused bottleneck adapter (kernels/adapter.py) against its plain-torch reference.
+"""Fused bottleneck adapter (fastpeft/ops/adapter.py, kernels/adapter.py) against its plain-torch reference.
 
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors with backend "triton"; the torch fallback (backend "torch") is checked the same way.
@@ -16,7 +16,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.adapter as K  # noqa: E402
+import fastpeft.kernels.adapter as KK  # noqa: E402  (the Triton side: Philox)
+import fastpeft.ops.adapter as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
 
@@ -163,7 +164,7 @@ def test_philox_replica_matches_tl_rand():
     for s in (0, 1, 2**31 + 7, 2**62 - 3):
         seed = torch.tensor([s], dtype=torch.int64)
         n = 3000
-        torch.testing.assert_close(K.philox_uniform(seed, torch.arange(n)), K.philox_uniform_triton(seed, n),
+        torch.testing.assert_close(KK.philox_uniform(seed, torch.arange(n)), KK.philox_uniform_triton(seed, n),
                                    rtol=0, atol=0)
 
 
@@ -195,7 +196,7 @@ def test_dropout_statistics():
     # rows and rank columns are independent streams: no column is always kept/dropped
     col = 1.0 - keep.float().mean(0)
     assert col.min() > 0.05 and col.max() < 0.15
-    u = K.philox_uniform_triton(torch.tensor([5], dtype=torch.int64), 20000)
+    u = KK.philox_uniform_triton(torch.tensor([5], dtype=torch.int64), 20000)
     assert abs(u.mean().item() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1
 
 
@@ -336,5 +337,5 @@ def test_gpu_matches_reference(dtype, r, act, layout, p, learnable):
     assert_close("out", out, ref_out, tol)
     for k in grads:
         assert_close(f"grad {k}", grads[k], ref_grads[k], tol)
-    u = K.philox_uniform_triton(seed_t, 4096)
-    assert torch.equal(u.cpu(), K.philox_uniform(seed_t.cpu(), torch.arange(4096)))
+    u = KK.philox_uniform_triton(seed_t, 4096)
+    assert torch.equal(u.cpu(), KK.philox_uniform(seed_t.cpu(), torch.arange(4096)))

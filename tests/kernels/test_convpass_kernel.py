@@ -1,4 +1,4 @@
-"""Fused Convpass bypass (kernels/convpass.py) against its plain-torch reference (the official
+"""Fused Convpass bypass (fastpeft/ops/convpass.py, kernels/convpass.py) against its plain-torch reference (the official
 module math: prefix tokens as 1x1 images through the conv).
 
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.convpass as C  # noqa: E402
+import fastpeft.ops.convpass as C  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import assert_matches_reference, assert_close, check_aot_smoke, interpreter_only  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""kernels.lowrank.fact_linear's eager op (`_FacTFunction`: addmm chains over the chunks, no
+"""fastpeft.ops.lowrank.fact_linear's eager op (`_FacTFunction`: addmm chains over the chunks, no
 block-diagonal matrices) against `lowrank_linear` on the effective matrices of `fact_effective`
 (what torch.compile traces): same dropout masks, same values and gradients; what it saves; errors.
 
@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.lowrank as L  # noqa: E402
+import fastpeft.ops.lowrank as L  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import assert_close  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Low-rank deltas fused into a frozen projection (kernels/lowrank.py) against the references.
+"""Low-rank deltas fused into a frozen projection (fastpeft/ops/lowrank.py, kernels/lowrank.py) against the references.
 
 Triton kernels run through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
 tensors with backend "triton"; the torch fallback (backend "torch") is checked the same way.
@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.lowrank as L  # noqa: E402
+import fastpeft.ops.lowrank as L  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from fastpeft.kernels.adapter import dropout_keep_mask  # noqa: E402
 from fastpeft.methods.fact import fact_tk_cores  # noqa: E402

@@ -1,4 +1,4 @@
-"""The eager op layer (kernels/adapter.py, lowrank.py, ssf.py): one torch.autograd.Function per
+"""The eager op layer (fastpeft/ops/adapter.py, lowrank.py, ssf.py): one torch.autograd.Function per
 fused call outside torch.compile, argument checks once per call signature (re-run for anything
 that changed), and fp32 `tl.dot` precision following torch's TF32 setting."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.adapter as A  # noqa: E402
-import fastpeft.kernels.lowrank as L  # noqa: E402
-import fastpeft.kernels.ssf as S  # noqa: E402
+import fastpeft.ops.adapter as A  # noqa: E402
+import fastpeft.ops.lowrank as L  # noqa: E402
+import fastpeft.ops.ssf as S  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from fastpeft.kernels._common import CheckedSignatures, dot_precision  # noqa: E402
 from tests.kernels.conftest import interpreter_only  # noqa: E402
@@ -44,8 +44,8 @@ def test_backward_keeps_the_forward_path(monkeypatch):
     # the path (Triton / torch math) is chosen once in forward; backward, which runs outside the
     # backend context the forward ran in, takes the same one
     calls = []
-    real = A._bwd_launch
-    monkeypatch.setattr(A, "_bwd_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = A.launch_bwd
+    monkeypatch.setattr(A, "launch_bwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, wd, wu = _inputs(1)
     with backend("triton"):
         out = A.adapter(x, wd, None, wu, None, act="relu", dropout_p=0.2, training=True)

@@ -13,7 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.ssf as K  # noqa: E402
+import fastpeft.kernels.ssf as KS  # noqa: E402
+import fastpeft.ops.ssf as K  # noqa: E402
 from fastpeft.kernels import _common, backend  # noqa: E402
 from tests.kernels.conftest import assert_close  # noqa: E402
 from tests.kernels.test_ssf_kernels import TOL, params  # noqa: E402
@@ -39,7 +40,7 @@ def test_split_column_sums_are_finished_in_launch_deterministic_and_leave_counte
             f(*args).backward(grad)
         return [p.grad.clone() for p in leaves]
 
-    s = K.row_splits(m, K.CONFIGS["ssf_bwd"][0].BLOCK_M, 1, x.device)
+    s = _common.row_splits(m, KS.CONFIGS["ssf_bwd"][0].BLOCK_M, 1, x.device)
     assert s > 1  # the test needs several splits per column block
     a, b = once(getattr(K, fn), "triton"), once(getattr(K, fn), "triton")
     for ga, gb in zip(a, b):

@@ -1,4 +1,4 @@
-"""SSF family (kernels/ssf.py) against the plain-torch references.
+"""SSF family (fastpeft/ops/ssf.py, kernels/ssf.py) against the plain-torch references.
 
 Kernels run through the Triton interpreter on CPU (backend "triton"); the torch fallback
 (backend "torch") is checked the same way. fp32 and fp16 go through the kernels; bf16 only
@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastpeft.kernels.ssf as K  # noqa: E402
+import fastpeft.ops.ssf as K  # noqa: E402
 from fastpeft.kernels import backend  # noqa: E402
 from tests.kernels.conftest import INTERPRETING, assert_close  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_opcheck(which):
     x = torch.randn(m, d, requires_grad=True)
     lnw, lnb, scale, shift = (p.requires_grad_(True) for p in params(d, torch.float32, n=4))
     with backend(which):
-        torch.library.opcheck(torch.ops.fastpeft.ssf_triton.default, (x, scale, shift))
+        torch.library.opcheck(torch.ops.fastpeft.scale_shift.default, (x, scale, shift))
         torch.library.opcheck(torch.ops.fastpeft.ssf_gelu.default, (x, scale, shift))
         torch.library.opcheck(torch.ops.fastpeft.layernorm_ssf.default, (x, lnw, lnb, scale, shift, 1e-6))
         torch.library.opcheck(torch.ops.fastpeft.layernorm_ssf.default, (x, None, None, scale, shift, 1e-6))

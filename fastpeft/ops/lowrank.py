@@ -1,0 +1,761 @@
+"""Low-rank deltas fused into a frozen projection, as ops: out = x W^T + bias + u B^T.
+
+  lowrank_linear        the generic op (u = drop(x A^T) or drop(x) A^T): custom ops
+                        `fastpeft::lowrank_linear` / `lowrank_linear_backward` (fake + autograd, what
+                        torch.compile traces) and the eager `_LowRankFunction`
+  *_ref                 plain-torch references: the test oracles
+
+and each method's functional, which builds its effective down matrix A [R, D] and up matrix
+B [N, R] differentiably, in plain torch, from its (tiny) parameters (official code: see each
+method's module in fastpeft/methods/):
+
+  lora_noah_qkv         A = LoRA_a[:r], B = s * LoRA_b[:, :r]; dropout on the input x
+  lora_petl_qkv         A = [A_q; A_v], B = s * (B_q in the q rows, B_v in the v rows, 0 elsewhere)
+  fact_linear           A = M U (qkv: [M_q; M_k; M_v] U, fc1: M_fc1 U, fc2: M_fc2 blockdiag(U x4)),
+                        B = s V (qkv: blockdiag(V x3), fc1: blockdiag(V x4)); the cores are passed
+                        in (TT: the *_FacTs weights; TK: built from FacTc/FacTp by the method)
+  kadaptation_qkv       H = sum_i kron(A_i, B_i) with rank-k factors has rank <= n k1 k2: x H =
+                        (x Dn^T) Up with Dn[(i,al,be), a*m+k] = L_i[a,al] WL_i[k,be] and
+                        Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
+                        (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
+                        so neither H nor any per-token D x D product is ever formed.
+
+GEMMs against the frozen weight run on the vendor BLAS; the Triton kernels (kernels/lowrank.py)
+regenerate the dropout masks from a seed. Saved for backward: x and u [M, R] plus the int64 seed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels._common import (CheckedSignatures, cast_param, check_dropout, check_p, check_tensor, describe,
+                               rows_of, use_triton)
+from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
+from ..kernels.lowrank import MAX_RANK, launch_bwd, launch_down, launch_fwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (ValueError before any launch)
+# ----------------------------------------------------------------------------------------------
+def _validate(x, weight, bias, a, b, p, seed):
+    op = "lowrank_linear"
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    d = x.shape[-1]
+    check_tensor(op, "weight", weight, dim=2, like=x)
+    n = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must be [N, D] = [N, {d}], got weight {describe(weight)} for x {describe(x)}")
+    if weight.numel() >= 2**31:
+        raise ValueError(f"{op}: weight {describe(weight)} has >= 2^31 elements (32-bit offsets)")
+    check_tensor(op, "a", a, dim=2, like=x)
+    r = a.shape[0]
+    if a.shape[1] != d or r == 0:
+        raise ValueError(f"{op}: a (down) must be [R, D] = [R, {d}] with R >= 1, got a {describe(a)} for x {describe(x)}")
+    check_tensor(op, "b", b, shape=(n, r), like=x)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(n,), like=x)
+    check_dropout(op, p, seed, x, "x")
+
+
+def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
+    """Triton-backend forward: (out [..., N] x dtype, u [M, R] x dtype)."""
+    _validate(x, weight, bias, a, b, p, seed)
+    return launch_fwd(x, weight, bias, a, b, p, seed, drop_input)
+
+
+def _validate_bwd(grad_out, x, weight, a, b, u, p, seed):
+    """The registered backward op's arguments: the forward's, grad_out [..., N] like x, u [M, R]."""
+    _validate(x, weight, None, a, b, p, seed)
+    op = "lowrank_linear_backward"
+    check_tensor(op, "grad_out", grad_out, shape=(*x.shape[:-1], weight.shape[0]), like=x)
+    check_tensor(op, "u", u, shape=(x.numel() // x.shape[-1], a.shape[0]), like=x)
+
+
+def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool):
+    """Triton-backend backward: (dx like x, da [R, D], db [N, R], dbias [N]) in x's dtype."""
+    n, r = weight.shape[0], a.shape[0]
+    m = x.numel() // x.shape[-1]
+    if grad_out.numel() != m * n or grad_out.shape[-1] != n or u.shape != (m, r):
+        raise ValueError(f"lowrank_linear_backward: grad_out {describe(grad_out)} / u {describe(u)} do "
+                         f"not match x {describe(x)}, weight {describe(weight)}, rank {r}")
+    return launch_bwd(grad_out.contiguous(), x, weight, a, b, u, p, seed, drop_input)
+
+
+def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
+    f32 = torch.float32
+    d, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, d).to(f32)
+    m = x2.shape[0]
+    xin = x2 * dropout_keep_scale(seed, m, d, p) if (p > 0 and drop_input) else x2
+    z = xin @ a.to(f32).t()
+    if p > 0 and not drop_input:
+        z = z * dropout_keep_scale(seed, m, a.shape[0], p)
+    u = z.to(x.dtype)
+    out = x2 @ weight.to(f32).t() + u.to(f32) @ b.to(f32).t()
+    if bias is not None:
+        out = out + bias.to(f32)
+    return out.to(x.dtype).view(*x.shape[:-1], n), u
+
+
+def _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    f32 = torch.float32
+    d, n, r = x.shape[-1], weight.shape[0], a.shape[0]
+    g = grad_out.reshape(-1, n).to(f32)
+    x2 = x.reshape(-1, d).to(f32)
+    m = x2.shape[0]
+    dz = g @ b.to(f32)
+    if p > 0 and not drop_input:
+        dz = dz * dropout_keep_scale(seed, m, r, p)
+    dz = dz.to(x.dtype).to(f32)  # the kernel feeds dz to its GEMMs in x's dtype
+    lr = dz @ a.to(f32)
+    xin = x2
+    if p > 0 and drop_input:
+        keep = dropout_keep_scale(seed, m, d, p)
+        lr = lr * keep
+        xin = x2 * keep
+    dx = g @ weight.to(f32) + lr
+    da = dz.t() @ xin
+    db = g.t() @ u.to(f32)
+    dt = x.dtype
+    return dx.to(dt).view(x.shape), da.to(dt), db.to(dt), g.sum(0).to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+def _triton_ok(x, a) -> bool:
+    return use_triton(x) and a.shape[0] <= MAX_RANK
+
+
+@torch.library.custom_op("fastpeft::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                       b: torch.Tensor, p: float, seed: torch.Tensor | None,
+                       drop_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate(x, weight, bias, a, b, p, seed)
+    fn = launch_fwd if _triton_ok(x, a) else _lowrank_linear_fwd_torch
+    return fn(x, weight, bias, a, b, p, seed, drop_input)
+
+
+@_lowrank_linear_op.register_fake
+def _lowrank_linear_fake(x, weight, bias, a, b, p, seed, drop_input):
+    _validate(x, weight, bias, a, b, p, seed)
+    m = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, a.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, p: float,
+                                seed: torch.Tensor | None, drop_input: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _CHECKED.check(False, lambda: _validate_bwd(grad_out, x, weight, a, b, u, p, seed),
+                   grad_out, x, weight, a, b, u, seed, extra=("bwd", p))
+    grad_out = grad_out.contiguous()
+    if _triton_ok(x, a):
+        dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
+        return dx.contiguous(), da.contiguous(), db.contiguous(), dbias
+    return _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
+
+
+@_lowrank_linear_backward_op.register_fake
+def _lowrank_linear_backward_fake(grad_out, x, weight, a, b, u, p, seed, drop_input):
+    _validate_bwd(grad_out, x, weight, a, b, u, p, seed)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a),
+            torch.empty_like(b), x.new_empty((weight.shape[0],)))
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, weight, bias, a, b, p, seed, drop_input = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, a, b, u, seed)
+    ctx.p, ctx.drop_input = p, drop_input
+
+
+def _lowrank_backward(ctx, grad_out, _grad_u):
+    x, weight, a, b, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, da, db, dbias = torch.ops.fastpeft.lowrank_linear_backward(
+        grad_out, x, weight, a, b, u, ctx.p, seed, ctx.drop_input)
+    # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
+    return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+            db if need[4] else None, None, None, None)
+
+
+_lowrank_linear_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+class _LowRankFunction(torch.autograd.Function):
+    """The eager path of `fastpeft::lowrank_linear`: the same launchers (or torch math) and saved
+    tensors (x, u) as the registered op, without the custom-op dispatch; arguments validated by
+    the caller. `triton_path` is decided once in forward and reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
+        fn = launch_fwd if triton_path else _lowrank_linear_fwd_torch
+        out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
+        need = ctx.needs_input_grad
+        if need[0] or need[2] or need[3] or need[4]:
+            ctx.save_for_backward(x, weight, a, b, u, seed)
+        ctx.args = (p, drop_input, triton_path)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, a, b, u, seed = ctx.saved_tensors
+        p, drop_input, triton_path = ctx.args
+        need = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        if triton_path:
+            dx, da, db, dbias = launch_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input,
+                                            (need[0], need[3], need[4], need[2]))
+        else:
+            dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
+        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+                db if need[4] else None, None, None, None, None)
+
+
+def _check_frozen(op, weight):
+    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: the frozen projection weight {describe(weight)} requires grad; the fused "
+                         "op gives it no gradient (PETL freezes the backbone): call weight.requires_grad_(False)")
+
+
+def _seed(p, seed, x):
+    if p > 0.0 and seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    return seed if p > 0.0 else None
+
+
+_CHECKED = CheckedSignatures()
+
+
+def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
+                   training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x W^T + bias + u B^T with u = drop(x A^T) (or drop(x) A^T when `drop_input`).
+
+    x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
+    None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
+    when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
+
+    Eager calls run one autograd.Function over the launchers, with the argument checks run once
+    per call signature (`_CHECKED`); under torch.compile the call is the registered
+    `torch.ops.fastpeft.lowrank_linear` (fake and autograd formulas, checked when traced), which
+    shares the same launchers.
+    """
+    op = "lowrank_linear"
+    check_tensor(op, "x", x)
+    _check_frozen(op, weight)
+    dt = x.dtype
+    weight, bias, a, b = (cast_param(t, dt) for t in (weight, bias, a, b))
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
+    seed = _seed(p, seed, x)
+    compiling = torch.compiler.is_compiling()
+    _CHECKED.check(compiling, lambda: _validate(x, weight, bias, a, b, p, seed), x, weight, bias, a, b, seed, extra=(p,))
+    if compiling:
+        out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
+        return out
+    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a))
+
+
+def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """[n, c] with `block` at rows start.. and zeros elsewhere (differentiable)."""
+    pieces = []
+    if start:
+        pieces.append(block.new_zeros((start, block.shape[1])))
+    pieces.append(block)
+    rest = n - start - block.shape[0]
+    if rest:
+        pieces.append(block.new_zeros((rest, block.shape[1])))
+    return torch.cat(pieces, 0) if len(pieces) > 1 else block
+
+
+def segmented_up(n: int, segments) -> torch.Tensor:
+    """B [n, sum r_t] from segments (row_start, B_t [n_t, r_t], s_t): output rows row_start..
+    get s_t * B_t on rank columns of segment t, zeros elsewhere."""
+    cols = [_place_rows(bt * s if s != 1.0 else bt, start, n) for start, bt, s in segments]
+    return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+
+
+def _check_scale(op: str, scale, name: str = "scale") -> None:
+    """A finite real number (a NaN or inf scale would turn every output into NaN)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: {name} must be a finite number, got {scale!r}")
+
+
+def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
+                  dropout_p: float = 0.1, training: bool = False, seed=None):
+    """NOAH LoRA (ZhangYuanhan-AI/NOAH `Attention`): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
+    op = "lora_noah_qkv"
+    check_tensor(op, "lora_a", lora_a, dim=2)
+    check_tensor(op, "lora_b", lora_b, dim=2)
+    if lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
+                         f"{describe(lora_a)} has rows (the supernet rank)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= lora_a.shape[0]):
+        raise ValueError(f"{op}: rank must be an int in [0, {lora_a.shape[0]}] (lora_a's rows), got {rank!r}")
+    _check_scale(op, scale)
+    r = lora_a.shape[0] if rank is None else rank
+    a = lora_a[:r]
+    b = lora_b[:, :r]
+    if scale != 1.0:
+        b = b * scale
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training, seed=seed)
+
+
+_QKV = ("q", "k", "v")
+
+
+def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0, dropout_p: float = 0.1,
+                  training: bool = False, seed=None):
+    """PETL-ViT LoRA (JieShibo/PETL-ViT `lora/vtab/lora.py`): qkv[t] += s * U_t drop(D_t x) for t in downs (subset of q, k, v).
+
+    downs[t] = lora_t.adapter_down.weight [r, D]; ups[t] = lora_t.adapter_up.weight [N/3, r];
+    `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
+    the order of `downs`.
+    """
+    check_tensor("lora_petl_qkv", "weight", weight, dim=2)
+    n = weight.shape[0]
+    if n % 3:
+        raise ValueError(f"lora_petl_qkv: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
+    ad = n // 3
+    targets = list(downs)
+    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
+        raise ValueError(f"lora_petl_qkv: downs/ups must name the same targets among {_QKV}, got "
+                         f"{list(downs)} / {list(ups)}")
+    if isinstance(scale, dict) and set(scale) != set(targets):
+        raise ValueError(f"lora_petl_qkv: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
+    sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    for t in targets:
+        check_tensor("lora_petl_qkv", f"downs[{t!r}]", downs[t], dim=2)
+        check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
+                     shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
+        _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
+    a = torch.cat([downs[t] for t in targets], 0)
+    b = segmented_up(n, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
+
+
+FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
+
+
+def fact_effective(layer: str, u_w: torch.Tensor, v_w: torch.Tensor, core, scale: float):
+    """(A [R, D_in], B [D_out, R]) of FacT's delta on `layer` (JieShibo/PETL-ViT `FacT/fact_tt.py`, `fact_tk.py`); `core`: qkv: a
+    [3r, r] tensor or a (M_q, M_k, M_v) sequence; proj [r, r]; fc1 [4r, r]; fc2 [r, 4r]."""
+    if layer not in FACT_LAYERS:
+        raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
+    if layer == "qkv" and not isinstance(core, torch.Tensor):
+        core = torch.cat(list(core), 0)
+    bv = v_w * scale if scale != 1.0 else v_w
+    if layer == "qkv":
+        return core @ u_w, torch.block_diag(bv, bv, bv)
+    if layer == "proj":
+        return core @ u_w, bv
+    if layer == "fc1":
+        return core @ u_w, torch.block_diag(bv, bv, bv, bv)
+    return core @ torch.block_diag(u_w, u_w, u_w, u_w), bv  # fc2: U per D-chunk of the 4D input
+
+
+#: output chunks of FacT's delta on each layer: qkv's q/k/v, fc1's four D-wide chunks, each one
+#: s V [D, r] applied to its own r-wide slice of the rank vector
+_FACT_CHUNKS = {"qkv": 3, "proj": 1, "fc1": 4, "fc2": 1}
+
+
+def _fact_down(layer: str, u_w: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """A [R, D_in] = core @ U (qkv, proj, fc1) or core @ blockdiag(U x4) (fc2), in the parameters'
+    dtype; fc2's as one GEMM: A[:, jD:(j+1)D] = core[:, jr:(j+1)r] @ U."""
+    if layer != "fc2":
+        return core @ u_w
+    r = core.shape[0]
+    return (core.reshape(4 * r, r) @ u_w).view(r, 4 * u_w.shape[1])
+
+
+class _FacTFunction(torch.autograd.Function):
+    """out = x W^T + bias + s * blockdiag(V x k) drop(A x), A = `_fact_down(core, U)`, as one node
+    over addmm chains: no block-diagonal matrix is formed, the k chunks of the rank vector are
+    rows of one [M k, r] view (`out.view(M k, D).addmm_(u.view(M k, r), V^T, alpha=s)`); Triton
+    only for the rank-R projection whose dropout mask is regenerated (forward u, backward dz),
+    with the same mask numbering ([M, k r] offsets) as `lowrank_linear`. Saves x, u [M, R] and A
+    [R, D_in] (the parameters' small product). Gradients for x, bias, U, V and the core(s)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u_w, v_w, layer, scale, p, seed, triton_path, *cores):
+        core = cores[0] if len(cores) == 1 else torch.cat(cores, 0)
+        dt = x.dtype
+        k = _FACT_CHUNKS[layer]
+        r = u_w.shape[0]
+        x2 = rows_of(x)
+        m = x2.shape[0]
+        a = _fact_down(layer, u_w, core)
+        if a.dtype != dt:
+            a = a.to(dt)
+        big_r = a.shape[0]
+        if p > 0.0 and triton_path:
+            u, _ = launch_down(x2, a, a.shape[1], 1, big_r, p=p, seed=seed, out_drop=True)
+        elif p > 0.0:
+            u = ((x2.float() @ a.float().t()) * dropout_keep_scale(seed, m, big_r, p)).to(dt)
+        else:
+            u = torch.mm(x2, a.t())
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        n = weight.shape[0]
+        out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == dt else v_w.to(dt)).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, u_w, v_w, core, a, u, seed)
+        ctx.args = (layer, scale, p, triton_path, len(cores))
+        return out.view(*x.shape[:-1], n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, u_w, v_w, core, a, u, seed = ctx.saved_tensors
+        layer, scale, p, triton_path, n_cores = ctx.args
+        need = ctx.needs_input_grad
+        dt = x.dtype
+        k = _FACT_CHUNKS[layer]
+        r = u_w.shape[0]
+        x2 = rows_of(x)
+        g2 = rows_of(grad_out.contiguous())
+        m = g2.shape[0]
+        gk = g2.view(m * k, g2.shape[1] // k)
+        v_dt = v_w.to(dt)
+        if p > 0.0 and triton_path:  # dz = drop'(s g_chunk V): V read as P(c, d) = V[d, c]
+            v_c = v_dt.contiguous()
+            dz, _ = launch_down(gk, v_c, 1, r, r, p=p, seed=seed, out_drop=True, scale=scale)
+        else:
+            dz = torch.mm(gk, v_dt)
+            if p > 0.0:
+                dz = (dz.float() * dropout_keep_scale(seed, m, k * r, p).view(m * k, r) * scale).to(dt)
+            elif scale != 1.0:
+                dz.mul_(scale)
+        dz = dz.view(m, k * r)
+        dx = dbias = du = dv = None
+        if need[0]:
+            dx = torch.mm(g2, weight)
+            dx.addmm_(dz, a)
+            dx = dx.view(x.shape)
+        if need[2]:
+            dbias = g2.sum(0)
+        if need[4]:
+            dv = torch.mm(gk.t(), u.view(m * k, r))
+            if scale != 1.0:
+                dv.mul_(scale)
+            dv = dv.to(v_w.dtype)
+        dcores = [None] * n_cores
+        if need[3] or any(need[10:]):
+            da = torch.mm(dz.t(), x2).to(u_w.dtype)  # [R, D_in]
+            if layer == "fc2":  # A = core2 @ U per chunk (core2 = core viewed [4r, r])
+                c2 = core.reshape(4 * r, r)
+                da2 = da.view(r, 4, u_w.shape[1]).reshape(4 * r, u_w.shape[1])
+                if need[3]:
+                    du = c2.t() @ da2
+                dcore = (da2 @ u_w.t()).view(r, 4 * r)
+            else:
+                if need[3]:
+                    du = core.t() @ da
+                dcore = da @ u_w.t()
+            dcores = list(dcore.split(r, 0)) if n_cores > 1 else [dcore]
+        return (dx, None, dbias, du, dv, None, None, None, None, None, *dcores)
+
+
+def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
+    check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., D] with D > 0, got x {describe(x)}")
+    # (the factors keep their own dtype, cast to x's inside; one dtype and x's device for all)
+    check_tensor(op, "fact_u", fact_u, dim=2, like=x, dtype=fact_u.dtype if isinstance(fact_u, torch.Tensor) else None)
+    check_tensor(op, "fact_v", fact_v, dim=2, like=x, dtype=fact_u.dtype)
+    r, d = fact_u.shape
+    k = _FACT_CHUNKS[layer]
+    d_in = 4 * d if layer == "fc2" else d
+    if fact_v.shape != (d, r) or r == 0:
+        raise ValueError(f"{op}: fact_u must be [r, D] and fact_v [D, r] with r >= 1, got fact_u "
+                         f"{describe(fact_u)}, fact_v {describe(fact_v)}")
+    if len(cores) not in (1, 3) or (len(cores) == 3 and layer != "qkv"):
+        raise ValueError(f"{op}: core must be one tensor (or, for qkv, three [r, r] tensors), got {len(cores)}")
+    want = {"qkv": (r, r), "proj": (r, r), "fc1": (4 * r, r), "fc2": (r, 4 * r)}[layer]
+    if layer == "qkv" and len(cores) == 1:
+        want = (3 * r, r)
+    for i, c in enumerate(cores):
+        check_tensor(op, f"core[{i}]", c, shape=want, like=x, dtype=fact_u.dtype)
+    if x.shape[-1] != d_in:
+        raise ValueError(f"{op}({layer}): x must be [..., {d_in}] for FacT on {layer} with D = {d}, got x {describe(x)}")
+    check_tensor(op, "weight", weight, shape=(k * d if layer != "fc2" else d, d_in), like=x)
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), like=x)
+    check_dropout(op, p, seed, x, "x")
+
+
+def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
+                dropout_p: float = 0.1, training: bool = False, seed=None):
+    """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (JieShibo/PETL-ViT `FacT/`): out = x W^T + b + s V dp(M U x)
+    per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
+    `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fastpeft.methods.fact.fact_tk_cores(FacTc, FacTp, i)`).
+    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r]).
+
+    Eager calls run one autograd.Function (`_FacTFunction`: addmm chains, no block-diagonal
+    matrices; checks once per call signature); under torch.compile the registered
+    `fastpeft::lowrank_linear` op with the effective matrices of `fact_effective`."""
+    op = "fact_linear"
+    if layer not in FACT_LAYERS:
+        raise ValueError(f"fact: layer must be one of {FACT_LAYERS}, got {layer!r}")
+    if torch.compiler.is_compiling():
+        a, b = fact_effective(layer, fact_u, fact_v, core, scale)
+        return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training,
+                              seed=seed)
+    if not isinstance(x, torch.Tensor):
+        check_tensor(op, "x", x)  # TypeError
+    _check_frozen(op, weight)
+    _check_scale(op, scale)
+    cores = tuple(core) if not isinstance(core, torch.Tensor) else (core,)
+    dt = x.dtype
+    weight, bias = cast_param(weight, dt), cast_param(bias, dt)
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
+    seed = _seed(p, seed, x)
+    _CHECKED.check(False, lambda: _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed),
+                   x, weight, bias, fact_u, fact_v, seed, *cores, extra=(op, layer, p))
+    k = _FACT_CHUNKS[layer]
+    big_r = fact_u.shape[0] * (k if layer != "fc2" else 1)
+    return _FacTFunction.apply(x, weight, bias, fact_u, fact_v, layer, float(scale), p, seed,
+                               use_triton(x) and big_r <= MAX_RANK, *cores)
+
+
+def kron_factors(rule_left, rule_right, w_left, w_right):
+    """(Dn [R, n*m], Up [R, n*m]) with x @ sum_i kron(A_i, B_i) = (x Dn^T) Up, R = n*k1*k2,
+    A_i = rule_left[i] @ rule_right[i] ([n, k1] @ [k1, n]), B_i = w_left[i] @ w_right[i]."""
+    n, m = rule_left.shape[1], w_left.shape[1]
+    dn = torch.einsum("iaA,ikB->iABak", rule_left, w_left).reshape(-1, n * m)
+    up = torch.einsum("iAc,iBp->iABcp", rule_right, w_right).reshape(-1, n * m)
+    return dn, up
+
+
+def _fold_qv(weight, h_q, h_v, c_q: float, c_v: float):
+    """weight [3D, D] + [c_q H_q^T; 0; c_v H_v^T] in weight's dtype."""
+    d = weight.shape[1]
+    delta = torch.cat([h_q.t() * c_q, h_q.new_zeros(d, d), h_v.t() * c_v], 0)
+    return weight + delta.to(weight.dtype)
+
+
+class _QVFoldedLinear(torch.autograd.Function):
+    """x W_eff^T + bias with W_eff = `_fold_qv(weight, h_q, h_v, c_q, c_v)`: one GEMM, like folding
+    the delta into the weight by hand, but saving only x and the two [D, D] matrices (what the
+    eager reference keeps), not the [3D, D] W_eff, which backward rebuilds (one elementwise pass
+    over the frozen weight). The frozen weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, h_q, h_v, c_q: float, c_v: float):
+        # only what the needed grads read: x for dH, H (and the resident weight) for dx
+        need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(x if need_dh else None, weight, *((h_q, h_v) if need_dx else (None, None)))
+        ctx.c = (c_q, c_v)
+        ctx.h_dtypes = (h_q.dtype, h_v.dtype)  # (the H themselves are not saved when x needs no grad)
+        return torch.nn.functional.linear(x, _fold_qv(weight, h_q, h_v, c_q, c_v), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, h_q, h_v = ctx.saved_tensors
+        c_q, c_v = ctx.c
+        d = weight.shape[1]
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, d)
+        gx = gb = gh_q = gh_v = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_out @ _fold_qv(weight, h_q, h_v, c_q, c_v)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        # d out / d W_eff = g^T x; W_eff[:D] = c_q H_q^T -> dH_q = c_q x^T g[:, :D] (v alike)
+        if ctx.needs_input_grad[3]:
+            gh_q = (c_q * (x2.t() @ g2[:, :d])).to(ctx.h_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            gh_v = (c_v * (x2.t() @ g2[:, 2 * d:])).to(ctx.h_dtypes[1])
+        return gx, None, gb, gh_q, gh_v, None, None
+
+
+def qv_folded_linear(x, weight, bias, h_q, h_v, c_q: float, c_v: float):
+    """x (W + [c_q H_q^T; 0; c_v H_v^T])^T + bias: KAdaptation's q / v deltas folded into the frozen
+    qkv weight [3D, D] (one GEMM), saving x and the two [D, D] H only (`_QVFoldedLinear`)."""
+    return _QVFoldedLinear.apply(x, weight, bias, h_q, h_v, c_q, c_v)
+
+
+def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult):
+    """ValueError / TypeError for KAdaptation's factors before they are combined: each rule a pair
+    (left [n, n, k1], right [n, k1, n]), each factor pair (left [n, m, k2], right [n, k2, m]) with
+    n m = D (x's width), b_shared [D], on x's device; finite scale and q_mult."""
+    op = "kadaptation_qkv"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, dim=2)
+    d = x.shape[-1] if x.dim() else 0
+    pairs = {"rule1": rule1, "rule2": rule2, "q_factors": q_factors, "v_factors": v_factors}
+    for name, pair in pairs.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{op}: {name} must be a pair of tensors (left, right), got {type(pair).__name__}")
+        for side, t in zip(("left", "right"), pair):
+            check_tensor(op, f"{name}[{side}]", t, dim=3, like=x, dtype=t.dtype if isinstance(t, torch.Tensor) else None)
+    n, m = rule1[0].shape[0], q_factors[0].shape[1]
+    for name in ("rule1", "rule2"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, n, k) or right.shape != (n, k, n):
+            raise ValueError(f"{op}: {name} must be ([n, n, k1], [n, k1, n]) with n = {n}, got "
+                             f"{describe(left)} / {describe(right)}")
+    for name in ("q_factors", "v_factors"):
+        left, right = pairs[name]
+        k = left.shape[2]
+        if left.shape != (n, m, k) or right.shape != (n, k, m):
+            raise ValueError(f"{op}: {name} must be ([n, m, k2], [n, k2, m]) with n = {n}, m = {m}, got "
+                             f"{describe(left)} / {describe(right)}")
+    if n * m != d:
+        raise ValueError(f"{op}: the Kronecker factors build an {n * m}-wide H (n = {n}, m = {m}) but x is {describe(x)}")
+    check_tensor(op, "b_shared", b_shared, shape=(d,), like=x, dtype=b_shared.dtype if isinstance(b_shared, torch.Tensor) else None)
+    _check_scale(op, scale)
+    _check_scale(op, q_mult, "q_mult")
+
+
+def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale: float,
+                    q_mult: float = 1.0, dropout_p: float = 0.5, training: bool = False, seed=None):
+    """KAdaptation on a fused qkv (eric-ai-lab/PEViT; `fastpeft.methods.kadaptation` semantics):
+    q += q_mult * (x drop(H_q) * scale + b), v += x drop(H_v) * scale + b, H = sum_i A_i (x) B_i.
+
+    rule1/rule2 = (phm_rule_left [n, n, k1], phm_rule_right [n, k1, n]); q_factors/v_factors =
+    (adapter1_left [n, m, k2], adapter1_right [n, k2, m]) (pass q's for v to reproduce the
+    official v_uses_q_factors); b_shared [D]. Without dropout (eval, or p = 0) the delta is the
+    rank-2R fused kernel (R = n k1 k2). With dropout in training the official semantics drop
+    entries of the D x D matrix H itself, which destroys the Kronecker/low-rank structure: then H
+    is materialised once per call (not per token), masked (Philox, q offsets [0, D^2), v [D^2,
+    2 D^2)) and folded into the frozen weight in plain torch, as the official code does.
+    """
+    factors = [t for pair in (rule1, rule2, q_factors, v_factors)
+               for t in (pair if isinstance(pair, (tuple, list)) else (pair, None, None))]
+    _CHECKED.check(torch.compiler.is_compiling(),
+                   lambda: _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult),
+                   x, weight, *factors, b_shared, extra=("kadaptation", len(factors), repr(scale), repr(q_mult)))
+    _check_frozen("kadaptation_qkv", weight)
+    d = x.shape[-1]
+    n_out = weight.shape[0]
+    if n_out != 3 * d:
+        raise ValueError(f"kadaptation_qkv: weight {describe(weight)} must be a fused qkv [3D, D] for x {describe(x)}")
+    dn_q, up_q = kron_factors(rule1[0], rule1[1], q_factors[0], q_factors[1])
+    dn_v, up_v = kron_factors(rule2[0], rule2[1], v_factors[0], v_factors[1])
+    if dn_q.shape[1] != d:
+        raise ValueError(f"kadaptation_qkv: the Kronecker factors build a {dn_q.shape[1]}-wide H but x is {describe(x)}")
+    zeros = b_shared.new_zeros(d)
+    b_eff = torch.cat([b_shared * q_mult, zeros, b_shared])
+    bias_eff = b_eff if bias is None else bias + b_eff
+    p = check_p("kadaptation_qkv", dropout_p)
+    p = p if training else 0.0
+    if p > 0.0:
+        seed = _seed(p, seed, x)
+        drop = ~dropout_keep_mask(seed, 2 * d, d, p)  # bool: autograd keeps 1 byte per entry
+        h_q = (dn_q.t() @ up_q).masked_fill(drop[:d], 0.0)
+        h_v = (dn_v.t() @ up_v).masked_fill(drop[d:], 0.0)
+        c = scale / (1.0 - p)
+        return _QVFoldedLinear.apply(x, weight, cast_param(bias_eff, x.dtype), h_q, h_v, c * q_mult, c)
+    a = torch.cat([dn_q, dn_v], 0)
+    b = segmented_up(n_out, [(0, up_q.t(), scale * q_mult), (2 * d, up_v.t(), scale)])
+    return lowrank_linear(x, weight, bias_eff, a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# References (clarity first; autograd-differentiable; the test oracles). Computed in fp32, cast
+# to x's dtype. Dropout uses the kernels' Philox masks (`dropout_keep_mask`) for `seed`.
+# ----------------------------------------------------------------------------------------------
+def _f(t):
+    return t.to(torch.float32) if isinstance(t, torch.Tensor) else t
+
+
+def _drop_ref(t, p, seed):
+    if p <= 0.0:
+        return t
+    rows = t.numel() // t.shape[-1]
+    keep = dropout_keep_mask(seed, rows, t.shape[-1], p).view(t.shape)
+    return t * keep / (1.0 - p)
+
+
+def lowrank_linear_ref(x, weight, bias, a, b, *, dropout_p=0.0, drop_input=False, seed=None):
+    F = torch.nn.functional
+    x32 = _f(x)
+    base = F.linear(x32, _f(weight), _f(bias))
+    if drop_input:
+        u = F.linear(_drop_ref(x32, dropout_p, seed), _f(a))
+    else:
+        u = _drop_ref(F.linear(x32, _f(a)), dropout_p, seed)
+    return (base + F.linear(u, _f(b))).to(x.dtype)
+
+
+def lora_noah_qkv_ref(x, weight, bias, lora_a, lora_b, *, rank=None, scale=1.0, dropout_p=0.0, seed=None):
+    """NOAH: out + s * (drop(x) @ A[:r].T) @ B[:, :r].T (as NoahLoRAHook)."""
+    F = torch.nn.functional
+    r = lora_a.shape[0] if rank is None else rank
+    x32 = _f(x)
+    d = F.linear(F.linear(_drop_ref(x32, dropout_p, seed), _f(lora_a)[:r]), _f(lora_b)[:, :r])
+    return (F.linear(x32, _f(weight), _f(bias)) + scale * d).to(x.dtype)
+
+
+def lora_petl_qkv_ref(x, weight, bias, downs, ups, *, scale=1.0, dropout_p=0.0, seed=None):
+    """PETL-ViT: qkv chunk t += s_t * up_t(drop(down_t(x))) (as PetlLoRAHook); the masks are the
+    column blocks of one [M, sum r] mask in the order of `downs`."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    out = F.linear(x32, _f(weight), _f(bias))
+    parts = list(out.chunk(3, dim=-1))
+    z = torch.cat([F.linear(x32, _f(downs[t])) for t in downs], -1)
+    z = _drop_ref(z, dropout_p, seed)
+    c = 0
+    for t in downs:
+        r = downs[t].shape[0]
+        s = scale[t] if isinstance(scale, dict) else scale
+        j = _QKV.index(t)
+        parts[j] = parts[j] + F.linear(z[..., c:c + r], _f(ups[t])) * s
+        c += r
+    return torch.cat(parts, -1).to(x.dtype)
+
+
+def fact_linear_ref(x, weight, bias, fact_u, fact_v, core, *, layer, scale=1.0, dropout_p=0.0, seed=None):
+    """FacT as the official forward computes it (`fastpeft.methods.fact._FacTHook.apply`)."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    U, V = _f(fact_u), _f(fact_v)
+    out = F.linear(x32, _f(weight), _f(bias))
+    if layer == "qkv":
+        cores = torch.cat([_f(c) for c in core], 0) if not isinstance(core, torch.Tensor) else _f(core)
+        t = _drop_ref(F.linear(F.linear(x32, U), cores), dropout_p, seed)  # [..., 3r]
+        d = F.linear(t.unflatten(-1, (3, -1)), V).flatten(-2)
+    elif layer == "proj":
+        d = F.linear(_drop_ref(F.linear(F.linear(x32, U), _f(core)), dropout_p, seed), V)
+    elif layer == "fc1":
+        t = _drop_ref(F.linear(F.linear(x32, U), _f(core)), dropout_p, seed)  # [..., 4r]
+        d = F.linear(t.unflatten(-1, (4, -1)), V).flatten(-2)
+    else:
+        w = F.linear(x32.unflatten(-1, (4, -1)), U).flatten(-2)  # [..., 4r], index j*r + a
+        d = F.linear(_drop_ref(F.linear(w, _f(core)), dropout_p, seed), V)
+    return (out + d * scale).to(x.dtype)
+
+
+def kron_sum_ref(rule_left, rule_right, w_left, w_right):
+    """H = sum_i kron(rule_left[i] @ rule_right[i], w_left[i] @ w_right[i]) (explicit torch.kron)."""
+    return sum(torch.kron(rule_left[i] @ rule_right[i], w_left[i] @ w_right[i]) for i in range(rule_left.shape[0]))
+
+
+def kadaptation_qkv_ref(x, weight, bias, rule1, rule2, q_factors, v_factors, b_shared, *, scale, q_mult=1.0,
+                        dropout_p=0.0, seed=None):
+    """As `fastpeft.methods.kadaptation._KAdaptHook.apply` (dense H), dropout mask from `seed`."""
+    F = torch.nn.functional
+    x32 = _f(x)
+    d = x.shape[-1]
+    out = F.linear(x32, _f(weight), _f(bias))
+    h_q = kron_sum_ref(*(_f(t) for t in (*rule1, *q_factors)))
+    h_v = kron_sum_ref(*(_f(t) for t in (*rule2, *v_factors)))
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, 2 * d, d, dropout_p).to(torch.float32) / (1.0 - dropout_p)
+        h_q, h_v = h_q * keep[:d], h_v * keep[d:]
+    q, k, v = out.chunk(3, dim=-1)
+    bb = _f(b_shared)
+    dq = (x32 @ h_q * scale + bb) * q_mult
+    dv = x32 @ h_v * scale + bb
+    return torch.cat([q + dq, k, v + dv], -1).to(x.dtype)
