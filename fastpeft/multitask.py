@@ -24,8 +24,9 @@ rows with `torch.func.functional_call` substituting each row's tensors for the m
 op is batched over the rows, never looped over tasks: the frozen GEMMs run once on the whole
 batch (their weights are not batched), a LoRA / FacT / adapter delta becomes a batched matmul
 with the rows' own factors, SSF / BitFit a per-row scale / shift / bias, VPT / VQT per-row
-prompts / queries, the heads a per-row matmul. The one op without a batching rule in torch,
-CPU scaled-dot-product attention, is run per row by vmap's fallback (it has no task tensors).
+prompts / queries, the heads a per-row matmul. The one op without a batching rule in this torch,
+fused scaled-dot-product attention, is run per row by vmap's fallback (a UserWarning says so; it
+holds no task tensors).
 The eager oracle (`looped_forward`: split the batch by task, run each task's rows through its
 single-task forward) stays beside it for the tests.
 

@@ -106,7 +106,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
     """Write the task of `model` (its injected methods' configs and tensors) to `path` as
     safetensors. Works on a patched model (patching never changes names). A model with merged
     methods is refused: their tensors are folded into the backbone (`fastpeft.unmerge` first)."""
-    info = vit_info(model)
+    vit_info(model)  # a timm ViT, or a clear ValueError
+    _refuse_if_multitask(model, "save")  # one task of several: fastpeft.save(model, path, task=...)
     injs = injections(model)
     if not injs:
         raise ValueError("fastpeft.save: the model has no injected method (fastpeft.inject(model, ...) first)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft import multitask
+from fastpeft import multitask, taskfile
 from fastpeft.demo import demo_configs
 from tests.methods.conftest import images, make_vit, randomize_
 
@@ -227,6 +227,8 @@ def test_other_methods_and_lifecycle_are_refused_leaving_the_model_unchanged(tmp
             op()
     with pytest.raises(ValueError, match="several tasks"):
         fastpeft.patch(m)
+    with pytest.raises(ValueError, match="several tasks"):  # the single-task writer, called directly
+        taskfile.save(m, tmp_path / "y.safetensors")
     after = m.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     single = make_vit(depth=DEPTH, img_size=IMG)
