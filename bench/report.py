@@ -146,6 +146,20 @@ def markdown(doc: dict, chart: str | None = None) -> str:
             "patch launches/block <= eager's.",
             ["method", "contender"], ["host/step", "x eager", "paired", "Triton/block", "aten/block", "launches/block",
                                       "x eager", "patched"], body)
+    multi = [r for r in rows if r["suite"] == "multitask" and r["status"] == "ok"]
+    if multi:
+        body = [f"| {r.get('tasks')} | {r['contender']} | {_time_cell(r)} | {_x(r.get('time_vs_single'))} | "
+                f"{_num(r.get('throughput'))} | {_mib(r.get('saved_bytes'))} | {_x(r.get('saved_vs_single'))} | "
+                f"{_mib(r.get('resident_bytes'))} | {_mib(r.get('separate_models_bytes'))} | "
+                f"{_num((r.get('disk_bytes_per_task') or 0) / 1024, '{:,.0f}')} |" for r in multi]
+        lines += _table(
+            "Mixed-task batches (bench/test_multitask.py): T LoRA tasks on one backbone, row i -> task i mod T. "
+            "single = one single-task model on the whole batch; fused = `model(x, task=ids)` (stacked, "
+            "gathered per row, vmapped); loop = each task's rows through its own single-task forward. "
+            "Train step = forward + backward + AdamW step; median (IQR). Resident = parameter and buffer bytes "
+            "(backbone once + the tasks'); separate = T single-task models; disk = one task's file.",
+            ["tasks", "contender"], ["train", "x single", "img/s", "saved MiB", "x single", "resident MiB",
+                                     "separate MiB", "disk KiB/task"], body)
     ops = _grouped(rows, "op")
     if ops:
         body = []

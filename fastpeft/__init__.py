@@ -9,17 +9,20 @@ from __future__ import annotations
 import importlib
 
 from .version import __version__
-from .api import inject, injections, merge, remove, summary, summary_rows, trainable_parameters, unmerge
+from .api import injections, merge, remove, summary, summary_rows, trainable_parameters, unmerge
 from .patch import PatchReport, patch, unpatch
 from .load import load_official
-from .taskfile import load, save  # (`fastpeft.load` is this function; the module is fastpeft.load)
+# `fastpeft.inject` / `load` / `save` take an optional task name (fastpeft/multitask.py; without
+# one they are fastpeft.api.inject and fastpeft.taskfile's load / save; the module fastpeft.load
+# is the official-checkpoint loader)
+from .multitask import inject, load, save, task_index, tasks
 from .methods import *  # noqa: F401,F403  (method configs: AdaptFormer, LoRA, ...)
 from .methods import __all__ as _methods_all
 
 __all__ = [
     "__version__", "inject", "remove", "merge", "unmerge", "trainable_parameters", "summary",
     "summary_rows", "injections", "build_info", "backends", "patch", "unpatch", "PatchReport",
-    "load_official", "save", "load",
+    "load_official", "save", "load", "tasks", "task_index",
     *_methods_all,
 ]
 

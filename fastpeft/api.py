@@ -36,6 +36,17 @@ def _refuse_if_patched(model: nn.Module, op: str) -> None:
         )
 
 
+def _refuse_if_multitask(model: nn.Module, op: str) -> None:
+    """A model holding several tasks (fastpeft/multitask.py) changes only through the task-aware
+    entry points: `inject(..., task=)` / `load(..., task=)`."""
+    if isinstance(model, nn.Module) and model.__dict__.get("_fastpeft_multitask") is not None:
+        raise ValueError(
+            f"fastpeft.{op}: the model holds several tasks (fastpeft.tasks(model)); add tasks with "
+            f"fastpeft.inject(model, method, task=...) or fastpeft.load(model, path, task=...); "
+            f"{op} of a multi-task model is not supported"
+        )
+
+
 def _method_class(method: Any) -> type[Method] | None:
     """remove()'s selector: None, a Method subclass, a Method instance, or a method's name."""
     if method is None:
@@ -73,6 +84,11 @@ def inject(model: nn.Module, method: Method) -> nn.Module:
             raise TypeError(f"method must be a fastpeft method config instance: use fastpeft.{method.__name__}(), "
                             f"not the class {method.__name__}")
         raise TypeError(f"method must be a fastpeft method config (e.g. fastpeft.LoRA()), got {type(method).__name__}")
+    _refuse_if_multitask(model, "inject")
+    return _inject(model, method)
+
+
+def _inject(model: nn.Module, method: Method) -> nn.Module:
     info = method.model_info(model)
     _refuse_if_patched(model, "inject")
     st = state_of(model)
@@ -117,6 +133,11 @@ def remove(model: nn.Module, method: type[Method] | Method | str | None = None) 
     the backbone's requires_grad flags are restored to trainable. Raises ValueError, changing
     nothing, when that method is not injected, is merged (unmerge first) or the model is patched
     (unpatch first)."""
+    _refuse_if_multitask(model, "remove")
+    return _remove(model, method)
+
+
+def _remove(model: nn.Module, method: type[Method] | Method | str | None = None) -> nn.Module:
     cls = _method_class(method)
     _model_info(model)
     st = state_of(model)
@@ -171,6 +192,7 @@ def merge(model: nn.Module) -> nn.Module:
     extra state-dict keys); `unmerge` restores the injected form exactly (the original frozen
     tensors are kept, not recomputed by subtraction)."""
     info = _model_info(model)
+    _refuse_if_multitask(model, "merge")
     injs = injections(model)
     if not injs:
         raise ValueError("nothing to merge: no fastpeft method is injected into this model")
@@ -216,6 +238,7 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: restore the frozen tensors and re-attach the method modules."""
     _model_info(model)
+    _refuse_if_multitask(model, "unmerge")
     injs = [i for i in injections(model) if i.merged]
     if not injs:
         raise ValueError("nothing to unmerge: no merged fastpeft method in this model")

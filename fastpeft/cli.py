@@ -147,6 +147,9 @@ def demo(args: argparse.Namespace, console: Console) -> int:
         from fastpeft.demo_families import demo_families
 
         demo_families(args, console, device)
+        from fastpeft.demo_tasks import demo_tasks  # many tasks on one backbone (fastpeft/demo_tasks.py)
+
+        demo_tasks(args, console, device)
     return 1 if failed else 0
 
 

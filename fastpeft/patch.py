@@ -354,6 +354,10 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
     info = _family_info(model)
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute must be a bool, got {recompute!r}")
+    if model.__dict__.get("_fastpeft_multitask") is not None:
+        # the fused ops have no batching rule for the per-row task tensors (fastpeft/multitask.py)
+        raise ValueError("fastpeft.patch: the model holds several tasks; multi-task models run the reference "
+                         "methods batched over rows (model(x, task=ids)) and are not patched")
     resolved = resolve_backend(backend, _model_device(model))
     bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in _DTYPES})
     if bad:

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import _refuse_if_patched, inject, injections, remove
+from .api import _refuse_if_multitask, _refuse_if_patched, inject, injections, remove
 from .methods.base import Method, ViTInfo, vit_info
 from .version import __version__
 
-__all__ = ["save", "load", "read_header", "FORMAT"]
+__all__ = ["save", "load", "write", "read_header", "FORMAT"]
 
 #: the header's "format" field; a reader refuses files of another format
 FORMAT = "fastpeft-task/1"
@@ -106,7 +106,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
     """Write the task of `model` (its injected methods' configs and tensors) to `path` as
     safetensors. Works on a patched model (patching never changes names). A model with merged
     methods is refused: their tensors are folded into the backbone (`fastpeft.unmerge` first)."""
-    info = vit_info(model)
+    vit_info(model)  # a timm ViT, or a clear ValueError
+    _refuse_if_multitask(model, "save")  # one task of several: fastpeft.save(model, path, task=...)
     injs = injections(model)
     if not injs:
         raise ValueError("fastpeft.save: the model has no injected method (fastpeft.inject(model, ...) first)")
@@ -114,17 +115,23 @@ def save(model: nn.Module, path: str | Path) -> Path:
     if merged:
         raise ValueError(f"fastpeft.save: {', '.join(merged)} is merged into the backbone weights; call "
                          "fastpeft.unmerge(model) first (a task file holds the method tensors, not merged weights)")
-    from safetensors.torch import save_file
-
     state = model.state_dict(keep_vars=True)
     # (copies: safetensors refuses tensors that share storage, e.g. views of one prompt tensor)
     tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in _task_names(model)}
+    return write(model, path, [inj.method for inj in injs], tensors)
+
+
+def write(model: nn.Module, path: str | Path, methods: list[Method], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a task file: `tensors` (single-task names, CPU, contiguous, unshared) of `methods`,
+    with the header of `model`'s backbone (`save`; a multi-task model's task: fastpeft/multitask.py)."""
+    from safetensors.torch import save_file
+
     header = {
         "format": FORMAT,
         "fastpeft_version": __version__,
         "timm_model": _timm_name(model),
-        "backbone": _fingerprint(info),
-        "methods": [_method_record(inj.method) for inj in injs],
+        "backbone": _fingerprint(vit_info(model)),
+        "methods": [_method_record(m) for m in methods],
         "tensors": sorted(tensors),
     }
     path = Path(path)
@@ -167,6 +174,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     method configs, tensor names and shapes) runs before the model changes; if anything fails
     after the methods are injected, they are removed again: the model is as before."""
     path = Path(path)
+    _refuse_if_multitask(model, "load")
     header = read_header(path)
     info = vit_info(model)
     _check_backbone(header, info, model, path)

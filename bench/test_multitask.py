@@ -1,0 +1,142 @@
+"""Mixed-task batches (issue 18, fastpeft/multitask.py): one frozen backbone, T = 1, 4, 16 LoRA
+tasks, the batch's rows spread over the tasks (row i -> task i mod T), train steps:
+
+  single       one single-task model (fastpeft.inject(model, LoRA(rank=8))) on the whole batch: the
+               step a mixed batch is held to (target: fused <= 1.15x of it)
+  fused        model(x, task=ids): each name stacked over the tasks, gathered per row, one vmapped
+               forward and backward (no loop over tasks)
+  loop         fastpeft.multitask.looped_forward: each task's rows through its own single-task
+               forward, one task after the other (the same shared backbone)
+  peft         HF peft's mixed-adapter LoRA (`adapter_names=`): inference only in peft, so no train
+               step to compare; recorded as skipped with the reason
+
+A train step is zero_grad + forward + cross-entropy + backward + AdamW step, as in
+bench/test_e2e.py; each row's first step (the saved-bytes pass) is its warmup. Besides time and saved activation bytes each row records the resident bytes
+of the model's parameters and buffers (backbone once + the tasks' tensors), what T separate
+single-task models would hold instead, and the bytes of one task's file on disk
+(fastpeft.save(..., task=)). Run on ViT-B/16, batch 16:
+
+    pytest bench/test_multitask.py --bench-model vit_base_patch16_224 --bench-batch 16 \\
+        --bench-rounds 3 --bench-save bench/results --bench-tag multitask
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import fastpeft
+from bench import measure
+from bench.rows import skip, timed
+from fastpeft import multitask
+
+TASK_COUNTS = (1, 4, 16)
+CONTENDERS = ("single", "fused", "loop", "peft")
+
+
+def _params() -> list:
+    out = [pytest.param(1, "single", id="single")]
+    for t in TASK_COUNTS:
+        for c in CONTENDERS[1:]:
+            out.append(pytest.param(t, c, id=f"T{t}-{c}"))
+    return out
+
+
+def _backbone(cfg) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kw: dict[str, Any] = {}
+    if cfg.depth is not None:
+        kw["depth"] = cfg.depth
+    if cfg.img_size is not None:
+        kw["img_size"] = cfg.img_size
+    m = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.classes, **kw)
+    return m.to(device=cfg.device, dtype=cfg.dtype)
+
+
+def _resident(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.bench_e2e
+@pytest.mark.parametrize(("tasks", "contender"), _params())
+def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
+    cfg = bench_cfg
+    benchmark.group = "multitask train LoRA"
+    row: dict[str, Any] = {"suite": "multitask", "name": f"LoRA T={tasks}", "size": None, "contender": contender,
+                           "mode": "train", "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype_name,
+                           "tasks": tasks}
+    if contender == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            skip(collector, row, "HF peft not installed (make bench installs it)")
+        skip(collector, row, "HF peft's mixed-adapter batches (adapter_names=) are inference-only: no train step")
+    if contender == "loop" and tasks == 1:
+        skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
+    method = fastpeft.LoRA(rank=8)
+    model = _backbone(cfg)
+    backbone_bytes = _resident(model)
+    torch.manual_seed(1)
+    if contender == "single":
+        fastpeft.inject(model, method)
+    else:
+        for k in range(tasks):
+            fastpeft.inject(model, method, task=f"task{k}")
+    row["config"] = method.describe()
+    row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row["resident_bytes"] = _resident(model)
+    task_bytes = row["resident_bytes"] - backbone_bytes
+    with tempfile.TemporaryDirectory() as d:
+        path = fastpeft.save(model, Path(d) / "task.safetensors", task=None if contender == "single" else "task0")
+        row["disk_bytes_per_task"] = path.stat().st_size
+    per_task = task_bytes // max(1, tasks if contender != "single" else 1)
+    row["separate_models_bytes"] = (tasks if contender != "single" else 1) * (backbone_bytes + per_task)
+
+    g = torch.Generator().manual_seed(1234)
+    img = cfg.img_size or model.patch_embed.img_size[0]
+    x = torch.randn(cfg.batch, 3, img, img, generator=g).to(device=cfg.device, dtype=cfg.dtype)
+    y = torch.randint(0, cfg.classes, (cfg.batch,), generator=g).to(cfg.device)
+    ids = (torch.arange(cfg.batch) % tasks).to(cfg.device)
+    if contender == "single":
+        fwd = model
+    elif contender == "fused":
+        def fwd(x):
+            return model(x, task=ids)
+    else:
+        def fwd(x):
+            return multitask.looped_forward(model, x, ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    sync = (lambda: torch.cuda.synchronize(cfg.device)) if cfg.device.type == "cuda" else (lambda: None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(fwd(x), y).backward()
+        opt.step()
+        sync()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # vmap's per-row fallback for CPU attention
+        t0 = time.perf_counter()  # the first call (the warmup) is the saved-bytes pass
+        row["saved_bytes"] = measure.saved_bytes(step, model)
+        row["first_call_s"] = time.perf_counter() - t0
+        row["saved_method"] = "fastpeft.profile.saved_activation_bytes (storages, params/buffers excluded)"
+        timed(benchmark, collector, row, step, rounds=cfg.rounds, warmup=0, units=cfg.batch, unit_name="images/s")
+    single = next((r for r in collector.rows if r["suite"] == "multitask" and r["contender"] == "single"
+                   and r["status"] == "ok"), None)
+    if single is not None and row is not single:
+        row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
+        row["saved_vs_single"] = row["saved_bytes"] / single["saved_bytes"] if single["saved_bytes"] else None
