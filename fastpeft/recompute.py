@@ -56,7 +56,7 @@ from .methods.base import OutputHook, active_hooks
 # saved-tensor byte counts (fastpeft.profile) miss the kept GEMM outputs there, while device
 # memory counters (torch.cuda.memory_allocated) still see them.
 SAC_SEEN_BY_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
-_SAC_HOOK_OPTS = {"respect_saved_tensors_hooks": True} if SAC_SEEN_BY_HOOKS else {}
+SAC_HOOK_OPTS = {"respect_saved_tensors_hooks": True} if SAC_SEEN_BY_HOOKS else {}
 
 aten = torch.ops.aten
 
@@ -560,7 +560,7 @@ class _Regions(BlockRun):
         self.plain = dict(use_reentrant=False, determinism_check="none")
         policy = functools.partial(_policy, keep_attn | keep_mlp, keep_attention)
         sac = dict(self.plain, context_fn=functools.partial(create_selective_checkpoint_contexts, policy),
-                   **_SAC_HOOK_OPTS)
+                   **SAC_HOOK_OPTS)
         self.attn_opts = sac if keep_attention or keep_attn else self.plain
         self.mlp_opts = sac if keep_mlp else self.plain
         # the frozen-path regions (`_attn_core`, `_mlp_core`) that cannot draw random numbers skip

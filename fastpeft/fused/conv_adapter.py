@@ -26,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..methods.base import OutputHook
 from ..methods.conv_adapter import _AdaptedBottleneck, _ParallelAdapter
-from ..recompute import _SAC_HOOK_OPTS, BYTE_BUDGET
+from ..recompute import SAC_HOOK_OPTS, BYTE_BUDGET
 from .common import kernel_call, swap_hook
 
 
@@ -165,7 +165,7 @@ class CheckpointedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return self._run(x)
-        return checkpoint(self._run, x, use_reentrant=False, **_SAC_HOOK_OPTS,
+        return checkpoint(self._run, x, use_reentrant=False, **SAC_HOOK_OPTS,
                           context_fn=functools.partial(_contexts, self.block, self.keep))
 
 
