@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -147,6 +148,34 @@ _PROFILER_SKIP = re.compile(
     r"lift_fresh|_unsafe_view|contiguous|clone_if_needed|set_)$"
 )
 
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """The frozen backbone: random init, seeded, so every contender starts from the same weights."""
+    torch.manual_seed(0)
+    kw: dict[str, Any] = {}
+    if cfg.depth is not None:
+        kw["depth"] = cfg.depth
+    if cfg.img_size is not None:
+        kw["img_size"] = cfg.img_size
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.classes, **kw)
+    return model.to(device=cfg.device, dtype=cfg.dtype)
+
+
+def train_step(model: torch.nn.Module, fwd: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The benchmarked train step of `model` run through `fwd`: zero_grad, cross-entropy, backward,
+    AdamW on the trainable parameters, then a device sync (so a timer sees the whole step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(fwd(x), y).backward()
+        opt.step()
+        sync()
+    return step
 
 
 def first_call(step, compiled: bool) -> tuple[float, dict]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fastpeft
 from bench import measure
+from bench.measure import build_model
 from bench.rows import skip, timed
 
 #: (row label, fastpeft class name, constructor kwargs or a function of the depth giving them).
@@ -84,18 +85,6 @@ def _params() -> list:
             for contender in CONTENDERS:
                 out.append(pytest.param(label, contender, mode, id=f"{label}-{contender}-{mode}"))
     return out
-
-
-def build_model(cfg) -> torch.nn.Module:
-    """The frozen backbone: random init, seeded, so every contender starts from the same weights."""
-    torch.manual_seed(0)
-    kw: dict[str, Any] = {}
-    if cfg.depth is not None:
-        kw["depth"] = cfg.depth
-    if cfg.img_size is not None:
-        kw["img_size"] = cfg.img_size
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.classes, **kw)
-    return model.to(device=cfg.device, dtype=cfg.dtype)
 
 
 @pytest.fixture(scope="session")

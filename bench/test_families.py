@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import fastpeft
 from bench import measure
@@ -75,16 +74,7 @@ def test_family(benchmark, bench_cfg, collector, compiler_problem, method, conte
         measure.configure_inductor()
         torch._dynamo.reset()
         fwd = torch.compile(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    sync = (lambda: torch.cuda.synchronize(cfg.device)) if cfg.device.type == "cuda" else (lambda: None)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(fwd(x), y).backward()
-        opt.step()
-        sync()
+    step = measure.train_step(model, fwd, x, y)
 
     try:
         row["first_call_s"], _ = measure.first_call(step, contender == "compile")

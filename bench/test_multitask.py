@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 
 import fastpeft
 from bench import measure
+from bench.measure import build_model
 from bench.rows import skip, timed
 from fastpeft import multitask
 
@@ -47,17 +46,6 @@ def _params() -> list:
         for c in CONTENDERS[1:]:
             out.append(pytest.param(t, c, id=f"T{t}-{c}"))
     return out
-
-
-def _backbone(cfg) -> torch.nn.Module:
-    torch.manual_seed(0)
-    kw: dict[str, Any] = {}
-    if cfg.depth is not None:
-        kw["depth"] = cfg.depth
-    if cfg.img_size is not None:
-        kw["img_size"] = cfg.img_size
-    m = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.classes, **kw)
-    return m.to(device=cfg.device, dtype=cfg.dtype)
 
 
 def _resident(model: torch.nn.Module) -> int:
@@ -86,7 +74,7 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
     if contender == "loop" and tasks == 1:
         skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
     method = fastpeft.LoRA(rank=8)
-    model = _backbone(cfg)
+    model = build_model(cfg)
     backbone_bytes = _resident(model)
     torch.manual_seed(1)
     if contender == "single":
@@ -117,16 +105,7 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
     else:
         def fwd(x):
             return multitask.looped_forward(model, x, ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    sync = (lambda: torch.cuda.synchronize(cfg.device)) if cfg.device.type == "cuda" else (lambda: None)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(fwd(x), y).backward()
-        opt.step()
-        sync()
+    step = measure.train_step(model, fwd, x, y)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # vmap's per-row fallback for CPU attention

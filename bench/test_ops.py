@@ -11,7 +11,6 @@ Dropout is off in every op row (p = 0) so all contenders compute the same functi
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 

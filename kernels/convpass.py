@@ -176,6 +176,15 @@ def _config(kernel: str, d: int, t: torch.Tensor):
     return dp, CONFIGS[kernel][(dp, t.element_size())]
 
 
+def _plan(kernel: str, d: int, t: torch.Tensor, m: int, width: int):
+    """`_config` plus the grid of a launch over m rows whose other loop runs over `width` columns:
+    (padded width, Cfg, row blocks, columns per split, splits)."""
+    dp, c = _config(kernel, d, t)
+    rb = cdiv(m, c.BLOCK_M)
+    per_split, splits = column_splits(width, c.BLOCK_N, rb, t.device)
+    return dp, c, rb, per_split, splits
+
+
 def launch_down_fwd(x, w_down, b_down):
     x2 = rows_of(x)
     d = w_down.shape[0]
@@ -194,9 +203,7 @@ def launch_down_bwd(grad_u, x, a, w_down):
     dx = torch.empty((m, D), dtype=dt, device=dev)
     da = torch.empty((m, d), dtype=dt, device=dev)
     if m:
-        dp, c = _config("convpass_down_bwd", d, x)
-        rb = cdiv(m, c.BLOCK_M)
-        n_split, splits = column_splits(D, c.BLOCK_N, rb, dev)
+        dp, c, rb, n_split, splits = _plan("convpass_down_bwd", d, x, m, D)
         _convpass_down_bwd_kernel[(rb, splits)](
             gu, a, w_down.contiguous(), da, dx, m, D, d, n_split,
             BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=dp, PREC=dot_precision(dt, dev), num_warps=c.num_warps,
@@ -212,10 +219,8 @@ def launch_up_fwd(c, w_up, b_up, base, scale: float, p: float, seed):
     dev = c.device
     out = torch.empty((m, D), dtype=c.dtype, device=dev)
     if m:
-        dp, cf = _config("convpass_up_fwd", d, c)
+        dp, cf, rb, n_split, splits = _plan("convpass_up_fwd", d, c, m, D)
         unused = dummy(dev, c.dtype)
-        rb = cdiv(m, cf.BLOCK_M)
-        n_split, splits = column_splits(D, cf.BLOCK_N, rb, dev)
         _convpass_up_fwd_kernel[(rb, splits)](
             c2, w_up.contiguous(), b_up.contiguous() if b_up is not None else unused,
             rows_of(base) if base is not None else unused, seed_or_zero(seed, p, dev), out,
@@ -234,9 +239,7 @@ def launch_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
     dc = torch.empty((m, d), dtype=dt, device=dev)
     h = torch.empty((m, d), dtype=dt, device=dev)
     if m:
-        dp, cf = _config("convpass_up_bwd", d, c)
-        rb = cdiv(m, cf.BLOCK_M)
-        k_split, splits = column_splits(D, cf.BLOCK_N, rb, dev)  # (splits of the reduction here)
+        dp, cf, rb, k_split, splits = _plan("convpass_up_bwd", d, c, m, D)  # (splits of the reduction here)
         ps, lock = split_workspace(dev, splits * m * dp, rb) if splits > 1 else (dummy(dev), dummy(dev))
         _convpass_up_bwd_kernel[(rb, splits)](
             g2, c2, w_up.contiguous(), seed_or_zero(seed, p, dev), dc, h, ps, lock,

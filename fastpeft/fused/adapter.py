@@ -5,6 +5,8 @@ regenerated from a saved seed, never stored), up-projection, scale and residual 
 saving x and the rank-r pre-activation only. Same parameters, same slot position."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
@@ -13,17 +15,11 @@ from ..methods.base import SlotFn
 from .common import SlotRule, kernel_call
 
 
-_OPS = None
-
-
+@functools.cache
 def _ops():
-    """fastpeft.ops.adapter, imported on the first fused call (importing it imports triton) and kept: an import
-    statement per call costs a module lookup every time."""
-    global _OPS
-    if _OPS is None:
-        from ..ops import adapter as mod
-        _OPS = mod
-    return _OPS
+    """fastpeft.ops.adapter, imported on the first fused call (it imports triton), then a cached lookup."""
+    from ..ops import adapter
+    return adapter
 
 
 def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):

@@ -4,6 +4,8 @@ QuickGELU + dropout + up + scale in one kernel; saves h and the dim-wide interme
 DropPath stays outside (DP(s C) = s DP(C): it is a per-sample scale)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..methods.base import SlotFn, in_class_row_pass
@@ -11,17 +13,11 @@ from ..methods.convpass import _Bypass
 from .common import SlotRule, kernel_call
 
 
-_OPS = None
-
-
+@functools.cache
 def _ops():
-    """fastpeft.ops.convpass, imported on the first fused call (importing it imports triton) and kept: an import
-    statement per call costs a module lookup every time."""
-    global _OPS
-    if _OPS is None:
-        from ..ops import convpass as mod
-        _OPS = mod
-    return _OPS
+    """fastpeft.ops.convpass, imported on the first fused call (it imports triton), then a cached lookup."""
+    from ..ops import convpass
+    return convpass
 
 
 class FusedBypass(SlotFn):

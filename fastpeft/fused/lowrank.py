@@ -11,6 +11,8 @@ order of effects is unchanged) and the frozen weight really is frozen.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,17 +23,11 @@ from ..methods.lora import NoahLoRAHook, PetlLoRAHook
 from .common import AbsorbedHook, kernel_call, swap_hook
 
 
-_OPS = None
-
-
+@functools.cache
 def _ops():
-    """fastpeft.ops.lowrank, imported on the first fused call (importing it imports triton) and kept: an import
-    statement per call costs a module lookup every time."""
-    global _OPS
-    if _OPS is None:
-        from ..ops import lowrank as mod
-        _OPS = mod
-    return _OPS
+    """fastpeft.ops.lowrank, imported on the first fused call (it imports triton), then a cached lookup."""
+    from ..ops import lowrank
+    return lowrank
 
 
 def _noah(layer, hook: NoahLoRAHook, x):

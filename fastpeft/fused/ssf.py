@@ -14,6 +14,8 @@ so `unpatch` restores them exactly.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -24,17 +26,11 @@ from ..methods.ssf import SSFHook
 from .common import AbsorbedHook, find_hooks, kernel_call, swap_hook
 
 
-_OPS = None
-
-
+@functools.cache
 def _ops():
-    """fastpeft.ops.ssf, imported on the first fused call (importing it imports triton) and kept: an import
-    statement per call costs a module lookup every time."""
-    global _OPS
-    if _OPS is None:
-        from ..ops import ssf as mod
-        _OPS = mod
-    return _OPS
+    """fastpeft.ops.ssf, imported on the first fused call (it imports triton), then a cached lookup."""
+    from ..ops import ssf
+    return ssf
 
 
 def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,3 +134,12 @@ def load_official_state_dict(model: torch.nn.Module, sd: dict) -> None:
     backbone's keys are not in it); every key must land."""
     res = model.load_state_dict(sd, strict=False)
     assert res.unexpected_keys == [] and not set(sd) & set(res.missing_keys)
+
+
+def assert_merge_refused(model: torch.nn.Module, match: str) -> None:
+    """merge raises a ValueError that says why (`match`) and leaves every tensor as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        fastpeft.merge(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

@@ -18,7 +18,7 @@ import fastpeft
 from fastpeft import AdaptFormer, Adapter
 from fastpeft.methods.base import PetlBlock
 
-from .conftest import images, make_vit, randomize_, assert_train_forward_deterministic
+from .conftest import assert_merge_refused, images, make_vit, randomize_, assert_train_forward_deterministic
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,8 +323,7 @@ def test_double_injection_refused(second):
 def test_merge_refused():
     model = make_vit(depth=1)
     fastpeft.inject(model, Adapter())
-    with pytest.raises(ValueError, match="Adapter: .*nonlinearity"):
-        fastpeft.merge(model)
+    assert_merge_refused(model, "Adapter: .*nonlinearity")
 
 
 # ------------------------------------------------------------------------------------------

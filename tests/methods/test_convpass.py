@@ -17,7 +17,7 @@ import fastpeft
 from fastpeft import Convpass, VPT
 from fastpeft.methods.base import PetlBlock
 
-from .conftest import images, load_official_state_dict, make_vit, randomize_
+from .conftest import assert_merge_refused, images, load_official_state_dict, make_vit, randomize_
 from .test_adapter import _attn, _head, _ln, _mlp, _qgelu, _snapshot
 
 
@@ -260,8 +260,7 @@ def test_clashes_refused(second):
 def test_merge_refused():
     model = make_vit(depth=1)
     fastpeft.inject(model, Convpass())
-    with pytest.raises(ValueError, match="Convpass: .*3x3 conv"):
-        fastpeft.merge(model)
+    assert_merge_refused(model, "Convpass: .*3x3 conv")
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import fastpeft
 from fastpeft import NOAH, VPT, AdaptFormer, Adapter, Convpass, LoRA
 from fastpeft.methods.base import PetlBlock, vit_info
 
-from .conftest import assert_train_forward_deterministic, load_official_state_dict, make_vit, randomize_
+from .conftest import (assert_merge_refused, assert_train_forward_deterministic, load_official_state_dict,
+                       make_vit, randomize_)
 from .test_adapter import _head, _ln, _mlp, _qgelu, _snapshot
 
 
@@ -272,8 +273,7 @@ def test_clashes_refused_either_order(other, noah_first):
 def test_merge_refused():
     model = make_vit(depth=1)
     fastpeft.inject(model, NOAH(lora_ranks=[2]))
-    with pytest.raises(ValueError, match="NOAH: .*adapter"):
-        fastpeft.merge(model)
+    assert_merge_refused(model, "NOAH: .*adapter")
 
 
 # ------------------------------------------------------------------------------------------
