@@ -143,3 +143,15 @@ def assert_merge_refused(model: torch.nn.Module, match: str) -> None:
         fastpeft.merge(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def assert_matches_formulation(model: torch.nn.Module, out: torch.Tensor, ref: torch.Tensor) -> None:
+    """The model's output equals the independent formulation's, and so does the gradient of every
+    trainable parameter for a fixed random output cotangent."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    g_out = torch.autograd.grad((out * w).sum(), params)
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    for n, a, b in zip(names, g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {n}: {m}")

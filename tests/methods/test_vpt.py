@@ -17,8 +17,8 @@ import fastpeft
 from fastpeft import VPT
 from fastpeft.methods.base import PetlBlock
 
-from .conftest import (assert_merge_refused, assert_train_forward_deterministic, load_official_state_dict,
-                       make_vit)
+from .conftest import (assert_matches_formulation, assert_merge_refused, assert_train_forward_deterministic,
+                       load_official_state_dict, make_vit)
 from .test_adapter import _attn, _head, _ln, _mlp, _snapshot
 
 
@@ -41,13 +41,7 @@ def _check(model, img, deep, p):
     out = model(img)
     ref = _head(model, reference_tokens(model, img, deep, p)) if model.num_classes else \
         model.fc_norm(model.pool(model.norm(reference_tokens(model, img, deep, p))))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    g_out = torch.autograd.grad((out * w).sum(), params)
-    g_ref = torch.autograd.grad((ref * w).sum(), params)
-    for n, a, b in zip(names, g_out, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {n}: {m}")
+    assert_matches_formulation(model, out, ref)
 
 
 # ------------------------------------------------------------------------------------------
