@@ -363,7 +363,10 @@ def _check_ids(model: nn.Module, x: torch.Tensor, ids: Any, count: int) -> None:
                          f"{x.shape[0]}")
     if ids.device != x.device:
         raise ValueError(f"task ids are on {ids.device}, the batch on {x.device}")
-    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= count):
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host read for both bounds
+    if lo < 0 or hi >= count:
         raise ValueError(f"task ids must be in [0, {count}) (tasks: {state(model).order}); got "
                          f"{sorted(set(ids.tolist()))}")
 

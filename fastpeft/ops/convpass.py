@@ -95,12 +95,6 @@ def _validate_up_bwd(grad_out, c, w_up, p, seed):
     check_tensor("convpass_up_backward", "grad_out", grad_out, shape=(*c.shape[:-1], w_up.shape[0]), like=c)
 
 
-def convpass_down_fwd(x, w_down, b_down):
-    """(u [..., d] x dtype, a [M, d] fp32)."""
-    _validate_down(x, w_down, b_down)
-    return launch_down_fwd(x, w_down, b_down)
-
-
 def convpass_down_bwd(grad_u, x, a, w_down):
     """(dx like x, dw_down [d, D], db_down [d]) in x's dtype."""
     d = w_down.shape[0]

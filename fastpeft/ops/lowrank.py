@@ -58,12 +58,6 @@ def _validate(x, weight, bias, a, b, p, seed):
     check_dropout(op, p, seed, x, "x")
 
 
-def lowrank_linear_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
-    """Triton-backend forward: (out [..., N] x dtype, u [M, R] x dtype)."""
-    _validate(x, weight, bias, a, b, p, seed)
-    return launch_fwd(x, weight, bias, a, b, p, seed, drop_input)
-
-
 def _validate_bwd(grad_out, x, weight, a, b, u, p, seed):
     """The registered backward op's arguments: the forward's, grad_out [..., N] like x, u [M, R]."""
     _validate(x, weight, None, a, b, p, seed)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from fastpeft import _ext
+from ..kernels._common import use_triton
+from ..kernels.ssf import launch_ssf_bwd, launch_ssf_fwd
 
 _OP = "fastpeft::scale_shift"
 _BWD_OP = "fastpeft::scale_shift_backward"
@@ -81,18 +83,12 @@ def _register_reference_ops(status: _ext.ExtensionStatus) -> None:
 
 
 def _cuda_forward(x, scale, shift):
-    from ..kernels._common import use_triton
-    from ..kernels.ssf import launch_ssf_fwd
-
     if not use_triton(x):
         return scale_shift_ref(x, scale, shift)
     return launch_ssf_fwd(x, scale, shift, 0)
 
 
 def _cuda_backward(grad_out, x, scale):
-    from ..kernels._common import use_triton
-    from ..kernels.ssf import launch_ssf_bwd
-
     if not use_triton(x):
         return scale_shift_backward_ref(grad_out, x, scale)
     return launch_ssf_bwd(grad_out.contiguous(), x, scale, scale, 0)  # (the shift is unused at act 0)
