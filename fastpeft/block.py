@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass",
+__all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass", "vmapped",
            "replaced_dataflow", "timm_sdpa_attention"]
 
 #: slot name -> call signature and where it sits in the block (see the module docstring)
@@ -59,6 +59,14 @@ CLASS_ROW_PASS: ContextVar[bool] = ContextVar("fastpeft_class_row_pass", default
 
 def in_class_row_pass() -> bool:
     return CLASS_ROW_PASS.get()
+
+
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether `t` is batched by `torch.func.vmap`: in a mixed multi-task batch (fastpeft/multitask.py
+    runs the model once under vmap over its rows, every method tensor being the row's task's) or
+    under a user's own vmap. Fused modules then run their per-row form (fastpeft/ops/_rows.py) or
+    the reference, which vmap batches as it is (their autograd.Functions have no batching rule)."""
+    return torch._C._functorch.is_batchedtensor(t)
 
 
 def replaced_dataflow(block: Any) -> bool:

@@ -383,8 +383,6 @@ def mixed_forward(model: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch
     """The fused mixed-batch forward (the module docstring)."""
     st = state(model)
     _check_ids(model, x, ids, len(st.order))
-    if model.__dict__.get("_fastpeft_patch") is not None:
-        raise ValueError("fastpeft.patch does not serve multi-task models yet: fastpeft.unpatch(model)")
     params = _gathered(model, ids)
 
     def row(p: dict[str, torch.Tensor], xr: torch.Tensor) -> torch.Tensor:

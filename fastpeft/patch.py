@@ -354,10 +354,12 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
     info = _family_info(model)
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute must be a bool, got {recompute!r}")
-    if model.__dict__.get("_fastpeft_multitask") is not None:
-        # the fused ops have no batching rule for the per-row task tensors (fastpeft/multitask.py)
-        raise ValueError("fastpeft.patch: the model holds several tasks; multi-task models run the reference "
-                         "methods batched over rows (model(x, task=ids)) and are not patched")
+    if recompute and model.__dict__.get("_fastpeft_multitask") is not None:
+        # a mixed batch runs the model under torch.func.vmap (fastpeft/multitask.py), and torch's
+        # checkpointing (saved-tensor hooks) does not run under torch.func transforms
+        raise ValueError("fastpeft.patch(recompute=True): the model holds several tasks, whose mixed batches run "
+                         "under torch.func.vmap, where torch's activation checkpointing cannot run; "
+                         "use fastpeft.patch(model) (recompute=False)")
     resolved = resolve_backend(backend, _model_device(model))
     bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in _DTYPES})
     if bad:

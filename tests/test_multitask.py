@@ -226,7 +226,7 @@ def test_other_methods_and_lifecycle_are_refused_leaving_the_model_unchanged(tmp
         with pytest.raises(ValueError, match="several tasks"):
             op()
     with pytest.raises(ValueError, match="several tasks"):
-        fastpeft.patch(m)
+        fastpeft.patch(m, recompute=True)  # checkpointing does not run under the mixed batch's vmap
     with pytest.raises(ValueError, match="several tasks"):  # the single-task writer, called directly
         taskfile.save(m, tmp_path / "y.safetensors")
     after = m.state_dict()

@@ -12,6 +12,7 @@ import torch
 from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
 from ..methods.adaptformer import _Parallel, _Sequential
 from ..methods.base import SlotFn
+from ..block import vmapped
 from .common import SlotRule, kernel_call
 
 
@@ -42,6 +43,8 @@ class FusedAdaptFormer(SlotFn):
                         residual=residual, scale=ad.scale, act="relu", dropout_p=ad.dropout, training=ad.training)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if vmapped(args[0]):  # a mixed multi-task batch: the reference (fastpeft/block.py vmapped)
+            return self.original(*args)
         if isinstance(self.original, _Parallel):
             y, _ = args
             return self._run(y, None)
@@ -60,6 +63,8 @@ class FusedSerialAdapter(SlotFn):
         self.backend = backend
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
+        if vmapped(f):
+            return self.original(f)
         ad = self.original.adapter
         a = ad.active_dim
         if a == 0:
@@ -81,6 +86,8 @@ class FusedPfeiffer(SlotFn):
         self.backend = backend
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        if vmapped(m):
+            return self.original(m)
         o = self.original
         return _adapter(self.backend, m, o.down.weight, o.down.bias, o.up.weight, o.up.bias, residual=m,
                         scale=1.0, act=o.act, dropout_p=o.p, training=o.down.training)

@@ -8,6 +8,7 @@ import functools
 
 import torch
 
+from ..block import vmapped
 from ..methods.base import SlotFn, in_class_row_pass
 from ..methods.convpass import _Bypass
 from .common import SlotRule, kernel_call
@@ -31,7 +32,7 @@ class FusedBypass(SlotFn):
         return self.original.class_row_local
 
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        if in_class_row_pass():
+        if in_class_row_pass() or vmapped(normed):  # (or a mixed multi-task batch: fastpeft/block.py vmapped)
             return self.original(resid, normed)
         o = self.original
         c = o.conv

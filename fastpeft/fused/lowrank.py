@@ -20,6 +20,7 @@ from ..methods.base import OutputHook
 from ..methods.fact import _FacTHook, fact_tk_core
 from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
+from ..block import vmapped
 from .common import AbsorbedHook, kernel_call, swap_hook
 
 
@@ -136,11 +137,12 @@ class FusedLowRankLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hook = self._fastpeft_hook
-        if torch.is_grad_enabled() and (self.weight.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            # the user unfroze the projection after `patch`: the fused ops give the frozen weight
-            # no gradient, so run the reference (the Linear, then the absorbed hook's delta,
-            # first among the layer's hooks as the rule required), which gives it one
+        if vmapped(x) or (torch.is_grad_enabled() and (self.weight.requires_grad
+                                                           or (self.bias is not None and self.bias.requires_grad))):
+            # a mixed multi-task batch (every factor is the row's task's: fastpeft/block.py
+            # vmapped), or the user unfroze the projection after `patch` (the fused ops give the
+            # frozen weight no gradient): the reference, i.e. the Linear, then the absorbed hook's
+            # delta, first among the layer's hooks as the rule required
             return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
         if self._fastpeft_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
             return _CPU_FUSED[type(hook)](self, hook, x)

@@ -23,6 +23,7 @@ from timm.layers import LayerNorm as TimmLayerNorm
 
 from ..methods.base import OutputHook
 from ..methods.ssf import SSFHook
+from ..block import vmapped
 from .common import AbsorbedHook, find_hooks, kernel_call, swap_hook
 
 
@@ -47,6 +48,8 @@ class _LayerNormSSF:
     class_row_local = True  # (fastpeft/class_row.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if vmapped(x):  # a mixed multi-task batch: the reference LayerNorm, then its SSF
+            return self._fastpeft_ssf.apply(x, super().forward(x))
         scale, shift = _ssf_params(self._fastpeft_ssf)
         return kernel_call(self._fastpeft_backend, x.device.type, _ops().layernorm_ssf,
                            x, self.weight, self.bias, scale, shift, self.eps)
@@ -76,6 +79,8 @@ class SSFGELU(nn.Module):
         self.backend = backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if vmapped(z):  # a mixed multi-task batch: the reference SSF, then the exact GELU
+            return nn.functional.gelu(self._fastpeft_ssf.apply(z, z))
         scale, shift = _ssf_params(self._fastpeft_ssf)
         return kernel_call(self.backend, z.device.type, _ops().ssf_gelu, z, scale, shift)
 
@@ -91,6 +96,8 @@ class FusedSSFHook(OutputHook):
         self.backend = backend
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if vmapped(out):  # a mixed multi-task batch: the reference
+            return self.original.apply(x, out)
         scale, shift = _ssf_params(self.original)
         if self.backend == "cpp":
             from ..ops import scale_shift

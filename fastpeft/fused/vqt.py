@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..block import NO_SLOTS, BlockRun
+from ..block import NO_SLOTS, BlockRun, vmapped
 from ..methods.base import PetlBlock, SlotFn, dropout
-from ..methods.vqt import _VQTBlock, _VQTForwardHead
+from ..methods.vqt import _VQTBlock, _VQTForwardHead, vqt_features
 from ..rule import PatchReport, Rule
 
 __all__ = ["FusedVQTBlock", "FusedVQTForward", "FusedVQTForwardHead", "VQTRule"]
@@ -204,7 +204,7 @@ class FusedVQTBlock(SlotFn):
             # submodule); their requires_grad is read on every call, so unfreezing them after
             # patch is seen (a parameter object swapped in later is not: patch again)
             params = self._params = (block, tuple(block.parameters()))
-        if attn_mask is not None or is_causal or _needs_reference(block, x, params[1]):
+        if attn_mask is not None or is_causal or vmapped(x) or _needs_reference(block, x, params[1]):
             return ref(block, x, attn_mask, is_causal)
         if ref.layer == 0:
             ref.outputs.items = []
@@ -323,9 +323,15 @@ class FusedVQTForwardHead(_VQTForwardHead):
         self.ref = ref
         self.impl = impl
         if impl == "cpp":
-            from ..ops.vqt import vqt_aggregate
+            self.features = _aggregate
 
-            self.features = vqt_aggregate
+
+def _aggregate(pooled: torch.Tensor, query_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The fused L2-normalise-and-concatenate op, or the method's `vqt_features` in a mixed
+    multi-task batch (fastpeft/block.py vmapped: the op has no per-row form)."""
+    from ..ops.vqt import vqt_aggregate
+
+    return (vqt_features if vmapped(pooled) else vqt_aggregate)(pooled, query_outputs)
 
 
 def _has_kernel(device: torch.device) -> bool:
