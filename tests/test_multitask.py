@@ -116,6 +116,30 @@ def test_mixed_batch_matches_each_tasks_single_model(label):
             torch.testing.assert_close(grads2[n], grads[n], atol=ATOL, rtol=RTOL)
 
 
+#: what `fastpeft.patch` fuses in these models per backend (CPU backends leave some methods as reference)
+PATCHED_NOTHING = {"linear probe", "BitFit", "VPT-deep"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("label", sorted(CONFIGS))
+def test_mixed_batch_under_patch_matches_each_tasks_single_model(label, backend):
+    """`fastpeft.patch` on a multi-task model (the Triton backend under the interpreter): same
+    names, same parameter objects, and every row still gets its own task's logits and gradients."""
+    m = multi_model(label)
+    names = list(m.state_dict())
+    params = [p for _, p in m.named_parameters()]
+    report = fastpeft.patch(m, backend=backend)
+    assert list(m.state_dict()) == names and all(a is b for a, b in zip((p for _, p in m.named_parameters()), params))
+    if backend == "triton" and label not in PATCHED_NOTHING:
+        assert report.patched, report
+    x = images(batch=len(IDS), img_size=IMG)
+    ids = fastpeft.task_index(m, [TASKS[i] for i in IDS])
+    out, grads = run_multi(m, x, ids)
+    assert_matches_singles(label, m, x, out, grads)
+    fastpeft.unpatch(m)
+    assert list(m.state_dict()) == names
+
+
 def test_names_single_task_unchanged_and_multi_task_prefixed():
     plain = make_vit(depth=DEPTH, img_size=IMG)
     fastpeft.inject(plain, fastpeft.LoRA(rank=4))
@@ -160,11 +184,14 @@ def test_task_files_round_trip_through_a_multi_task_model(tmp_path):
         fastpeft.save(m, tmp_path / "x.safetensors")
 
 
-def test_one_compile_serves_every_task_mix():
+@pytest.mark.parametrize("label,patch", [("LoRA qkv", None), ("SSF", "auto"), ("LoRA qkv", "triton")])
+def test_one_compile_serves_every_task_mix(label, patch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    m = multi_model("LoRA qkv")
+    m = multi_model(label)
+    if patch is not None:
+        assert fastpeft.patch(m, backend=patch)
     m.eval()
     x = images(batch=len(IDS), img_size=IMG)
     cc = CompileCounterWithBackend("aot_eager")
