@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import importlib.metadata
 import logging
 import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -240,11 +242,39 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(mod: str) -> str | None:
+def _version(dist: str) -> str | None:
+    """An installed distribution's version, read from its metadata (importing peft would import
+    transformers, see `hf_imports`)."""
     try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001  (absent or broken: report as missing)
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@contextlib.contextmanager
+def hf_imports():
+    """Imports of HF peft (and the transformers it imports) with this repository's root off
+    sys.path meanwhile: pytest puts the root there, and its top-level kernels/ directory
+    (fastpeft's Triton sources, installed as fastpeft.kernels only) would shadow the `kernels`
+    package transformers imports. transformers imports lazily, so building a peft model and its
+    first forward belong inside too. The `kernels` modules loaded meanwhile leave sys.modules
+    afterwards (tests import the repository's kernels/ by that name)."""
+    saved = sys.path[:]
+    before = {k for k in sys.modules if k == "kernels" or k.startswith("kernels.")}
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+        for k in [k for k in sys.modules if (k == "kernels" or k.startswith("kernels.")) and k not in before]:
+            del sys.modules[k]
+
+
+def import_peft():
+    """`import peft` (ImportError when it is not installed) under `hf_imports`."""
+    with hf_imports():
+        import peft
+    return peft
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -107,12 +107,13 @@ def _inject(model, label: str):
 
 
 def _peft_lora(model):
-    from peft import LoraConfig, get_peft_model
+    with measure.hf_imports():
+        from peft import LoraConfig, get_peft_model
 
-    # Same math as fastpeft.LoRA() (NOAH style): delta = B A dropout(x) on all of q, k, v,
-    # scale alpha/r = 1, dropout 0.1; the head stays trainable.
-    cfg = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=["qkv"], modules_to_save=["head"])
-    return get_peft_model(model, cfg)
+        # Same math as fastpeft.LoRA() (NOAH style): delta = B A dropout(x) on all of q, k, v,
+        # scale alpha/r = 1, dropout 0.1; the head stays trainable.
+        cfg = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.1, target_modules=["qkv"], modules_to_save=["head"])
+        return get_peft_model(model, cfg)
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -137,7 +138,7 @@ def test_e2e(benchmark, bench_cfg, collector, compiler_problem, batch, method, c
         if method != "LoRA":
             skip(collector, row, PEFT_MISSING.get(method, "HF peft does not cover this method"))
         try:
-            import peft  # noqa: F401
+            measure.import_peft()
         except ImportError:
             skip(collector, row, "HF peft not installed (make bench installs it)")
     if contender.startswith("patch") and getattr(fastpeft, "patch", None) is None:

@@ -7,8 +7,12 @@ tasks, the batch's rows spread over the tasks (row i -> task i mod T), train ste
                forward and backward (no loop over tasks)
   loop         fastpeft.multitask.looped_forward: each task's rows through its own single-task
                forward, one task after the other (the same shared backbone)
-  peft         HF peft's mixed-adapter LoRA (`adapter_names=`): inference only in peft, so no train
-               step to compare; recorded as skipped with the reason
+  peft         HF peft's mixed-adapter LoRA (`adapter_names=`): inference only in peft, so its train
+               row is recorded as skipped with the reason, and it runs in the inference rows
+
+Inference rows (`test_multitask_infer`, group "multitask infer LoRA"): the same contenders' eval
+forward under `torch.no_grad()`, peft included (its LoRA on `qkv` with rank 8 and a per-task head
+as `modules_to_save`, one adapter per task, `model(x, adapter_names=[task per row])`).
 
 A train step is zero_grad + forward + cross-entropy + backward + AdamW step, as in
 bench/test_e2e.py; each row's first step (the saved-bytes pass) is its warmup. Besides time and saved activation bytes each row records the resident bytes
@@ -21,6 +25,7 @@ single-task models would hold instead, and the bytes of one task's file on disk
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import warnings
@@ -67,7 +72,7 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
                            "tasks": tasks}
     if contender == "peft":
         try:
-            import peft  # noqa: F401
+            measure.import_peft()
         except ImportError:
             skip(collector, row, "HF peft not installed (make bench installs it)")
         skip(collector, row, "HF peft's mixed-adapter batches (adapter_names=) are inference-only: no train step")
@@ -119,3 +124,76 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
     if single is not None and row is not single:
         row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
         row["saved_vs_single"] = row["saved_bytes"] / single["saved_bytes"] if single["saved_bytes"] else None
+
+
+def _peft_model(cfg, tasks: int):
+    """HF peft's LoRA on qkv (rank 8, alpha 8: scale 1 like fastpeft.LoRA's), one adapter per task,
+    each with its own classifier head (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    def config():
+        return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["qkv"], modules_to_save=["head"])
+
+    model = get_peft_model(build_model(cfg), config(), adapter_name="task0")
+    for k in range(1, tasks):
+        model.add_adapter(f"task{k}", config())
+    return model
+
+
+@pytest.mark.bench_e2e
+@pytest.mark.parametrize(("tasks", "contender"), _params())
+def test_multitask_infer(benchmark, bench_cfg, collector, tasks, contender):
+    cfg = bench_cfg
+    benchmark.group = "multitask infer LoRA"
+    row: dict[str, Any] = {"suite": "multitask-infer", "name": f"LoRA T={tasks}", "size": None,
+                           "contender": contender, "mode": "infer", "model": cfg.model, "batch": cfg.batch,
+                           "dtype": cfg.dtype_name, "tasks": tasks}
+    if contender == "loop" and tasks == 1:
+        skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
+    torch.manual_seed(1)
+    names = [f"task{k % tasks}" for k in range(cfg.batch)]
+    if contender == "peft":
+        try:
+            measure.import_peft()
+        except ImportError:
+            skip(collector, row, "HF peft not installed (make bench installs it)")
+        with measure.hf_imports():
+            model = _peft_model(cfg, tasks)
+
+        def fwd(x):
+            return model(x, adapter_names=names)
+    else:
+        model = build_model(cfg)
+        method = fastpeft.LoRA(rank=8)
+        if contender == "single":
+            fastpeft.inject(model, method)
+            fwd = model
+        else:
+            for k in range(tasks):
+                fastpeft.inject(model, method, task=f"task{k}")
+            ids = fastpeft.task_index(model, names, device=cfg.device)
+            if contender == "fused":
+                def fwd(x):
+                    return model(x, task=ids)
+            else:
+                def fwd(x):
+                    return multitask.looped_forward(model, x, ids)
+    model.eval()
+    row["resident_bytes"] = _resident(model)
+    g = torch.Generator().manual_seed(1234)
+    img = cfg.img_size or (model.get_base_model() if contender == "peft" else model).patch_embed.img_size[0]
+    x = torch.randn(cfg.batch, 3, img, img, generator=g).to(device=cfg.device, dtype=cfg.dtype)
+
+    def step():
+        with torch.no_grad():
+            fwd(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # vmap's per-row fallback for CPU attention
+        with measure.hf_imports() if contender == "peft" else contextlib.nullcontext():
+            step()  # warmup (peft's first forward imports more of transformers)
+        timed(benchmark, collector, row, step, rounds=cfg.rounds, warmup=0, units=cfg.batch, unit_name="images/s")
+    single = next((r for r in collector.rows if r["suite"] == "multitask-infer" and r["contender"] == "single"
+                   and r["status"] == "ok"), None)
+    if single is not None and row is not single:
+        row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
