@@ -19,6 +19,8 @@ Backends:
 """
 from __future__ import annotations
 
+import weakref
+
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +165,8 @@ class RecomputeRule(Rule):
             return []
         from .recompute import RECOMPUTE
 
+        multitask = model.__dict__.get("_fastpeft_multitask")
+
         records = []
         for i, blk in enumerate(model.blocks):
             if replaced_dataflow(blk):
@@ -172,6 +176,12 @@ class RecomputeRule(Rule):
             was_petl = isinstance(blk, PetlBlock)
             ensure_petl_block(blk)
             blk._fastpeft_run = RECOMPUTE
+            if multitask is not None:
+                # the task tensors this block reads in a mixed batch: its own and the model-level
+                # ones (shared factors, prompts), by their single-task names (fastpeft/recompute.py)
+                own = f"blocks.{i}."
+                blk.__dict__["_fastpeft_rows"] = (weakref.ref(model), tuple(
+                    n for n in multitask.names if n.startswith(own) or not n.startswith("blocks.")))
             records.append((f"blocks.{i}", was_petl))
         if records:
             report.patched.append(
@@ -199,6 +209,7 @@ class RecomputeRule(Rule):
         blk = model.get_submodule(path)
         del blk._fastpeft_run
         blk.__dict__.pop("_fastpeft_keep", None)
+        blk.__dict__.pop("_fastpeft_rows", None)
         _unclass_if_unused(blk, was_petl)
 
 
@@ -354,12 +365,6 @@ def patch(model: nn.Module, backend: str = "auto", recompute: bool = False) -> P
     info = _family_info(model)
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute must be a bool, got {recompute!r}")
-    if recompute and model.__dict__.get("_fastpeft_multitask") is not None:
-        # a mixed batch runs the model under torch.func.vmap (fastpeft/multitask.py), and torch's
-        # checkpointing (saved-tensor hooks) does not run under torch.func transforms
-        raise ValueError("fastpeft.patch(recompute=True): the model holds several tasks, whose mixed batches run "
-                         "under torch.func.vmap, where torch's activation checkpointing cannot run; "
-                         "use fastpeft.patch(model) (recompute=False)")
     resolved = resolve_backend(backend, _model_device(model))
     bad = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype not in _DTYPES})
     if bad:
@@ -390,7 +395,10 @@ def _patch(model: nn.Module, info: ViTInfo, resolved: str, recompute: bool) -> P
     report = PatchReport(backend=resolved, recompute=recompute)
     vit = isinstance(info, ViTInfo)
     probe = None
-    if recompute and vit:  # the reference's saved bytes per block, measured before anything is swapped
+    multitask = model.__dict__.get("_fastpeft_multitask")
+    # the reference's saved bytes per block, measured before anything is swapped (a multi-task
+    # model's mixed batches recompute whole blocks, fastpeft/recompute.py `rows_block`: no plan)
+    if recompute and vit and multitask is None:
         from .recompute import probe_reference
 
         probe = probe_reference(model)

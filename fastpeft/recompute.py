@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention
+from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention, vmapped
 from .methods.base import OutputHook, active_hooks
 
 # Newer torch can route what selective checkpointing keeps through saved_tensors_hooks (opt-in,
@@ -526,9 +526,58 @@ class RecomputeRun(BlockRun):
 
     def __call__(self, block, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         kw = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+        if vmapped(x):
+            return rows_block(block, x, kw)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
             return _Regions(block).forward(block, x, kw)
         return STANDARD.forward(block, x, kw)
+
+
+def _path_get(root: nn.Module, name: str):
+    *mods, leaf = name.split(".")
+    m = root
+    for part in mods:
+        m = getattr(m, part)
+    return getattr(m, leaf)
+
+
+def rows_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    """A block in a mixed multi-task batch (the model runs under torch.func.vmap over its rows,
+    each row's task tensors substituted: fastpeft/multitask.py), or under a user's vmap.
+    torch's checkpointing does not run inside vmap (its saved-tensor hooks), so the block leaves it
+    (`ops._rows.rows_call`) and runs as ONE checkpointed region at the physical level: inside it,
+    the block is vmapped again over the rows, with the task tensors it reads (recorded by `patch`
+    in `_fastpeft_rows`) handed in as the region's inputs and put back in place for each row, so
+    backward's recompute is self-contained. It keeps the block input (and the task tensors, held
+    anyway) and re-runs the whole block in backward: timm's checkpointing granularity, not the
+    finer regions above (their predrawn masks, stand-in activation and selective policy work on
+    unbatched tensors)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    from .ops._rows import batched, rows_call
+
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # (torch.compile inlines the bridge's autograd.Function instead of taking its vmap rule:
+        # a compiled mixed batch runs its blocks without checkpointing)
+        return STANDARD.forward(block, x, kw)
+    ref = block.__dict__.get("_fastpeft_rows")
+    root, names = (ref[0](), ref[1]) if ref is not None else (None, ())
+    values = [_path_get(root, n) for n in names]
+    dims = (0, *(0 if batched(v) else None for v in values))
+
+    def row(xr: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        if not names:
+            return STANDARD.forward(block, xr, kw)
+        with _reparametrize_module(root, dict(zip(names, tensors)), strict=False):
+            return STANDARD.forward(block, xr, kw)
+
+    def region(xb: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(row, in_dims=dims, randomness="different")(xb, *tensors)
+
+    def form(_batch: int, xb: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        return checkpoint(region, xb, *tensors, use_reentrant=False, determinism_check="none")
+
+    return rows_call(form, x, *values)
 
 
 #: the run `patch(recompute=True)` gives every block (stateless: the plan lives in `_fastpeft_keep`)

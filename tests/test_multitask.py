@@ -32,8 +32,8 @@ def _quiet():
         yield
 
 
-def multi_model(label: str, tasks=TASKS):
-    m = make_vit(depth=DEPTH, img_size=IMG, seed=0)
+def multi_model(label: str, tasks=TASKS, img: int = IMG):
+    m = make_vit(depth=DEPTH, img_size=img, seed=0)
     for k, t in enumerate(tasks):
         fastpeft.inject(m, CONFIGS[label], task=t)
         tree = m.fastpeft_tasks[t]
@@ -120,15 +120,22 @@ def test_mixed_batch_matches_each_tasks_single_model(label):
 PATCHED_NOTHING = {"linear probe", "BitFit", "VPT-deep"}
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-@pytest.mark.parametrize("label", sorted(CONFIGS))
-def test_mixed_batch_under_patch_matches_each_tasks_single_model(label, backend):
-    """`fastpeft.patch` on a multi-task model (the Triton backend under the interpreter): same
-    names, same parameter objects, and every row still gets its own task's logits and gradients."""
+#: the Triton backend with recompute on a few configs (the fused modules run the same per-row
+#: forms inside the block regions as without recompute)
+_PATCH_CASES = [(label, backend, recompute) for label in sorted(CONFIGS)
+                for backend, recompute in (("auto", False), ("triton", False), ("auto", True))]
+_PATCH_CASES += [(label, "triton", True) for label in ("AdaptFormer", "LoRA qkv", "SSF")]
+
+
+@pytest.mark.parametrize("label,backend,recompute", _PATCH_CASES)
+def test_mixed_batch_under_patch_matches_each_tasks_single_model(label, backend, recompute):
+    """`fastpeft.patch` on a multi-task model (the Triton backend under the interpreter), default
+    and recompute: same names, same parameter objects, and every row still gets its own task's
+    logits and gradients."""
     m = multi_model(label)
     names = list(m.state_dict())
     params = [p for _, p in m.named_parameters()]
-    report = fastpeft.patch(m, backend=backend)
+    report = fastpeft.patch(m, backend=backend, recompute=recompute)
     assert list(m.state_dict()) == names and all(a is b for a, b in zip((p for _, p in m.named_parameters()), params))
     if backend == "triton" and label not in PATCHED_NOTHING:
         assert report.patched, report
@@ -138,6 +145,53 @@ def test_mixed_batch_under_patch_matches_each_tasks_single_model(label, backend)
     assert_matches_singles(label, m, x, out, grads)
     fastpeft.unpatch(m)
     assert list(m.state_dict()) == names
+
+
+@pytest.mark.parametrize("label", ["LoRA qkv", "SSF", "AdaptFormer", "VPT-deep"])
+def test_mixed_batch_recompute_keeps_less(label):
+    """patch(recompute=True) on a mixed batch: each block one checkpointed region (its input and
+    the rows' gathered task tensors kept, the block re-run in backward): at most 0.4x the saved
+    activation bytes of the unpatched mixed batch, plus the gathered task tensors themselves
+    ([B, ...] per name; at toy sizes AdaptFormer's per-row adapter weights rival the activations)."""
+    from fastpeft.profile import saved_activation_bytes
+
+    m = multi_model(label, img=64).eval()  # 17 tokens
+    x = images(batch=len(IDS), img_size=64)
+    ids = torch.tensor(IDS)
+
+    def step():
+        (m(x, task=ids) * 1.0).sum().backward()
+
+    ref = saved_activation_bytes(step, exclude=[m])
+    fastpeft.patch(m, recompute=True)
+    lean = saved_activation_bytes(step, exclude=[m])
+    gathered = len(IDS) * sum(t.numel() * t.element_size() for t in m.fastpeft_tasks["t0"].parameters())
+    assert 0 < lean <= 0.4 * ref + gathered, (lean, ref, gathered)
+    assert lean < ref
+
+
+@pytest.mark.parametrize("label", ["LoRA qkv", "AdaptFormer", "Convpass"])
+def test_mixed_batch_recompute_redraws_the_forward_masks(label):
+    """Training with dropout on: a recompute-patched mixed batch draws the same masks as the
+    default patch (same generator state) and its backward's re-run regenerates them, so logits
+    and every gradient agree with the non-recompute step."""
+    x = images(batch=len(IDS), img_size=IMG)
+    ids = torch.tensor(IDS)
+    runs = []
+    for recompute in (False, True):
+        m = multi_model(label)
+        fastpeft.patch(m, recompute=recompute)
+        m.train()
+        torch.manual_seed(7)
+        out = m(x, task=ids)
+        (out * proj_for(out)).sum().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (out0, g0), (out1, g1) = runs
+    assert not torch.equal(out0, multi_model(label).eval()(x, task=ids).detach())  # dropout really drew
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=lambda e, n=n: f"{n}: {e}")
 
 
 def test_names_single_task_unchanged_and_multi_task_prefixed():
@@ -184,14 +238,15 @@ def test_task_files_round_trip_through_a_multi_task_model(tmp_path):
         fastpeft.save(m, tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize("label,patch", [("LoRA qkv", None), ("SSF", "auto"), ("LoRA qkv", "triton")])
+@pytest.mark.parametrize("label,patch", [("LoRA qkv", None), ("SSF", ("auto", False)), ("LoRA qkv", ("triton", False)),
+                                         ("AdaptFormer", ("auto", True))])
 def test_one_compile_serves_every_task_mix(label, patch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     m = multi_model(label)
     if patch is not None:
-        assert fastpeft.patch(m, backend=patch)
+        assert fastpeft.patch(m, backend=patch[0], recompute=patch[1])
     m.eval()
     x = images(batch=len(IDS), img_size=IMG)
     cc = CompileCounterWithBackend("aot_eager")
@@ -252,8 +307,10 @@ def test_other_methods_and_lifecycle_are_refused_leaving_the_model_unchanged(tmp
                lambda: fastpeft.load(m, tmp_path / "none.safetensors")):
         with pytest.raises(ValueError, match="several tasks"):
             op()
-    with pytest.raises(ValueError, match="several tasks"):
-        fastpeft.patch(m, recompute=True)  # checkpointing does not run under the mixed batch's vmap
+    fastpeft.patch(m)  # a patched multi-task model takes no new task until unpatched
+    with pytest.raises(ValueError, match="unpatch"):
+        fastpeft.inject(m, fastpeft.LoRA(rank=8), task="b")
+    fastpeft.unpatch(m)
     with pytest.raises(ValueError, match="several tasks"):  # the single-task writer, called directly
         taskfile.save(m, tmp_path / "y.safetensors")
     after = m.state_dict()
