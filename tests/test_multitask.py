@@ -307,9 +307,9 @@ def test_other_methods_and_lifecycle_are_refused_leaving_the_model_unchanged(tmp
                lambda: fastpeft.load(m, tmp_path / "none.safetensors")):
         with pytest.raises(ValueError, match="several tasks"):
             op()
-    fastpeft.patch(m)  # a patched multi-task model takes no new task until unpatched
+    assert fastpeft.patch(m, backend="triton")  # a patched multi-task model takes no new task until unpatched
     with pytest.raises(ValueError, match="unpatch"):
-        fastpeft.inject(m, fastpeft.LoRA(rank=8), task="b")
+        fastpeft.inject(m, CONFIGS["LoRA qkv"], task="b")
     fastpeft.unpatch(m)
     with pytest.raises(ValueError, match="several tasks"):  # the single-task writer, called directly
         taskfile.save(m, tmp_path / "y.safetensors")
