@@ -39,9 +39,17 @@ every forward through the stack, so under DDP no parameter is unused
 gradient (not None), which optimizers with momentum or weight decay still act on: give each task
 its own optimizer / param group, or skip the tasks absent from a step.
 
+**Under `fastpeft.patch`.** A multi-task model patches like a single-task one (same names, same
+parameter objects). In a mixed batch each fused module sees a vmapped input (`block.vmapped`) and
+runs its per-row form where the op family has one (fastpeft/ops/_rows.py: the kernels read each
+row's own task factors, one launch per op for the whole batch), else the method's reference,
+which vmap batches as it is. With `recompute=True` each block is one checkpointed region
+(fastpeft/recompute.py `rows_block`: torch's checkpointing cannot run inside vmap, so the block
+steps out of it, keeping its input and re-running in backward).
+
 **Limits.** All tasks of one model hold the same methods with the same configs (another mix
-raises ValueError naming both); `fastpeft.patch`, `merge`, `remove` and an `inject` without a
-task refuse a multi-task model.
+raises ValueError naming both); `merge`, `remove` and an `inject` without a task refuse a
+multi-task model, and a patched one takes no new task until `fastpeft.unpatch`.
 """
 from __future__ import annotations
 
