@@ -5,6 +5,8 @@ tasks, the batch's rows spread over the tasks (row i -> task i mod T), train ste
                step a mixed batch is held to (target: fused <= 1.15x of it)
   fused        model(x, task=ids): each name stacked over the tasks, gathered per row, one vmapped
                forward and backward (no loop over tasks)
+  fused-recompute  the fused mixed batch under fastpeft.patch(model, recompute=True): each block one
+               checkpointed region (fastpeft/recompute.py rows_block), for its saved bytes
   loop         fastpeft.multitask.looped_forward: each task's rows through its own single-task
                forward, one task after the other (the same shared backbone)
   peft         HF peft's mixed-adapter LoRA (`adapter_names=`): inference only in peft, so its train
@@ -42,7 +44,7 @@ from bench.rows import skip, timed
 from fastpeft import multitask
 
 TASK_COUNTS = (1, 4, 16)
-CONTENDERS = ("single", "fused", "loop", "peft")
+CONTENDERS = ("single", "fused", "fused-recompute", "loop", "peft")
 
 
 def _params() -> list:
@@ -104,7 +106,10 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
     ids = (torch.arange(cfg.batch) % tasks).to(cfg.device)
     if contender == "single":
         fwd = model
-    elif contender == "fused":
+    elif contender.startswith("fused"):
+        if contender == "fused-recompute":
+            fastpeft.patch(model, recompute=True)
+
         def fwd(x):
             return model(x, task=ids)
     else:
@@ -150,6 +155,8 @@ def test_multitask_infer(benchmark, bench_cfg, collector, tasks, contender):
                            "dtype": cfg.dtype_name, "tasks": tasks}
     if contender == "loop" and tasks == 1:
         skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
+    if contender == "fused-recompute":
+        skip(collector, row, "recompute changes nothing in a forward without backward (the fused row)")
     torch.manual_seed(1)
     names = [f"task{k % tasks}" for k in range(cfg.batch)]
     if contender == "peft":
