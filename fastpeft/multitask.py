@@ -25,8 +25,9 @@ op is batched over the rows, never looped over tasks: the frozen GEMMs run once 
 batch (their weights are not batched), a LoRA / FacT / adapter delta becomes a batched matmul
 with the rows' own factors, SSF / BitFit a per-row scale / shift / bias, VPT / VQT per-row
 prompts / queries, the heads a per-row matmul. The one op without a batching rule in this torch,
-fused scaled-dot-product attention, is run per row by vmap's fallback (a UserWarning says so; it
-holds no task tensors).
+the CPU kernel of fused scaled-dot-product attention, is run per row by vmap's fallback (a
+UserWarning says so; it holds no task tensors); its CUDA kernels (flash, memory-efficient, cuDNN)
+have batching rules and run once for the batch.
 The eager oracle (`looped_forward`: split the batch by task, run each task's rows through its
 single-task forward) stays beside it for the tests.
 
