@@ -12,7 +12,7 @@ tasks, the batch's rows spread over the tasks (row i -> task i mod T), train ste
   peft         HF peft's mixed-adapter LoRA (`adapter_names=`): inference only in peft, so its train
                row is recorded as skipped with the reason, and it runs in the inference rows
 
-Inference rows (`test_multitask_infer`, group "multitask infer LoRA"): the same contenders' eval
+Inference rows (`mode=infer`, group "multitask infer LoRA"): the same contenders' eval
 forward under `torch.no_grad()`, peft included (its LoRA on `qkv` with rank 8 and a per-task head
 as `modules_to_save`, one adapter per task, `model(x, adapter_names=[task per row])`).
 
@@ -64,22 +64,42 @@ def _resident(model: torch.nn.Module) -> int:
     return total
 
 
+def _row(benchmark, cfg, suite: str, mode: str, tasks: int, contender: str) -> dict[str, Any]:
+    benchmark.group = f"{suite.replace('-infer', '')} {mode} LoRA"
+    return {"suite": suite, "name": f"LoRA T={tasks}", "size": None, "contender": contender, "mode": mode,
+            "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype_name, "tasks": tasks}
+
+
+def _vs_single(collector, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The suite's single-task row (measured first), with this row's time ratio to it recorded."""
+    single = next((r for r in collector.rows if r["suite"] == row["suite"] and r["contender"] == "single"
+                   and r["status"] == "ok"), None)
+    if single is None or single is row:
+        return None
+    row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
+    return single
+
+
 @pytest.mark.bench_e2e
+@pytest.mark.parametrize("mode", ("train", "infer"))
 @pytest.mark.parametrize(("tasks", "contender"), _params())
-def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
-    cfg = bench_cfg
-    benchmark.group = "multitask train LoRA"
-    row: dict[str, Any] = {"suite": "multitask", "name": f"LoRA T={tasks}", "size": None, "contender": contender,
-                           "mode": "train", "model": cfg.model, "batch": cfg.batch, "dtype": cfg.dtype_name,
-                           "tasks": tasks}
+def test_multitask(benchmark, bench_cfg, collector, mode, tasks, contender):
+    row = _row(benchmark, bench_cfg, "multitask" if mode == "train" else "multitask-infer", mode, tasks, contender)
+    if contender == "loop" and tasks == 1:
+        skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
     if contender == "peft":
         try:
             measure.import_peft()
         except ImportError:
             skip(collector, row, "HF peft not installed (make bench installs it)")
-        skip(collector, row, "HF peft's mixed-adapter batches (adapter_names=) are inference-only: no train step")
-    if contender == "loop" and tasks == 1:
-        skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
+        if mode == "train":
+            skip(collector, row, "HF peft's mixed-adapter batches (adapter_names=) are inference-only: no train step")
+    if contender == "fused-recompute" and mode == "infer":
+        skip(collector, row, "recompute changes nothing in a forward without backward (the fused row)")
+    (_train if mode == "train" else _infer)(benchmark, bench_cfg, collector, row, tasks, contender)
+
+
+def _train(benchmark, cfg, collector, row: dict[str, Any], tasks: int, contender: str) -> None:
     method = fastpeft.LoRA(rank=8)
     model = build_model(cfg)
     backbone_bytes = _resident(model)
@@ -124,10 +144,8 @@ def test_multitask(benchmark, bench_cfg, collector, tasks, contender):
         row["first_call_s"] = time.perf_counter() - t0
         row["saved_method"] = "fastpeft.profile.saved_activation_bytes (storages, params/buffers excluded)"
         timed(benchmark, collector, row, step, rounds=cfg.rounds, warmup=0, units=cfg.batch, unit_name="images/s")
-    single = next((r for r in collector.rows if r["suite"] == "multitask" and r["contender"] == "single"
-                   and r["status"] == "ok"), None)
-    if single is not None and row is not single:
-        row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
+    single = _vs_single(collector, row)
+    if single is not None:
         row["saved_vs_single"] = row["saved_bytes"] / single["saved_bytes"] if single["saved_bytes"] else None
 
 
@@ -145,25 +163,10 @@ def _peft_model(cfg, tasks: int):
     return model
 
 
-@pytest.mark.bench_e2e
-@pytest.mark.parametrize(("tasks", "contender"), _params())
-def test_multitask_infer(benchmark, bench_cfg, collector, tasks, contender):
-    cfg = bench_cfg
-    benchmark.group = "multitask infer LoRA"
-    row: dict[str, Any] = {"suite": "multitask-infer", "name": f"LoRA T={tasks}", "size": None,
-                           "contender": contender, "mode": "infer", "model": cfg.model, "batch": cfg.batch,
-                           "dtype": cfg.dtype_name, "tasks": tasks}
-    if contender == "loop" and tasks == 1:
-        skip(collector, row, "T=1: the loop is one single-task forward over the whole batch (the single row)")
-    if contender == "fused-recompute":
-        skip(collector, row, "recompute changes nothing in a forward without backward (the fused row)")
+def _infer(benchmark, cfg, collector, row: dict[str, Any], tasks: int, contender: str) -> None:
     torch.manual_seed(1)
     names = [f"task{k % tasks}" for k in range(cfg.batch)]
     if contender == "peft":
-        try:
-            measure.import_peft()
-        except ImportError:
-            skip(collector, row, "HF peft not installed (make bench installs it)")
         with measure.hf_imports():
             model = _peft_model(cfg, tasks)
 
@@ -200,7 +203,4 @@ def test_multitask_infer(benchmark, bench_cfg, collector, tasks, contender):
         with measure.hf_imports() if contender == "peft" else contextlib.nullcontext():
             step()  # warmup (peft's first forward imports more of transformers)
         timed(benchmark, collector, row, step, rounds=cfg.rounds, warmup=0, units=cfg.batch, unit_name="images/s")
-    single = next((r for r in collector.rows if r["suite"] == "multitask-infer" and r["contender"] == "single"
-                   and r["status"] == "ok"), None)
-    if single is not None and row is not single:
-        row["time_vs_single"] = row["time_median_s"] / single["time_median_s"]
+    _vs_single(collector, row)
