@@ -18,6 +18,14 @@ projection with dropout, NOAH's masked dx term (gemm, LR_MASK) and dA = dz^T dro
   _lowrank_dw_kernel    per-split fp32 partials of P[M, R]^T Q[M, C] (Q optionally input-dropped)
                         and of colsum(Q): deterministic (no atomics), the launcher sums the splits
 
+and their per-row twins for a mixed multi-task batch (B images of L rows, each image its own
+task's factors, read at the image's offset: grid axis 1 is the image; `launch_rows_fwd` /
+`launch_rows_bwd` run the frozen GEMM once over the batch and the rank-R products as bmm):
+
+  _lowrank_rows_down_kernel  u = drop_out(drop_in(X_b) @ P_b^T) (split-K as the down kernel)
+  _lowrank_rows_lr_kernel    OUT += keep * (U_b @ P_b) in place (NOAH's dx rank term)
+  _lowrank_rows_dw_kernel    OUT_b = P_b^T drop(Q_b), one image's rows per program (NOAH's dA)
+
 The ops, the methods' functionals and the references are in fastpeft/ops/lowrank.py; its eager
 Function and its registered op share these launchers (launch_fwd / launch_bwd). Saved for backward: x (the projection
 input) and u [M, R] in x's dtype -- plus the int64 seed; the dropout mask is never stored (Philox
@@ -96,8 +104,10 @@ CONFIGS["lowrank_rows_lr"] = {
     2: Cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
     4: Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
 }
-# keyed by (R_PAD, element bytes): the dw kernel's tile, one image's rows per program
-CONFIGS["lowrank_rows_dw"] = dict(CONFIGS["lowrank_dw"])
+# keyed by (R_PAD, element bytes): the dw kernel's rows with 32 columns (grid: column blocks x
+# images, each program one image's rows: narrow tiles so that a batch of 8 fills a wave)
+CONFIGS["lowrank_rows_dw"] = {k: Cfg(BLOCK_M=c.BLOCK_M, BLOCK_N=32, num_warps=4, num_stages=c.num_stages)
+                              for k, c in CONFIGS["lowrank_dw"].items()}
 GROUP_M = 8  # program swizzle of the gemm: 8 row blocks share W column tiles in L2
 
 
@@ -273,26 +283,38 @@ def _image_rows(L, BLOCK_M: tl.constexpr, pid_m):
     return img, img * L + local, local < L
 
 
-@triton.jit(do_not_specialize=["L", "R", "stride_pi", "stride_pr", "stride_pk", "p", "inv_keep", "out_drop"])
+@triton.jit(do_not_specialize=["M", "L", "R", "stride_pi", "stride_pr", "stride_pk", "p", "inv_keep", "out_drop",
+                               "k_split", "S"])
 def _lowrank_rows_down_kernel(
-    X,      # [B*L, D] input rows (x dtype), contiguous
+    X,      # [M = B*L, D] input rows (x dtype), contiguous
     P,      # [B, R, D] per-image down matrices: (b, r, k) at b * stride_pi + r * stride_pr + k * stride_pk
     SEED,   # [1] int64, read when IN_DROP or out_drop
-    OUT,    # [B*L, R] output (x dtype)
-    L, D, R, stride_pi, stride_pr, stride_pk, p, inv_keep, out_drop,
+    OUT,    # [M, R] output (x dtype)
+    PS,     # [S, M, R_PAD] fp32 scratch: per-split partial products (read when S > 1)
+    LOCK,   # [>= row blocks of the batch] int32 arrival counters, zero (left zero)
+    M, L, D, R, stride_pi, stride_pr, stride_pk, p, inv_keep, out_drop,
+    k_split, S,  # columns of D per split (a multiple of BLOCK_K) and splits (grid axis 2)
     IN_DROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # grid (row blocks per image, images): u = drop_out(drop_in(X_b) @ P_b^T)
-    img, rows64, rmask = _image_rows(L, BLOCK_M, tl.program_id(0))
+    # grid (row blocks per image, images, K splits): u = drop_out(drop_in(X_b) @ P_b^T). With few
+    # rows the D reduction is split as in `_lowrank_down_kernel` (the last split to arrive sums
+    # the partials in split order: deterministic) so that the grid fills the GPU.
+    pid_m = tl.program_id(0)
+    img, rows64, rmask = _image_rows(L, BLOCK_M, pid_m)
+    pid_k = tl.program_id(2)
     rk = tl.arange(0, R_PAD)
     kmask = rk < R
-    acc = rank_down_range(X, P + img * stride_pi, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, 0, D, SEED,
-                          p, inv_keep, IN_DROP, BLOCK_M, BLOCK_K, R_PAD, PREC)
-    if out_drop:
-        acc = acc * keep_scale(SEED, rows64, rk, R, p, inv_keep)
-    tl.store(OUT + rows64[:, None] * R + rk[None, :], acc.to(OUT.dtype.element_ty),
-             mask=rmask[:, None] & kmask[None, :])
+    acc = rank_down_range(X, P + img * stride_pi, stride_pr, stride_pk, rows64, rmask, rk, kmask, D, pid_k * k_split,
+                          tl.minimum(D, (pid_k + 1) * k_split), SEED, p, inv_keep, IN_DROP, BLOCK_M, BLOCK_K, R_PAD,
+                          PREC)
+    acc, last = finish_row_splits(acc, PS, LOCK, img * tl.num_programs(0) + pid_m, pid_k, S, M, rows64, rmask, rk,
+                                  R_PAD)
+    if last:
+        if out_drop:
+            acc = acc * keep_scale(SEED, rows64, rk, R, p, inv_keep)
+        tl.store(OUT + rows64[:, None] * R + rk[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=rmask[:, None] & kmask[None, :])
 
 
 @triton.jit(do_not_specialize=["L", "R", "stride_pi", "stride_pr", "stride_pk", "p", "inv_keep"])
@@ -494,18 +516,25 @@ def launch_rows_down(x2, p_mat, images, stride_pi, stride_pr, stride_pk, r, *, p
                      out_drop=False):
     """u [B*L, r] (x dtype) = drop_out(drop_in(x2_b) @ P_b^T) per image b (L = rows // images)."""
     m, d = x2.shape
-    out = torch.empty((m, r), dtype=x2.dtype, device=x2.device)
+    dev = x2.device
+    out = torch.empty((m, r), dtype=x2.dtype, device=dev)
     if m == 0:
         return out
     rp = r_pad_of(r)
     in_drop = int(in_drop and p > 0)
     c = CONFIGS["lowrank_rows_down"][(rp, in_drop)]
     rows = m // images
-    _lowrank_rows_down_kernel[(cdiv(rows, c.BLOCK_M), images)](
-        x2, p_mat, seed_or_zero(seed, p, x2.device), out, rows, d, r, stride_pi, stride_pr, stride_pk,
-        float(p), inv_keep(p), int(out_drop and p > 0),
+    blocks = cdiv(rows, c.BLOCK_M)
+    k_split, splits = column_splits(d, c.BLOCK_K, blocks * images, dev)  # (splits of the reduction here)
+    if splits > 1:
+        ps, lock = split_workspace(dev, splits * m * rp, blocks * images)
+    else:
+        ps = lock = dummy(dev)
+    _lowrank_rows_down_kernel[(blocks, images, splits)](
+        x2, p_mat, seed_or_zero(seed, p, dev), out, ps, lock, m, rows, d, r, stride_pi, stride_pr, stride_pk,
+        float(p), inv_keep(p), int(out_drop and p > 0), k_split, splits,
         IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp,
-        PREC="ieee" if in_drop else dot_precision(x2.dtype, x2.device),  # (as launch_down)
+        PREC="ieee" if in_drop else dot_precision(x2.dtype, dev),  # (as launch_down)
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
@@ -657,9 +686,9 @@ def aot_specs():
             specs.append(("lowrank_dw", _lowrank_dw_kernel, sig,
                           dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC="ieee"), c, str(dt)))
         for (rp, in_drop), c in CONFIGS["lowrank_rows_down"].items():
-            sig = {"X": P, "P": P, "SEED": "*i64", "OUT": P, "L": "i32", "D": "i32", "R": "i32",
-                   "stride_pi": "i32", "stride_pr": "i32", "stride_pk": "i32", "p": "fp32", "inv_keep": "fp32",
-                   "out_drop": "i32"}
+            sig = {"X": P, "P": P, "SEED": "*i64", "OUT": P, "PS": "*fp32", "LOCK": "*i32", "M": "i32", "L": "i32",
+                   "D": "i32", "R": "i32", "stride_pi": "i32", "stride_pr": "i32", "stride_pk": "i32", "p": "fp32",
+                   "inv_keep": "fp32", "out_drop": "i32", "k_split": "i32", "S": "i32"}
             specs.append(("lowrank_rows_down_indrop" if in_drop else "lowrank_rows_down", _lowrank_rows_down_kernel,
                           sig, dict(IN_DROP=in_drop, BLOCK_M=c.BLOCK_M, BLOCK_K=c.BLOCK_K, R_PAD=rp, PREC="ieee"),
                           c, str(dt)))

@@ -4,6 +4,11 @@
 Triton kernel when its dropout mask is regenerated from a seed), saving x and the rank-r u only.
 KAdaptation with its dropout on H active takes the fold (`_kadapt_folded`) on every backend.
 
+In a mixed multi-task batch (the input is vmapped: fastpeft/block.py `vmapped`) LoRA runs its
+per-row form on the Triton backend (`_ROWS`: one launch per op over the whole batch, each image
+with its task's factors, fastpeft/ops/_rows.py `rows_call`); FacT, KAdaptation, the CPU backends
+and torch.compile keep the reference, which vmap batches.
+
 The Linear is re-classed (`FusedLowRankLinear`, same weight/bias objects) and the reference hook
 stays registered but absorbed, so later hooks on the same layer (e.g. SSF after qkv) still run
 after it, in their order. Fused only where the low-rank hook is the layer's first hook (so the

@@ -3,6 +3,9 @@
   lowrank_linear        the generic op (u = drop(x A^T) or drop(x) A^T): custom ops
                         `fastpeft::lowrank_linear` / `lowrank_linear_backward` (fake + autograd, what
                         torch.compile traces) and the eager `_LowRankFunction`
+  lowrank_linear_rows   the per-row form for a mixed multi-task batch (each image its own
+                        factors; `lora_noah_qkv_rows` / `lora_petl_qkv_rows`, run by
+                        fastpeft/fused/lowrank.py through `fastpeft.ops._rows.rows_call`)
   *_ref                 plain-torch references: the test oracles
 
 and each method's functional, which builds its effective down matrix A [R, D] and up matrix
