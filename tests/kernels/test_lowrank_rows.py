@@ -172,6 +172,27 @@ def test_generic_op_per_row_bias_and_shared_factors(drop_input):
         check(fn, lambda **kw: fn(**kw, ref=True), leaves, rnd(g, B, TOKENS, N), torch.float32)
 
 
+def test_saves_only_x_and_u_and_rank_zero():
+    """Autograd keeps x and the rank-R u [B*L, R] (plus the frozen weight / factors), never a mask;
+    a NOAH subnet of rank 0 is the frozen projection (with the images' own biases)."""
+    leaves, _ = noah_leaves(torch.float32)
+    v = {k: t.clone().requires_grad_(tr) for k, (t, tr) in leaves.items()}
+    saved = []
+    with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _noah(**v, p=0.3, seed=torch.tensor([1], dtype=torch.int64))
+    # the task ids (twice: the two gathers), x, the frozen weight, the images' factors a [B, R, D]
+    # and (scaled) b [B, N, R], u [B*L, R], the seed
+    shapes = [tuple(t.shape) for t in saved]
+    assert sorted(shapes) == sorted([(B,), (B,), (B, 1, TOKENS, D), (N, D), (B, RANK, D), (B, N, RANK),
+                                     (B * TOKENS, RANK), (1,)]), shapes
+    assert any(t is v["x"] for t in saved)
+    bias = rnd(torch.Generator().manual_seed(9), B, N)
+    with backend("triton"):
+        out = L.lora_noah_qkv_rows(B, v["x"], v["weight"], bias, v["lora_a"], v["lora_b"], rank=0, dropout_p=0.3,
+                                   training=True)
+    assert_close("rank 0", out, v["x"] @ v["weight"].t() + bias[:, None, None], GEMM_TOL[torch.float32])
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout: the kernels' Philox masks, regenerated identically in backward, at rate p
 # ----------------------------------------------------------------------------------------------
