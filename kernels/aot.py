@@ -210,6 +210,13 @@ def _bench_calls():
     calls.append(("lowrank qkv r=8 input dropout (NOAH)", run(lambda: kl.lowrank_linear(
         x, t(3 * D, D), t(3 * D), t(8, D, grad=True), t(3 * D, 8, grad=True), dropout_p=0.1, drop_input=True,
         training=True, seed=seed))))
+    # a mixed multi-task batch: every image its own task's LoRA factors (the per-row forms)
+    calls.append(("lowrank rows r=8 rank dropout (PETL)", run(lambda: kl.lowrank_linear_rows(
+        x, t(3 * D, D), t(3 * D), t(8, 8, D, grad=True), t(8, 3 * D, 8, grad=True), dropout_p=0.1, training=True,
+        seed=seed))))
+    calls.append(("lowrank rows r=8 input dropout (NOAH)", run(lambda: kl.lowrank_linear_rows(
+        x, t(3 * D, D), t(3 * D), t(8, 8, D, grad=True), t(8, 3 * D, 8, grad=True), dropout_p=0.1, drop_input=True,
+        training=True, seed=seed))))
     calls.append(("convpass dim=8", run(lambda: kc.convpass(
         x, t(8, D, grad=True), t(8, grad=True), t(8, 8, 3, 3, grad=True), t(8, grad=True), t(D, 8, grad=True),
         t(D, grad=True), grid=(14, 14), num_prefix=1, scale=0.01, dropout_p=0.1, training=True, seed=seed))))

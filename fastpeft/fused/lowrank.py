@@ -4,6 +4,11 @@
 Triton kernel when its dropout mask is regenerated from a seed), saving x and the rank-r u only.
 KAdaptation with its dropout on H active takes the fold (`_kadapt_folded`) on every backend.
 
+In a mixed multi-task batch (the input is vmapped: fastpeft/block.py `vmapped`) LoRA runs its
+per-row form on the Triton backend (`_ROWS`: one launch per op over the whole batch, each image
+with its task's factors, fastpeft/ops/_rows.py `rows_call`); FacT, KAdaptation, the CPU backends
+and torch.compile keep the reference, which vmap batches.
+
 The Linear is re-classed (`FusedLowRankLinear`, same weight/bias objects) and the reference hook
 stays registered but absorbed, so later hooks on the same layer (e.g. SSF after qkv) still run
 after it, in their order. Fused only where the low-rank hook is the layer's first hook (so the
@@ -21,6 +26,7 @@ from ..methods.fact import _FacTHook, fact_tk_core
 from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
 from ..block import vmapped
+from ..ops._rows import batched, rows_call
 from .common import AbsorbedHook, kernel_call, swap_hook
 
 
@@ -45,6 +51,37 @@ def _petl(layer, hook: PetlLoRAHook, x):
     return ol.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
                             {t: m.adapter_up.weight for t, m in mods.items()}, scale=hook.scale,
                             dropout_p=drop.p, training=drop.training)
+
+
+def _noah_rows(layer, hook: NoahLoRAHook, x):
+    """NOAH's LoRA on a mixed multi-task batch: the per-row form (`lora_noah_qkv_rows`) on the
+    physical tensors, every image with its task's LoRA_a / LoRA_b."""
+    ol = _ops()
+    a = hook.attn
+    rank, scale, p, training = hook.rank, hook.scale, hook.dropout_p, a.training
+
+    def form(images, x, weight, bias, lora_a, lora_b):
+        return ol.lora_noah_qkv_rows(images, x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=p,
+                                     training=training)
+
+    return rows_call(form, x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight)
+
+
+def _petl_rows(layer, hook: PetlLoRAHook, x):
+    """PETL-ViT's LoRA on a mixed multi-task batch: `lora_petl_qkv_rows` on the physical tensors."""
+    ol = _ops()
+    targets = hook.targets
+    mods = [getattr(hook.attn, f"lora_{t}") for t in targets]
+    drop = mods[0].dropout
+    scale, p, training = hook.scale, drop.p, drop.training
+    k = len(targets)
+
+    def form(images, x, weight, bias, *factors):
+        return ol.lora_petl_qkv_rows(images, x, weight, bias, dict(zip(targets, factors[:k])),
+                                     dict(zip(targets, factors[k:])), scale=scale, dropout_p=p, training=training)
+
+    return rows_call(form, x, layer.weight, layer.bias, *(m.adapter_down.weight for m in mods),
+                     *(m.adapter_up.weight for m in mods))
 
 
 def _fact_modules(hook: _FacTHook) -> tuple:
@@ -108,6 +145,9 @@ def _kadapt_drops(hook: _KAdaptHook) -> bool:
 
 
 _FUSED = {NoahLoRAHook: _noah, PetlLoRAHook: _petl, _FacTHook: _fact, _KAdaptHook: _kadapt}
+#: per-row forms for a mixed multi-task batch (Triton backend, eager): LoRA only. FacT and
+#: KAdaptation keep the reference there (vmap batches it), as do the CPU backends.
+_ROWS = {NoahLoRAHook: _noah_rows, PetlLoRAHook: _petl_rows}
 #: what the CPU backends fuse: only where the torch math beats the eager chain
 _CPU_FUSED = {_KAdaptHook: _kadapt_folded}
 _WHAT = {NoahLoRAHook: "LoRA (NOAH)", PetlLoRAHook: "LoRA (PETL-ViT)", _FacTHook: "FacT", _KAdaptHook: "KAdaptation"}
@@ -137,12 +177,20 @@ class FusedLowRankLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hook = self._fastpeft_hook
-        if vmapped(x) or (torch.is_grad_enabled() and (self.weight.requires_grad
-                                                           or (self.bias is not None and self.bias.requires_grad))):
+        if vmapped(x):
             # a mixed multi-task batch (every factor is the row's task's: fastpeft/block.py
-            # vmapped), or the user unfroze the projection after `patch` (the fused ops give the
-            # frozen weight no gradient): the reference, i.e. the Linear, then the absorbed hook's
-            # delta, first among the layer's hooks as the rule required
+            # vmapped): LoRA's per-row form on the Triton backend in eager mode (the bias may be
+            # the rows' own, the weight must be the frozen shared one); else the reference
+            rows = _ROWS.get(type(hook))
+            if (rows is not None and self._fastpeft_backend not in ("torch", "cpp")
+                    and not torch.compiler.is_compiling() and not batched(self.weight)
+                    and not (self.weight.requires_grad and torch.is_grad_enabled())):
+                return kernel_call(self._fastpeft_backend, x.device.type, rows, self, hook, x)
+            return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
+        if torch.is_grad_enabled() and (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            # the user unfroze the projection after `patch` (the fused ops give the frozen weight
+            # no gradient): the reference, i.e. the Linear, then the absorbed hook's delta, first
+            # among the layer's hooks as the rule required
             return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))
         if self._fastpeft_backend in ("torch", "cpp") or (type(hook) is _KAdaptHook and _kadapt_drops(hook)):
             return _CPU_FUSED[type(hook)](self, hook, x)

@@ -3,6 +3,9 @@
   lowrank_linear        the generic op (u = drop(x A^T) or drop(x) A^T): custom ops
                         `fastpeft::lowrank_linear` / `lowrank_linear_backward` (fake + autograd, what
                         torch.compile traces) and the eager `_LowRankFunction`
+  lowrank_linear_rows   the per-row form for a mixed multi-task batch (each image its own
+                        factors; `lora_noah_qkv_rows` / `lora_petl_qkv_rows`, run by
+                        fastpeft/fused/lowrank.py through `fastpeft.ops._rows.rows_call`)
   *_ref                 plain-torch references: the test oracles
 
 and each method's functional, which builds its effective down matrix A [R, D] and up matrix
@@ -33,7 +36,8 @@ from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
                                check_tensor, describe, rows_of, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
-from ..kernels.lowrank import MAX_RANK, launch_bwd, launch_down, launch_fwd
+from ..kernels.lowrank import (MAX_IMAGES, MAX_RANK, launch_bwd, launch_down, launch_fwd, launch_rows_bwd,
+                               launch_rows_fwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,22 +263,24 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """[n, c] with `block` at rows start.. and zeros elsewhere (differentiable)."""
+    """[..., n, c] with `block` [..., n_t, c] at rows start.. and zeros elsewhere (differentiable)."""
+    lead, c = block.shape[:-2], block.shape[-1]
     pieces = []
     if start:
-        pieces.append(block.new_zeros((start, block.shape[1])))
+        pieces.append(block.new_zeros((*lead, start, c)))
     pieces.append(block)
-    rest = n - start - block.shape[0]
+    rest = n - start - block.shape[-2]
     if rest:
-        pieces.append(block.new_zeros((rest, block.shape[1])))
-    return torch.cat(pieces, 0) if len(pieces) > 1 else block
+        pieces.append(block.new_zeros((*lead, rest, c)))
+    return torch.cat(pieces, -2) if len(pieces) > 1 else block
 
 
 def segmented_up(n: int, segments) -> torch.Tensor:
-    """B [n, sum r_t] from segments (row_start, B_t [n_t, r_t], s_t): output rows row_start..
-    get s_t * B_t on rank columns of segment t, zeros elsewhere."""
+    """B [..., n, sum r_t] from segments (row_start, B_t [..., n_t, r_t], s_t): output rows
+    row_start.. get s_t * B_t on rank columns of segment t, zeros elsewhere (leading dims: one B
+    per row of a mixed multi-task batch)."""
     cols = [_place_rows(bt * s if s != 1.0 else bt, start, n) for start, bt, s in segments]
-    return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+    return torch.cat(cols, -1) if len(cols) > 1 else cols[0]
 
 
 def _check_scale(op: str, scale, name: str = "scale") -> None:
@@ -647,6 +653,214 @@ def kadaptation_qkv(x, weight, bias, rule1, rule2, q_factors, v_factors, b_share
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-row forms (a mixed multi-task batch, fastpeft/ops/_rows.py): x [B, ..., D] holds B images,
+# image b with its own task's factors a[b] [R, D], b[b] [N, R] (and bias [N] shared or [B, N]).
+# The frozen GEMM runs once over the whole batch; the rank-R products per image as batched GEMMs
+# or, when a dropout mask is regenerated from the seed, the per-image Triton kernels
+# (kernels/lowrank.py `launch_rows_fwd` / `launch_rows_bwd`). The masks are the single-task op's
+# over the batch's B*L rows (same seed, same offsets). Only LoRA (NOAH, PETL-ViT) has per-row
+# forms; FacT and KAdaptation keep the reference under vmap (fastpeft/fused/lowrank.py).
+# ----------------------------------------------------------------------------------------------
+def _validate_rows(x, weight, bias, a, b, p, seed, triton_path):
+    op = "lowrank_linear_rows"
+    d = check_features(op, x)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [B, ..., D] (one image per leading row), got x {describe(x)}")
+    images = x.shape[0]
+    check_tensor(op, "weight", weight, dim=2, like=x)
+    n = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must be [N, D] = [N, {d}], got weight {describe(weight)} for x {describe(x)}")
+    check_tensor(op, "a", a, dim=3, like=x)
+    r = a.shape[1]
+    if a.shape[0] != images or a.shape[2] != d or r == 0:
+        raise ValueError(f"{op}: a (down) must be [B, R, D] = [{images}, R, {d}] with R >= 1 (one per image of x), "
+                         f"got a {describe(a)} for x {describe(x)}")
+    check_tensor(op, "b", b, shape=(images, n, r), like=x)
+    if bias is not None:
+        check_tensor(op, "bias", bias, like=x)
+        if tuple(bias.shape) not in ((n,), (images, n)):
+            raise ValueError(f"{op}: bias must be [N] = [{n}] or [B, N] = [{images}, {n}], got bias {describe(bias)}")
+    check_dropout(op, p, seed, x, "x")
+    if triton_path and images > MAX_IMAGES:
+        raise ValueError(f"{op}: {images} images exceed the kernels' grid limit ({MAX_IMAGES})")
+
+
+def _lowrank_rows_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
+    """`launch_rows_fwd` as torch math (no Triton): the same masks, fp32 sums, cast to x's dtype."""
+    f32 = torch.float32
+    images, d, n, r = a.shape[0], x.shape[-1], weight.shape[0], a.shape[1]
+    x3 = x.reshape(images, -1, d).to(f32)
+    rows = x3.shape[1]
+    xin = x3 * dropout_keep_scale(seed, images * rows, d, p).view(x3.shape) if (p > 0 and drop_input) else x3
+    z = torch.bmm(xin, a.to(f32).transpose(1, 2))
+    if p > 0 and not drop_input:
+        z = z * dropout_keep_scale(seed, images * rows, r, p).view(z.shape)
+    u = z.to(x.dtype)
+    out = x3 @ weight.to(f32).t() + torch.bmm(u.to(f32), b.to(f32).transpose(1, 2))
+    if bias is not None:
+        out = out + (bias.to(f32) if bias.dim() == 1 else bias.to(f32).unsqueeze(1))
+    return out.to(x.dtype).view(*x.shape[:-1], n), u.view(-1, r)
+
+
+def _lowrank_rows_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows):
+    f32 = torch.float32
+    images, d, n, r = a.shape[0], x.shape[-1], weight.shape[0], a.shape[1]
+    g = grad_out.reshape(images, -1, n).to(f32)
+    x3 = x.reshape(images, -1, d).to(f32)
+    m = x3.shape[0] * x3.shape[1]
+    dz = torch.bmm(g, b.to(f32))
+    if p > 0 and not drop_input:
+        dz = dz * dropout_keep_scale(seed, m, r, p).view(dz.shape)
+    dz = dz.to(x.dtype).to(f32)  # (as the kernels: dz enters the GEMMs in x's dtype)
+    lr = torch.bmm(dz, a.to(f32))
+    xin = x3
+    if p > 0 and drop_input:
+        keep = dropout_keep_scale(seed, m, d, p).view(x3.shape)
+        lr, xin = lr * keep, x3 * keep
+    dx = g @ weight.to(f32) + lr
+    da = torch.bmm(dz.transpose(1, 2), xin)
+    db = torch.bmm(g.transpose(1, 2), u.view(images, -1, r).to(f32))
+    dt = x.dtype
+    return dx.to(dt).view(x.shape), da.to(dt), db.to(dt), (g.sum(1) if bias_rows else g.sum((0, 1))).to(dt)
+
+
+class _LowRankRowsFunction(torch.autograd.Function):
+    """`lowrank_linear_rows`: the per-row launchers (or their torch math), saving x and u [B*L, R]
+    (plus the seed; no mask). `triton_path` is decided once in forward and reused by backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
+        fn = launch_rows_fwd if triton_path else _lowrank_rows_fwd_torch
+        out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
+        need = ctx.needs_input_grad
+        if need[0] or need[2] or need[3] or need[4]:
+            ctx.save_for_backward(x, weight, a, b, u, seed)
+        ctx.args = (p, drop_input, triton_path, bias is not None and bias.dim() == 2)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, a, b, u, seed = ctx.saved_tensors
+        p, drop_input, triton_path, bias_rows = ctx.args
+        need = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        if triton_path:
+            dx, da, db, dbias = launch_rows_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows,
+                                                (need[0], need[3], need[4], need[2]))
+        else:
+            dx, da, db, dbias = _lowrank_rows_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows)
+        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
+                db if need[4] else None, None, None, None, None)
+
+
+def lowrank_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                        b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
+                        training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """`lowrank_linear` with every image its own factors: out[i] = x[i] W^T + bias + u[i] B[i]^T,
+    u[i] = drop(x[i] A[i]^T) (or drop(x[i]) A[i]^T when `drop_input`).
+
+    x [B, ..., D]; weight [N, D] frozen; bias None, [N] or [B, N] (may be trainable); a [B, R, D],
+    b [B, N, R] (any strides; cast to x.dtype). Dropout masks as `lowrank_linear` on x's B*L rows
+    for `seed` (drawn when None). Eager only (the mixed multi-task batch's per-row form)."""
+    op = "lowrank_linear_rows"
+    check_tensor(op, "x", x)
+    _check_frozen(op, weight)
+    dt = x.dtype
+    weight, bias, a, b = (cast_param(t, dt) for t in (weight, bias, a, b))
+    p = check_p(op, dropout_p)
+    p = p if training else 0.0
+    seed = _seed(p, seed, x)
+    triton_path = isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[1] <= MAX_RANK and use_triton(x)
+    _CHECKED.check(False, lambda: _validate_rows(x, weight, bias, a, b, p, seed, triton_path),
+                   x, weight, bias, a, b, seed, extra=("rows", p, triton_path))
+    return _LowRankRowsFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), triton_path)
+
+
+def _per_row(op: str, name: str, t, images: int, dim: int = 2) -> torch.Tensor:
+    """A factor as [B, ...]: per row (a [B, ...] tensor, the rows' own) or shared (expanded, no copy)."""
+    check_tensor(op, name, t)
+    if t.dim() == dim:
+        return t.expand(images, *t.shape)
+    if t.dim() != dim + 1 or t.shape[0] != images:
+        raise ValueError(f"{op}: {name} must be [{', '.join('.' * dim)}] (shared) or [B = {images}, ...] (one per "
+                         f"image), got {name} {describe(t)}")
+    return t
+
+
+def _frozen_only(x, weight, bias):
+    """x W^T + bias, bias [N] or [B, N] (a zero-rank delta)."""
+    out = torch.nn.functional.linear(x, weight.to(x.dtype))
+    if bias is not None:
+        b = bias.to(x.dtype)
+        out = out + (b if b.dim() == 1 else b.view(b.shape[0], *([1] * (x.dim() - 2)), b.shape[1]))
+    return out
+
+
+def lora_noah_qkv_rows(images: int, x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
+                       dropout_p: float = 0.1, training: bool = False, seed=None):
+    """`lora_noah_qkv` on a mixed multi-task batch: x [B, ..., D], lora_a [B, r_super, D] and lora_b
+    [B, 3 A, r_super] each image's own (or shared 2-D), bias None / [N] / [B, N]."""
+    op = "lora_noah_qkv_rows"
+    check_tensor(op, "x", x)
+    if x.dim() < 2 or x.shape[0] != images:
+        raise ValueError(f"{op}: x must be [B = {images}, ..., D], got x {describe(x)}")
+    lora_a, lora_b = _per_row(op, "lora_a", lora_a, images), _per_row(op, "lora_b", lora_b, images)
+    if lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
+                         f"{describe(lora_a)} has rows (the supernet rank)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= lora_a.shape[1]):
+        raise ValueError(f"{op}: rank must be an int in [0, {lora_a.shape[1]}] (lora_a's rows), got {rank!r}")
+    _check_scale(op, scale)
+    r = lora_a.shape[1] if rank is None else rank
+    if r == 0:
+        check_p(op, dropout_p)
+        return _frozen_only(x, weight, bias)
+    a = lora_a[:, :r]
+    b = lora_b[:, :, :r]
+    if scale != 1.0:
+        b = b * scale
+    return lowrank_linear_rows(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training,
+                               seed=seed)
+
+
+def lora_petl_qkv_rows(images: int, x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0,
+                       dropout_p: float = 0.1, training: bool = False, seed=None):
+    """`lora_petl_qkv` on a mixed multi-task batch: downs[t] [B, r, D], ups[t] [B, N/3, r] each image's
+    own (or shared 2-D), placed into the qkv output columns of t as the single-task op does
+    (`segmented_up` per image); dropout masks on u = [u_t1 | u_t2 ...] [B*L, sum r]."""
+    op = "lora_petl_qkv_rows"
+    check_tensor(op, "weight", weight, dim=2)
+    check_tensor(op, "x", x)
+    if x.dim() < 2 or x.shape[0] != images:
+        raise ValueError(f"{op}: x must be [B = {images}, ..., D], got x {describe(x)}")
+    n = weight.shape[0]
+    if n % 3:
+        raise ValueError(f"{op}: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
+    ad = n // 3
+    targets = list(downs)
+    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
+        raise ValueError(f"{op}: downs/ups must name the same targets among {_QKV}, got {list(downs)} / {list(ups)}")
+    if isinstance(scale, dict) and set(scale) != set(targets):
+        raise ValueError(f"{op}: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
+    sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    dn, up = {}, {}
+    for t in targets:
+        dn[t] = _per_row(op, f"downs[{t!r}]", downs[t], images)
+        up[t] = _per_row(op, f"ups[{t!r}]", ups[t], images)
+        if up[t].shape[1:] != (ad, dn[t].shape[1]):
+            raise ValueError(f"{op}: ups[{t!r}] must be [B, {ad}, {dn[t].shape[1]}] for downs[{t!r}] "
+                             f"{describe(dn[t])}, got {describe(up[t])}")
+        _check_scale(op, sc[t], f"scale[{t!r}]")
+    dt = x.dtype
+    a = torch.cat([dn[t].to(dt) for t in targets], 1) if len(targets) > 1 else dn[targets[0]]
+    b = segmented_up(n, [(_QKV.index(t) * ad, up[t].to(dt), float(sc[t])) for t in targets])
+    return lowrank_linear_rows(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training,
+                               seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
 # References (clarity first; autograd-differentiable; the test oracles). Computed in fp32, cast
 # to x's dtype. Dropout uses the kernels' Philox masks (`dropout_keep_mask`) for `seed`.
 # ----------------------------------------------------------------------------------------------
@@ -699,6 +913,58 @@ def lora_petl_qkv_ref(x, weight, bias, downs, ups, *, scale=1.0, dropout_p=0.0, 
         parts[j] = parts[j] + F.linear(z[..., c:c + r], _f(ups[t])) * s
         c += r
     return torch.cat(parts, -1).to(x.dtype)
+
+
+def lowrank_linear_rows_ref(x, weight, bias, a, b, *, dropout_p=0.0, drop_input=False, seed=None):
+    """`lowrank_linear_ref` per image: x [B, ..., D], a [B, R, D], b [B, N, R], bias None / [N] /
+    [B, N]; the masks over the batch's rows as the single-task op's."""
+    images, d = x.shape[0], x.shape[-1]
+    x3 = _f(x).reshape(images, -1, d)
+    base = x3 @ _f(weight).t()
+    if bias is not None:
+        base = base + (_f(bias) if bias.dim() == 1 else _f(bias).unsqueeze(1))
+    if drop_input:
+        u = _drop_ref(x3.reshape(-1, d), dropout_p, seed).view(x3.shape) @ _f(a).transpose(1, 2)
+    else:
+        z = x3 @ _f(a).transpose(1, 2)
+        u = _drop_ref(z.reshape(-1, z.shape[-1]), dropout_p, seed).view(z.shape)
+    out = base + u @ _f(b).transpose(1, 2)
+    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+def _rows_of_factor(t, images):
+    return t if t.dim() == 3 else t.expand(images, *t.shape)
+
+
+def lora_noah_qkv_rows_ref(x, weight, bias, lora_a, lora_b, *, rank=None, scale=1.0, dropout_p=0.0, seed=None):
+    """NOAH per image (as NoahLoRAHook with image i's own LoRA_a / LoRA_b)."""
+    images = x.shape[0]
+    la, lb = _rows_of_factor(_f(lora_a), images), _rows_of_factor(_f(lora_b), images)
+    r = la.shape[1] if rank is None else rank
+    return lowrank_linear_rows_ref(x, weight, bias, la[:, :r], lb[:, :, :r] * scale, dropout_p=dropout_p,
+                                   drop_input=True, seed=seed)
+
+
+def lora_petl_qkv_rows_ref(x, weight, bias, downs, ups, *, scale=1.0, dropout_p=0.0, seed=None):
+    """PETL-ViT per image (as PetlLoRAHook with image i's own lora_t): qkv chunk t +=
+    s_t * up_t[i](drop(down_t[i](x[i]))), masks the column blocks of one [B*L, sum r] mask."""
+    images, d = x.shape[0], x.shape[-1]
+    x3 = _f(x).reshape(images, -1, d)
+    out = x3 @ _f(weight).t()
+    if bias is not None:
+        out = out + (_f(bias) if bias.dim() == 1 else _f(bias).unsqueeze(1))
+    parts = list(out.chunk(3, dim=-1))
+    z = torch.cat([x3 @ _rows_of_factor(_f(downs[t]), images).transpose(1, 2) for t in downs], -1)
+    z = _drop_ref(z.reshape(-1, z.shape[-1]), dropout_p, seed).view(z.shape)
+    c = 0
+    for t in downs:
+        up = _rows_of_factor(_f(ups[t]), images)
+        r = up.shape[-1]
+        s = scale[t] if isinstance(scale, dict) else scale
+        j = _QKV.index(t)
+        parts[j] = parts[j] + (z[..., c:c + r] @ up.transpose(1, 2)) * s
+        c += r
+    return torch.cat(parts, -1).reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
 def fact_linear_ref(x, weight, bias, fact_u, fact_v, core, *, layer, scale=1.0, dropout_p=0.0, seed=None):

@@ -409,7 +409,7 @@ def test_philox_mask_matches_dropout_keep_mask():
 # Ahead-of-time compile: one small config per kernel for sm_80 and sm_90, no spills
 # ----------------------------------------------------------------------------------------------
 AOT_KERNELS = ("lowrank_down", "lowrank_down_indrop", "lowrank_gemm", "lowrank_gemm_dx", "lowrank_gemm_dx_drop",
-               "lowrank_dw")
+               "lowrank_dw", "lowrank_rows_down", "lowrank_rows_down_indrop", "lowrank_rows_lr", "lowrank_rows_dw")
 
 
 def test_aot_smoke(tmp_path):
