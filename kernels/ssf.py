@@ -82,22 +82,33 @@ def _gelu_grad(t):
     return 0.5 * (1.0 + tl.math.erf(t * 0.7071067811865476)) + t * 0.3989422804014327 * tl.exp(-0.5 * t * t)
 
 
-@triton.jit(do_not_specialize=["act"])
+@triton.jit(do_not_specialize=["act", "R", "SSC", "SSH"])
 def _ssf_fwd_kernel(
     X,      # [M, D] input (x dtype), contiguous
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β
+    SCALE,  # [D] γ; ROWS: image i's γ at SCALE + i * SSC
+    SHIFT,  # [D] β; ROWS: image i's β at SHIFT + i * SSH
     Y,      # [M, D] output: act(x * γ + β)
     M, D, act,
+    R, SSC, SSH,  # ROWS only: rows per image (M = B R), γ / β row strides (D per image, 0 shared)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image, with its own γ / β
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    m2 = (rows < M)[:, None] & cmask[None, :]
+    if ROWS:
+        img = tl.program_id(2)
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = local < R
+        rows = img * R + local
+        g = tl.load(SCALE + img.to(tl.int64) * SSC + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(SHIFT + img.to(tl.int64) * SSH + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        g = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+    m2 = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    g = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
     y = x * g[None, :] + b[None, :]
     if act == 1:
@@ -105,32 +116,49 @@ def _ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "act"])
+@triton.jit(do_not_specialize=["S", "act", "R", "SSC", "SSH"])
 def _ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β (read when act == 1)
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
+    SHIFT,  # [D] β (read when act == 1); ROWS: image i's at SHIFT + i * SSH
     DX,     # [M, D] out: grad of x
-    PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
-    LOCK,   # [>= cdiv(D, BLOCK_N)] int32 arrival counters, zero (left zero)
-    DSC,    # [D] out (x dtype): grad of γ = Σ dt * x
-    DSH,    # [D] out (x dtype): grad of β = Σ dt
+    PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β);
+            # ROWS: one [2, S, D] per image
+    LOCK,   # [>= cdiv(D, BLOCK_N)] int32 arrival counters, zero (left zero); ROWS: per image too
+    DSC,    # [D] out (x dtype): grad of γ = Σ dt * x; ROWS: [B, D], image i's sum over its rows
+    DSH,    # [D] out (x dtype): grad of β = Σ dt; ROWS: [B, D]
     M, D, S, act,
+    R, SSC, SSH,  # ROWS only: rows per image (M = B R), γ / β row strides (D per image, 0 shared)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image (S splits of its rows)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+    if ROWS:
+        img = tl.program_id(2)
+        first = img * R
+        nrows = R
+        gam = tl.load(SCALE + img.to(tl.int64) * SSC + cols, mask=cmask, other=0.0).to(tl.float32)
+        bet = tl.load(SHIFT + img.to(tl.int64) * SSH + cols, mask=cmask, other=0.0).to(tl.float32)
+        PS += img.to(tl.int64) * 2 * S * D
+        lock = img * tl.num_programs(0) + pid_n
+        DSC += img.to(tl.int64) * D
+        DSH += img.to(tl.int64) * D
+    else:
+        first = 0
+        nrows = M
+        gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        bet = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+        lock = pid_n
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(pid_s * BLOCK_M, M, S * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        m2 = (rows < M)[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    for m0 in range(pid_s * BLOCK_M, nrows, S * BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M)
+        m2 = (local < nrows)[:, None] & cmask[None, :]
+        offs = (first + local).to(tl.int64)[:, None] * D + cols[None, :]
         g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         if act == 1:
@@ -140,30 +168,42 @@ def _ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid_s).to(tl.int64) * D + cols, acc0, mask=cmask)
-    if last_split(LOCK, pid_n, S):  # the last split of this column block finishes the sums
+    if last_split(LOCK, lock, S):  # the last split of this column block finishes the sums
         s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_N)
         tl.store(DSC + cols, s1.to(DSC.dtype.element_ty), mask=cmask)
         tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
-        tl.atomic_xchg(LOCK + pid_n, 0)
+        tl.atomic_xchg(LOCK + lock, 0)
 
 
-@triton.jit(do_not_specialize=["eps", "has_w", "has_b"])
+@triton.jit(do_not_specialize=["eps", "has_w", "has_b", "R", "SW", "SB", "SSC", "SSH"])
 def _layernorm_ssf_fwd_kernel(
     X,      # [M, D] input, contiguous
-    LNW,    # [D] LayerNorm weight a (read when has_w)
-    LNB,    # [D] LayerNorm bias c (read when has_b)
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β
+    LNW,    # [D] LayerNorm weight a (read when has_w); ROWS: image i's at LNW + i * SW
+    LNB,    # [D] LayerNorm bias c (read when has_b); ROWS: image i's at LNB + i * SB
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
+    SHIFT,  # [D] β; ROWS: image i's at SHIFT + i * SSH
     Y,      # [M, D] out: (x̂ a + c) γ + β
     MEAN,   # [M] fp32 out
     RSTD,   # [M] fp32 out
     M, D, eps, has_w, has_b,
+    R, SW, SB, SSC, SSH,  # ROWS only: rows per image (M = B R), row strides (D per image, 0 shared)
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image, with its own a, c, γ, β
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    if ROWS:
+        img = tl.program_id(1).to(tl.int64)
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = local < R
+        rows = img * R + local
+        LNW += img * SW
+        LNB += img * SB
+        SCALE += img * SSC
+        SHIFT += img * SSH
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
     m2 = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
@@ -183,36 +223,56 @@ def _layernorm_ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln"])
+@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln", "R", "SW", "SB", "SSC"])
 def _layernorm_ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    LNW,    # [D] a (read when has_w)
-    LNB,    # [D] c (read when has_b)
-    SCALE,  # [D] γ
+    LNW,    # [D] a (read when has_w); ROWS: image i's at LNW + i * SW
+    LNB,    # [D] c (read when has_b); ROWS: image i's at LNB + i * SB
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
-    PS,     # [2, S, D] fp32 scratch: partial Σ g x̂, then partial Σ g
-    LOCK,   # [>= 1] int32 arrival counter, zero (left zero)
-    DW,     # [D] out (x dtype): d_ln_weight = γ S1 (written when want_ln)
-    DB,     # [D] out (x dtype): d_ln_bias = γ S0 (written when want_ln)
-    DSC,    # [D] out (x dtype): dγ = a S1 + c S0
-    DSH,    # [D] out (x dtype): dβ = S0
+    PS,     # [2, S, D] fp32 scratch: partial Σ g x̂, then partial Σ g; ROWS: one per image
+    LOCK,   # [>= 1] int32 arrival counter, zero (left zero); ROWS: [>= B], one per image
+    DW,     # [D] out (x dtype): d_ln_weight = γ S1 (written when want_ln); ROWS: [B, D] per image
+    DB,     # [D] out (x dtype): d_ln_bias = γ S0 (written when want_ln); ROWS: [B, D]
+    DSC,    # [D] out (x dtype): dγ = a S1 + c S0; ROWS: [B, D]
+    DSH,    # [D] out (x dtype): dβ = S0; ROWS: [B, D]
     M, D, S, has_w, has_b, want_ln,
+    R, SW, SB, SSC,  # ROWS only: rows per image (M = B R), row strides (D per image, 0 shared)
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image (S splits of its rows)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    if ROWS:
+        img = tl.program_id(1).to(tl.int64)
+        first = img * R
+        nrows = R
+        LNW += img * SW
+        LNB += img * SB
+        SCALE += img * SSC
+        PS += img * 2 * S * D
+        DW += img * D
+        DB += img * D
+        DSC += img * D
+        DSH += img * D
+        lock = img
+    else:
+        first = 0
+        nrows = M
+        lock = 0
     w = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
     if has_w:
         w = w * tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
     acc1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for m0 in range(pid * BLOCK_M, M, S * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+    for m0 in range(pid * BLOCK_M, nrows, S * BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M)
+        rmask = local < nrows
+        rows = first + local
         m2 = rmask[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
@@ -229,7 +289,7 @@ def _layernorm_ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid).to(tl.int64) * D + cols, acc0, mask=cmask)
-    if last_split(LOCK, 0, S):  # the last split finishes the column sums
+    if last_split(LOCK, lock, S):  # the last split finishes the column sums
         s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_D)
         gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
         if want_ln:
@@ -242,7 +302,7 @@ def _layernorm_ssf_bwd_kernel(
             ds += tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32) * s0
         tl.store(DSC + cols, ds.to(DSC.dtype.element_ty), mask=cmask)
         tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
-        tl.atomic_xchg(LOCK, 0)
+        tl.atomic_xchg(LOCK + lock, 0)
 
 
 def launch_ssf_fwd(x, scale, shift, act: int):
@@ -254,8 +314,8 @@ def launch_ssf_fwd(x, scale, shift, act: int):
         return y
     c = CONFIGS["ssf_fwd"][0]
     _ssf_fwd_kernel[(cdiv(m, c.BLOCK_M), cdiv(d, c.BLOCK_N))](
-        x2, scale.contiguous(), shift.contiguous(), y, m, d, act,
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
+        x2, scale.contiguous(), shift.contiguous(), y, m, d, act, m, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return y
 
 
@@ -274,8 +334,8 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     s = row_splits(m, c.BLOCK_M, ncol, dev)
     ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act,
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
+        g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act, m, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dscale, dshift
 
 
@@ -294,8 +354,8 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     _layernorm_ssf_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
         x2, ln_weight.contiguous() if ln_weight is not None else sc,
         ln_bias.contiguous() if ln_bias is not None else sc, sc, shift.contiguous(), y, mean, rstd,
-        m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None),
-        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+        m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None), m, 0, 0, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, mean, rstd
 
 
@@ -322,8 +382,8 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
         g2, x2, ln_weight.contiguous() if ln_weight is not None else sc,
         ln_bias.contiguous() if ln_bias is not None else sc, sc, mean, rstd, dx, ps, lock,
         dw if want_ln else dscale, db if want_ln else dscale, dscale, dshift,
-        m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln),
-        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+        m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln), m, 0, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dw, db, dscale, dshift
 
 
@@ -336,6 +396,131 @@ def ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
     if ln_bias is not None:
         dscale = dscale + ln_bias.float() * s0
     return dx, (gam * s1).to(dt), (gam * s0).to(dt), dscale.to(dt), s0.to(dt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image launchers: a mixed multi-task batch (fastpeft/ops/_rows.py), where each of the B images
+# (M / B contiguous rows of x) has its own γ / β (and LayerNorm a / c when those are per task too).
+# The same kernels with ROWS=True and the same tiles: a grid axis over the images, so a row block
+# never straddles two images and each image's parameter gradients are its own column sums, finished
+# in the launch like the single-task ones (one [2, S, D] partial buffer and counter set per image).
+# A parameter is [B, D] (per image: row stride D) or [D] (shared: stride 0); a shared parameter's
+# per-image gradients are accumulated in fp32 and summed over the images.
+# ----------------------------------------------------------------------------------------------
+def _row_stride(t) -> int:
+    return 0 if t is None or t.dim() == 1 else t.stride(0)
+
+
+def _rows_grad(p, b: int, d: int, dt, dev):
+    """Per-image gradient buffer [B, D] for parameter p: p's dtype when p is per image, fp32 when
+    shared (then summed by `_rows_total`)."""
+    return torch.empty((b, d), dtype=dt if p.dim() == 2 else torch.float32, device=dev)
+
+
+def _rows_total(p, g):
+    return g if p.dim() == 2 else g.sum(0).to(p.dtype)
+
+
+def launch_ssf_rows_fwd(x, scale, shift, act: int, b: int):
+    """act(x * γ_i + β_i) on image i's rows: x [B, ..., D] (B images of M / B rows), γ, β [B, D] or [D]."""
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    if m == 0:
+        return y
+    r = m // b
+    c = CONFIGS["ssf_fwd"][0]
+    sc, sh = scale.contiguous(), shift.contiguous()
+    _ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), cdiv(d, c.BLOCK_N), b)](
+        x2, sc, sh, y, m, d, act, r, _row_stride(sc), _row_stride(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y
+
+
+def launch_ssf_rows_bwd(grad_out, x, scale, shift, act: int, b: int):
+    """(dx, dγ, dβ): dγ, dβ [B, D] (image i's sums over its rows) for per-image γ, β; [D] for shared."""
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dev = x.device
+    sc, sh = scale.contiguous(), shift.contiguous()
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    dsc, dsh = _rows_grad(sc, b, d, sc.dtype, dev), _rows_grad(sh, b, d, sh.dtype, dev)
+    if m == 0:
+        return dx, _rows_total(sc, dsc.zero_()), _rows_total(sh, dsh.zero_())
+    r = m // b
+    c = CONFIGS["ssf_bwd"][0]
+    ncol = cdiv(d, c.BLOCK_N)
+    s = row_splits(r, c.BLOCK_M, ncol * b, dev)
+    ps, lock = split_workspace(dev, 2 * s * d * b, ncol * b)
+    _ssf_bwd_kernel[(ncol, s, b)](
+        g2, x2, sc, sh, dx, ps, lock, dsc, dsh, m, d, s, act, r, _row_stride(sc), _row_stride(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return dx, _rows_total(sc, dsc), _rows_total(sh, dsh)
+
+
+def launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps: float, b: int):
+    """(y, mean [M], rstd [M]): LN(x; a_i, c_i) γ_i + β_i on image i's rows; each of a, c, γ, β
+    [B, D] or [D] (a, c may be None)."""
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
+    r = m // b
+    bd = ln_block_d(d)
+    c = CONFIGS["layernorm_ssf_fwd"][bd]
+    sc = scale.contiguous()
+    w = ln_weight.contiguous() if ln_weight is not None else None
+    lb = ln_bias.contiguous() if ln_bias is not None else None
+    sh = shift.contiguous()
+    _layernorm_ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), b)](
+        x2, w if w is not None else sc, lb if lb is not None else sc, sc, sh, y, mean, rstd,
+        m, d, float(eps), int(w is not None), int(lb is not None),
+        r, _row_stride(w), _row_stride(lb), _row_stride(sc), _row_stride(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y, mean, rstd
+
+
+def launch_ln_rows_bwd(grad_out, x, ln_weight, ln_bias, scale, shift, mean, rstd, b: int, want_ln: bool = True):
+    """(dx, da, dc, dγ, dβ) of `launch_ln_rows_fwd`, each parameter's gradient shaped like it ([B, D]
+    per image, [D] shared); da, dc are None unless `want_ln` (and None for an absent a / c).
+    `shift` is only read for its shape."""
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dev = x.device
+    sc = scale.contiguous()
+    w = ln_weight.contiguous() if ln_weight is not None else None
+    lb = ln_bias.contiguous() if ln_bias is not None else None
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    dsc, dsh = _rows_grad(sc, b, d, sc.dtype, dev), _rows_grad(shift, b, d, sc.dtype, dev)
+    want_ln = want_ln and (w is not None or lb is not None)
+    # (both written when want_ln, an absent one's into its own unused buffer: no aliasing)
+    dw = _rows_grad(sc if w is None else w, b, d, sc.dtype, dev) if want_ln else None
+    db = _rows_grad(sc if lb is None else lb, b, d, sc.dtype, dev) if want_ln else None
+    if m == 0:
+        for t in (dsc, dsh, dw, db):
+            if t is not None:
+                t.zero_()
+    else:
+        r = m // b
+        bd = ln_block_d(d)
+        c = CONFIGS["layernorm_ssf_bwd"][bd]
+        s = row_splits(r, c.BLOCK_M, b, dev)
+        ps, lock = split_workspace(dev, 2 * s * d * b, b)
+        _layernorm_ssf_bwd_kernel[(s, b)](
+            g2, x2, w if w is not None else sc, lb if lb is not None else sc, sc, mean, rstd, dx, ps, lock,
+            dw if dw is not None else dsc, db if db is not None else dsc, dsc, dsh,
+            m, d, s, int(w is not None), int(lb is not None), int(want_ln), r,
+            _row_stride(w), _row_stride(lb), _row_stride(sc),
+            BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return (dx, None if dw is None or w is None else _rows_total(w, dw),
+            None if db is None or lb is None else _rows_total(lb, db), _rows_total(sc, dsc), _rows_total(shift, dsh))
 
 
 # ----------------------------------------------------------------------------------------------
