@@ -441,8 +441,6 @@ def layernorm_ssf_rows_ref(b, x, ln_weight, ln_bias, scale, shift, eps=1e-6):
 
 def _validate_rows(op, b, x, params, ln=False, eps=1.0):
     """x [B, ..., C] with B = b images; each named parameter [B, C] or [C], like x (dtype, device)."""
-    if isinstance(b, bool) or not isinstance(b, int):
-        raise TypeError(f"{op}: the image count must be an int, got {type(b).__name__}")
     c = check_features(op, x, "C")
     if not 1 <= b <= MAX_ROW_IMAGES:
         raise ValueError(f"{op}: the image count must be in [1, {MAX_ROW_IMAGES}], got {b}")
@@ -503,9 +501,16 @@ class _LayerNormSSFRowsFunction(torch.autograd.Function):
                 dshift if n[4] else None, None, None)
 
 
-def _ssf_rows_call(op, b, x, scale, shift, act):
+def _check_rows_args(op, b, x):
+    """The TypeErrors, on every call (an image count 3.0 would hit the checked signature of 3)."""
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise TypeError(f"{op}: the image count must be an int, got {type(b).__name__}")
     if not isinstance(x, torch.Tensor):
-        check_tensor(op, "x", x)  # TypeError
+        check_tensor(op, "x", x)
+
+
+def _ssf_rows_call(op, b, x, scale, shift, act):
+    _check_rows_args(op, b, x)
     scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
     _CHECKED.check(False, lambda: _validate_rows(op, b, x, {"scale": scale, "shift": shift}),
                    x, scale, shift, extra=(op, b))
@@ -531,8 +536,7 @@ def layernorm_ssf_rows(b: int, x: torch.Tensor, ln_weight: torch.Tensor | None, 
     each parameter [B, C] or [C] (the frozen LayerNorm affine is shared, BitFit's per-task LN bias
     per image); saves x and per-row mean / rstd."""
     op = "layernorm_ssf_rows"
-    if not isinstance(x, torch.Tensor):
-        check_tensor(op, "x", x)  # TypeError
+    _check_rows_args(op, b, x)
     ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
     eps = float(eps)
     _CHECKED.check(False, lambda: _validate_rows(op, b, x, {"ln_weight": ln_weight, "ln_bias": ln_bias,
