@@ -82,14 +82,14 @@ def _gelu_grad(t):
     return 0.5 * (1.0 + tl.math.erf(t * 0.7071067811865476)) + t * 0.3989422804014327 * tl.exp(-0.5 * t * t)
 
 
-@triton.jit(do_not_specialize=["act", "R", "SSC", "SSH"])
+@triton.jit(do_not_specialize=["act", "R", "SC_IMG", "SH_IMG"])
 def _ssf_fwd_kernel(
     X,      # [M, D] input (x dtype), contiguous
-    SCALE,  # [D] γ; ROWS: image i's γ at SCALE + i * SSC
-    SHIFT,  # [D] β; ROWS: image i's β at SHIFT + i * SSH
+    SCALE,  # [D] γ; ROWS: image i's γ at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β; ROWS: image i's β at SHIFT + i D when SH_IMG
     Y,      # [M, D] output: act(x * γ + β)
     M, D, act,
-    R, SSC, SSH,  # ROWS only: rows per image (M = B R), γ / β row strides (D per image, 0 shared)
+    R, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); γ, β per image (1: [B, D]) or shared (0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image, with its own γ / β
 ):
@@ -100,8 +100,8 @@ def _ssf_fwd_kernel(
         local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = local < R
         rows = img * R + local
-        g = tl.load(SCALE + img.to(tl.int64) * SSC + cols, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(SHIFT + img.to(tl.int64) * SSH + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = tl.load(SCALE + img.to(tl.int64) * D * SC_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(SHIFT + img.to(tl.int64) * D * SH_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
     else:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -116,12 +116,12 @@ def _ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "act", "R", "SSC", "SSH"])
+@triton.jit(do_not_specialize=["S", "act", "R", "SC_IMG", "SH_IMG"])
 def _ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
-    SHIFT,  # [D] β (read when act == 1); ROWS: image i's at SHIFT + i * SSH
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β (read when act == 1); ROWS: image i's at SHIFT + i D when SH_IMG
     DX,     # [M, D] out: grad of x
     PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β);
             # ROWS: one [2, S, D] per image
@@ -129,7 +129,7 @@ def _ssf_bwd_kernel(
     DSC,    # [D] out (x dtype): grad of γ = Σ dt * x; ROWS: [B, D], image i's sum over its rows
     DSH,    # [D] out (x dtype): grad of β = Σ dt; ROWS: [B, D]
     M, D, S, act,
-    R, SSC, SSH,  # ROWS only: rows per image (M = B R), γ / β row strides (D per image, 0 shared)
+    R, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); γ, β per image (1: [B, D]) or shared (0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image (S splits of its rows)
 ):
@@ -141,8 +141,8 @@ def _ssf_bwd_kernel(
         img = tl.program_id(2)
         first = img * R
         nrows = R
-        gam = tl.load(SCALE + img.to(tl.int64) * SSC + cols, mask=cmask, other=0.0).to(tl.float32)
-        bet = tl.load(SHIFT + img.to(tl.int64) * SSH + cols, mask=cmask, other=0.0).to(tl.float32)
+        gam = tl.load(SCALE + img.to(tl.int64) * D * SC_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+        bet = tl.load(SHIFT + img.to(tl.int64) * D * SH_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
         PS += img.to(tl.int64) * 2 * S * D
         lock = img * tl.num_programs(0) + pid_n
         DSC += img.to(tl.int64) * D
@@ -175,32 +175,34 @@ def _ssf_bwd_kernel(
         tl.atomic_xchg(LOCK + lock, 0)
 
 
-@triton.jit(do_not_specialize=["eps", "has_w", "has_b", "R", "SW", "SB", "SSC", "SSH"])
+@triton.jit(do_not_specialize=["eps", "has_w", "has_b", "R", "W_IMG", "B_IMG", "SC_IMG", "SH_IMG"])
 def _layernorm_ssf_fwd_kernel(
     X,      # [M, D] input, contiguous
-    LNW,    # [D] LayerNorm weight a (read when has_w); ROWS: image i's at LNW + i * SW
-    LNB,    # [D] LayerNorm bias c (read when has_b); ROWS: image i's at LNB + i * SB
-    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
-    SHIFT,  # [D] β; ROWS: image i's at SHIFT + i * SSH
+    LNW,    # [D] LayerNorm weight a (read when has_w); ROWS: image i's at LNW + i D when W_IMG
+    LNB,    # [D] LayerNorm bias c (read when has_b); ROWS: image i's at LNB + i D when B_IMG
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β; ROWS: image i's at SHIFT + i D when SH_IMG
     Y,      # [M, D] out: (x̂ a + c) γ + β
     MEAN,   # [M] fp32 out
     RSTD,   # [M] fp32 out
     M, D, eps, has_w, has_b,
-    R, SW, SB, SSC, SSH,  # ROWS only: rows per image (M = B R), row strides (D per image, 0 shared)
+    R, W_IMG, B_IMG, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); a, c, γ, β each per image
+                                      # (1: [B, D]) or shared (0: [D])
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image, with its own a, c, γ, β
 ):
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     if ROWS:
-        img = tl.program_id(1).to(tl.int64)
+        img = tl.program_id(1)
         local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = local < R
         rows = img * R + local
-        LNW += img * SW
-        LNB += img * SB
-        SCALE += img * SSC
-        SHIFT += img * SSH
+        off = img.to(tl.int64) * D  # image i's parameter row, where per image
+        LNW += off * W_IMG
+        LNB += off * B_IMG
+        SCALE += off * SC_IMG
+        SHIFT += off * SH_IMG
     else:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -223,13 +225,13 @@ def _layernorm_ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln", "R", "SW", "SB", "SSC"])
+@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln", "R", "W_IMG", "B_IMG", "SC_IMG"])
 def _layernorm_ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    LNW,    # [D] a (read when has_w); ROWS: image i's at LNW + i * SW
-    LNB,    # [D] c (read when has_b); ROWS: image i's at LNB + i * SB
-    SCALE,  # [D] γ; ROWS: image i's at SCALE + i * SSC
+    LNW,    # [D] a (read when has_w); ROWS: image i's at LNW + i D when W_IMG
+    LNB,    # [D] c (read when has_b); ROWS: image i's at LNB + i D when B_IMG
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
@@ -240,7 +242,8 @@ def _layernorm_ssf_bwd_kernel(
     DSC,    # [D] out (x dtype): dγ = a S1 + c S0; ROWS: [B, D]
     DSH,    # [D] out (x dtype): dβ = S0; ROWS: [B, D]
     M, D, S, has_w, has_b, want_ln,
-    R, SW, SB, SSC,  # ROWS only: rows per image (M = B R), row strides (D per image, 0 shared)
+    R, W_IMG, B_IMG, SC_IMG,  # ROWS only: rows per image (M = B R); a, c, γ each per image (1: [B, D])
+                              # or shared (0: [D])
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image (S splits of its rows)
 ):
@@ -248,17 +251,18 @@ def _layernorm_ssf_bwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     if ROWS:
-        img = tl.program_id(1).to(tl.int64)
+        img = tl.program_id(1)
         first = img * R
         nrows = R
-        LNW += img * SW
-        LNB += img * SB
-        SCALE += img * SSC
-        PS += img * 2 * S * D
-        DW += img * D
-        DB += img * D
-        DSC += img * D
-        DSH += img * D
+        off = img.to(tl.int64) * D  # image i's parameter / gradient row
+        LNW += off * W_IMG
+        LNB += off * B_IMG
+        SCALE += off * SC_IMG
+        PS += off * 2 * S
+        DW += off
+        DB += off
+        DSC += off
+        DSH += off
         lock = img
     else:
         first = 0
@@ -404,11 +408,14 @@ def ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
 # The same kernels with ROWS=True and the same tiles: a grid axis over the images, so a row block
 # never straddles two images and each image's parameter gradients are its own column sums, finished
 # in the launch like the single-task ones (one [2, S, D] partial buffer and counter set per image).
-# A parameter is [B, D] (per image: row stride D) or [D] (shared: stride 0); a shared parameter's
+# A parameter is [B, D] (per image, contiguous) or [D] (shared); a shared parameter's
 # per-image gradients are accumulated in fp32 and summed over the images.
 # ----------------------------------------------------------------------------------------------
-def _row_stride(t) -> int:
-    return 0 if t is None or t.dim() == 1 else t.stride(0)
+def _per_image(t) -> int:
+    """1 for a (contiguous) [B, D] parameter, row i image i's; 0 for a shared [D] one (or None). A
+    flag, not a stride: the kernels offset by i * D, whose 16-divisibility the JIT knows, so the
+    parameter loads stay vectorised (an unknown stride would not be)."""
+    return 0 if t is None or t.dim() == 1 else 1
 
 
 def _rows_grad(p, b: int, d: int, dt, dev):
@@ -433,7 +440,7 @@ def launch_ssf_rows_fwd(x, scale, shift, act: int, b: int):
     c = CONFIGS["ssf_fwd"][0]
     sc, sh = scale.contiguous(), shift.contiguous()
     _ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), cdiv(d, c.BLOCK_N), b)](
-        x2, sc, sh, y, m, d, act, r, _row_stride(sc), _row_stride(sh),
+        x2, sc, sh, y, m, d, act, r, _per_image(sc), _per_image(sh),
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
     return y
 
@@ -455,7 +462,7 @@ def launch_ssf_rows_bwd(grad_out, x, scale, shift, act: int, b: int):
     s = row_splits(r, c.BLOCK_M, ncol * b, dev)
     ps, lock = split_workspace(dev, 2 * s * d * b, ncol * b)
     _ssf_bwd_kernel[(ncol, s, b)](
-        g2, x2, sc, sh, dx, ps, lock, dsc, dsh, m, d, s, act, r, _row_stride(sc), _row_stride(sh),
+        g2, x2, sc, sh, dx, ps, lock, dsc, dsh, m, d, s, act, r, _per_image(sc), _per_image(sh),
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, _rows_total(sc, dsc), _rows_total(sh, dsh)
 
@@ -481,7 +488,7 @@ def launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps: float, b: int):
     _layernorm_ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), b)](
         x2, w if w is not None else sc, lb if lb is not None else sc, sc, sh, y, mean, rstd,
         m, d, float(eps), int(w is not None), int(lb is not None),
-        r, _row_stride(w), _row_stride(lb), _row_stride(sc), _row_stride(sh),
+        r, _per_image(w), _per_image(lb), _per_image(sc), _per_image(sh),
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, mean, rstd
 
@@ -517,7 +524,7 @@ def launch_ln_rows_bwd(grad_out, x, ln_weight, ln_bias, scale, shift, mean, rstd
             g2, x2, w if w is not None else sc, lb if lb is not None else sc, sc, mean, rstd, dx, ps, lock,
             dw if dw is not None else dsc, db if db is not None else dsc, dsc, dsh,
             m, d, s, int(w is not None), int(lb is not None), int(want_ln), r,
-            _row_stride(w), _row_stride(lb), _row_stride(sc),
+            _per_image(w), _per_image(lb), _per_image(sc),
             BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
     return (dx, None if dw is None or w is None else _rows_total(w, dw),
             None if db is None or lb is None else _rows_total(lb, db), _rows_total(sc, dsc), _rows_total(shift, dsh))
@@ -527,27 +534,35 @@ def launch_ln_rows_bwd(grad_out, x, ln_weight, ln_bias, scale, shift, mean, rstd
 # Ahead-of-time compile list (kernels/aot.py)
 # ----------------------------------------------------------------------------------------------
 def aot_specs():
+    """Each kernel twice: the single-task form (ROWS=False) and the per-image one of a mixed
+    multi-task batch (ROWS=True, `*_rows_*`), with the same tiles."""
     specs = []
     for dt in AOT_DTYPES:
         P = TRITON_PTR[dt]
-        c = CONFIGS["ssf_fwd"][0]
-        specs.append(("ssf_fwd", _ssf_fwd_kernel,
-                      {"X": P, "SCALE": P, "SHIFT": P, "Y": P, "M": "i32", "D": "i32", "act": "i32"},
-                      dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
-        c = CONFIGS["ssf_bwd"][0]
-        specs.append(("ssf_bwd", _ssf_bwd_kernel,
-                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32", "LOCK": "*i32",
-                       "DSC": P, "DSH": P, "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
-                      dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
-        for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
-            specs.append(("layernorm_ssf_fwd", _layernorm_ssf_fwd_kernel,
-                          {"X": P, "LNW": P, "LNB": P, "SCALE": P, "SHIFT": P, "Y": P, "MEAN": "*fp32",
-                           "RSTD": "*fp32", "M": "i32", "D": "i32", "eps": "fp32", "has_w": "i32", "has_b": "i32"},
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
-        for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
-            specs.append(("layernorm_ssf_bwd", _layernorm_ssf_bwd_kernel,
-                          {"G": P, "X": P, "LNW": P, "LNB": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32",
-                           "DX": P, "PS": "*fp32", "LOCK": "*i32", "DW": P, "DB": P, "DSC": P, "DSH": P,
-                           "M": "i32", "D": "i32", "S": "i32", "has_w": "i32", "has_b": "i32", "want_ln": "i32"},
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
+        for rows, tag in ((False, ""), (True, "_rows")):
+            c = CONFIGS["ssf_fwd"][0]
+            specs.append((f"ssf{tag}_fwd", _ssf_fwd_kernel,
+                          {"X": P, "SCALE": P, "SHIFT": P, "Y": P, "M": "i32", "D": "i32", "act": "i32",
+                           "R": "i32", "SC_IMG": "i32", "SH_IMG": "i32"},
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=rows), c, str(dt)))
+            c = CONFIGS["ssf_bwd"][0]
+            specs.append((f"ssf{tag}_bwd", _ssf_bwd_kernel,
+                          {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32", "LOCK": "*i32",
+                           "DSC": P, "DSH": P, "M": "i32", "D": "i32", "S": "i32", "act": "i32",
+                           "R": "i32", "SC_IMG": "i32", "SH_IMG": "i32"},
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=rows), c, str(dt)))
+            for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
+                specs.append((f"layernorm_ssf{tag}_fwd", _layernorm_ssf_fwd_kernel,
+                              {"X": P, "LNW": P, "LNB": P, "SCALE": P, "SHIFT": P, "Y": P, "MEAN": "*fp32",
+                               "RSTD": "*fp32", "M": "i32", "D": "i32", "eps": "fp32", "has_w": "i32",
+                               "has_b": "i32", "R": "i32", "W_IMG": "i32", "B_IMG": "i32", "SC_IMG": "i32",
+                               "SH_IMG": "i32"},
+                              dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=rows), c, str(dt)))
+            for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
+                specs.append((f"layernorm_ssf{tag}_bwd", _layernorm_ssf_bwd_kernel,
+                              {"G": P, "X": P, "LNW": P, "LNB": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32",
+                               "DX": P, "PS": "*fp32", "LOCK": "*i32", "DW": P, "DB": P, "DSC": P, "DSH": P,
+                               "M": "i32", "D": "i32", "S": "i32", "has_w": "i32", "has_b": "i32",
+                               "want_ln": "i32", "R": "i32", "W_IMG": "i32", "B_IMG": "i32", "SC_IMG": "i32"},
+                              dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=rows), c, str(dt)))
     return specs
