@@ -12,6 +12,8 @@ Kernels (ops, functionals and references: fastpeft/ops/ssf.py):
   _ssf_fwd_kernel / _ssf_bwd_kernel                       elementwise (runtime act: 0 none, 1 gelu)
   _layernorm_ssf_fwd_kernel / _layernorm_ssf_bwd_kernel   row-wise LN + affine
   launch_ssf_fwd / launch_ssf_bwd / launch_ln_fwd / launch_ln_bwd   launchers
+  launch_ssf_rows_* / launch_ln_rows_*    the same kernels with ROWS=True: a mixed multi-task batch,
+                                          each image with its own parameters (see that section)
 
 Column reductions (grads of γ, β, a, c) are deterministic and finished in the backward launch
 itself: each of S row-split programs accumulates fp32 partials for its rows in registers and

@@ -11,6 +11,10 @@ site, and autograd keeps a copy of each scaled tensor. Fused:
 The fused modules read the very same `ssf_scale_*` / `ssf_shift_*` parameters from their official
 owners; the reference hooks stay registered (absorbed, or swapped for their fused twin in place),
 so `unpatch` restores them exactly.
+
+A mixed multi-task batch (fastpeft/multitask.py: the input is vmapped, each image with its own task's
+scale and shift) runs the per-row forms of the same three ops on the eager Triton backend (`_rows`):
+one launch per site for the whole batch, forward and backward.
 """
 from __future__ import annotations
 

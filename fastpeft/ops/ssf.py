@@ -6,6 +6,8 @@
   ssf_gelu        g = GELU(z * scale + shift): `fastpeft::ssf_gelu` / `ssf_gelu_backward`
   layernorm_ssf   y = LayerNorm(x) * scale + shift: `fastpeft::layernorm_ssf` / `_backward`
   *_ref           plain-torch references: the test oracles
+  *_rows          per-row forms for a mixed multi-task batch (each image its own task's
+                  parameters; fastpeft/ops/_rows.py), beside their `*_rows_ref`: at the end
 
 Each saves only its input (and LayerNorm's per-row mean / rstd in fp32). The Triton kernels,
 launchers and configs are in kernels/ssf.py.
