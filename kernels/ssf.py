@@ -12,6 +12,8 @@ Kernels (ops, functionals and references: fastpeft/ops/ssf.py):
   _ssf_fwd_kernel / _ssf_bwd_kernel                       elementwise (runtime act: 0 none, 1 gelu)
   _layernorm_ssf_fwd_kernel / _layernorm_ssf_bwd_kernel   row-wise LN + affine
   launch_ssf_fwd / launch_ssf_bwd / launch_ln_fwd / launch_ln_bwd   launchers
+  launch_ssf_rows_* / launch_ln_rows_*    the same kernels with ROWS=True: a mixed multi-task batch,
+                                          each image with its own parameters (see that section)
 
 Column reductions (grads of γ, β, a, c) are deterministic and finished in the backward launch
 itself: each of S row-split programs accumulates fp32 partials for its rows in registers and
@@ -82,22 +84,33 @@ def _gelu_grad(t):
     return 0.5 * (1.0 + tl.math.erf(t * 0.7071067811865476)) + t * 0.3989422804014327 * tl.exp(-0.5 * t * t)
 
 
-@triton.jit(do_not_specialize=["act"])
+@triton.jit(do_not_specialize=["act", "R", "SC_IMG", "SH_IMG"])
 def _ssf_fwd_kernel(
     X,      # [M, D] input (x dtype), contiguous
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β
+    SCALE,  # [D] γ; ROWS: image i's γ at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β; ROWS: image i's β at SHIFT + i D when SH_IMG
     Y,      # [M, D] output: act(x * γ + β)
     M, D, act,
+    R, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); γ, β per image (1: [B, D]) or shared (0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image, with its own γ / β
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    m2 = (rows < M)[:, None] & cmask[None, :]
+    if ROWS:
+        img = tl.program_id(2)
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = local < R
+        rows = img * R + local
+        g = tl.load(SCALE + img.to(tl.int64) * D * SC_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(SHIFT + img.to(tl.int64) * D * SH_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        g = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+    m2 = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    g = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
     y = x * g[None, :] + b[None, :]
     if act == 1:
@@ -105,32 +118,49 @@ def _ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "act"])
+@triton.jit(do_not_specialize=["S", "act", "R", "SC_IMG", "SH_IMG"])
 def _ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β (read when act == 1)
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β (read when act == 1); ROWS: image i's at SHIFT + i D when SH_IMG
     DX,     # [M, D] out: grad of x
-    PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β)
-    LOCK,   # [>= cdiv(D, BLOCK_N)] int32 arrival counters, zero (left zero)
-    DSC,    # [D] out (x dtype): grad of γ = Σ dt * x
-    DSH,    # [D] out (x dtype): grad of β = Σ dt
+    PS,     # [2, S, D] fp32 scratch: partial Σ dt * x (grad of γ), then partial Σ dt (grad of β);
+            # ROWS: one [2, S, D] per image
+    LOCK,   # [>= cdiv(D, BLOCK_N)] int32 arrival counters, zero (left zero); ROWS: per image too
+    DSC,    # [D] out (x dtype): grad of γ = Σ dt * x; ROWS: [B, D], image i's sum over its rows
+    DSH,    # [D] out (x dtype): grad of β = Σ dt; ROWS: [B, D]
     M, D, S, act,
+    R, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); γ, β per image (1: [B, D]) or shared (0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 2 is the image (S splits of its rows)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-    bet = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+    if ROWS:
+        img = tl.program_id(2)
+        first = img * R
+        nrows = R
+        gam = tl.load(SCALE + img.to(tl.int64) * D * SC_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+        bet = tl.load(SHIFT + img.to(tl.int64) * D * SH_IMG + cols, mask=cmask, other=0.0).to(tl.float32)
+        PS += img.to(tl.int64) * 2 * S * D
+        lock = img * tl.num_programs(0) + pid_n
+        DSC += img.to(tl.int64) * D
+        DSH += img.to(tl.int64) * D
+    else:
+        first = 0
+        nrows = M
+        gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        bet = tl.load(SHIFT + cols, mask=cmask, other=0.0).to(tl.float32)
+        lock = pid_n
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(pid_s * BLOCK_M, M, S * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        m2 = (rows < M)[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    for m0 in range(pid_s * BLOCK_M, nrows, S * BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M)
+        m2 = (local < nrows)[:, None] & cmask[None, :]
+        offs = (first + local).to(tl.int64)[:, None] * D + cols[None, :]
         g = tl.load(G + offs, mask=m2, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
         if act == 1:
@@ -140,30 +170,44 @@ def _ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid_s.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid_s).to(tl.int64) * D + cols, acc0, mask=cmask)
-    if last_split(LOCK, pid_n, S):  # the last split of this column block finishes the sums
+    if last_split(LOCK, lock, S):  # the last split of this column block finishes the sums
         s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_N)
         tl.store(DSC + cols, s1.to(DSC.dtype.element_ty), mask=cmask)
         tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
-        tl.atomic_xchg(LOCK + pid_n, 0)
+        tl.atomic_xchg(LOCK + lock, 0)
 
 
-@triton.jit(do_not_specialize=["eps", "has_w", "has_b"])
+@triton.jit(do_not_specialize=["eps", "has_w", "has_b", "R", "W_IMG", "B_IMG", "SC_IMG", "SH_IMG"])
 def _layernorm_ssf_fwd_kernel(
     X,      # [M, D] input, contiguous
-    LNW,    # [D] LayerNorm weight a (read when has_w)
-    LNB,    # [D] LayerNorm bias c (read when has_b)
-    SCALE,  # [D] γ
-    SHIFT,  # [D] β
+    LNW,    # [D] LayerNorm weight a (read when has_w); ROWS: image i's at LNW + i D when W_IMG
+    LNB,    # [D] LayerNorm bias c (read when has_b); ROWS: image i's at LNB + i D when B_IMG
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
+    SHIFT,  # [D] β; ROWS: image i's at SHIFT + i D when SH_IMG
     Y,      # [M, D] out: (x̂ a + c) γ + β
     MEAN,   # [M] fp32 out
     RSTD,   # [M] fp32 out
     M, D, eps, has_w, has_b,
+    R, W_IMG, B_IMG, SC_IMG, SH_IMG,  # ROWS only: rows per image (M = B R); a, c, γ, β each per image
+                                      # (1: [B, D]) or shared (0: [D])
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image, with its own a, c, γ, β
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    if ROWS:
+        img = tl.program_id(1)
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = local < R
+        rows = img * R + local
+        off = img.to(tl.int64) * D  # image i's parameter row, where per image
+        LNW += off * W_IMG
+        LNB += off * B_IMG
+        SCALE += off * SC_IMG
+        SHIFT += off * SH_IMG
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
     m2 = rmask[:, None] & cmask[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
@@ -183,36 +227,58 @@ def _layernorm_ssf_fwd_kernel(
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln"])
+@triton.jit(do_not_specialize=["S", "has_w", "has_b", "want_ln", "R", "W_IMG", "B_IMG", "SC_IMG"])
 def _layernorm_ssf_bwd_kernel(
     G,      # [M, D] grad of y
     X,      # [M, D] saved input
-    LNW,    # [D] a (read when has_w)
-    LNB,    # [D] c (read when has_b)
-    SCALE,  # [D] γ
+    LNW,    # [D] a (read when has_w); ROWS: image i's at LNW + i D when W_IMG
+    LNB,    # [D] c (read when has_b); ROWS: image i's at LNB + i D when B_IMG
+    SCALE,  # [D] γ; ROWS: image i's at SCALE + i D when SC_IMG
     MEAN,   # [M] fp32 saved
     RSTD,   # [M] fp32 saved
     DX,     # [M, D] out
-    PS,     # [2, S, D] fp32 scratch: partial Σ g x̂, then partial Σ g
-    LOCK,   # [>= 1] int32 arrival counter, zero (left zero)
-    DW,     # [D] out (x dtype): d_ln_weight = γ S1 (written when want_ln)
-    DB,     # [D] out (x dtype): d_ln_bias = γ S0 (written when want_ln)
-    DSC,    # [D] out (x dtype): dγ = a S1 + c S0
-    DSH,    # [D] out (x dtype): dβ = S0
+    PS,     # [2, S, D] fp32 scratch: partial Σ g x̂, then partial Σ g; ROWS: one per image
+    LOCK,   # [>= 1] int32 arrival counter, zero (left zero); ROWS: [>= B], one per image
+    DW,     # [D] out (x dtype): d_ln_weight = γ S1 (written when want_ln); ROWS: [B, D] per image
+    DB,     # [D] out (x dtype): d_ln_bias = γ S0 (written when want_ln); ROWS: [B, D]
+    DSC,    # [D] out (x dtype): dγ = a S1 + c S0; ROWS: [B, D]
+    DSH,    # [D] out (x dtype): dβ = S0; ROWS: [B, D]
     M, D, S, has_w, has_b, want_ln,
+    R, W_IMG, B_IMG, SC_IMG,  # ROWS only: rows per image (M = B R); a, c, γ each per image (1: [B, D])
+                              # or shared (0: [D])
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,  # a mixed multi-task batch: grid axis 1 is the image (S splits of its rows)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    if ROWS:
+        img = tl.program_id(1)
+        first = img * R
+        nrows = R
+        off = img.to(tl.int64) * D  # image i's parameter / gradient row
+        LNW += off * W_IMG
+        LNB += off * B_IMG
+        SCALE += off * SC_IMG
+        PS += off * 2 * S
+        DW += off
+        DB += off
+        DSC += off
+        DSH += off
+        lock = img
+    else:
+        first = 0
+        nrows = M
+        lock = 0
     w = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
     if has_w:
         w = w * tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
     acc1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for m0 in range(pid * BLOCK_M, M, S * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+    for m0 in range(pid * BLOCK_M, nrows, S * BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M)
+        rmask = local < nrows
+        rows = first + local
         m2 = rmask[:, None] & cmask[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
@@ -229,7 +295,7 @@ def _layernorm_ssf_bwd_kernel(
         acc0 += tl.sum(g, axis=0)
     tl.store(PS + pid.to(tl.int64) * D + cols, acc1, mask=cmask)
     tl.store(PS + (S + pid).to(tl.int64) * D + cols, acc0, mask=cmask)
-    if last_split(LOCK, 0, S):  # the last split finishes the column sums
+    if last_split(LOCK, lock, S):  # the last split finishes the column sums
         s1, s0 = split_sums(PS, S, D, cols, cmask, BLOCK_D)
         gam = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
         if want_ln:
@@ -242,7 +308,7 @@ def _layernorm_ssf_bwd_kernel(
             ds += tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32) * s0
         tl.store(DSC + cols, ds.to(DSC.dtype.element_ty), mask=cmask)
         tl.store(DSH + cols, s0.to(DSH.dtype.element_ty), mask=cmask)
-        tl.atomic_xchg(LOCK, 0)
+        tl.atomic_xchg(LOCK + lock, 0)
 
 
 def launch_ssf_fwd(x, scale, shift, act: int):
@@ -254,8 +320,8 @@ def launch_ssf_fwd(x, scale, shift, act: int):
         return y
     c = CONFIGS["ssf_fwd"][0]
     _ssf_fwd_kernel[(cdiv(m, c.BLOCK_M), cdiv(d, c.BLOCK_N))](
-        x2, scale.contiguous(), shift.contiguous(), y, m, d, act,
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
+        x2, scale.contiguous(), shift.contiguous(), y, m, d, act, m, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return y
 
 
@@ -274,8 +340,8 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     s = row_splits(m, c.BLOCK_M, ncol, dev)
     ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
-        g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act,
-        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps, num_stages=c.num_stages)
+        g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act, m, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dscale, dshift
 
 
@@ -294,8 +360,8 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     _layernorm_ssf_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
         x2, ln_weight.contiguous() if ln_weight is not None else sc,
         ln_bias.contiguous() if ln_bias is not None else sc, sc, shift.contiguous(), y, mean, rstd,
-        m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None),
-        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+        m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None), m, 0, 0, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, mean, rstd
 
 
@@ -322,8 +388,8 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
         g2, x2, ln_weight.contiguous() if ln_weight is not None else sc,
         ln_bias.contiguous() if ln_bias is not None else sc, sc, mean, rstd, dx, ps, lock,
         dw if want_ln else dscale, db if want_ln else dscale, dscale, dshift,
-        m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln),
-        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, num_warps=c.num_warps, num_stages=c.num_stages)
+        m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln), m, 0, 0, 0,
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dw, db, dscale, dshift
 
 
@@ -339,30 +405,166 @@ def ln_finalize(dx, s1, s0, ln_weight, ln_bias, scale):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-image launchers: a mixed multi-task batch (fastpeft/ops/_rows.py), where each of the B images
+# (M / B contiguous rows of x) has its own γ / β (and LayerNorm a / c when those are per task too).
+# The same kernels with ROWS=True and the same tiles: a grid axis over the images, so a row block
+# never straddles two images and each image's parameter gradients are its own column sums, finished
+# in the launch like the single-task ones (one [2, S, D] partial buffer and counter set per image).
+# A parameter is [B, D] (per image, contiguous) or [D] (shared); a shared parameter's
+# per-image gradients are accumulated in fp32 and summed over the images.
+# ----------------------------------------------------------------------------------------------
+def _per_image(t) -> int:
+    """1 for a (contiguous) [B, D] parameter, row i image i's; 0 for a shared [D] one (or None). A
+    flag, not a stride: the kernels offset by i * D, whose 16-divisibility the JIT knows, so the
+    parameter loads stay vectorised (an unknown stride would not be)."""
+    return 0 if t is None or t.dim() == 1 else 1
+
+
+def _rows_grad(p, b: int, d: int, dt, dev):
+    """Per-image gradient buffer [B, D] for parameter p: p's dtype when p is per image, fp32 when
+    shared (then summed by `_rows_total`)."""
+    return torch.empty((b, d), dtype=dt if p.dim() == 2 else torch.float32, device=dev)
+
+
+def _rows_total(p, g):
+    return g if p.dim() == 2 else g.sum(0).to(p.dtype)
+
+
+def launch_ssf_rows_fwd(x, scale, shift, act: int, b: int):
+    """act(x * γ_i + β_i) on image i's rows: x [B, ..., D] (B images of M / B rows), γ, β [B, D] or [D]."""
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    if m == 0:
+        return y
+    r = m // b
+    c = CONFIGS["ssf_fwd"][0]
+    sc, sh = scale.contiguous(), shift.contiguous()
+    _ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), cdiv(d, c.BLOCK_N), b)](
+        x2, sc, sh, y, m, d, act, r, _per_image(sc), _per_image(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y
+
+
+def launch_ssf_rows_bwd(grad_out, x, scale, shift, act: int, b: int):
+    """(dx, dγ, dβ): dγ, dβ [B, D] (image i's sums over its rows) for per-image γ, β; [D] for shared."""
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dev = x.device
+    sc, sh = scale.contiguous(), shift.contiguous()
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    dsc, dsh = _rows_grad(sc, b, d, sc.dtype, dev), _rows_grad(sh, b, d, sh.dtype, dev)
+    if m == 0:
+        return dx, _rows_total(sc, dsc.zero_()), _rows_total(sh, dsh.zero_())
+    r = m // b
+    c = CONFIGS["ssf_bwd"][0]
+    ncol = cdiv(d, c.BLOCK_N)
+    s = row_splits(r, c.BLOCK_M, ncol * b, dev)
+    ps, lock = split_workspace(dev, 2 * s * d * b, ncol * b)
+    _ssf_bwd_kernel[(ncol, s, b)](
+        g2, x2, sc, sh, dx, ps, lock, dsc, dsh, m, d, s, act, r, _per_image(sc), _per_image(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return dx, _rows_total(sc, dsc), _rows_total(sh, dsh)
+
+
+def launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps: float, b: int):
+    """(y, mean [M], rstd [M]): LN(x; a_i, c_i) γ_i + β_i on image i's rows; each of a, c, γ, β
+    [B, D] or [D] (a, c may be None)."""
+    x2 = flat(x)
+    d = x.shape[-1]
+    m = x.numel() // d
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
+    r = m // b
+    bd = ln_block_d(d)
+    c = CONFIGS["layernorm_ssf_fwd"][bd]
+    sc = scale.contiguous()
+    w = ln_weight.contiguous() if ln_weight is not None else None
+    lb = ln_bias.contiguous() if ln_bias is not None else None
+    sh = shift.contiguous()
+    _layernorm_ssf_fwd_kernel[(cdiv(r, c.BLOCK_M), b)](
+        x2, w if w is not None else sc, lb if lb is not None else sc, sc, sh, y, mean, rstd,
+        m, d, float(eps), int(w is not None), int(lb is not None),
+        r, _per_image(w), _per_image(lb), _per_image(sc), _per_image(sh),
+        BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y, mean, rstd
+
+
+def launch_ln_rows_bwd(grad_out, x, ln_weight, ln_bias, scale, shift, mean, rstd, b: int, want_ln: bool = True):
+    """(dx, da, dc, dγ, dβ) of `launch_ln_rows_fwd`, each parameter's gradient shaped like it ([B, D]
+    per image, [D] shared); da, dc are None unless `want_ln` (and None for an absent a / c).
+    `shift` is only read for its shape."""
+    x2, g2 = flat(x), flat(grad_out)
+    d = x.shape[-1]
+    m = x.numel() // d
+    dev = x.device
+    sc = scale.contiguous()
+    w = ln_weight.contiguous() if ln_weight is not None else None
+    lb = ln_bias.contiguous() if ln_bias is not None else None
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    dsc, dsh = _rows_grad(sc, b, d, sc.dtype, dev), _rows_grad(shift, b, d, sc.dtype, dev)
+    want_ln = want_ln and (w is not None or lb is not None)
+    # (both written when want_ln, an absent one's into its own unused buffer: no aliasing)
+    dw = _rows_grad(sc if w is None else w, b, d, sc.dtype, dev) if want_ln else None
+    db = _rows_grad(sc if lb is None else lb, b, d, sc.dtype, dev) if want_ln else None
+    if m == 0:
+        for t in (dsc, dsh, dw, db):
+            if t is not None:
+                t.zero_()
+    else:
+        r = m // b
+        bd = ln_block_d(d)
+        c = CONFIGS["layernorm_ssf_bwd"][bd]
+        s = row_splits(r, c.BLOCK_M, b, dev)
+        ps, lock = split_workspace(dev, 2 * s * d * b, b)
+        _layernorm_ssf_bwd_kernel[(s, b)](
+            g2, x2, w if w is not None else sc, lb if lb is not None else sc, sc, mean, rstd, dx, ps, lock,
+            dw if dw is not None else dsc, db if db is not None else dsc, dsc, dsh,
+            m, d, s, int(w is not None), int(lb is not None), int(want_ln), r,
+            _per_image(w), _per_image(lb), _per_image(sc),
+            BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=True, num_warps=c.num_warps, num_stages=c.num_stages)
+    return (dx, None if dw is None or w is None else _rows_total(w, dw),
+            None if db is None or lb is None else _rows_total(lb, db), _rows_total(sc, dsc), _rows_total(shift, dsh))
+
+
+# ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile list (kernels/aot.py)
 # ----------------------------------------------------------------------------------------------
 def aot_specs():
+    """Each kernel twice: the single-task form (ROWS=False) and the per-image one of a mixed
+    multi-task batch (ROWS=True, `*_rows_*`), with the same tiles."""
     specs = []
     for dt in AOT_DTYPES:
         P = TRITON_PTR[dt]
-        c = CONFIGS["ssf_fwd"][0]
-        specs.append(("ssf_fwd", _ssf_fwd_kernel,
-                      {"X": P, "SCALE": P, "SHIFT": P, "Y": P, "M": "i32", "D": "i32", "act": "i32"},
-                      dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
-        c = CONFIGS["ssf_bwd"][0]
-        specs.append(("ssf_bwd", _ssf_bwd_kernel,
-                      {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32", "LOCK": "*i32",
-                       "DSC": P, "DSH": P, "M": "i32", "D": "i32", "S": "i32", "act": "i32"},
-                      dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N), c, str(dt)))
-        for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
-            specs.append(("layernorm_ssf_fwd", _layernorm_ssf_fwd_kernel,
-                          {"X": P, "LNW": P, "LNB": P, "SCALE": P, "SHIFT": P, "Y": P, "MEAN": "*fp32",
-                           "RSTD": "*fp32", "M": "i32", "D": "i32", "eps": "fp32", "has_w": "i32", "has_b": "i32"},
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
-        for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
-            specs.append(("layernorm_ssf_bwd", _layernorm_ssf_bwd_kernel,
-                          {"G": P, "X": P, "LNW": P, "LNB": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32",
-                           "DX": P, "PS": "*fp32", "LOCK": "*i32", "DW": P, "DB": P, "DSC": P, "DSH": P,
-                           "M": "i32", "D": "i32", "S": "i32", "has_w": "i32", "has_b": "i32", "want_ln": "i32"},
-                          dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd), c, str(dt)))
+        for rows, tag in ((False, ""), (True, "_rows")):
+            c = CONFIGS["ssf_fwd"][0]
+            specs.append((f"ssf{tag}_fwd", _ssf_fwd_kernel,
+                          {"X": P, "SCALE": P, "SHIFT": P, "Y": P, "M": "i32", "D": "i32", "act": "i32",
+                           "R": "i32", "SC_IMG": "i32", "SH_IMG": "i32"},
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=rows), c, str(dt)))
+            c = CONFIGS["ssf_bwd"][0]
+            specs.append((f"ssf{tag}_bwd", _ssf_bwd_kernel,
+                          {"G": P, "X": P, "SCALE": P, "SHIFT": P, "DX": P, "PS": "*fp32", "LOCK": "*i32",
+                           "DSC": P, "DSH": P, "M": "i32", "D": "i32", "S": "i32", "act": "i32",
+                           "R": "i32", "SC_IMG": "i32", "SH_IMG": "i32"},
+                          dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, ROWS=rows), c, str(dt)))
+            for bd, c in CONFIGS["layernorm_ssf_fwd"].items():
+                specs.append((f"layernorm_ssf{tag}_fwd", _layernorm_ssf_fwd_kernel,
+                              {"X": P, "LNW": P, "LNB": P, "SCALE": P, "SHIFT": P, "Y": P, "MEAN": "*fp32",
+                               "RSTD": "*fp32", "M": "i32", "D": "i32", "eps": "fp32", "has_w": "i32",
+                               "has_b": "i32", "R": "i32", "W_IMG": "i32", "B_IMG": "i32", "SC_IMG": "i32",
+                               "SH_IMG": "i32"},
+                              dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=rows), c, str(dt)))
+            for bd, c in CONFIGS["layernorm_ssf_bwd"].items():
+                specs.append((f"layernorm_ssf{tag}_bwd", _layernorm_ssf_bwd_kernel,
+                              {"G": P, "X": P, "LNW": P, "LNB": P, "SCALE": P, "MEAN": "*fp32", "RSTD": "*fp32",
+                               "DX": P, "PS": "*fp32", "LOCK": "*i32", "DW": P, "DB": P, "DSC": P, "DSH": P,
+                               "M": "i32", "D": "i32", "S": "i32", "has_w": "i32", "has_b": "i32",
+                               "want_ln": "i32", "R": "i32", "W_IMG": "i32", "B_IMG": "i32", "SC_IMG": "i32"},
+                              dict(BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=rows), c, str(dt)))
     return specs

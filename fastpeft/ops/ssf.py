@@ -6,6 +6,8 @@
   ssf_gelu        g = GELU(z * scale + shift): `fastpeft::ssf_gelu` / `ssf_gelu_backward`
   layernorm_ssf   y = LayerNorm(x) * scale + shift: `fastpeft::layernorm_ssf` / `_backward`
   *_ref           plain-torch references: the test oracles
+  *_rows          per-row forms for a mixed multi-task batch (each image its own task's
+                  parameters; fastpeft/ops/_rows.py), beside their `*_rows_ref`: at the end
 
 Each saves only its input (and LayerNorm's per-row mean / rstd in fp32). The Triton kernels,
 launchers and configs are in kernels/ssf.py.
@@ -393,3 +395,155 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
         y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
         return y
     return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, use_triton(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row forms: a mixed multi-task batch (fastpeft/multitask.py), called through
+# fastpeft/ops/_rows.py `rows_call` with the physical tensors: x [B, ..., C] (image i's rows are
+# x[i]), each parameter [B, C] (image i's own: its task's) or [C] (shared, e.g. the frozen
+# LayerNorm affine). One launch per op forward and one backward for the whole batch (the kernels'
+# ROWS variants, kernels/ssf.py); each per-image parameter gets its gradient [B, C] (image i's own
+# column sums, finished in the backward launch: multitask.py's index_select scatters them to the
+# tasks), a shared one its [C] total.
+# ----------------------------------------------------------------------------------------------
+from ..kernels.ssf import (launch_ln_rows_bwd, launch_ln_rows_fwd, launch_ssf_rows_bwd,  # noqa: E402
+                           launch_ssf_rows_fwd)
+
+#: images of one per-row launch at most: they are a grid axis (CUDA's limit on grid axes 1 and 2)
+MAX_ROW_IMAGES = 65535
+
+
+def _image_view(t, b, x):
+    """A [B, C] per-image parameter viewed to broadcast over x [B, ..., C]; a [C] one (or None) as is."""
+    if t is None or t.dim() == 1:
+        return t
+    return t.view(b, *([1] * (x.dim() - 2)), t.shape[-1])
+
+
+def ssf_rows_ref(b, x, scale, shift):
+    """Image i's rows x[i] * scale[i] + shift[i] (x [B, ..., C]; scale, shift [B, C], or [C] shared)."""
+    return ssf_ref(x, _image_view(scale, b, x), _image_view(shift, b, x))
+
+
+def ssf_gelu_rows_ref(b, z, scale, shift):
+    """GELU(z[i] * scale[i] + shift[i]) per image i (shapes as `ssf_rows_ref`)."""
+    return ssf_gelu_ref(z, _image_view(scale, b, z), _image_view(shift, b, z))
+
+
+def layernorm_ssf_rows_ref(b, x, ln_weight, ln_bias, scale, shift, eps=1e-6):
+    """LN(x[i]; a[i], c[i]) * scale[i] + shift[i] per image i; each parameter [B, C] or [C] (a, c
+    may be None), in fp32, cast to x.dtype."""
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    if ln_weight is not None:
+        y = y * _image_view(ln_weight, b, x).float()
+    if ln_bias is not None:
+        y = y + _image_view(ln_bias, b, x).float()
+    return (y * _image_view(scale, b, x).float() + _image_view(shift, b, x).float()).to(x.dtype)
+
+
+def _validate_rows(op, b, x, params, ln=False, eps=1.0):
+    """x [B, ..., C] with B = b images; each named parameter [B, C] or [C], like x (dtype, device)."""
+    c = check_features(op, x, "C")
+    if not 1 <= b <= MAX_ROW_IMAGES:
+        raise ValueError(f"{op}: the image count must be in [1, {MAX_ROW_IMAGES}], got {b}")
+    if x.dim() < 2 or x.shape[0] != b:
+        raise ValueError(f"{op}: x must be [B, ..., C] with B = {b} images first, got x {describe(x)}")
+    for name, t in params.items():
+        if t is None and name.startswith("ln_"):
+            continue
+        check_tensor(op, name, t, like=x)
+        if tuple(t.shape) not in ((b, c), (c,)):
+            raise ValueError(f"{op}: {name} must be [{b}, {c}] (one row per image) or [{c}] (shared), "
+                             f"got {name} {describe(t)} for x {describe(x)}")
+    if ln:
+        if c > MAX_LN_WIDTH:
+            raise ValueError(f"{op}: width {c} exceeds the supported maximum {MAX_LN_WIDTH} (x {describe(x)})")
+        if not eps > 0.0:
+            raise ValueError(f"{op}: eps must be > 0, got {eps}")
+
+
+class _SSFRowsFunction(torch.autograd.Function):
+    """`ssf_rows` / `ssf_gelu_rows` (act 0 / 1) on the Triton kernels: saves x (and the parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, act, b):
+        y = launch_ssf_rows_fwd(x, scale, shift, act, b)
+        ctx.save_for_backward(x, scale, shift)
+        ctx.args = (act, b)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, scale, shift = ctx.saved_tensors
+        act, b = ctx.args
+        dx, dscale, dshift = launch_ssf_rows_bwd(grad_out.contiguous(), x, scale, shift, act, b)
+        nx, ns, nb = ctx.needs_input_grad[:3]
+        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None
+
+
+class _LayerNormSSFRowsFunction(torch.autograd.Function):
+    """`layernorm_ssf_rows` on the Triton kernels: saves x and per-row mean / rstd (fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, b):
+        y, mean, rstd = launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps, b)
+        ctx.save_for_backward(x, ln_weight, ln_bias, scale, shift, mean, rstd)
+        ctx.b = b
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, ln_weight, ln_bias, scale, shift, mean, rstd = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        dx, dw, db, dscale, dshift = launch_ln_rows_bwd(grad_out.contiguous(), x, ln_weight, ln_bias, scale, shift,
+                                                        mean, rstd, ctx.b, n[1] or n[2])
+        return (dx if n[0] else None, dw if n[1] else None, db if n[2] else None, dscale if n[3] else None,
+                dshift if n[4] else None, None, None)
+
+
+def _check_rows_args(op, b, x):
+    """The TypeErrors, on every call (an image count 3.0 would hit the checked signature of 3)."""
+    if isinstance(b, bool) or not isinstance(b, int):
+        raise TypeError(f"{op}: the image count must be an int, got {type(b).__name__}")
+    if not isinstance(x, torch.Tensor):
+        check_tensor(op, "x", x)
+
+
+def _ssf_rows_call(op, b, x, scale, shift, act):
+    _check_rows_args(op, b, x)
+    scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
+    _CHECKED.check(False, lambda: _validate_rows(op, b, x, {"scale": scale, "shift": shift}),
+                   x, scale, shift, extra=(op, b))
+    if not use_triton(x):  # no Triton here: the reference (autograd differentiates it)
+        return (ssf_gelu_rows_ref if act else ssf_rows_ref)(b, x, scale, shift)
+    return _SSFRowsFunction.apply(x, scale, shift, act, b)
+
+
+def ssf_rows(b: int, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per-row `ssf`: image i's rows x[i] * scale[i] + shift[i]. x [B, ..., C] (B = b images);
+    scale, shift [B, C] (or [C], shared). One launch forward, one backward; saves only x."""
+    return _ssf_rows_call("ssf_rows", b, x, scale, shift, 0)
+
+
+def ssf_gelu_rows(b: int, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Per-row `ssf_gelu`: GELU(z[i] * scale[i] + shift[i]) per image i; saves only z."""
+    return _ssf_rows_call("ssf_gelu_rows", b, z, scale, shift, 1)
+
+
+def layernorm_ssf_rows(b: int, x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                       scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-row `layernorm_ssf`: LN(x[i]; a[i], c[i]) * scale[i] + shift[i] per image i. x [B, ..., C];
+    each parameter [B, C] or [C] (the frozen LayerNorm affine is shared, BitFit's per-task LN bias
+    per image); saves x and per-row mean / rstd."""
+    op = "layernorm_ssf_rows"
+    _check_rows_args(op, b, x)
+    ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
+    eps = float(eps)
+    _CHECKED.check(False, lambda: _validate_rows(op, b, x, {"ln_weight": ln_weight, "ln_bias": ln_bias,
+                                                            "scale": scale, "shift": shift}, ln=True, eps=eps),
+                   x, ln_weight, ln_bias, scale, shift, extra=(op, b, eps))
+    if not use_triton(x):
+        return layernorm_ssf_rows_ref(b, x, ln_weight, ln_bias, scale, shift, eps)
+    return _LayerNormSSFRowsFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, b)

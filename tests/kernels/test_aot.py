@@ -15,7 +15,8 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 # at least these (other kernel modules listed in aot.MODULES add theirs)
 KERNELS = {"adapter_fwd", "adapter_bwd", "adapter_bwd_dw", "philox_rand", "ssf_fwd", "ssf_bwd",
-           "layernorm_ssf_fwd", "layernorm_ssf_bwd"}
+           "layernorm_ssf_fwd", "layernorm_ssf_bwd", "ssf_rows_fwd", "ssf_rows_bwd", "layernorm_ssf_rows_fwd",
+           "layernorm_ssf_rows_bwd"}
 
 
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's bundled cuobjdump is missing")
