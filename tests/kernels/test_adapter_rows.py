@@ -30,7 +30,7 @@ IDS = torch.tensor([1, 0, 1])  # rows 0 and 2 share task 1's factors
 T = 2
 
 # (layout, act, dropout p, scale): scale "learn" = one learnable scalar per task
-#   parallel: AdaptFormer parallel (adapter branch alone), sequential: f + s * branch,
+#   parallel: base + s * branch (base: the FFN branch), sequential: f + s * branch,
 #   noah / vpt: serial adapters (s = 1, residual = x); "shared" weights: one copy for every row
 CASES = [
     ("parallel", "relu", 0.0, 0.1),
@@ -60,12 +60,15 @@ def run(fn, leaves, x0, layout, act, p, scale, seed, grad, **kw):
     and of every task tensor."""
     tasks = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
     x = x0.clone().requires_grad_(True)
+    # parallel: the op adds the FFN branch as `base` (as the single-task op's parallel layout)
+    base = (x0.flip(-1) * 0.5).requires_grad_(True) if layout == "parallel" else None
     rows = {k: v.index_select(0, IDS) for k, v in tasks.items()}
-    out = fn(B, x, rows["w_down"], rows["b_down"], rows["w_up"], rows["b_up"],
+    out = fn(B, x, rows["w_down"], rows["b_down"], rows["w_up"], rows["b_up"], base=base,
              residual=x if layout != "parallel" else None,
              scale=rows["scale"] if scale == "learn" else scale, act=act, dropout_p=p, seed=seed, **kw)
     out.backward(grad)
-    return out.detach(), {"x": x.grad, **{k: v.grad for k, v in tasks.items()}}
+    extra = {"base": base.grad} if base is not None else {}
+    return out.detach(), {"x": x.grad, **extra, **{k: v.grad for k, v in tasks.items()}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -83,7 +86,7 @@ def test_rows_match_reference(layout, act, p, scale, dtype):
     assert_close("out", out, ref, TOL[dtype])
     assert grads.keys() == ref_grads.keys()
     for k in grads:
-        assert grads[k].dtype == dtype and grads[k].shape == (x0 if k == "x" else leaves[k]).shape, k
+        assert grads[k].dtype == dtype and grads[k].shape == (x0 if k in ("x", "base") else leaves[k]).shape, k
         assert_close(f"grad {k}", grads[k], ref_grads[k], TOL[dtype])
     # a task's gradients come from its own rows only: task 0 has one row, task 1 two
     assert torch.count_nonzero(grads["w_down"][0]) and torch.count_nonzero(grads["w_down"][1])
