@@ -2,7 +2,13 @@
 sequential, NOAH's serial adapter, VPT's Pfeiffer adapter) is swapped in place for one call of the
 fused adapter op (ops.adapter.adapter): down-projection, bias, activation, dropout (mask
 regenerated from a saved seed, never stored), up-projection, scale and residual in one pass,
-saving x and the rank-r pre-activation only. Same parameters, same slot position."""
+saving x and the rank-r pre-activation only. Same parameters, same slot position.
+
+In a mixed multi-task batch (the input is vmapped: fastpeft/block.py `vmapped`) every image has its
+task's adapter: on the Triton backend in eager mode the fused modules run the op's per-row form
+(ops.adapter.adapter_rows, through fastpeft/ops/_rows.py `rows_call`: one launch for the whole
+batch, each row block reading its image's weights); elsewhere (CPU backends, torch.compile) the
+reference, which vmap batches."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +19,7 @@ from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
 from ..methods.adaptformer import _Parallel, _Sequential
 from ..methods.base import SlotFn
 from ..block import vmapped
+from ..ops._rows import rows_call
 from .common import SlotRule, kernel_call
 
 
@@ -25,6 +32,26 @@ def _ops():
 
 def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
     return kernel_call(backend, x.device.type, _ops().adapter, x, w_down, b_down, w_up, b_up, **kw)
+
+
+def _rows_ok(backend: str) -> bool:
+    """Whether a vmapped call runs the per-row form: the Triton backend, eager (`rows_call` is
+    eager-only; the CPU backends keep the reference, as they do for a single task)."""
+    return backend not in ("torch", "cpp") and not torch.compiler.is_compiling()
+
+
+def _adapter_rows(backend, x, w_down, b_down, w_up, b_up, add_x: bool, scale, **kw):
+    """The per-row adapter on a mixed batch: `rows_call` hands `adapter_rows` the physical tensors
+    (x [B, 1, N, D]; each weight and a learnable scale [B, ...] when they are the rows' own, as in
+    a multi-task model, else shared); `add_x`: x is also the residual (the serial adapters)."""
+    ops = _ops()
+
+    def form(images, x, w_down, b_down, w_up, b_up, scale_t):
+        return ops.adapter_rows(images, x, w_down, b_down, w_up, b_up, residual=x if add_x else None,
+                                scale=scale if scale_t is None else scale_t, **kw)
+
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    return kernel_call(backend, x.device.type, rows_call, form, x, w_down, b_down, w_up, b_up, scale_t)
 
 
 class FusedAdaptFormer(SlotFn):
@@ -43,8 +70,15 @@ class FusedAdaptFormer(SlotFn):
                         residual=residual, scale=ad.scale, act="relu", dropout_p=ad.dropout, training=ad.training)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        if vmapped(args[0]):  # a mixed multi-task batch: the reference (fastpeft/block.py vmapped)
-            return self.original(*args)
+        if vmapped(args[0]):  # a mixed multi-task batch (fastpeft/block.py vmapped)
+            if not _rows_ok(self.backend):
+                return self.original(*args)
+            ad = self.original.adapter
+            x = args[0]
+            # parallel: the adapter branch alone; sequential: f + the branch (x = f)
+            return _adapter_rows(self.backend, x, ad.down_proj.weight, ad.down_proj.bias, ad.up_proj.weight,
+                                 ad.up_proj.bias, not isinstance(self.original, _Parallel), ad.scale,
+                                 act="relu", dropout_p=ad.dropout, training=ad.training)
         if isinstance(self.original, _Parallel):
             y, _ = args
             return self._run(y, None)
@@ -63,7 +97,8 @@ class FusedSerialAdapter(SlotFn):
         self.backend = backend
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
-        if vmapped(f):
+        rows = vmapped(f)
+        if rows and not _rows_ok(self.backend):
             return self.original(f)
         ad = self.original.adapter
         a = ad.active_dim
@@ -72,6 +107,9 @@ class FusedSerialAdapter(SlotFn):
         w1, b1, w2 = ad.ln1.weight, ad.ln1.bias, ad.ln2.weight
         if a != ad.super_dim:
             w1, b1, w2 = w1[:a], b1[:a], w2[:, :a].contiguous()
+        if rows:
+            return _adapter_rows(self.backend, f, w1, b1, w2, ad.ln2.bias, True, 1.0, act=ad.act,
+                                 dropout_p=ad.dropout, training=ad.training)
         return _adapter(self.backend, f, w1, b1, w2, ad.ln2.bias, residual=f, scale=1.0, act=ad.act,
                         dropout_p=ad.dropout, training=ad.training)
 
@@ -86,9 +124,12 @@ class FusedPfeiffer(SlotFn):
         self.backend = backend
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
-        if vmapped(m):
-            return self.original(m)
         o = self.original
+        if vmapped(m):
+            if not _rows_ok(self.backend):
+                return o(m)
+            return _adapter_rows(self.backend, m, o.down.weight, o.down.bias, o.up.weight, o.up.bias, True, 1.0,
+                                 act=o.act, dropout_p=o.p, training=o.down.training)
         return _adapter(self.backend, m, o.down.weight, o.down.bias, o.up.weight, o.up.bias, residual=m,
                         scale=1.0, act=o.act, dropout_p=o.p, training=o.down.training)
 

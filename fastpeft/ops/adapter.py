@@ -9,6 +9,8 @@ code each cites: fastpeft/methods/adaptformer.py, adapter.py). Layers, each doin
   torch.ops.fastpeft.adapter / adapter_backward  custom ops (fake + autograd): what torch.compile traces
   _AdapterFunction                               the eager path: the same launchers without the op dispatch
   adapter                                        public functional
+  adapter_rows / adapter_rows_ref                its per-row form (a mixed multi-task batch: each image its
+                                                 own weights, fastpeft/ops/_rows.py) and that form's reference
 
 The Triton kernels, their launchers and configs are in kernels/adapter.py; training saves only
 x and the rank-r pre-activation (fp32), the dropout mask is regenerated from the seed.
@@ -20,7 +22,8 @@ import torch
 from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_dropout, check_p,
                                check_tensor, describe, use_triton)
-from ..kernels.adapter import ACTS, MAX_RANK, dropout_keep_mask, launch_bwd, launch_fwd
+from ..kernels.adapter import (ACTS, MAX_RANK, dropout_keep_mask, launch_bwd, launch_fwd, launch_rows_bwd,
+                               launch_rows_fwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,3 +351,179 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
         return out
     return _AdapterFunction.apply(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale_f, act_code,
                                   p, seed, use_triton(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row form: a mixed multi-task batch (fastpeft/ops/_rows.py), every image its own adapter
+# ----------------------------------------------------------------------------------------------
+def _per_row(t: torch.Tensor, images: int, single_dim: int) -> torch.Tensor:
+    """A weight as [B, ...]: one per image as it is, a shared one (the single-task shape) expanded."""
+    return t if t.dim() == single_dim + 1 else t.expand(images, *t.shape)
+
+
+def _rows_scale(scale, images: int):
+    """The scale as the reference multiplies [B, L, D] by: a float, a shared 0-d tensor, or [B, 1, 1]."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    s = scale.to(torch.float32).reshape(-1)
+    return s.reshape(()) if s.numel() == 1 else s.view(images, 1, 1)
+
+
+def adapter_rows_ref(images: int, x, w_down, b_down, w_up, b_up, *, base=None, residual=None, scale=1.0,
+                     act="relu", dropout_p=0.0, seed=None):
+    """`adapter_rows` in plain torch (the test oracle): image b of x [B, ..., D] (its L rows) gets
+    out_b = base_b + s_b (up_b(dropout(act(down_b(x_b)))) ) + residual_b with its own weights
+    (w_down [B, r, D] or shared [r, D], likewise b_down, w_up, b_up; scale a float, a one-element
+    tensor or one value per image [B] / [B, 1]), in fp32, cast to x's dtype. Dropout (p > 0) uses
+    the kernels' Philox mask for `seed` over the B L rows, as `adapter_ref` on the same rows."""
+    f32 = torch.float32
+    d = x.shape[-1]
+    xb = x.reshape(images, -1, d).to(f32)
+    wd = _per_row(w_down, images, 2).to(f32)
+    r = wd.shape[1]
+    a = xb @ wd.transpose(1, 2)
+    if b_down is not None:
+        a = a + _per_row(b_down, images, 1).to(f32)[:, None, :]
+    h = act_ref(a, act)
+    if dropout_p > 0.0:
+        keep = dropout_keep_mask(seed, h.shape[0] * h.shape[1], r, dropout_p).view(h.shape)
+        h = h * keep / (1.0 - dropout_p)
+    u = h @ _per_row(w_up, images, 2).to(f32).transpose(1, 2)
+    if b_up is not None:
+        u = u + _per_row(b_up, images, 1).to(f32)[:, None, :]
+    out = _rows_scale(scale, images) * u
+    if base is not None:
+        out = out + base.reshape(out.shape).to(f32)
+    if residual is not None:
+        out = out + residual.reshape(out.shape).to(f32)
+    return out.to(x.dtype).view(x.shape)
+
+
+def _validate_rows(images, x, w_down, b_down, w_up, b_up, base, residual, scale_t, act, p, seed):
+    op = "adapter_rows"
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"{op}: images must be a positive int (the rows' count B), got {images!r}")
+    d = check_features(op, x)
+    if x.dim() < 2 or x.shape[0] != images:
+        raise ValueError(f"{op}: x must be [B, ..., D] with B = images = {images} first, got x {describe(x)}")
+
+    def per_row_or_shared(name, t, single):
+        """`t` is `single` (shared) or [images, *single] (one per image)."""
+        if t is None:
+            return
+        check_tensor(op, name, t, like=x)
+        if tuple(t.shape) not in (tuple(single), (images, *single)):
+            raise ValueError(f"{op}: {name} must be {list(single)} (shared) or {[images, *single]} (one per "
+                             f"image), got {name} {describe(t)} for x {describe(x)}")
+
+    check_tensor(op, "w_down", w_down, like=x)
+    if w_down.dim() not in (2, 3) or w_down.shape[-1] != d:
+        raise ValueError(f"{op}: w_down must be [r, D] or [B, r, D] with D = {d}, got w_down {describe(w_down)}")
+    r = w_down.shape[-2]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{op}: rank r = {r} (w_down {describe(w_down)}) must be in 1..{MAX_RANK}")
+    per_row_or_shared("w_down", w_down, (r, d))
+    per_row_or_shared("w_up", w_up, (d, r))
+    per_row_or_shared("b_down", b_down, (r,))
+    per_row_or_shared("b_up", b_up, (d,))
+    for name, t in (("base", base), ("residual", residual)):
+        if t is not None:
+            check_tensor(op, name, t, shape=x.shape, like=x)
+    if scale_t is not None:
+        check_tensor(op, "scale", scale_t, like=x, dtype=scale_t.dtype)
+        if scale_t.numel() != 1 and not (scale_t.dim() >= 1 and scale_t.shape[0] == images
+                                         and scale_t.numel() == images):
+            raise ValueError(f"{op}: a tensor scale must have one element (shared) or one per image "
+                             f"([{images}] or [{images}, 1]), got scale {describe(scale_t)}")
+    if act not in ACTS.values():
+        raise ValueError(f"{op}: act code {act} is not one of {ACTS}")
+    check_dropout(op, p, seed, x, "x")
+
+
+def _fold(g: torch.Tensor, dim: int, single_dim: int) -> torch.Tensor:
+    """Per-image gradients [B, ...] of a weight with `dim` dims: as they are for a per-image
+    weight, summed over the images (in fp32) for a shared one (`single_dim` dims)."""
+    return g if dim == single_dim + 1 else g.float().sum(0).to(g.dtype)
+
+
+class _AdapterRowsFunction(torch.autograd.Function):
+    """`adapter_rows` on the Triton per-row launchers: saves x and the rank-r pre-activation
+    (fp32), as the single-task op; the masks are regenerated from the seed in backward."""
+
+    @staticmethod
+    def forward(ctx, images, x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale, act, p, seed):
+        save = any(ctx.needs_input_grad[i] for i in (1, 2, 3, 4, 5, 8))
+        st = None if scale_t is None else scale_t.reshape(-1)
+        out, a = launch_rows_fwd(images, x, w_down, b_down, w_up, b_up, base, residual, st, scale, act, p, seed,
+                                 save)
+        if save:
+            ctx.save_for_backward(x, a, w_down, w_up, b_up, scale_t, seed)
+        ctx.args = (images, save, scale, act, p, base is not None, residual is not None,
+                    None if b_down is None else b_down.dim())
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        images, save, scale, act, p, has_base, has_res, bd_dim = ctx.args
+        need = ctx.needs_input_grad
+        pass_through = (grad_out if has_base and need[6] else None, grad_out if has_res and need[7] else None)
+        if not save:  # only base / residual need a gradient: the identity
+            return (None,) * 6 + pass_through + (None,) * 5
+        x, a, w_down, w_up, b_up, scale_t, seed = ctx.saved_tensors
+        st = None if scale_t is None else scale_t.reshape(-1)
+        dx, dwd, dbd, dwu, dbu, ds = launch_rows_bwd(images, grad_out.contiguous(), x, a, w_down, w_up, b_up, st,
+                                                     scale, act, p, seed)
+        dscale = None
+        if scale_t is not None and need[8]:
+            dscale = (ds if st.numel() == images and images > 1 else ds.sum()).reshape(scale_t.shape)
+            dscale = dscale.to(scale_t.dtype)
+        return (None, dx if need[1] else None, _fold(dwd, w_down.dim(), 2) if need[2] else None,
+                _fold(dbd, bd_dim, 1) if need[3] else None, _fold(dwu, w_up.dim(), 2) if need[4] else None,
+                _fold(dbu, b_up.dim(), 1) if need[5] else None,
+                *pass_through, dscale, None, None, None, None)
+
+
+_CHECKED_ROWS = CheckedSignatures()
+
+
+def adapter_rows(images: int, x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
+                 w_up: torch.Tensor, b_up: torch.Tensor | None, *, base: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, scale: float | torch.Tensor = 1.0, act: str = "relu",
+                 dropout_p: float = 0.0, training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-row form of `adapter` (a mixed multi-task batch, called through
+    fastpeft/ops/_rows.py `rows_call`): x [B, ..., D] holds B = `images` images of L rows each
+    (x.numel() / (B D)), image b computed with its own weights: w_down [B, r, D], b_down [B, r],
+    w_up [B, D, r], b_up [B, D] (or any of them shared: the single-task shape), scale a float, a
+    one-element tensor or one per image ([B] / [B, 1], learnable). base / residual like x.
+    Gradients: one per image for the per-image weights (each image's own rows), summed for shared
+    ones. Dropout (training, p = dropout_p) is the single-task kernel's Philox stream over the B L
+    rows for `seed` (drawn from torch's generator when None), regenerated in backward.
+
+    Triton: one forward launch and three backward launches for the whole batch, whatever the mix
+    of tasks. Without Triton (or under torch.compile) it runs `adapter_rows_ref` (same masks).
+    """
+    act_code = ACTS.get(act) if isinstance(act, str) else None
+    if act_code is None:
+        raise ValueError(f"adapter_rows: act must be one of {tuple(ACTS)}, got {act!r}")
+    check_tensor("adapter_rows", "x", x)
+    dt = x.dtype
+    w_down, b_down, w_up, b_up = (cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_f = 1.0 if scale_t is not None else float(scale)
+    p = check_p("adapter_rows", dropout_p)
+    p = p if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    compiling = torch.compiler.is_compiling()
+    _CHECKED_ROWS.check(compiling, lambda: _validate_rows(images, x, w_down, b_down, w_up, b_up, base, residual,
+                                                         scale_t, act_code, p, seed),
+                        x, w_down, b_down, w_up, b_up, base, residual, scale_t, seed if p > 0.0 else None,
+                        extra=(images, act_code, p))
+    if p <= 0.0:
+        seed = None
+    if compiling or not use_triton(x):
+        return adapter_rows_ref(images, x, w_down, b_down, w_up, b_up, base=base, residual=residual,
+                                scale=scale if scale_t is not None else scale_f, act=act, dropout_p=p, seed=seed)
+    return _AdapterRowsFunction.apply(images, x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale_f,
+                                      act_code, p, seed)
