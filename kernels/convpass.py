@@ -176,13 +176,23 @@ def _config(kernel: str, d: int, t: torch.Tensor):
     return dp, CONFIGS[kernel][(dp, t.element_size())]
 
 
+_PLANS: dict = {}
+
+
 def _plan(kernel: str, d: int, t: torch.Tensor, m: int, width: int):
     """`_config` plus the grid of a launch over m rows whose other loop runs over `width` columns:
-    (padded width, Cfg, row blocks, columns per split, splits)."""
-    dp, c = _config(kernel, d, t)
-    rb = cdiv(m, c.BLOCK_M)
-    per_split, splits = column_splits(width, c.BLOCK_N, rb, t.device)
-    return dp, c, rb, per_split, splits
+    (padded width, Cfg, row blocks, columns per split, splits); kept per launch shape (a few
+    entries per model: looked up instead of recomputed on every launch)."""
+    key = (kernel, d, t.dtype, m, width, t.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        dp, c = _config(kernel, d, t)
+        rb = cdiv(m, c.BLOCK_M)
+        per_split, splits = column_splits(width, c.BLOCK_N, rb, t.device)
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = (dp, c, rb, per_split, splits)
+    return plan
 
 
 def launch_down_fwd(x, w_down, b_down):
@@ -236,8 +246,7 @@ def launch_up_bwd(grad_out, c, w_up, scale: float, p: float, seed):
     D = w_up.shape[0]
     g2 = rows_of(grad_out)
     dev, dt = c.device, c.dtype
-    dc = torch.empty((m, d), dtype=dt, device=dev)
-    h = torch.empty((m, d), dtype=dt, device=dev)
+    dc, h = torch.empty((2, m, d), dtype=dt, device=dev)  # (one allocation for both [m, d] outputs)
     if m:
         dp, cf, rb, k_split, splits = _plan("convpass_up_bwd", d, c, m, D)  # (splits of the reduction here)
         ps, lock = split_workspace(dev, splits * m * dp, rb) if splits > 1 else (dummy(dev), dummy(dev))

@@ -260,3 +260,71 @@ def test_without_the_extension_vqt_runs_on_the_reference_with_one_warning(tmp_pa
     assert report["backend"] == "torch"
     assert [p[2] for p in report["patched"] if "VQT" in p[1]] == ["torch", "torch", "torch"]
     assert report["err"] < 1e-4 and report["grad"]
+
+
+# --- the one-node block (fastpeft/fused/vqt.py _QueryTokenBlock / _QueryBlock) ---------------
+
+def test_plain_blocks_run_queries_and_tokens_in_one_node(monkeypatch):
+    import fastpeft.fused.vqt as fv
+
+    ref, fused, _ = _vqt_pair(Q=2, depth=3, dropout=0.0)
+    generic = copy.deepcopy(fused)
+    x = images()
+    seen = []
+    real = fv._QueryTokenBlock.apply
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out[0].grad_fn.name())
+        return out
+
+    monkeypatch.setattr(fv._QueryTokenBlock, "apply", spy)
+    l_fused, g_fused = _step(fused, x)
+    # blocks 0 and 1 in one node each (block 2 is the class-row pass: its queries in `_QueryBlock`)
+    assert seen == ["_QueryTokenBlockBackward"] * 2
+    monkeypatch.setattr(fv, "_query_block_plan", lambda block: None)
+    l_gen, g_gen = _step(generic, x)
+    assert len(seen) == 2  # the generic path: the modules op by op
+    torch.testing.assert_close(l_fused, l_gen, atol=1e-6, rtol=1e-6)
+    for n in g_gen:
+        torch.testing.assert_close(g_fused[n], g_gen[n], atol=1e-6 * g_gen[n].abs().max().item(), rtol=1e-5)
+    _assert_same_step(ref, fused, x)
+
+
+def test_one_node_block_tokens_bit_identical_with_layer_scale_and_batch():
+    # LayerScale (init_values) and batch 3: the tokens' rows of the concatenated GEMMs are the
+    # frozen model's, and the step matches the reference
+    frozen = make_vit(depth=2, init_values=0.5)
+    fused = fastpeft.inject(copy.deepcopy(frozen), fastpeft.VQT(num_queries=3, dropout=0.0))
+    ref = copy.deepcopy(fused)
+    fastpeft.patch(fused)
+    x = images(batch=3)
+    got = []
+    fused.blocks[0].register_forward_hook(lambda m, a, out: got.append(out.detach().clone()))
+    want = []
+    frozen.blocks[0].register_forward_hook(lambda m, a, out: want.append(out.detach().clone()))
+    with torch.no_grad():
+        frozen(x)
+    _assert_same_step(ref, fused, x)
+    assert torch.equal(got[0], want[0])
+
+
+def test_a_hook_on_a_block_module_after_patch_sees_its_calls():
+    ref, fused, _ = _vqt_pair(Q=2, depth=2, dropout=0.0)
+    shapes = []
+    handle = fused.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    x = images()
+    _assert_same_step(ref, fused, x)
+    handle.remove()
+    # the generic path: the frozen tokens' fc1 call, then the query rows' (batch 2, Q = 2)
+    assert shapes == [(2, 17, 768), (2, 2, 768)]
+
+
+def test_small_token_counts_rebuild_keys_and_values():
+    cpu = torch.device("cpu")
+    # the K/V GEMM of 5 token rows at width 192 is smaller than the absorbed form's extra ops
+    assert not use_absorbed_backward(cpu, 3, 1, 64, 192, rows=5)
+    assert use_absorbed_backward(cpu, 3, 1, 64, 192, rows=34)
+    assert use_absorbed_backward(cpu, 3, 1, 64, 192)
+    ref, fused, _ = _vqt_pair(Q=1, depth=2, img_size=32)
+    _assert_same_step(ref, fused, images(batch=1, img_size=32))

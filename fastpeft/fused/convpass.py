@@ -25,20 +25,42 @@ class FusedBypass(SlotFn):
     def __init__(self, original: _Bypass, backend: str):
         self.original = original
         self.backend = backend
+        #: (signature, whether the fast entry applies) of the last call's arguments: checked once
+        #: per signature (`ops.convpass.check_bypass`), compared on every call
+        self._checked: tuple | None = None
 
     @property
     def class_row_local(self) -> bool:  # via the reference's class-row path (one row: nothing to fuse;
         # its torch dropout draws eager's mask for that row, so more of torch's generator than the kernel's seed)
         return self.original.class_row_local
 
+    def _params(self) -> tuple:
+        """(w_down, b_down, conv_w, conv_b, w_up, b_up) as the conv's modules hold them now."""
+        m = self.original.conv._modules
+        down, conv, up = m["adapter_down"]._parameters, m["adapter_conv"]._parameters, m["adapter_up"]._parameters
+        return down["weight"], down["bias"], conv["weight"], conv["bias"], up["weight"], up["bias"]
+
     def __call__(self, resid: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         if in_class_row_pass() or vmapped(normed):  # (or a mixed multi-task batch: fastpeft/block.py vmapped)
             return self.original(resid, normed)
         o = self.original
         c = o.conv
+        params = self._params()
+        if not torch.compiler.is_compiling():
+            # eager: the checks once per signature, then the bypass's autograd.Function directly
+            ops = _ops()
+            training = c.training
+            p = c.dropout if training else 0.0
+            sig = ops.bypass_signature(normed, params, training, p)
+            checked = self._checked
+            if checked is None or checked[0] != sig:
+                checked = self._checked = (sig, ops.check_bypass(normed, params, grid=c.grid, num_prefix=c.num_prefix,
+                                                                 scale=o.scale, p=c.dropout))
+            if checked[1]:
+                return o.drop_path(kernel_call(self.backend, normed.device.type, ops.convpass_checked, normed, params,
+                                               grid=c.grid, num_prefix=c.num_prefix, scale=float(o.scale), p=p))
         out = kernel_call(
-            self.backend, normed.device.type, _ops().convpass, normed, c.adapter_down.weight, c.adapter_down.bias,
-            c.adapter_conv.weight, c.adapter_conv.bias, c.adapter_up.weight, c.adapter_up.bias, grid=c.grid,
+            self.backend, normed.device.type, _ops().convpass, normed, *params, grid=c.grid,
             num_prefix=c.num_prefix, scale=o.scale, dropout_p=c.dropout, training=c.training,
         )
         return o.drop_path(out)

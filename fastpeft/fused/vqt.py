@@ -16,6 +16,16 @@ the original tokens never attend to the queries, so their hidden states are cons
   query path, with autograd:  LN1 -> q rows of attn.qkv -> q_norm -> vqt_query_attention(q, K, V)
       -> attn.norm / gate -> proj -> residual -> LN2 -> MLP -> residual, with the block's own modules.
 
+On a plain timm `Block` (`_query_block_plan`: LayerNorms, timm Attention without qk/attention
+norm or gate, GELU Mlp, LayerScale or none) both paths run as one autograd node instead
+(`_QueryTokenBlock`): the tokens' block forward op for op as timm's, the query rows riding along
+in each frozen GEMM ([queries ; tokens] rows, as the reference runs them: one read of each weight),
+the query attention over the tokens' K/V, and a hand-written backward for the query rows with
+autograd's own formulas per op; it saves the same tensors as the op-by-op graph. The last block
+of the class-row pass keeps the capture above, with its queries in one node (`_QueryBlock`).
+A forward hook on a block's submodule (registered after patch), autocast, or tracing take the
+module-by-module path.
+
 What the query attention saves for backward (`_QueryAttention`): q [B, H, Q, d], out [B, H, Q, d],
 lse [B, H, Q] fp32 and h [B, N, D] (+ the frozen qkv weight/bias: parameters, resident anyway):
 not K and V (2 x [B, N, D]), which share h. The backward rebuilds what it needs from h:
@@ -47,6 +57,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_globals
 
 from ..block import NO_SLOTS, BlockRun, vmapped
 from ..methods.base import PetlBlock, SlotFn, dropout
@@ -71,14 +83,23 @@ def _attention_impls(impl: str):
     return ops.vqt_query_attention_ref, ops.vqt_query_attention_backward_ref
 
 
+#: below this many multiply-adds the K/V rebuild GEMM ([B*N, D] x [D, 2A]) costs less than the
+#: dozen extra small ops of the absorbed backward (projections of q / grad_out, bias shifts): the
+#: rebuild then wins on the host side whatever the FLOP ratio
+_SMALL_KV_GEMM = 1 << 20
+
+
 def use_absorbed_backward(device: torch.device, heads: int, queries: int, head_dim: int,
-                          dim: int) -> bool:
+                          dim: int, rows: int | None = None) -> bool:
     """Whether the backward runs on h directly (see the module docstring) instead of rebuilding
     K and V: on CPU when it needs fewer multiply-adds than the K/V GEMM (CUDA kernels take
-    d <= 128 and GEMMs are cheap there)."""
+    d <= 128 and GEMMs are cheap there), and, given the B*N token `rows`, when that GEMM is not
+    so small that the absorbed form's extra ops cost more than it (`_SMALL_KV_GEMM`)."""
     if device.type != "cpu":
         return False
     attn_dim = heads * head_dim
+    if rows is not None and rows * dim * 2 * attn_dim < _SMALL_KV_GEMM:
+        return False
     return 3 * heads * queries * (dim - head_dim) < 4 * dim * attn_dim
 
 
@@ -112,38 +133,43 @@ class _QueryAttention(torch.autograd.Function):
     def _backward(ctx, grad_out):
         q, h, out, lse, weight, bias = ctx.saved_tensors
         _, backward = _attention_impls(ctx.impl)
-        B, H, Q, d = q.shape
-        N, D = h.shape[1], h.shape[2]
-        A = H * d
-        scale = ctx.scale
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1)
-        if ctx.absorbed:
-            f32 = torch.float32
-            qf, gf = q.to(f32), grad_out.to(f32)
-            w_k = weight[A:2 * A].view(H, d, D).to(f32)
-            w_v = weight[2 * A:].view(H, d, D).to(f32)
-            # (batched matmuls over the heads: [B, H, Q, d] @ [H, d, D] -> [B, H, Q, D])
-            q_abs = torch.matmul(qf, w_k).reshape(B, 1, H * Q, D)
-            g_abs = torch.matmul(gf, w_v).reshape(B, 1, H * Q, D)
-            if bias is not None:
-                # Constant shifts of every logit / dp of a row: they cancel in p and ds, but lse
-                # and delta were computed with them.
-                b_k = bias[A:2 * A].view(H, d, 1).to(f32)
-                b_v = bias[2 * A:].view(H, d, 1).to(f32)
-                lse = lse - scale * torch.matmul(qf, b_k).squeeze(-1)
-                delta = delta - torch.matmul(gf, b_v).squeeze(-1)
-            hf = h.to(f32).unsqueeze(1)  # [B, 1, N, D]: one "head" shared by all H*Q rows
-            dq_abs = backward(g_abs, q_abs, hf, hf, lse.reshape(B, 1, H * Q).contiguous(),
-                              delta.reshape(B, 1, H * Q).contiguous(), scale)
-            # dq = W_k dq_abs (the b_k term is scale * sum_n ds_n * b_k = 0).
-            grad_q = torch.matmul(dq_abs.view(B, H, Q, D), w_k.transpose(1, 2)).to(q.dtype)
-        else:
-            dt = q.dtype
-            kv = F.linear(h.to(dt), weight[A:].to(dt), None if bias is None else bias[A:].to(dt)).view(B, N, 2, H, d)
-            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-            grad_q = backward(grad_out, q, k, v, lse, delta, scale)
+        grad_q = _attention_grad_q(grad_out, q, h, out, lse, weight, bias, ctx.scale, backward, ctx.absorbed)
         return grad_q, None, None, None, None, None, None, None, None
+
+
+def _attention_grad_q(grad_out, q, h, out, lse, weight, bias, scale, backward, absorbed):
+    """q's gradient of the query attention (see `_QueryAttention`): grad_out, q, out [B, H, Q, d],
+    lse [B, H, Q] fp32, h [B, N, D] the LN1 output K/V were projected from, weight/bias attn.qkv's;
+    `backward` the attention backward kernel; `absorbed`: see `use_absorbed_backward`."""
+    B, H, Q, d = q.shape
+    N, D = h.shape[1], h.shape[2]
+    A = H * d
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if absorbed:
+        f32 = torch.float32
+        qf, gf = q.to(f32), grad_out.to(f32)
+        w_k = weight[A:2 * A].view(H, d, D).to(f32)
+        w_v = weight[2 * A:].view(H, d, D).to(f32)
+        # (batched matmuls over the heads: [B, H, Q, d] @ [H, d, D] -> [B, H, Q, D])
+        q_abs = torch.matmul(qf, w_k).reshape(B, 1, H * Q, D)
+        g_abs = torch.matmul(gf, w_v).reshape(B, 1, H * Q, D)
+        if bias is not None:
+            # Constant shifts of every logit / dp of a row: they cancel in p and ds, but lse
+            # and delta were computed with them.
+            b_k = bias[A:2 * A].view(H, d, 1).to(f32)
+            b_v = bias[2 * A:].view(H, d, 1).to(f32)
+            lse = lse - scale * torch.matmul(qf, b_k).squeeze(-1)
+            delta = delta - torch.matmul(gf, b_v).squeeze(-1)
+        hf = h.to(f32).unsqueeze(1)  # [B, 1, N, D]: one "head" shared by all H*Q rows
+        dq_abs = backward(g_abs, q_abs, hf, hf, lse.reshape(B, 1, H * Q).contiguous(),
+                          delta.reshape(B, 1, H * Q).contiguous(), scale)
+        # dq = W_k dq_abs (the b_k term is scale * sum_n ds_n * b_k = 0).
+        return torch.matmul(dq_abs.view(B, H, Q, D), w_k.transpose(1, 2)).to(q.dtype)
+    dt = q.dtype
+    kv = F.linear(h.to(dt), weight[A:].to(dt), None if bias is None else bias[A:].to(dt)).view(B, N, 2, H, d)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return backward(grad_out, q, k, v, lse, delta, scale)
 
 
 class _CaptureQKV:
@@ -202,8 +228,9 @@ class FusedVQTBlock(SlotFn):
         if params is None or params[0] is not block:
             # the block's parameter objects, collected once (`block.parameters()` walks every
             # submodule); their requires_grad is read on every call, so unfreezing them after
-            # patch is seen (a parameter object swapped in later is not: patch again)
-            params = self._params = (block, tuple(block.parameters()))
+            # patch is seen (a parameter object swapped in later is not: patch again); and the
+            # one-node plan of the query rows where the block is a plain timm Block
+            params = self._params = (block, tuple(block.parameters()), _query_block_plan(block))
         if attn_mask is not None or is_causal or vmapped(x) or _needs_reference(block, x, params[1]):
             return ref(block, x, attn_mask, is_causal)
         if ref.layer == 0:
@@ -213,6 +240,18 @@ class FusedVQTBlock(SlotFn):
         model = ref.model
         q = model.query_prompt_embeddings[ref.layer].to(dtype=x.dtype)
         q = dropout(q.expand(x.shape[0], -1, -1), ref.p, model)
+
+        plan = params[2]
+        fast = (plan is not None and q.requires_grad and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type) and not plan.hooked())
+        if fast and not self.class_row and block.attn.fused_attn:
+            # queries and tokens in one node, the queries riding along in the frozen GEMMs
+            attn = block.attn
+            B, N, D = x.shape
+            absorbed = use_absorbed_backward(x.device, attn.num_heads, q.shape[1], attn.head_dim, D, B * N)
+            out, x_next = _QueryTokenBlock.apply(q, x, block, plan, self._impls, absorbed)
+            ref.outputs.items.append(out)
+            return x_next
 
         capture = _CaptureQKV()
         with torch.no_grad():
@@ -234,8 +273,23 @@ class FusedVQTBlock(SlotFn):
                     x_next = block._fastpeft_orig_class.forward(block, x)
                 finally:
                     handle.remove()
-        ref.outputs.items.append(self._query_path(block, q, capture.h, capture.qkv))
+        if fast:
+            h = capture.h
+            B, N, D = h.shape
+            attn = block.attn
+            absorbed = use_absorbed_backward(q.device, attn.num_heads, q.shape[1], attn.head_dim, D, B * N)
+            out = _QueryBlock.apply(q, h, capture.qkv, block, plan, self._impls, absorbed)
+        else:
+            out = self._query_path(block, q, capture.h, capture.qkv)
+        ref.outputs.items.append(out)
         return x_next
+
+    @property
+    def _impls(self):
+        impls = self.__dict__.get("_impls_cache")
+        if impls is None:
+            impls = self.__dict__["_impls_cache"] = _attention_impls(self.impl)
+        return impls
 
     def _query_path(self, block: nn.Module, q: torch.Tensor, h: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         return _QueryRun(h, qkv, self.impl).forward(block, q, {})
@@ -263,12 +317,193 @@ class _QueryRun(BlockRun):
         qh = attn.q_norm(qq.view(B, Qn, H, d).transpose(1, 2))
         kv = self.qkv.view(B, N, 3, H, d)
         k, v = kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
-        absorbed = use_absorbed_backward(q.device, H, Qn, d, D)
+        absorbed = use_absorbed_backward(q.device, H, Qn, d, D, B * N)
         o = _QueryAttention.apply(qh, k, v, h, weight, bias, float(attn.scale), self.impl, absorbed)
         o = attn.norm(o.transpose(1, 2).reshape(B, Qn, A))
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(hq).sigmoid()
         return attn.proj_drop(attn.proj(o))
+
+
+def _query_block_plan(block: nn.Module) -> "_QueryBlockPlan | None":
+    """The `_QueryBlock` plan of a block that is timm's pre-LN `Block` with plain pieces, where the
+    query rows' dataflow is known op by op (else None: the generic `_QueryRun`). Only modules whose
+    forward is exactly the op used here are accepted (no qk/attention/MLP norm, no gate, GELU MLP,
+    LayerNorms without timm's fast-norm path, LayerScale or none; dropouts and DropPath are
+    already refused by `_why_not`)."""
+    from timm.layers import Attention, LayerNorm as TimmLayerNorm, LayerScale, Mlp
+    from timm.models.vision_transformer import Block
+
+    if getattr(block, "_fastpeft_orig_class", type(block)) is not Block:
+        return None
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+        return None
+    if not all(type(m) is nn.Identity for m in (attn.q_norm, attn.k_norm, attn.norm)):
+        return None
+    if type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or type(mlp.norm) is not nn.Identity:
+        return None
+    if not all(type(m) is nn.Linear for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)):
+        return None
+    for norm in (block.norm1, block.norm2):
+        if (type(norm) not in (nn.LayerNorm, TimmLayerNorm) or getattr(norm, "_fast_norm", False)
+                or len(norm.normalized_shape) != 1):
+            return None
+    if not all(type(m) in (nn.Identity, LayerScale) for m in (block.ls1, block.ls2)):
+        return None
+    if any(type(m) is LayerScale and m.inplace for m in (block.ls1, block.ls2)):
+        return None
+    for dp in (block.drop_path1, block.drop_path2):
+        if type(dp) is not nn.Identity and getattr(dp, "drop_prob", 1.0) != 0.0:
+            return None
+    return _QueryBlockPlan(block)
+
+
+class _QueryBlockPlan:
+    """What `_QueryBlock` needs to know of one block, found once: its modules (for the hook check)
+    and which LayerScales it has. Parameters are read from the modules at each call."""
+
+    def __init__(self, block: nn.Module):
+        # (the block's own hooks see its input and output, which every path gives them: only
+        # the submodules' would miss calls)
+        self.modules = tuple(m for m in block.modules() if m is not block)
+        self.ls1 = type(block.ls1) is not nn.Identity
+        self.ls2 = type(block.ls2) is not nn.Identity
+
+    def hooked(self) -> bool:
+        """Whether a forward hook would see the block's submodules run (a user's, registered after
+        patch, or a global one): then the generic path runs, which calls the modules."""
+        if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+            return True
+        for m in self.modules:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+        return False
+
+
+class _QueryBlock(torch.autograd.Function):
+    """The query rows [B, Q, D] through a plain timm `Block` (`_query_block_plan`) as one autograd
+    node: the ops of `_QueryRun` in the same order, computed without autograd recording,
+
+        h1 = LN1(q);  qh = heads(h1 W_q^T + b_q);  o = attention(qh, K, V)       (`_QueryAttention`)
+        y  = q + ls1(o W_p^T + b_p);  z = y + ls2(fc2(GELU(fc1(LN2(y)))))
+
+    given h = LN1(tokens) and qkv = attn.qkv(h) (`forward`), or together with the tokens' own
+    block forward (`_QueryTokenBlock`). Backward is that chain's gradient for q alone (the block
+    is frozen: `FusedVQTBlock` runs the reference when a parameter requires grad) with the
+    formulas autograd uses for each op (native LayerNorm / GELU backward, grad @ W for a Linear,
+    the query attention backward). Saves what the op-by-op graph saves: q, LN1's row statistics,
+    qh, h, the attention output and lse, y, LN2's statistics and fc1's output (all query-row
+    sized except h, [B, N, D] as in `_QueryAttention`)."""
+
+    @staticmethod
+    def forward(ctx, q, h, qkv, block, plan, impls, absorbed):
+        attn = block.attn
+        B, Qn, _ = q.shape
+        H, d = attn.num_heads, attn.head_dim
+        A, N = H * d, h.shape[1]
+        n1 = block.norm1
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        h1, mean1, rstd1 = torch.native_layer_norm(q, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        qh = F.linear(h1, weight[:A], None if bias is None else bias[:A]).view(B, Qn, H, d).transpose(1, 2)
+        kv = qkv.view(B, N, 3, H, d)
+        out, lse = impls[0](qh, kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2), float(attn.scale))
+        a = F.linear(out.transpose(1, 2).reshape(B, Qn, A), attn.proj.weight, attn.proj.bias)
+        y = q + (a * block.ls1.gamma if plan.ls1 else a)
+        n2, mlp = block.norm2, block.mlp
+        h2, mean2, rstd2 = torch.native_layer_norm(y, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+        f1 = F.linear(h2, mlp.fc1.weight, mlp.fc1.bias)
+        m = F.linear(F.gelu(f1, approximate=mlp.act.approximate), mlp.fc2.weight, mlp.fc2.bias)
+        z = y + (m * block.ls2.gamma if plan.ls2 else m)
+        _QueryBlock._save(ctx, block, plan, impls, absorbed, q, mean1, rstd1, qh, h, out, lse, y, mean2, rstd2, f1)
+        return z
+
+    @staticmethod
+    def _save(ctx, block, plan, impls, absorbed, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.block, ctx.plan, ctx.backward_impl, ctx.absorbed = block, plan, impls[1], absorbed
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gz, *_):
+        return (_QueryBlock._grad_q(ctx, gz),) + (None,) * 6
+
+    @staticmethod
+    def _grad_q(ctx, gz):
+        q, mean1, rstd1, qh, h, out, lse, y, mean2, rstd2, f1 = ctx.saved_tensors
+        block, plan = ctx.block, ctx.plan
+        attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+        B, Qn, _ = q.shape
+        H, d = attn.num_heads, attn.head_dim
+        A = H * d
+        aten = torch.ops.aten
+        gm = gz * block.ls2.gamma if plan.ls2 else gz
+        gf1 = aten.gelu_backward(gm.matmul(mlp.fc2.weight), f1, approximate=mlp.act.approximate)
+        gy = gz + aten.native_layer_norm_backward(gf1.matmul(mlp.fc1.weight), y, n2.normalized_shape, mean2, rstd2,
+                                                  n2.weight, n2.bias, [True, False, False])[0]
+        ga = gy * block.ls1.gamma if plan.ls1 else gy
+        gout = ga.matmul(attn.proj.weight).view(B, Qn, H, d).transpose(1, 2)
+        gqh = _attention_grad_q(gout, qh, h, out, lse, attn.qkv.weight, attn.qkv.bias, float(attn.scale),
+                                ctx.backward_impl, ctx.absorbed)
+        gh1 = gqh.transpose(1, 2).reshape(B, Qn, A).matmul(attn.qkv.weight[:A])
+        return gy + aten.native_layer_norm_backward(gh1, q, n1.normalized_shape, mean1, rstd1, n1.weight, n1.bias,
+                                                    [True, False, False])[0]
+
+
+class _QueryTokenBlock(torch.autograd.Function):
+    """`_QueryBlock` with the original tokens x [B, N, D] run through the same block in the same
+    call (timm's `Block.forward`, op for op: LayerNorm, qkv, SDPA, proj, residual, LayerNorm, MLP,
+    residual), the query rows riding along in each frozen GEMM ([queries ; tokens] rows, as the
+    reference runs them: one read of each weight instead of two). Returns (query rows' output,
+    tokens' output); only the first is differentiable, with `_QueryBlock`'s backward and saved
+    tensors (the query-row ones copied out of the concatenated GEMM outputs, so that no saved
+    tensor keeps the token rows alive). The tokens' rows equal the frozen block's wherever the
+    GEMMs give the same rows on [Q + N] rows as on [N] (the reference's own premise,
+    tests/methods/test_vqt.py)."""
+
+    @staticmethod
+    def forward(ctx, q, x, block, plan, impls, absorbed):
+        ctx.set_materialize_grads(False)
+        attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+        B, Qn, D = q.shape
+        N = x.shape[1]
+        H, d = attn.num_heads, attn.head_dim
+        A = H * d
+        ln = torch.native_layer_norm
+        h1, mean1, rstd1 = ln(q, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        qkv = F.linear(torch.cat((h1, h), 1), attn.qkv.weight, attn.qkv.bias)  # [B, Q + N, 3A]
+        t = qkv[:, Qn:].reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+        qt, k, v = t.unbind(0)
+        ot = F.scaled_dot_product_attention(qt, k, v, dropout_p=0.0)
+        # (a copy: a view would keep the whole [B, Q + N, 3A] output alive as a saved tensor)
+        qh = qkv[:, :Qn, :A].reshape(B, Qn, H, d).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        out, lse = impls[0](qh, k, v, float(attn.scale))
+        o = torch.cat((out.transpose(1, 2).reshape(B, Qn, A), ot.transpose(1, 2).reshape(B, N, A)), 1)
+        a = F.linear(o, attn.proj.weight, attn.proj.bias)
+        if plan.ls1:
+            a = a * block.ls1.gamma
+        y = q + a[:, :Qn]
+        x = x + a[:, Qn:]
+        h2, mean2, rstd2 = ln(y, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
+        f1 = F.linear(torch.cat((h2, F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)), 1),
+                      mlp.fc1.weight, mlp.fc1.bias)
+        m = F.linear(F.gelu(f1, approximate=mlp.act.approximate), mlp.fc2.weight, mlp.fc2.bias)
+        if plan.ls2:
+            m = m * block.ls2.gamma
+        z = y + m[:, :Qn]
+        x = x + m[:, Qn:]
+        ctx.mark_non_differentiable(x)
+        _QueryBlock._save(ctx, block, plan, impls, absorbed, q, mean1, rstd1, qh, h, out, lse, y, mean2, rstd2,
+                          f1[:, :Qn].clone())
+        return z, x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gz, _gx):
+        if gz is None:
+            return (None,) * 6
+        return (_QueryBlock._grad_q(ctx, gz),) + (None,) * 5
 
 
 class FusedVQTForward:

@@ -4,6 +4,8 @@
   convpass              public functional: down and up as custom ops (`fastpeft::convpass_down`,
                         `convpass_up` and their backwards: fake + autograd, what torch.compile
                         traces) around the vendor conv2d; eager `_ConvpassFunction`
+  convpass_checked      the eager bypass for a call site that checked its arguments' signature
+                        once (`check_bypass`, `bypass_signature`: fastpeft/fused/convpass.py)
   conv_tokens           the 3x3 conv over the token grid (prefix tokens pass through)
   convpass_ref          plain-torch reference: the test oracle
 
@@ -328,21 +330,28 @@ class _UpFunction(torch.autograd.Function):
 
 def _conv_tokens_backward(dc, u, conv_w, grid, num_prefix, has_bias):
     """(du, dconv_w, dconv_b or None) of `conv_tokens` for the gradient dc [B, N, d] of its output:
-    one convolution backward over the patch grid, plus the prefix rows' centre-tap GEMMs."""
+    one convolution backward over the patch grid, plus the prefix rows' centre-tap GEMMs. (Views by
+    narrow/select, the grid's input gradient written straight into du's rows: the same values as
+    slicing and concatenating, with fewer copies.)"""
     B, N, d = u.shape
     gh, gw = grid
     P = num_prefix
-    dpatch = dc[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
-    upatch = u[:, P:].reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    dpatch = dc.narrow(1, P, N - P).reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    upatch = u.narrow(1, P, N - P).reshape(B, gh, gw, d).permute(0, 3, 1, 2)
     gin, dw, db = torch.ops.aten.convolution_backward(
         dpatch, upatch, conv_w, [d] if has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         [True, True, has_bias])
-    gin = gin.permute(0, 2, 3, 1).reshape(B, gh * gw, d)
     if not P:
-        return gin, dw, db
-    dpre = dc[:, :P].reshape(B * P, d)
-    du = torch.cat([(dpre @ conv_w[:, :, 1, 1]).view(B, P, d), gin], 1)
-    dw[:, :, 1, 1] += dpre.t() @ u[:, :P].reshape(B * P, d)
+        return gin.permute(0, 2, 3, 1).reshape(B, gh * gw, d), dw, db
+    du = torch.empty((B, N, d), dtype=dc.dtype, device=dc.device)
+    du.narrow(1, P, N - P).view(B, gh, gw, d).copy_(gin.permute(0, 2, 3, 1))
+    dpre = dc.narrow(1, 0, P).reshape(B * P, d)
+    centre = conv_w.select(3, 1).select(2, 1)  # W[:, :, 1, 1]
+    if B == 1:  # (the prefix rows of du are contiguous: the GEMM writes them in place)
+        torch.mm(dpre, centre, out=du.narrow(1, 0, P).view(P, d))
+    else:
+        du.narrow(1, 0, P).copy_((dpre @ centre).view(B, P, d))
+    dw.select(3, 1).select(2, 1).addmm_(dpre.t(), u.narrow(1, 0, P).reshape(B * P, d))
     if has_bias:
         db += dpre.sum(0)
     return du, dw, db
@@ -357,20 +366,21 @@ class _ConvpassFunction(torch.autograd.Function):
     of three plus the conv's views, slices and cat."""
 
     @staticmethod
-    def forward(ctx, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, grid, num_prefix, scale, p, seed,
-                down_triton, up_triton):
+    def forward(ctx, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, seed, spec):
+        # spec: (grid, num_prefix, scale, p, down_triton, up_triton) -- one argument, not six
+        grid, num_prefix, scale, p, down_triton, up_triton = spec
         u, a = (launch_down_fwd if down_triton else _convpass_down_fwd_torch)(h, w_down, b_down)
-        c = conv_tokens(u, conv_w, conv_b, grid, num_prefix).contiguous()
+        c = _conv_tokens_eager(u, conv_w, conv_b, grid, num_prefix)
         out = (launch_up_fwd if up_triton else _convpass_up_fwd_torch)(c, w_up, b_up, base, scale, p, seed)
         ctx.save_for_backward(h, a, w_down, u, conv_w, c, w_up, seed)
-        ctx.args = (grid, num_prefix, scale, p, base is not None, conv_b is not None, down_triton, up_triton)
+        ctx.args = (spec, base is not None, conv_b is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         h, a, w_down, u, conv_w, c, w_up, seed = ctx.saved_tensors
-        grid, num_prefix, scale, p, has_base, has_cb, down_triton, up_triton = ctx.args
+        (grid, num_prefix, scale, p, down_triton, up_triton), has_base, has_cb = ctx.args
         need = ctx.needs_input_grad
         g = grad_out.contiguous()
         dc, dw_up, db_up = (launch_up_bwd if up_triton else _convpass_up_bwd_torch)(g, c, w_up, scale, p, seed)
@@ -378,8 +388,7 @@ class _ConvpassFunction(torch.autograd.Function):
         dh, dw_down, db_down = (launch_down_bwd if down_triton else _convpass_down_bwd_torch)(du, h, a, w_down)
         return (dh if need[0] else None, dw_down if need[1] else None, db_down if need[2] else None,
                 dconv_w if need[3] else None, dconv_b if need[4] else None, dw_up if need[5] else None,
-                db_up if need[6] else None, g if has_base and need[7] else None,
-                None, None, None, None, None, None, None)
+                db_up if need[6] else None, g if has_base and need[7] else None, None, None)
 
 
 _CHECKED = CheckedSignatures()
@@ -399,6 +408,23 @@ def conv_tokens(u, conv_w, conv_b, grid, num_prefix):
         return patches
     prefix = torch.nn.functional.linear(u[:, :num_prefix], conv_w[:, :, 1, 1], conv_b)
     return torch.cat([prefix, patches], 1)
+
+
+def _conv_tokens_eager(u, conv_w, conv_b, grid, num_prefix):
+    """`conv_tokens` (same values, contiguous) for `_ConvpassFunction`, where no autograd records
+    it: the grid's output and the prefix rows written straight into one [B, N, d] tensor (one copy
+    each instead of a reshape copy and a cat), views by narrow/select."""
+    B, N, d = u.shape
+    gh, gw = grid
+    P = num_prefix
+    patches = u.narrow(1, P, N - P).reshape(B, gh, gw, d).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.conv2d(patches, conv_w, conv_b, padding=1).permute(0, 2, 3, 1)
+    out = torch.empty((B, N, d), dtype=u.dtype, device=u.device)
+    out.narrow(1, P, N - P).view(B, gh, gw, d).copy_(patches)
+    if P:
+        out.narrow(1, 0, P).copy_(torch.nn.functional.linear(u.narrow(1, 0, P), conv_w.select(3, 1).select(2, 1),
+                                                             conv_b))
+    return out
 
 
 def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, conv_w: torch.Tensor,
@@ -430,10 +456,9 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
 
         _CHECKED.check(False, validate, h, w_down, b_down, conv_w, conv_b, w_up, b_up, base,
                        seed if p > 0 else None, extra=("bypass", repr(grid), repr(num_prefix), repr(scale), p))
-        d = w_down.shape[0]
-        return _ConvpassFunction.apply(h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, tuple(grid),
-                                       num_prefix, float(scale), p, seed if p > 0 else None,
-                                       _triton_ok(h, d), _triton_ok(h, d))
+        ok = _triton_ok(h, w_down.shape[0])
+        return _ConvpassFunction.apply(h, w_down, b_down, conv_w, conv_b, w_up, b_up, base, seed if p > 0 else None,
+                                       (tuple(grid), num_prefix, float(scale), p, ok, ok))
     _CHECKED.check(compiling, lambda: _validate_down(h, w_down, b_down), h, w_down, b_down, extra=("down",))
     _CHECKED.check(compiling, lambda: _validate_conv(h, w_down, conv_w, conv_b, grid, num_prefix, scale),
                    h, w_down, conv_w, conv_b, extra=("conv", repr(grid), repr(num_prefix), repr(scale)))
@@ -448,6 +473,39 @@ def convpass(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
     if compiling:
         return torch.ops.fastpeft.convpass_up(c, w_up, b_up, base, float(scale), p, seed)
     return _UpFunction.apply(c, w_up, b_up, base, float(scale), p, seed, _triton_ok(c, c.shape[-1]))
+
+
+def bypass_signature(h, params, training: bool, p: float):
+    """What `convpass_checked` is valid for: h's shape, dtype and device and each parameter's
+    (w_down, b_down, conv_w, conv_b, w_up, b_up; None allowed), the mode and dropout rate."""
+    sig = [h.shape, h.dtype, h.device, training, p]
+    for t in params:
+        sig += (None, None, None) if t is None else (t.shape, t.dtype, t.device)
+    return sig
+
+
+def check_bypass(h, params, *, grid, num_prefix, scale, p):
+    """`convpass`'s checks (base None, dropout p; parameters cast to h's dtype first, as it does):
+    raises ValueError / TypeError, or returns whether `convpass_checked` may run these arguments
+    (the parameters already in h's dtype; else `convpass` casts them on every call)."""
+    check_tensor("convpass", "h", h, dim=3)
+    w_down, b_down, conv_w, conv_b, w_up, b_up = (cast_param(t, h.dtype) for t in params)
+    p = check_p("convpass", p)
+    _validate_down(h, w_down, b_down)
+    _validate_conv(h, w_down, conv_w, conv_b, grid, num_prefix, scale)
+    seed = torch.zeros(1, dtype=torch.int64, device=h.device) if p > 0 else None
+    _validate_up(h.new_empty((*h.shape[:-1], w_down.shape[0])), w_up, b_up, None, p, seed)
+    return all(t is None or t.dtype == h.dtype for t in params)
+
+
+def convpass_checked(h, params, *, grid: tuple[int, int], num_prefix: int, scale: float, p: float) -> torch.Tensor:
+    """`convpass(h, *params, grid=..., num_prefix=..., scale=..., dropout_p=p, training=p > 0)`
+    (eager, no base) for a caller that ran `check_bypass` on arguments with this
+    `bypass_signature` (fastpeft/fused/convpass.py caches it per call site): the autograd.Function
+    directly, with a fresh dropout seed when p > 0."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device) if p > 0.0 else None
+    ok = _triton_ok(h, params[0].shape[0])
+    return _ConvpassFunction.apply(h, *params, None, seed, (grid, num_prefix, scale, p, ok, ok))
 
 
 def convpass_ref(h, w_down, b_down, conv_w, conv_b, w_up, b_up, *, grid, num_prefix=1, scale=1.0, base=None,

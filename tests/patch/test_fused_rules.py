@@ -178,3 +178,32 @@ def test_linear_probe_head_saves_pooled_features_only_and_recompute_adds_nothing
     # nothing in the blocks needs a gradient: selective recompute must not keep anything there
     fastpeft.patch(m, backend="torch", recompute=True)
     assert saved_activation_bytes(lambda: m(x).sum(), exclude=[m]) == compact
+
+
+def test_convpass_fused_bypass_checks_each_new_signature():
+    # the fused bypass checks its arguments once per signature (h's shape / dtype / device and the
+    # parameters'), then calls the op's autograd.Function directly: a new signature is checked again
+    from fastpeft.fused.convpass import FusedBypass
+
+    m = build("convpass", depth=1, img_size=32)
+    fastpeft.patch(m, backend="triton")
+    fn = m.blocks[0]._fastpeft_slots["attn_branch"][0]
+    assert isinstance(fn, FusedBypass)
+    for batch in (1, 2):
+        h = torch.randn(batch, 5, m.embed_dim, requires_grad=True)
+        got = fn(h, h)
+        want = fn.original(h, h)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0], torch.autograd.grad(want.sum(), h)[0],
+                                   atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="patch tokens"):
+        fn(torch.randn(1, 6, m.embed_dim), torch.randn(1, 6, m.embed_dim))
+    # parameters in another dtype than h: the functional's casting path, same values
+    with torch.no_grad():
+        conv = fn.original.conv
+        conv.adapter_up.weight.data = conv.adapter_up.weight.data.double()
+    h = torch.randn(1, 5, m.embed_dim)
+    out = fn(h, h)
+    assert out.dtype == torch.float32
+    conv.adapter_up.weight.data = conv.adapter_up.weight.data.float()
+    torch.testing.assert_close(out, fn.original(h, h), atol=ATOL, rtol=RTOL)
