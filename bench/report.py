@@ -160,6 +160,14 @@ def markdown(doc: dict, chart: str | None = None) -> str:
             "(backbone once + the tasks'); separate = T single-task models; disk = one task's file.",
             ["tasks", "contender"], ["train", "x single", "img/s", "saved MiB", "x single", "resident MiB",
                                      "separate MiB", "disk KiB/task"], body)
+    infer = [r for r in rows if r["suite"] == "multitask-infer" and r["status"] == "ok"]
+    if infer:
+        body = [f"| {r.get('tasks')} | {r['contender']} | {_time_cell(r)} | {_x(r.get('time_vs_single'))} | "
+                f"{_num(r.get('throughput'))} | {_mib(r.get('resident_bytes'))} |" for r in infer]
+        lines += _table(
+            "Mixed-task inference (the same batches, eval forward under torch.no_grad()); peft = HF peft's "
+            "mixed-adapter LoRA (`model(x, adapter_names=[task per row])`, one adapter and head per task).",
+            ["tasks", "contender"], ["forward", "x single", "img/s", "resident MiB"], body)
     ops = _grouped(rows, "op")
     if ops:
         body = []
