@@ -613,6 +613,13 @@ ROWS_FINISH_BLOCK = 256
 ROWS_FINISH_WARPS = 8
 
 
+def _bwd_scratch(m: int, r: int, p1: int, rp: int, dt, dev) -> tuple[torch.Tensor, ...]:
+    """The backward launch's outputs besides dx: h and da [M, R] in x's dtype, and the fp32
+    per-row-block partials of the down bias [P1, R_PAD] and of the learnable scale [P1]."""
+    return (torch.empty((m, r), dtype=dt, device=dev), torch.empty((m, r), dtype=dt, device=dev),
+            torch.empty((p1, rp), dtype=torch.float32, device=dev), torch.empty((p1,), dtype=torch.float32, device=dev))
+
+
 def launch_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: int, p: float, seed):
     """The Triton backward on validated arguments (see `adapter_bwd`): three launches (rows,
     weight-grad partials, finish)."""
@@ -633,10 +640,7 @@ def launch_bwd(grad_out, x, a, w_down, w_up, b_up, scale_t, scale: float, act: i
     rp, c1 = config("adapter_bwd", r, dt)
     prec = dot_precision(dt, dev)
     p1 = cdiv(m, c1.BLOCK_M)
-    h = torch.empty((m, r), dtype=dt, device=dev)
-    da = torch.empty((m, r), dtype=dt, device=dev)
-    pbd = torch.empty((p1, rp), dtype=torch.float32, device=dev)
-    pds = torch.empty((p1,), dtype=torch.float32, device=dev)
+    h, da, pbd, pds = _bwd_scratch(m, r, p1, rp, dt, dev)
     wd, wu = w_down.contiguous(), w_up.contiguous()
     n_split, col_splits = column_splits(d, c1.BLOCK_K, p1, dev)
     _adapter_bwd_kernel[(p1, col_splits)](
@@ -742,10 +746,7 @@ def launch_rows_bwd(images: int, grad_out, x, a, w_down, w_up, b_up, scale_t, sc
     prec = dot_precision(dt, dev)
     nblk = cdiv(L, c1.BLOCK_M)
     p1 = images * nblk
-    h = torch.empty((m, r), dtype=dt, device=dev)
-    da = torch.empty((m, r), dtype=dt, device=dev)
-    pbd = torch.empty((p1, rp), dtype=torch.float32, device=dev)
-    pds = torch.empty((p1,), dtype=torch.float32, device=dev)
+    h, da, pbd, pds = _bwd_scratch(m, r, p1, rp, dt, dev)
     wd, wu = w_down.contiguous(), w_up.contiguous()
     n_split, col_splits = column_splits(d, c1.BLOCK_K, p1, dev)
     _adapter_rows_bwd_kernel[(p1, col_splits)](

@@ -345,13 +345,19 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     return dx, dscale, dshift
 
 
-def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
+def _ln_outputs(x):
+    """(x as [M, D] rows, D, M, y like x, mean [M], rstd [M] fp32): a LayerNorm+SSF forward's outputs."""
     x2 = flat(x)
     d = x.shape[-1]
     m = x.numel() // d
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    return x2, d, m, y, mean, rstd
+
+
+def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
+    x2, d, m, y, mean, rstd = _ln_outputs(x)
     if m == 0:
         return y, mean, rstd
     bd = ln_block_d(d)
@@ -472,12 +478,7 @@ def launch_ssf_rows_bwd(grad_out, x, scale, shift, act: int, b: int):
 def launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps: float, b: int):
     """(y, mean [M], rstd [M]): LN(x; a_i, c_i) γ_i + β_i on image i's rows; each of a, c, γ, β
     [B, D] or [D] (a, c may be None)."""
-    x2 = flat(x)
-    d = x.shape[-1]
-    m = x.numel() // d
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    mean = torch.empty((m,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    x2, d, m, y, mean, rstd = _ln_outputs(x)
     if m == 0:
         return y, mean, rstd
     r = m // b

@@ -306,6 +306,25 @@ class _AdapterFunction(torch.autograd.Function):
 _CHECKED = CheckedSignatures()
 
 
+def _args(op: str, x, w_down, b_down, w_up, b_up, scale, act, dropout_p, training, seed):
+    """The checks and normalisation `adapter` and `adapter_rows` share: (act code, the weights cast
+    to x's dtype, the learnable scale tensor or None, the float scale, the dropout p in effect, the
+    seed: drawn when dropout is on and none was given)."""
+    act_code = ACTS.get(act) if isinstance(act, str) else None
+    if act_code is None:
+        raise ValueError(f"{op}: act must be one of {tuple(ACTS)}, got {act!r}")
+    check_tensor(op, "x", x)
+    dt = x.dtype
+    w_down, b_down, w_up, b_up = (cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
+    scale_t = scale if isinstance(scale, torch.Tensor) else None
+    scale_f = 1.0 if scale_t is not None else float(scale)
+    p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
+    p = p if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    return act_code, w_down, b_down, w_up, b_up, scale_t, scale_f, p, seed
+
+
 def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
             b_up: torch.Tensor | None, *, base: torch.Tensor | None = None,
             residual: torch.Tensor | None = None, scale: float | torch.Tensor = 1.0,
@@ -325,18 +344,8 @@ def adapter(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, 
     `torch.ops.fastpeft.adapter` (fake and autograd formulas, checked when traced), which shares
     the same launchers.
     """
-    act_code = ACTS.get(act) if isinstance(act, str) else None
-    if act_code is None:
-        raise ValueError(f"adapter: act must be one of {tuple(ACTS)}, got {act!r}")
-    check_tensor("adapter", "x", x)
-    dt = x.dtype
-    w_down, b_down, w_up, b_up = (cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
-    scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_f = 1.0 if scale_t is not None else float(scale)
-    p = check_p("adapter", dropout_p)  # (in range even when not training, as F.dropout)
-    p = p if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    act_code, w_down, b_down, w_up, b_up, scale_t, scale_f, p, seed = _args(
+        "adapter", x, w_down, b_down, w_up, b_up, scale, act, dropout_p, training, seed)
     compiling = torch.compiler.is_compiling()
     _CHECKED.check(compiling, lambda: _validate(x, w_down, b_down, w_up, b_up, base, residual, scale_t, act_code, p, seed),
                    x, w_down, b_down, w_up, b_up, base, residual, scale_t, seed if p > 0.0 else None,
@@ -503,18 +512,8 @@ def adapter_rows(images: int, x: torch.Tensor, w_down: torch.Tensor, b_down: tor
     Triton: one forward launch and three backward launches for the whole batch, whatever the mix
     of tasks. Without Triton (or under torch.compile) it runs `adapter_rows_ref` (same masks).
     """
-    act_code = ACTS.get(act) if isinstance(act, str) else None
-    if act_code is None:
-        raise ValueError(f"adapter_rows: act must be one of {tuple(ACTS)}, got {act!r}")
-    check_tensor("adapter_rows", "x", x)
-    dt = x.dtype
-    w_down, b_down, w_up, b_up = (cast_param(t, dt) for t in (w_down, b_down, w_up, b_up))
-    scale_t = scale if isinstance(scale, torch.Tensor) else None
-    scale_f = 1.0 if scale_t is not None else float(scale)
-    p = check_p("adapter_rows", dropout_p)
-    p = p if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
+    act_code, w_down, b_down, w_up, b_up, scale_t, scale_f, p, seed = _args(
+        "adapter_rows", x, w_down, b_down, w_up, b_up, scale, act, dropout_p, training, seed)
     compiling = torch.compiler.is_compiling()
     _CHECKED_ROWS.check(compiling, lambda: _validate_rows(images, x, w_down, b_down, w_up, b_up, base, residual,
                                                          scale_t, act_code, p, seed),
