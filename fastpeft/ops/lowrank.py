@@ -188,33 +188,42 @@ _lowrank_linear_op.register_autograd(_lowrank_backward, setup_context=_lowrank_s
 class _LowRankFunction(torch.autograd.Function):
     """The eager path of `fastpeft::lowrank_linear`: the same launchers (or torch math) and saved
     tensors (x, u) as the registered op, without the custom-op dispatch; arguments validated by
-    the caller. `triton_path` is decided once in forward and reused by backward."""
+    the caller. `triton_path` is decided once in forward and reused by backward. With `rows`, the
+    per-row form `lowrank_linear_rows` (every image its own factors; the bias may be per image):
+    the per-row launchers, the same saved tensors (u [B*L, R], no mask)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
-        fn = launch_fwd if triton_path else _lowrank_linear_fwd_torch
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path, rows=False):
+        if rows:
+            fn = launch_rows_fwd if triton_path else _lowrank_rows_fwd_torch
+        else:
+            fn = launch_fwd if triton_path else _lowrank_linear_fwd_torch
         out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
         need = ctx.needs_input_grad
         if need[0] or need[2] or need[3] or need[4]:
             ctx.save_for_backward(x, weight, a, b, u, seed)
-        ctx.args = (p, drop_input, triton_path)
+        ctx.args = (p, drop_input, triton_path, rows, rows and bias is not None and bias.dim() == 2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight, a, b, u, seed = ctx.saved_tensors
-        p, drop_input, triton_path = ctx.args
+        p, drop_input, triton_path, rows, bias_rows = ctx.args
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        if triton_path:
-            dx, da, db, dbias = launch_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input,
-                                            (need[0], need[3], need[4], need[2]))
+        which = (need[0], need[3], need[4], need[2])
+        if rows and triton_path:
+            dx, da, db, dbias = launch_rows_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows, which)
+        elif rows:
+            dx, da, db, dbias = _lowrank_rows_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows)
+        elif triton_path:
+            dx, da, db, dbias = launch_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, which)
         else:
             dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
         # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
         return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
-                db if need[4] else None, None, None, None, None)
+                db if need[4] else None, None, None, None, None, None)
 
 
 def _check_frozen(op, weight):
@@ -725,36 +734,6 @@ def _lowrank_rows_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input, b
     return dx.to(dt).view(x.shape), da.to(dt), db.to(dt), (g.sum(1) if bias_rows else g.sum((0, 1))).to(dt)
 
 
-class _LowRankRowsFunction(torch.autograd.Function):
-    """`lowrank_linear_rows`: the per-row launchers (or their torch math), saving x and u [B*L, R]
-    (plus the seed; no mask). `triton_path` is decided once in forward and reused by backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path):
-        fn = launch_rows_fwd if triton_path else _lowrank_rows_fwd_torch
-        out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
-        need = ctx.needs_input_grad
-        if need[0] or need[2] or need[3] or need[4]:
-            ctx.save_for_backward(x, weight, a, b, u, seed)
-        ctx.args = (p, drop_input, triton_path, bias is not None and bias.dim() == 2)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, a, b, u, seed = ctx.saved_tensors
-        p, drop_input, triton_path, bias_rows = ctx.args
-        need = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        if triton_path:
-            dx, da, db, dbias = launch_rows_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows,
-                                                (need[0], need[3], need[4], need[2]))
-        else:
-            dx, da, db, dbias = _lowrank_rows_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows)
-        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
-                db if need[4] else None, None, None, None, None)
-
-
 def lowrank_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                         b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
                         training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -775,7 +754,7 @@ def lowrank_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     triton_path = isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[1] <= MAX_RANK and use_triton(x)
     _CHECKED.check(False, lambda: _validate_rows(x, weight, bias, a, b, p, seed, triton_path),
                    x, weight, bias, a, b, seed, extra=("rows", p, triton_path))
-    return _LowRankRowsFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), triton_path)
+    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), triton_path, True)
 
 
 def _per_row(op: str, name: str, t, images: int, dim: int = 2) -> torch.Tensor:

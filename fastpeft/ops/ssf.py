@@ -19,8 +19,9 @@ import torch
 from ._autograd import once_differentiable
 from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_tensor, describe,
                                use_triton)
-from ..kernels.ssf import (ACTS, MAX_LN_WIDTH, ln_finalize, launch_ln_bwd, launch_ln_fwd, launch_ssf_bwd,
-                           launch_ssf_fwd)
+from ..kernels.ssf import (ACTS, MAX_LN_WIDTH, ln_finalize, launch_ln_bwd, launch_ln_fwd, launch_ln_rows_bwd,
+                           launch_ln_rows_fwd, launch_ssf_bwd, launch_ssf_fwd, launch_ssf_rows_bwd,
+                           launch_ssf_rows_fwd)
 
 
 # The fp32 torch path takes aten's native LayerNorm forward / backward from this width up, the
@@ -304,51 +305,65 @@ class _SSFFunction(torch.autograd.Function):
     """The eager path of `ssf` / `ssf_gelu` (act 0 / 1): the same saved tensor (x) as the registered
     ops (`fastpeft::scale_shift` / `fastpeft::ssf_gelu`) without the custom-op dispatch, on the
     Triton launchers or the torch math; arguments validated by the caller. The path is decided
-    once in forward."""
+    once in forward. With `images` (an int), the per-row form `ssf_rows` / `ssf_gelu_rows` on the
+    per-image Triton launchers."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, act, triton_path):
-        y = (launch_ssf_fwd if triton_path else _ssf_fwd_torch)(x, scale, shift, act)
+    def forward(ctx, x, scale, shift, act, triton_path, images=None):
+        if images is not None:
+            y = launch_ssf_rows_fwd(x, scale, shift, act, images)
+        else:
+            y = (launch_ssf_fwd if triton_path else _ssf_fwd_torch)(x, scale, shift, act)
         ctx.save_for_backward(x, scale, shift)
-        ctx.args = (act, triton_path)
+        ctx.args = (act, triton_path, images)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, scale, shift = ctx.saved_tensors
-        act, triton_path = ctx.args
+        act, triton_path, images = ctx.args
         grad_out = grad_out.contiguous()
-        dx, dscale, dshift = (launch_ssf_bwd if triton_path else _ssf_bwd_torch)(grad_out, x, scale, shift, act)
+        if images is not None:
+            dx, dscale, dshift = launch_ssf_rows_bwd(grad_out, x, scale, shift, act, images)
+        else:
+            dx, dscale, dshift = (launch_ssf_bwd if triton_path else _ssf_bwd_torch)(grad_out, x, scale, shift, act)
         nx, ns, nb = ctx.needs_input_grad[:3]
-        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None
+        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None, None
 
 
 class _LayerNormSSFFunction(torch.autograd.Function):
-    """The eager path of `fastpeft::layernorm_ssf` (saves x, mean, rstd), as `_SSFFunction`."""
+    """The eager path of `fastpeft::layernorm_ssf` (saves x, mean, rstd), as `_SSFFunction`; with
+    `images`, the per-row form `layernorm_ssf_rows`."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, triton_path):
-        fn = launch_ln_fwd if triton_path else _layernorm_ssf_fwd_torch
-        y, mean, rstd = fn(x, ln_weight, ln_bias, scale, shift, eps)
-        ctx.save_for_backward(x, ln_weight, ln_bias, scale, mean, rstd)
-        ctx.triton_path = triton_path
+    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, triton_path, images=None):
+        if images is not None:
+            y, mean, rstd = launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps, images)
+        else:
+            fn = launch_ln_fwd if triton_path else _layernorm_ssf_fwd_torch
+            y, mean, rstd = fn(x, ln_weight, ln_bias, scale, shift, eps)
+        ctx.save_for_backward(x, ln_weight, ln_bias, scale, shift, mean, rstd)
+        ctx.args = (triton_path, images)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, ln_weight, ln_bias, scale, mean, rstd = ctx.saved_tensors
+        x, ln_weight, ln_bias, scale, shift, mean, rstd = ctx.saved_tensors
+        triton_path, images = ctx.args
         n = ctx.needs_input_grad
-        if ctx.triton_path:
-            dx, dw, db, dscale, dshift = launch_ln_bwd(grad_out.contiguous(), x, ln_weight, ln_bias, scale, mean,
-                                                        rstd, n[1] or n[2])
+        g = grad_out.contiguous()
+        if images is not None:
+            dx, dw, db, dscale, dshift = launch_ln_rows_bwd(g, x, ln_weight, ln_bias, scale, shift, mean, rstd,
+                                                            images, n[1] or n[2])
+        elif triton_path:
+            dx, dw, db, dscale, dshift = launch_ln_bwd(g, x, ln_weight, ln_bias, scale, mean, rstd, n[1] or n[2])
         else:
-            dx, dw, db, dscale, dshift = _layernorm_ssf_bwd_torch(grad_out.contiguous(), x, ln_weight, ln_bias,
-                                                                  scale, mean, rstd)
+            dx, dw, db, dscale, dshift = _layernorm_ssf_bwd_torch(g, x, ln_weight, ln_bias, scale, mean, rstd)
         return (dx if n[0] else None, dw if n[1] and ln_weight is not None else None,
                 db if n[2] and ln_bias is not None else None, dscale if n[3] else None,
-                dshift if n[4] else None, None, None)
+                dshift if n[4] else None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,8 +421,6 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
 # column sums, finished in the backward launch: multitask.py's index_select scatters them to the
 # tasks), a shared one its [C] total.
 # ----------------------------------------------------------------------------------------------
-from ..kernels.ssf import (launch_ln_rows_bwd, launch_ln_rows_fwd, launch_ssf_rows_bwd,  # noqa: E402
-                           launch_ssf_rows_fwd)
 
 #: images of one per-row launch at most: they are a grid axis (CUDA's limit on grid axes 1 and 2)
 MAX_ROW_IMAGES = 65535
@@ -462,47 +475,6 @@ def _validate_rows(op, b, x, params, ln=False, eps=1.0):
             raise ValueError(f"{op}: eps must be > 0, got {eps}")
 
 
-class _SSFRowsFunction(torch.autograd.Function):
-    """`ssf_rows` / `ssf_gelu_rows` (act 0 / 1) on the Triton kernels: saves x (and the parameters)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, act, b):
-        y = launch_ssf_rows_fwd(x, scale, shift, act, b)
-        ctx.save_for_backward(x, scale, shift)
-        ctx.args = (act, b)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, scale, shift = ctx.saved_tensors
-        act, b = ctx.args
-        dx, dscale, dshift = launch_ssf_rows_bwd(grad_out.contiguous(), x, scale, shift, act, b)
-        nx, ns, nb = ctx.needs_input_grad[:3]
-        return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None
-
-
-class _LayerNormSSFRowsFunction(torch.autograd.Function):
-    """`layernorm_ssf_rows` on the Triton kernels: saves x and per-row mean / rstd (fp32)."""
-
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, scale, shift, eps, b):
-        y, mean, rstd = launch_ln_rows_fwd(x, ln_weight, ln_bias, scale, shift, eps, b)
-        ctx.save_for_backward(x, ln_weight, ln_bias, scale, shift, mean, rstd)
-        ctx.b = b
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, ln_weight, ln_bias, scale, shift, mean, rstd = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, dw, db, dscale, dshift = launch_ln_rows_bwd(grad_out.contiguous(), x, ln_weight, ln_bias, scale, shift,
-                                                        mean, rstd, ctx.b, n[1] or n[2])
-        return (dx if n[0] else None, dw if n[1] else None, db if n[2] else None, dscale if n[3] else None,
-                dshift if n[4] else None, None, None)
-
-
 def _check_rows_args(op, b, x):
     """The TypeErrors, on every call (an image count 3.0 would hit the checked signature of 3)."""
     if isinstance(b, bool) or not isinstance(b, int):
@@ -518,7 +490,7 @@ def _ssf_rows_call(op, b, x, scale, shift, act):
                    x, scale, shift, extra=(op, b))
     if not use_triton(x):  # no Triton here: the reference (autograd differentiates it)
         return (ssf_gelu_rows_ref if act else ssf_rows_ref)(b, x, scale, shift)
-    return _SSFRowsFunction.apply(x, scale, shift, act, b)
+    return _SSFFunction.apply(x, scale, shift, act, True, b)
 
 
 def ssf_rows(b: int, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -546,4 +518,4 @@ def layernorm_ssf_rows(b: int, x: torch.Tensor, ln_weight: torch.Tensor | None, 
                    x, ln_weight, ln_bias, scale, shift, extra=(op, b, eps))
     if not use_triton(x):
         return layernorm_ssf_rows_ref(b, x, ln_weight, ln_bias, scale, shift, eps)
-    return _LayerNormSSFRowsFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, b)
+    return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, True, b)
