@@ -578,15 +578,9 @@ def launch_fwd(x, w_down, b_down, w_up, b_up, base, residual, scale_t, scale: fl
                 p: float, seed, save: bool):
     """The Triton forward on validated arguments (see `adapter_fwd`)."""
     d, r = x.shape[-1], w_down.shape[0]
-    x2 = rows_of(x)
-    m = x2.shape[0]
-    dev = x.device
-    out = torch.empty((m, d), dtype=x.dtype, device=dev)
-    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=dev)
+    x2, m, dev, out, a, bd, bu = _fwd_outputs(x, r, b_down, b_up, save)
     if m == 0:
         return out.view(x.shape), a
-    bd = b_down if b_down is not None else zeros_const(r, dev, x.dtype)
-    bu = b_up if b_up is not None else zeros_const(d, dev, x.dtype)
     unused = dummy(dev)
     use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
     rp, c = config("adapter_fwd", r, x.dtype)
@@ -611,6 +605,21 @@ FINISH_WARPS = 1
 #: at ViT-B width, rank 8 and 16 images), so each program takes a wider slice
 ROWS_FINISH_BLOCK = 256
 ROWS_FINISH_WARPS = 8
+
+
+
+def _fwd_outputs(x, r: int, b_down, b_up, save: bool):
+    """(x as [M, D] rows, M, device, out [M, D] like x, a [M or 0, r] fp32: the saved pre-activation,
+    the down / up biases or cached zeros): a forward launch's operands."""
+    d = x.shape[-1]
+    x2 = rows_of(x)
+    m = x2.shape[0]
+    dev = x.device
+    out = torch.empty((m, d), dtype=x.dtype, device=dev)
+    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=dev)
+    bd = b_down if b_down is not None else zeros_const(r, dev, x.dtype)
+    bu = b_up if b_up is not None else zeros_const(d, dev, x.dtype)
+    return x2, m, dev, out, a, bd, bu
 
 
 def _bwd_scratch(m: int, r: int, p1: int, rp: int, dt, dev) -> tuple[torch.Tensor, ...]:
@@ -693,16 +702,10 @@ def launch_rows_fwd(images: int, x, w_down, b_down, w_up, b_up, base, residual, 
     or shared (the single-task shapes). One launch; the dropout mask is the single-task kernel's
     for the same seed and rows. Returns (out like x, a [B L, r] fp32 or [0, r] when not save)."""
     d, r = x.shape[-1], w_down.shape[-2]
-    x2 = rows_of(x)
-    m = x2.shape[0]
+    x2, m, dev, out, a, bd, bu = _fwd_outputs(x, r, b_down, b_up, save)
     L = m // images
-    dev = x.device
-    out = torch.empty((m, d), dtype=x.dtype, device=dev)
-    a = torch.empty((m if save else 0, r), dtype=torch.float32, device=dev)
     if m == 0:
         return out.view(x.shape), a
-    bd = b_down if b_down is not None else zeros_const(r, dev, x.dtype)
-    bu = b_up if b_up is not None else zeros_const(d, dev, x.dtype)
     use_dropout, inv_keep_p, use_st = _flags(p, scale_t)
     rp, c = config("adapter_rows_fwd", r, x.dtype)
     nblk = cdiv(L, c.BLOCK_M)

@@ -312,10 +312,7 @@ def _layernorm_ssf_bwd_kernel(
 
 
 def launch_ssf_fwd(x, scale, shift, act: int):
-    x2 = flat(x)
-    d = x.shape[-1]
-    m = x.numel() // d
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    x2, d, m, y = _ssf_output(x)
     if m == 0:
         return y
     c = CONFIGS["ssf_fwd"][0]
@@ -329,7 +326,7 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     x2, g2 = flat(x), flat(grad_out)
     d = x.shape[-1]
     m = x.numel() // d
-    dt, dev = x.dtype, x.device
+    dev = x.device
     sc = scale.contiguous()
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)  # (scale: [d] in x's dtype)
@@ -345,12 +342,17 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
     return dx, dscale, dshift
 
 
-def _ln_outputs(x):
-    """(x as [M, D] rows, D, M, y like x, mean [M], rstd [M] fp32): a LayerNorm+SSF forward's outputs."""
+def _ssf_output(x):
+    """(x as [M, D] rows, D, M, y: a contiguous tensor like x): a forward launch's output."""
     x2 = flat(x)
     d = x.shape[-1]
     m = x.numel() // d
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    return x2, d, m, torch.empty_like(x2, memory_format=torch.contiguous_format)
+
+
+def _ln_outputs(x):
+    """(x as [M, D] rows, D, M, y like x, mean [M], rstd [M] fp32): a LayerNorm+SSF forward's outputs."""
+    x2, d, m, y = _ssf_output(x)
     mean = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     return x2, d, m, y, mean, rstd
@@ -376,7 +378,7 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
     x2, g2 = flat(x), flat(grad_out)
     d = x.shape[-1]
     m = x.numel() // d
-    dt, dev = x.dtype, x.device
+    dev = x.device
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
@@ -438,10 +440,7 @@ def _rows_total(p, g):
 
 def launch_ssf_rows_fwd(x, scale, shift, act: int, b: int):
     """act(x * γ_i + β_i) on image i's rows: x [B, ..., D] (B images of M / B rows), γ, β [B, D] or [D]."""
-    x2 = flat(x)
-    d = x.shape[-1]
-    m = x.numel() // d
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    x2, d, m, y = _ssf_output(x)
     if m == 0:
         return y
     r = m // b

@@ -298,19 +298,26 @@ def _check_scale(op: str, scale, name: str = "scale") -> None:
         raise ValueError(f"{op}: {name} must be a finite number, got {scale!r}")
 
 
+
+def _noah_rank(op: str, lora_a, lora_b, a_rows: int, b_cols: int, rank, scale) -> int:
+    """NOAH's LoRA factors agree (lora_b's columns = lora_a's rows, the supernet rank), the subnet
+    `rank` is within it and the scale is valid: the rank in effect."""
+    if b_cols != a_rows:
+        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
+                         f"{describe(lora_a)} has rows (the supernet rank)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= a_rows):
+        raise ValueError(f"{op}: rank must be an int in [0, {a_rows}] (lora_a's rows), got {rank!r}")
+    _check_scale(op, scale)
+    return a_rows if rank is None else rank
+
+
 def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
                   dropout_p: float = 0.1, training: bool = False, seed=None):
     """NOAH LoRA (ZhangYuanhan-AI/NOAH `Attention`): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
     op = "lora_noah_qkv"
     check_tensor(op, "lora_a", lora_a, dim=2)
     check_tensor(op, "lora_b", lora_b, dim=2)
-    if lora_b.shape[1] != lora_a.shape[0]:
-        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
-                         f"{describe(lora_a)} has rows (the supernet rank)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= lora_a.shape[0]):
-        raise ValueError(f"{op}: rank must be an int in [0, {lora_a.shape[0]}] (lora_a's rows), got {rank!r}")
-    _check_scale(op, scale)
-    r = lora_a.shape[0] if rank is None else rank
+    r = _noah_rank(op, lora_a, lora_b, lora_a.shape[0], lora_b.shape[1], rank, scale)
     a = lora_a[:r]
     b = lora_b[:, :r]
     if scale != 1.0:
@@ -321,6 +328,21 @@ def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, s
 _QKV = ("q", "k", "v")
 
 
+def _petl_targets(op: str, weight, downs: dict, ups: dict, scale) -> tuple[int, list, dict]:
+    """PETL-ViT LoRA's targets checked against the fused qkv weight: (the width of one of q, k, v,
+    the targets in the order of `downs`, each target's scale)."""
+    check_tensor(op, "weight", weight, dim=2)
+    n = weight.shape[0]
+    if n % 3:
+        raise ValueError(f"{op}: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
+    targets = list(downs)
+    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
+        raise ValueError(f"{op}: downs/ups must name the same targets among {_QKV}, got {list(downs)} / {list(ups)}")
+    if isinstance(scale, dict) and set(scale) != set(targets):
+        raise ValueError(f"{op}: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
+    return n // 3, targets, scale if isinstance(scale, dict) else {t: scale for t in targets}
+
+
 def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0, dropout_p: float = 0.1,
                   training: bool = False, seed=None):
     """PETL-ViT LoRA (JieShibo/PETL-ViT `lora/vtab/lora.py`): qkv[t] += s * U_t drop(D_t x) for t in downs (subset of q, k, v).
@@ -329,25 +351,14 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
     `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
     the order of `downs`.
     """
-    check_tensor("lora_petl_qkv", "weight", weight, dim=2)
-    n = weight.shape[0]
-    if n % 3:
-        raise ValueError(f"lora_petl_qkv: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
-    ad = n // 3
-    targets = list(downs)
-    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
-        raise ValueError(f"lora_petl_qkv: downs/ups must name the same targets among {_QKV}, got "
-                         f"{list(downs)} / {list(ups)}")
-    if isinstance(scale, dict) and set(scale) != set(targets):
-        raise ValueError(f"lora_petl_qkv: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
-    sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    ad, targets, sc = _petl_targets("lora_petl_qkv", weight, downs, ups, scale)
     for t in targets:
         check_tensor("lora_petl_qkv", f"downs[{t!r}]", downs[t], dim=2)
         check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
                      shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
         _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
     a = torch.cat([downs[t] for t in targets], 0)
-    b = segmented_up(n, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
+    b = segmented_up(3 * ad, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
     return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
 
 
@@ -786,13 +797,7 @@ def lora_noah_qkv_rows(images: int, x, weight, bias, lora_a, lora_b, *, rank: in
     if x.dim() < 2 or x.shape[0] != images:
         raise ValueError(f"{op}: x must be [B = {images}, ..., D], got x {describe(x)}")
     lora_a, lora_b = _per_row(op, "lora_a", lora_a, images), _per_row(op, "lora_b", lora_b, images)
-    if lora_b.shape[2] != lora_a.shape[1]:
-        raise ValueError(f"{op}: lora_b {describe(lora_b)} must have as many columns as lora_a "
-                         f"{describe(lora_a)} has rows (the supernet rank)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= lora_a.shape[1]):
-        raise ValueError(f"{op}: rank must be an int in [0, {lora_a.shape[1]}] (lora_a's rows), got {rank!r}")
-    _check_scale(op, scale)
-    r = lora_a.shape[1] if rank is None else rank
+    r = _noah_rank(op, lora_a, lora_b, lora_a.shape[1], lora_b.shape[2], rank, scale)
     if r == 0:
         check_p(op, dropout_p)
         return _frozen_only(x, weight, bias)
@@ -810,20 +815,10 @@ def lora_petl_qkv_rows(images: int, x, weight, bias, downs: dict, ups: dict, *, 
     own (or shared 2-D), placed into the qkv output columns of t as the single-task op does
     (`segmented_up` per image); dropout masks on u = [u_t1 | u_t2 ...] [B*L, sum r]."""
     op = "lora_petl_qkv_rows"
-    check_tensor(op, "weight", weight, dim=2)
     check_tensor(op, "x", x)
     if x.dim() < 2 or x.shape[0] != images:
         raise ValueError(f"{op}: x must be [B = {images}, ..., D], got x {describe(x)}")
-    n = weight.shape[0]
-    if n % 3:
-        raise ValueError(f"{op}: weight {describe(weight)} is not a fused qkv projection (rows % 3 != 0)")
-    ad = n // 3
-    targets = list(downs)
-    if not targets or any(t not in _QKV for t in targets) or set(targets) != set(ups):
-        raise ValueError(f"{op}: downs/ups must name the same targets among {_QKV}, got {list(downs)} / {list(ups)}")
-    if isinstance(scale, dict) and set(scale) != set(targets):
-        raise ValueError(f"{op}: a scale dict must name exactly the targets {targets}, got {sorted(scale)}")
-    sc = scale if isinstance(scale, dict) else {t: scale for t in targets}
+    ad, targets, sc = _petl_targets(op, weight, downs, ups, scale)
     dn, up = {}, {}
     for t in targets:
         dn[t] = _per_row(op, f"downs[{t!r}]", downs[t], images)
@@ -834,7 +829,7 @@ def lora_petl_qkv_rows(images: int, x, weight, bias, downs: dict, ups: dict, *, 
         _check_scale(op, sc[t], f"scale[{t!r}]")
     dt = x.dtype
     a = torch.cat([dn[t].to(dt) for t in targets], 1) if len(targets) > 1 else dn[targets[0]]
-    b = segmented_up(n, [(_QKV.index(t) * ad, up[t].to(dt), float(sc[t])) for t in targets])
+    b = segmented_up(3 * ad, [(_QKV.index(t) * ad, up[t].to(dt), float(sc[t])) for t in targets])
     return lowrank_linear_rows(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training,
                                seed=seed)
 
