@@ -335,6 +335,10 @@ def row_splits(m: int, block_m: int, n_col_blocks: int, device: torch.device) ->
     return max(1, min(cdiv(m, block_m), cdiv(target, n_col_blocks)))
 
 
+#: CUDA's limit on grid axes 1 and 2: the most images a per-row kernel with its image axis there
+#: takes in one launch (a mixed multi-task batch, fastpeft/ops/_rows.py)
+MAX_GRID_YZ = 65535
+
 #: programs a launch should have at least on a GPU: one wave of an H100's 132 SMs (one program
 #: per SM; the tiles here are sized for about one resident program per SM)
 MIN_PROGRAMS_GPU = 132

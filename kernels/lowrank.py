@@ -45,7 +45,7 @@ import torch
 from ._common import (dot_precision, with_tf32_variants, AOT_DTYPES, TRITON_PTR, cdiv, dummy, inv_keep,
                       keep_scale, column_splits, finish_row_splits, next_pow2, rank_down_range,
                       row_rank_tile, split_workspace, row_splits, rows_of, seed_or_zero, tl, triton)
-from ._common import Cfg
+from ._common import MAX_GRID_YZ, Cfg
 
 MAX_RANK = 128
 R_PADS = (16, 32, 64, 128)
@@ -509,7 +509,7 @@ def launch_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, n
 # Per-row launchers (a mixed multi-task batch): x [B*L, D], per-image matrices [B, ., .] read by
 # strides (stride 0 on the image axis: shared). One launch per op over the whole batch.
 # ----------------------------------------------------------------------------------------------
-MAX_IMAGES = 65535  # CUDA's limit on grid axis 1 (the image axis of the per-row kernels)
+MAX_IMAGES = MAX_GRID_YZ  # the image axis of the per-row kernels is grid axis 1
 
 
 def launch_rows_down(x2, p_mat, images, stride_pi, stride_pr, stride_pk, r, *, p=0.0, seed=None, in_drop=False,

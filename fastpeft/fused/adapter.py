@@ -19,8 +19,7 @@ from ..methods.adapter import AdapterAfterFFN, _PfeifferOnMLP
 from ..methods.adaptformer import _Parallel, _Sequential
 from ..methods.base import SlotFn
 from ..block import vmapped
-from ..ops._rows import rows_call
-from .common import SlotRule, kernel_call
+from .common import SlotRule, kernel_call, rows_form, rows_kernel_call
 
 
 @functools.cache
@@ -34,12 +33,6 @@ def _adapter(backend, x, w_down, b_down, w_up, b_up, **kw):
     return kernel_call(backend, x.device.type, _ops().adapter, x, w_down, b_down, w_up, b_up, **kw)
 
 
-def _rows_ok(backend: str) -> bool:
-    """Whether a vmapped call runs the per-row form: the Triton backend, eager (`rows_call` is
-    eager-only; the CPU backends keep the reference, as they do for a single task)."""
-    return backend not in ("torch", "cpp") and not torch.compiler.is_compiling()
-
-
 def _adapter_rows(backend, x, w_down, b_down, w_up, b_up, add_x: bool, scale, **kw):
     """The per-row adapter on a mixed batch: `rows_call` hands `adapter_rows` the physical tensors
     (x [B, 1, N, D]; each weight and a learnable scale [B, ...] when they are the rows' own, as in
@@ -51,7 +44,7 @@ def _adapter_rows(backend, x, w_down, b_down, w_up, b_up, add_x: bool, scale, **
                                 scale=scale if scale_t is None else scale_t, **kw)
 
     scale_t = scale if isinstance(scale, torch.Tensor) else None
-    return kernel_call(backend, x.device.type, rows_call, form, x, w_down, b_down, w_up, b_up, scale_t)
+    return rows_kernel_call(backend, form, x, w_down, b_down, w_up, b_up, scale_t)
 
 
 class FusedAdaptFormer(SlotFn):
@@ -71,7 +64,7 @@ class FusedAdaptFormer(SlotFn):
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if vmapped(args[0]):  # a mixed multi-task batch (fastpeft/block.py vmapped)
-            if not _rows_ok(self.backend):
+            if not rows_form(self.backend):
                 return self.original(*args)
             ad = self.original.adapter
             x = args[0]
@@ -98,7 +91,7 @@ class FusedSerialAdapter(SlotFn):
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         rows = vmapped(f)
-        if rows and not _rows_ok(self.backend):
+        if rows and not rows_form(self.backend):
             return self.original(f)
         ad = self.original.adapter
         a = ad.active_dim
@@ -126,7 +119,7 @@ class FusedPfeiffer(SlotFn):
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         o = self.original
         if vmapped(m):
-            if not _rows_ok(self.backend):
+            if not rows_form(self.backend):
                 return o(m)
             return _adapter_rows(self.backend, m, o.down.weight, o.down.bias, o.up.weight, o.up.bias, True, 1.0,
                                  act=o.act, dropout_p=o.p, training=o.down.training)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import torch
 from torch import nn
 
 from ..methods.base import OutputHook, PetlBlock, SlotFn
@@ -80,6 +81,22 @@ def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **k
         return fn(*args, **kwargs)
     with _kcommon.backend(want):
         return fn(*args, **kwargs)
+
+
+def rows_form(backend: str) -> bool:
+    """Whether a fused module that sees a vmapped input (a mixed multi-task batch, fastpeft/block.py
+    `vmapped`) runs its family's per-row form: the Triton backend in eager mode. The CPU backends
+    keep the reference, which vmap batches (on a CPU that is what the batched torch math is anyway),
+    and so does torch.compile (`ops._rows.rows_call` is eager-only; the compiler fuses the reference)."""
+    return backend not in ("torch", "cpp") and not torch.compiler.is_compiling()
+
+
+def rows_kernel_call(backend: str, form: Callable[..., T], *tensors) -> T:
+    """`ops._rows.rows_call(form, *tensors)` (tensors[0]: the vmapped activation) under the model's
+    patch backend, as `kernel_call`."""
+    from ..ops._rows import rows_call
+
+    return kernel_call(backend, tensors[0].device.type, rows_call, form, *tensors)
 
 
 class SlotRule:

@@ -27,7 +27,7 @@ from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
 from ..block import vmapped
 from ..ops._rows import batched, rows_call
-from .common import AbsorbedHook, kernel_call, swap_hook
+from .common import AbsorbedHook, kernel_call, rows_form, swap_hook
 
 
 @functools.cache
@@ -182,8 +182,7 @@ class FusedLowRankLinear(nn.Linear):
             # vmapped): LoRA's per-row form on the Triton backend in eager mode (the bias may be
             # the rows' own, the weight must be the frozen shared one); else the reference
             rows = _ROWS.get(type(hook))
-            if (rows is not None and self._fastpeft_backend not in ("torch", "cpp")
-                    and not torch.compiler.is_compiling() and not batched(self.weight)
+            if (rows is not None and rows_form(self._fastpeft_backend) and not batched(self.weight)
                     and not (self.weight.requires_grad and torch.is_grad_enabled())):
                 return kernel_call(self._fastpeft_backend, x.device.type, rows, self, hook, x)
             return hook.apply(x, nn.functional.linear(x, self.weight, self.bias))

@@ -13,7 +13,7 @@ owners; the reference hooks stay registered (absorbed, or swapped for their fuse
 so `unpatch` restores them exactly.
 
 A mixed multi-task batch (fastpeft/multitask.py: the input is vmapped, each image with its own task's
-scale and shift) runs the per-row forms of the same three ops on the eager Triton backend (`_rows`):
+scale and shift) runs the per-row forms of the same three ops on the eager Triton backend (`rows_form`):
 one launch per site for the whole batch, forward and backward.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from ..methods.base import OutputHook
 from ..methods.ssf import SSFHook
 from ..block import vmapped
-from .common import AbsorbedHook, find_hooks, kernel_call, swap_hook
+from .common import AbsorbedHook, find_hooks, kernel_call, rows_form, rows_kernel_call, swap_hook
 
 
 @functools.cache
@@ -42,21 +42,6 @@ def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
     return getattr(hook.owner, hook.scale_name), getattr(hook.owner, hook.shift_name)
 
 
-def _rows(backend: str) -> bool:
-    """Whether a mixed multi-task batch (a vmapped input) runs the per-row form (ops.ssf.*_rows through
-    ops/_rows.py `rows_call`): eager Triton only. The CPU backends ('cpp', 'torch') keep the reference,
-    which vmap batches: on a CPU that is what the batched torch math is anyway, and the C++
-    `fastpeft::scale_shift` has no per-row form; under torch.compile the reference too (rows_call is
-    eager-only; the compiler fuses the reference)."""
-    return backend == "triton" and not torch.compiler.is_compiling()
-
-
-def _rows_call(backend: str, form, *tensors: torch.Tensor | None) -> torch.Tensor:
-    from ..ops._rows import rows_call
-
-    return kernel_call(backend, tensors[0].device.type, rows_call, form, *tensors)
-
-
 class _LayerNormSSF:
     """A LayerNorm whose output is scaled and shifted in the same op. Installed by re-classing the
     model's own LayerNorm (its weight/bias stay where they were); `_fastpeft_ssf` is the SSF hook whose
@@ -67,10 +52,10 @@ class _LayerNormSSF:
     class_row_local = True  # (fastpeft/class_row.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if vmapped(x):  # a mixed multi-task batch: per-row LayerNorm + SSF, or the reference (`_rows`)
-            if _rows(self._fastpeft_backend):
+        if vmapped(x):  # a mixed multi-task batch: per-row LayerNorm + SSF, or the reference (`rows_form`)
+            if rows_form(self._fastpeft_backend):
                 form = functools.partial(_ops().layernorm_ssf_rows, eps=self.eps)
-                return _rows_call(self._fastpeft_backend, form, x, self.weight, self.bias,
+                return rows_kernel_call(self._fastpeft_backend, form, x, self.weight, self.bias,
                                   *_ssf_params(self._fastpeft_ssf))
             return self._fastpeft_ssf.apply(x, super().forward(x))
         scale, shift = _ssf_params(self._fastpeft_ssf)
@@ -102,9 +87,9 @@ class SSFGELU(nn.Module):
         self.backend = backend
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if vmapped(z):  # a mixed multi-task batch: per-row SSF + GELU, or the reference (`_rows`)
-            if _rows(self.backend):
-                return _rows_call(self.backend, _ops().ssf_gelu_rows, z, *_ssf_params(self._fastpeft_ssf))
+        if vmapped(z):  # a mixed multi-task batch: per-row SSF + GELU, or the reference (`rows_form`)
+            if rows_form(self.backend):
+                return rows_kernel_call(self.backend, _ops().ssf_gelu_rows, z, *_ssf_params(self._fastpeft_ssf))
             return nn.functional.gelu(self._fastpeft_ssf.apply(z, z))
         scale, shift = _ssf_params(self._fastpeft_ssf)
         return kernel_call(self.backend, z.device.type, _ops().ssf_gelu, z, scale, shift)
@@ -121,9 +106,9 @@ class FusedSSFHook(OutputHook):
         self.backend = backend
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if vmapped(out):  # a mixed multi-task batch: per-row scale-shift, or the reference (`_rows`)
-            if _rows(self.backend):
-                return _rows_call(self.backend, _ops().ssf_rows, out, *_ssf_params(self.original))
+        if vmapped(out):  # a mixed multi-task batch: per-row scale-shift, or the reference (`rows_form`)
+            if rows_form(self.backend):
+                return rows_kernel_call(self.backend, _ops().ssf_rows, out, *_ssf_params(self.original))
             return self.original.apply(x, out)
         scale, shift = _ssf_params(self.original)
         if self.backend == "cpp":

@@ -51,6 +51,7 @@ runs the reference block_fn, which is then the correct computation.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -558,15 +559,15 @@ class FusedVQTForwardHead(_VQTForwardHead):
         self.ref = ref
         self.impl = impl
         if impl == "cpp":
-            self.features = _aggregate
+            from ..ops.vqt import vqt_aggregate
+
+            self.features = functools.partial(_aggregate, vqt_aggregate)
 
 
-def _aggregate(pooled: torch.Tensor, query_outputs: list[torch.Tensor]) -> torch.Tensor:
-    """The fused L2-normalise-and-concatenate op, or the method's `vqt_features` in a mixed
+def _aggregate(op, pooled: torch.Tensor, query_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The fused L2-normalise-and-concatenate `op`, or the method's `vqt_features` in a mixed
     multi-task batch (fastpeft/block.py vmapped: the op has no per-row form)."""
-    from ..ops.vqt import vqt_aggregate
-
-    return (vqt_features if vmapped(pooled) else vqt_aggregate)(pooled, query_outputs)
+    return (vqt_features if vmapped(pooled) else op)(pooled, query_outputs)
 
 
 def _has_kernel(device: torch.device) -> bool:

@@ -27,7 +27,7 @@ class _Rows(torch.autograd.Function):
     """Only its vmap rule runs (`rows_call` is called inside a vmapped forward)."""
 
     @staticmethod
-    def forward(form, batched_mask, *tensors):  # pragma: no cover - never called outside vmap
+    def forward(form, *tensors):  # pragma: no cover - never called outside vmap
         raise RuntimeError("fastpeft per-row op called outside a mixed multi-task batch")
 
     @staticmethod
@@ -35,8 +35,8 @@ class _Rows(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, form, batched_mask, *tensors):
-        args = [t if d is None or t is None else t.movedim(d, 0) for t, d in zip(tensors, in_dims[2:])]
+    def vmap(info, in_dims, form, *tensors):
+        args = [t if d is None or t is None else t.movedim(d, 0) for t, d in zip(tensors, in_dims[1:])]
         out = form(info.batch_size, *args)
         if isinstance(out, tuple):
             return out, (0,) * len(out)
@@ -52,4 +52,4 @@ def rows_call(form: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) 
     """Inside the vmapped mixed-batch forward: `form(B, *tensors)` on the physical tensors (the
     batched ones with their row dimension first; None and unbatched ones as they are), its
     result [B, ...] returned to vmap as one row's value. `form` must only use its arguments."""
-    return _Rows.apply(form, None, *tensors)
+    return _Rows.apply(form, *tensors)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import once_differentiable
-from ..kernels._common import (CheckedSignatures, check_features, cast_param, check_tensor, describe,
+from ..kernels._common import (MAX_GRID_YZ, CheckedSignatures, check_features, cast_param, check_tensor, describe,
                                use_triton)
 from ..kernels.ssf import (ACTS, MAX_LN_WIDTH, ln_finalize, launch_ln_bwd, launch_ln_fwd, launch_ln_rows_bwd,
                            launch_ln_rows_fwd, launch_ssf_bwd, launch_ssf_fwd, launch_ssf_rows_bwd,
@@ -422,8 +422,8 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
 # tasks), a shared one its [C] total.
 # ----------------------------------------------------------------------------------------------
 
-#: images of one per-row launch at most: they are a grid axis (CUDA's limit on grid axes 1 and 2)
-MAX_ROW_IMAGES = 65535
+#: images of one per-row launch at most: they are a grid axis
+MAX_ROW_IMAGES = MAX_GRID_YZ
 
 
 def _image_view(t, b, x):
