@@ -155,8 +155,9 @@ def _ext_loaded() -> bool:
 
 
 class RecomputeRule(Rule):
-    """`recompute=True`: every block runs as two selectively checkpointed halves
-    (fastpeft/recompute.py): keeps x and y, recomputes the rest (less what the plan keeps)."""
+    """`recompute=True` (fastpeft/recompute.py): every block's halves run lean (their attention and
+    MLP activation keep nothing backward cannot recompute from the block's stream) or, where that
+    does not fit the byte budget, as checkpointed regions; the plan keeps what the budget leaves."""
 
     name = "recompute"
 
@@ -190,12 +191,23 @@ class RecomputeRule(Rule):
         return records
 
     def finish(self, model: nn.Module, probe, report: PatchReport) -> None:
-        """After every rule: spend the byte budget on keeping GEMM / attention outputs (recompute.plan_keeps)."""
+        """After every rule: choose the lean halves and spend the byte budget on keeping GEMM /
+        attention outputs (recompute.plan_keeps)."""
         from .recompute import BYTE_BUDGET, plan_keeps
 
+        for blk in model.blocks:
+            if "_fastpeft_run" in blk.__dict__:
+                blk._fastpeft_params = tuple(blk.parameters())
         plan = plan_keeps(model, probe) if probe is not None else {}
         for i, keep in plan.items():
             model.blocks[i]._fastpeft_keep = keep
+        lean = {half: [i for i, blk in enumerate(model.blocks) if half in blk.__dict__.get("_fastpeft_lean", ())]
+                for half in ("attn", "mlp")}
+        for half, what in (("attn", "attention: keeps none of q / k / v or its output; backward recomputes the "
+                                    "qkv output and the attention"),
+                           ("mlp", "GELU: keeps not its input; backward recomputes the fc1 output")):
+            if lean[half]:
+                report.patched.append((f"blocks {_ranges(lean[half])}", f"lean recompute of the {what}", "torch"))
         by_keep: dict[str, list[int]] = {}
         for i, keep in sorted(plan.items()):
             by_keep.setdefault("+".join(sorted(keep)), []).append(i)
@@ -209,6 +221,8 @@ class RecomputeRule(Rule):
         blk = model.get_submodule(path)
         del blk._fastpeft_run
         blk.__dict__.pop("_fastpeft_keep", None)
+        blk.__dict__.pop("_fastpeft_lean", None)
+        blk.__dict__.pop("_fastpeft_params", None)
         blk.__dict__.pop("_fastpeft_rows", None)
         _unclass_if_unused(blk, was_petl)
 

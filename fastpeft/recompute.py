@@ -1,5 +1,19 @@
 """Selective recomputation for `fastpeft.patch(model, recompute=True)`.
 
+Two forms, chosen per block half at `patch` time (`plan_keeps`, measured on probe images):
+
+* lean halves (`LeanRun`, wherever they fit the byte budget): the block runs in the reference
+  order, but its attention (`_LeanAttention`) keeps none of q / k / v or its output and its MLP
+  activation (`_LeanActivation`) not its input. Backward recomputes those values alone: the qkv
+  output (norm1 and qkv, hooks included, as modules without a graph: one GEMM) and the attention,
+  or the fc1 output (norm2 and fc1: one GEMM). No other op of the block is re-run and no checkpoint
+  machinery runs, so the recompute costs little more host time than its two GEMMs. What the
+  method hooks save is saved as in the default patch, which is why some halves do not fit;
+* checkpointed regions (`_Regions`, below): where a half cannot run lean or its hooks save too
+  much, and under torch.compile, which traces the regions.
+
+The rest of this docstring is about the regions.
+
 Where a frozen ViT's training memory goes (performance guide, AdaptFormer on ViT-B/16): per block,
 SDPA's saved q/k/v/out (~38%), the GELU input [B, N, 4D] (~38%) and LayerNorm inputs. With a
 frozen backbone, the Linear layers save nothing for their (frozen) weights, so everything else
@@ -45,7 +59,9 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention, vmapped
@@ -274,15 +290,33 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     """
     shapes: dict[tuple[int, str], torch.Size] = {}
     layers: dict[tuple[int, str], nn.Module] = {}
+    if plan_lean(model):
+        # lean halves keep what the method hooks inside them save (e.g. FacT's fc2 delta its GELU
+        # output): where that is over the budget, the MLP halves, then the attention halves too,
+        # run as checkpointed regions instead
+        for drop in ("mlp", "attn"):
+            if _within(_saved_per_batch(model, probe.images), probe.reference, budget):
+                break
+            for blk in model.blocks:
+                lean = blk.__dict__.get("_fastpeft_lean")
+                if lean is not None:
+                    lean.pop(drop, None)
+                    if not lean:
+                        del blk._fastpeft_lean
     for i, blk in enumerate(model.blocks):
+        lean = blk.__dict__.get("_fastpeft_lean", {})
+        if lean:  # (a lean half may be kept whole: its attention / GELU input, measured per block)
+            layers[i, "block"] = blk
         if blk.__dict__.get("_fastpeft_run") is RECOMPUTE:
             for n, get in _PLANNED.items():
+                if ("attn" if n in ("qkv", "proj") else "mlp") in lean:
+                    continue
                 mod = _get(blk, get)
                 # (only layers whose GEMM runs on their own weight, which `_policy` can recognise:
                 # not the fused ones, whose GEMM is a custom op or runs on a folded weight)
                 if type(mod) in (nn.Linear, DeltaFirstLinear) and not mod.weight.requires_grad and _reruns(blk, n):
                     layers[i, n] = mod
-            if getattr(blk.attn, "fused_attn", False):  # (timm's explicit-softmax path: no kernel to keep)
+            if getattr(blk.attn, "fused_attn", False) and "attn" not in lean:  # (timm's explicit-softmax path: no kernel to keep)
                 layers[i, "attn"] = blk.attn
 
     handles = [mod.register_forward_pre_hook(_ShapeRecorder(shapes, key)) for key, mod in layers.items()]
@@ -291,7 +325,10 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     finally:
         for h in handles:
             h.remove()
-    options = {key: _option(layers[key], shapes[key]) for key in layers if key in shapes}
+    options = {key: _option(layers[key], shapes[key]) for key in layers if key in shapes and key[1] != "block"}
+    for (i, n), shape in shapes.items():
+        if n == "block":
+            options.update(_lean_options(model.blocks[i], i, shape))
     for i, blk in enumerate(model.blocks):
         # a plain half whose backward needs nothing more runs outside checkpointing (`_runs_plain`):
         # no recompute at all, not even its LayerNorm, and no checkpoint machinery
@@ -301,8 +338,7 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
         if (i, "fc1") in options and _plain_half(blk, "mlp"):
             b1, v1 = options[i, "fc1"]
             options[i, "fc1"] = b1, v1 * (1 + PLAIN_HALF_BONUS)
-    ref = probe.reference
-    room = min(budget * ref[0] - kept[0], (budget * (ref[2] - ref[1]) - (kept[2] - kept[1])) / 2)
+    room = _room(kept, probe.reference, budget)
     # greedy by compute saved per byte kept (fc2 first, then whole plain halves, attention, qkv /
     # fc1), later blocks first; an option overlapping what its block already keeps is skipped
     plan: dict[int, set[str]] = {}
@@ -312,6 +348,57 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
             plan.setdefault(i, set()).update(names)
             room -= options[i, n][0]
     return {i: frozenset(keep) for i, keep in plan.items()}
+
+
+def _room(kept: tuple, ref: tuple, budget: float) -> float:
+    """Bytes per image the plan may still keep: within `budget` x the reference's saved bytes at
+    batch 1 and per image (half the batch-2-to-4 difference), whichever is tighter."""
+    return min(budget * ref[0] - kept[0], (budget * (ref[2] - ref[1]) - (kept[2] - kept[1])) / 2)
+
+
+def _within(kept: tuple, ref: tuple, budget: float) -> bool:
+    return _room(kept, ref, budget) >= 0
+
+
+def plan_lean(model: nn.Module) -> bool:
+    """Mark the halves that recompute lean (`LeanRun`) on every recomputed block, with whether
+    the ops their backward re-runs may draw random numbers (then the RNG state is replayed):
+    `_fastpeft_lean` = {half: draws}. Returns whether any block has a lean half."""
+    any_lean = False
+    for blk in model.blocks:
+        if blk.__dict__.get("_fastpeft_run") is not RECOMPUTE:
+            continue
+        lean = {}
+        if _lean_attention(blk):
+            lean["attn"] = _draws_rng(blk.norm1) or _draws_rng(blk.attn.qkv) or blk.attn.attn_drop.p > 0
+        if _lean_mlp(blk):
+            lean["mlp"] = _draws_rng(blk.norm2) or _draws_rng(blk.mlp.fc1) or _draws_rng(blk.mlp.act)
+        if lean:
+            blk._fastpeft_lean = lean
+            any_lean = True
+    return any_lean
+
+
+def _lean_options(blk: nn.Module, i: int, shape: torch.Size) -> dict:
+    """`plan_keeps`' options for a block's lean halves, given the block input's shape on the
+    batch-4 probe: keep the attention half whole ({qkv, attn}: q / k / v, the output and its
+    log-sum-exp) or the MLP half ({fc1}: the GELU input), i.e. run it as the reference does.
+    (bytes per image, compute saved per byte), as `_option` counts them."""
+    lean, out = blk.__dict__["_fastpeft_lean"], {}
+    seqs, n, d = max(1, shape[0] // 4), shape[1], shape[2]
+    size = next(blk.parameters()).element_size()
+    if "attn" in lean:
+        attn = blk.attn
+        width = attn.num_heads * attn.head_dim
+        gemm = seqs * n * 3 * width * size
+        att = seqs * n * (width * size + attn.num_heads * 4)
+        flops = 2 * d * seqs * n * 3 * width + ATTENTION_COST * 4 * n * n * width * seqs
+        out[i, "qkv+attn"] = gemm + att, flops / (gemm + att)
+    if "mlp" in lean:
+        hidden = blk.mlp.fc2.in_features
+        b = seqs * n * hidden * size
+        out[i, "fc1"] = b, 2 * d * seqs * n * hidden / b
+    return out
 
 
 class _ShapeRecorder:
@@ -399,19 +486,24 @@ def _predraw(block, x: torch.Tensor) -> tuple:
     return (like.bernoulli_(1.0 - hook.predrawable_dropout()).bool(),)
 
 
+def _with_predrawn(block, predrawn: tuple, fn, *args):
+    """`fn(*args)` with `_predraw`'s mask (if any) handed to the qkv hook for this call."""
+    if not predrawn:
+        return fn(*args)
+    hook = _predraw_hook(block)
+    hook.predrawn_mask = predrawn[0]
+    try:
+        return fn(*args)
+    finally:
+        hook.__dict__.pop("predrawn_mask", None)
+
+
 def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
     """The frozen attention path: x -> attn(norm1(x)). The block_in slots (prompts) run before it
     and LayerScale and DropPath after it, outside the region: DropPath's saved mask would otherwise
     make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s mask, handed to
     the qkv hook for this call (forward and recompute alike)."""
-    if predrawn:
-        hook = _predraw_hook(block)
-        hook.predrawn_mask = predrawn[0]
-    try:
-        return STANDARD.attention(block, x, None, kw)
-    finally:
-        if predrawn:
-            hook.__dict__.pop("predrawn_mask", None)
+    return _with_predrawn(block, predrawn, STANDARD.attention, block, x, None, kw)
 
 
 class _Calls:
@@ -519,6 +611,215 @@ def _branch(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x, None)  # reads_norm is False: the branch does not read its second argument
 
 
+def _lean_attention(block) -> bool:
+    """Whether the attention half may run lean (`_LeanAttention`): timm's Attention on its SDPA path
+    with no q / k norms, whose qkv output feeds nothing but the attention. The qkv layer and norm1
+    may carry any method hooks (backward re-runs them as modules); a norm1 that draws random
+    numbers must not run before the state is taken, i.e. no branch may read its output."""
+    attn = block.attn
+    if not timm_sdpa_attention(attn) or not all(
+        type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm")
+    ):
+        return False
+    return not (any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch"]) and _draws_rng(block.norm1))
+
+
+def _lean_mlp(block) -> bool:
+    """Whether the MLP half may run lean (`_LeanActivation`): timm's Mlp, whose fc1 output feeds
+    nothing but its activation (fc1, norm2, the activation and the layers after it may carry
+    method hooks or be fused modules)."""
+    from timm.layers import Mlp
+
+    if type(block.mlp) is not Mlp:
+        return False
+    return not (any(fn.reads_norm for fn in block._fastpeft_slots["ffn_branch"]) and _draws_rng(block.norm2))
+
+
+class _Replay:
+    """What a lean half needs to recompute a tensor's value in backward exactly as forward made it:
+    the RNG state before the first op it re-runs (only where those ops may draw) and the autocast
+    state. `run()` re-enters both around the recompute; the caller's RNG stream is left as it was."""
+
+    __slots__ = ("cpu", "cuda", "device", "autocast")
+
+    def __init__(self, x: torch.Tensor, draws: bool):
+        dev = x.device
+        self.device = dev
+        self.cpu = torch.get_rng_state() if draws else None
+        self.cuda = torch.cuda.get_rng_state(dev) if draws and dev.type == "cuda" else None
+        self.autocast = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
+
+    def run(self, fn, *args):
+        autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        if self.cpu is None:
+            with autocast:
+                return fn(*args)
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices), autocast:
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            return fn(*args)
+
+
+#: `torch._fused_sdp_choice`'s answer for the flash kernel (on CPU: no dropout)
+_FLASH = int(SDPBackend.FLASH_ATTENTION.value)
+
+
+def _split_heads(attn, qkv: torch.Tensor):
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class _LeanAttention(torch.autograd.Function):
+    """timm's SDPA attention over a qkv output, saving none of q, k, v (3 [B, N, D]) nor its output:
+    only norm1's input x, which norm1 saves anyway. Backward recomputes the qkv output's value
+    (norm1 and the qkv layer with their hooks, as modules, without a graph), then the attention
+    forward (with its dropout draw, replayed) and its backward. That re-runs the qkv GEMM and the
+    attention forward, as the checkpointed regions do, but none of the block's other ops, and no
+    checkpoint machinery."""
+
+    @staticmethod
+    def forward(ctx, qkv, x, block, replay, kw, *predrawn):
+        attn = block.attn
+        ctx.block, ctx.replay, ctx.kw = block, replay, kw
+        ctx.drop = attn.attn_drop.p if attn.training else 0.0
+        ctx.save_for_backward(x, *predrawn)
+        q, k, v = _split_heads(attn, qkv)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **kw)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, *predrawn = ctx.saved_tensors
+        block = ctx.block
+        attn = block.attn
+
+        def rerun():
+            with torch.no_grad():
+                qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x))
+            q, k, v = _split_heads(attn, qkv)
+            mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
+            if x.device.type == "cpu" and ctx.replay.autocast is None and torch._fused_sdp_choice(
+                q, k, v, mask, ctx.drop, causal
+            ) == _FLASH:
+                # the kernel pair F.scaled_dot_product_attention's autograd runs here, called
+                # directly: no graph and no autograd.grad for the recompute
+                out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, ctx.drop, causal, attn_mask=mask)
+                dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad, q, k, v, out, lse, ctx.drop, causal, attn_mask=mask)
+                return torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
+            qkv.requires_grad_()
+            with torch.enable_grad():
+                q, k, v = _split_heads(attn, qkv)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **ctx.kw)
+            return torch.autograd.grad(out, qkv, grad)[0]
+
+        return ctx.replay.run(rerun), None, None, None, None, *(None for _ in predrawn)
+
+
+class _LeanActivation(torch.autograd.Function):
+    """The MLP's activation on the fc1 output, saving not its input h ([B, N, 4D]) but the MLP
+    half's input y, which norm2 saves anyway. Backward recomputes h (norm2 and fc1 with their
+    hooks, as modules, without a graph: one GEMM) and applies nn.GELU's own backward formula to it;
+    any other activation module (e.g. SSF's fused scale-shift + GELU) is re-run on it with a graph
+    and differentiated, for h and for `params` (the block's trainable parameters it may read)."""
+
+    @staticmethod
+    def forward(ctx, h, y, block, replay, *params):
+        ctx.block, ctx.replay, ctx.params = block, replay, params
+        ctx.save_for_backward(y)
+        return block.mlp.act(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        block = ctx.block
+        act = block.mlp.act
+        gelu = type(act) is nn.GELU
+
+        def rerun():
+            with torch.no_grad():
+                h = block.mlp.fc1(block.norm2(y))
+            if gelu:
+                return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
+            wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+            params = [ctx.params[i] for i in wanted]
+            with torch.enable_grad():
+                h.requires_grad_()
+                dh, *dp = torch.autograd.grad(act(h), (h, *params), grad, allow_unused=True)
+            out = [None] * len(ctx.params)
+            for i, g in zip(wanted, dp):
+                out[i] = g
+            return dh, out
+
+        dh, dparams = ctx.replay.run(rerun)
+        return dh, None, None, None, *dparams
+
+
+class LeanRun(BlockRun):
+    """The run of a block whose halves recompute lean (`patch(recompute=True)` where
+    `_lean_attention` / `_lean_mlp` allow, `_fastpeft_lean`): the reference order and modules,
+    with the attention and the MLP activation as `_LeanAttention` / `_LeanActivation`, so that the
+    block keeps the reference's saved tensors less q / k / v, the attention output and the GELU
+    input. A half the plan keeps whole (`_fastpeft_keep`: {qkv, attn} / {fc1}) runs as the
+    reference. The other half, where it cannot run lean, runs as a checkpointed region."""
+
+    def forward(self, block, x, kw):
+        lean = block.__dict__["_fastpeft_lean"]
+        if "attn" in lean and "mlp" in lean:
+            return self.mlp_half(block, self.attn_half(block, x, kw))
+        regions = _Regions(block)
+        y = self.attn_half(block, x, kw) if "attn" in lean else regions.attn_half(block, x, kw)
+        return self.mlp_half(block, y) if "mlp" in lean else regions.mlp_half(block, y)
+
+    def norm(self, block, i, x):
+        # (where no branch reads it, the norm runs inside the lean piece, after the RNG state is taken)
+        branches = block._fastpeft_slots["attn_branch" if i == 1 else "ffn_branch"]
+        if any(fn.reads_norm for fn in branches):
+            return (block.norm1 if i == 1 else block.norm2)(x)
+        return None
+
+    def attention(self, block, x, h, kw):
+        keep = block.__dict__.get("_fastpeft_keep", ())
+        if "attn" in keep:
+            return STANDARD.attention(block, x, h, kw)
+        attn = block.attn
+        # (LoRA's input-dropout mask drawn ahead, as the regions do: `_predraw`; the RNG state the
+        # recompute replays is taken after it, so backward reuses the mask instead of drawing it)
+        predrawn = _predraw(block, x)
+        replay = _Replay(x, block.__dict__["_fastpeft_lean"]["attn"])
+        qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x) if h is None else h)
+        if qkv.requires_grad:
+            o = _LeanAttention.apply(qkv, x, block, replay, kw, *predrawn)
+        else:  # (nothing before the attention needs a gradient: nothing to save)
+            q, k, v = _split_heads(attn, qkv)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, **kw)
+        B, N, _ = qkv.shape
+        return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N, -1))))
+
+    def mlp(self, block, y, h2):
+        if "fc1" in block.__dict__.get("_fastpeft_keep", ()):
+            return STANDARD.mlp(block, y, h2)
+        mlp = block.mlp
+        replay = _Replay(y, block.__dict__["_fastpeft_lean"]["mlp"])
+        h = mlp.fc1(block.norm2(y) if h2 is None else h2)
+        if h.requires_grad:
+            params = () if type(mlp.act) is nn.GELU else [p for p in block._fastpeft_params if p.requires_grad]
+            a = _LeanActivation.apply(h, y, block, replay, *params)
+        else:
+            a = mlp.act(h)
+        m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
+        for fn in block._fastpeft_slots["mlp_out"]:
+            m = fn(m)
+        return m
+
+
+#: the run of every block with a lean half (stateless: the halves live in `_fastpeft_lean`)
+LEAN = LeanRun()
+
+
 class RecomputeRun(BlockRun):
     """The run of a block under `patch(recompute=True)` (see the module docstring): the reference
     order (fastpeft/block.py) with its frozen paths as checkpointed regions, wherever the block
@@ -528,7 +829,12 @@ class RecomputeRun(BlockRun):
         kw = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
         if vmapped(x):
             return rows_block(block, x, kw)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        # (the block's parameters, recorded by `patch` once every rule has run: walking its modules on
+        # every call is host time)
+        params = block.__dict__.get("_fastpeft_params") or tuple(block.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            if block.__dict__.get("_fastpeft_lean") and not torch.compiler.is_compiling():
+                return LEAN.forward(block, x, kw)
             return _Regions(block).forward(block, x, kw)
         return STANDARD.forward(block, x, kw)
 

@@ -1,7 +1,11 @@
 """`fastpeft.patch(model, recompute=True)` for every method: bit-identical losses and gradients
-(dropout and DropPath active: the checkpoint replays the RNG), at most 0.4x the reference's saved
-activation bytes at 197 tokens, and a recompute that re-runs only the GEMMs it must (qkv, fc1;
-proj / fc2 only where a method saves something behind them) and none the byte-budget plan keeps."""
+(dropout and DropPath active: lean halves and checkpointed regions replay the RNG), at most 0.4x
+the reference's saved activation bytes at 197 tokens, and a recompute that re-runs only the GEMMs
+it must (qkv, fc1; in regions proj / fc2 only where a method saves something behind them) and none
+the byte-budget plan keeps. Lean halves: no q / k / v or GELU input saved, random draws and
+autocast replayed, fused activations differentiated for their parameters. The regions' own
+mechanics (selective policy, stand-in activation, plain halves) are tested with lean halves off
+(`regions_only`): they serve the halves that cannot run lean and torch.compile."""
 from __future__ import annotations
 
 import collections
@@ -42,6 +46,15 @@ def build(case: str, depth: int = 2, drop_path_rate: float = 0.1, **kw):
 
 
 step = partial(train_step, seed=3)  # the same dropout / DropPath draws in both runs
+
+
+@pytest.fixture
+def regions_only(monkeypatch):
+    """`patch(recompute=True)` with no lean halves: every half a checkpointed region (what runs
+    under torch.compile, and where a half cannot run lean), to test the regions themselves."""
+    from fastpeft import recompute
+
+    monkeypatch.setattr(recompute, "plan_lean", lambda model: False)
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.1, 0.0], ids=["droppath", "no-droppath"])
@@ -85,7 +98,7 @@ class _GemmsByWeight(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# the frozen GEMMs the minimal plan re-runs in backward: qkv and fc1 always; proj / fc2 only when
+# the frozen GEMMs the regions' minimal plan re-runs in backward: qkv and fc1 always; proj / fc2 only when
 # something after them in their region saves a tensor (Convpass's branches reading the LayerNorm output inside the region: unless the frozen path draws
 # no random numbers, when the branches run first and the recompute stops at the frozen path's last
 # saved tensor). FacT's hooks on proj / fc2 add a delta of the layer input, which
@@ -98,8 +111,22 @@ RERUN = {
 }
 
 
+# lean halves (fastpeft/recompute.py LeanRun) re-run qkv (for the attention) and fc1 (for the GELU
+# input) only, whatever the method hooks behind them (SSF's fused scale-shift + GELU activation
+# included). A half runs as a region where its hooks would save more than the budget allows
+# (FacT's fc2 delta saves the GELU output: at this depth its attention halves too go over the
+# batch-1 budget, with its weight-sized factor products); the regions re-run the same two GEMMs
+RERUN_LEAN = {case: {"qkv", "fc1"} for case in RERUN}
+LEAN_HALVES = {"fact-tt": None, "fact-tk": None}
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "regions"])
 @pytest.mark.parametrize("case", sorted(RERUN))
-def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case):
+def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case, lean, monkeypatch):
+    from fastpeft import recompute
+
+    if not lean:
+        monkeypatch.setattr(recompute, "plan_lean", lambda model: False)
     method, _, variant = case.partition("@")
     m = build(method, depth=4, name="vit_small_patch16_224", img_size=224,
               drop_path_rate=0.0 if variant == "no-droppath" else 0.1)
@@ -117,7 +144,12 @@ def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case):
     # (fastpeft/class_row.py: nothing there is checkpointed)
     for i in range(1, len(m.blocks) - ("forward" in m.__dict__)):
         # input-gradient GEMMs: one per layer; forward re-runs: those of RERUN the plan does not keep
-        want = {n: 1 + (n in RERUN[case] and n not in plan[i]) for n in ("qkv", "proj", "fc1", "fc2")}
+        rerun = (RERUN_LEAN if lean else RERUN)[case]
+        if lean:  # (a lean half is kept whole or not at all: {qkv, attn}, {fc1})
+            assert not plan[i] or plan[i] & {"qkv", "attn", "fc1"} == plan[i], plan[i]
+            halves = LEAN_HALVES.get(method, {"attn", "mlp"})
+            assert halves is None or set(m.blocks[i]._fastpeft_lean) == halves, i
+        want = {n: 1 + (n in rerun and n not in plan[i]) for n in ("qkv", "proj", "fc1", "fc2")}
         got = {n: mode.calls[f"{i}.{n}"] for n in want}
         assert got == want, (i, plan[i], got)
 
@@ -191,7 +223,7 @@ def test_delta_first_applies_only_to_additive_hooks_on_frozen_linears():
     assert delta_first_hooks(proj) is None
 
 
-def test_plan_keeps_only_gemms_the_policy_can_recognise():
+def test_plan_keeps_only_gemms_the_policy_can_recognise(regions_only):
     # CPU KAdaptation folds its delta into the qkv weight: that GEMM runs on a fresh folded weight,
     # which the keep policy (matching a GEMM by its weight's storage) cannot see; keeping "qkv"
     # there would be budgeted and never happen
@@ -237,14 +269,21 @@ def test_plan_lands_within_its_byte_budget(case):
     assert kept <= (BYTE_BUDGET + 0.002) * ref, (kept / ref, BYTE_BUDGET)
 
 
-@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "no-early-stop"])
+@pytest.mark.parametrize("run", ["lean", "early-stop", "no-early-stop"])
 @pytest.mark.parametrize("mlp_drop", ["none", "drop1", "drop2"])
-def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, early_stop):
-    # backward needs the GELU input (recomputed through fc1), never its output: under plain
-    # checkpointing the recompute saves the input in GELU's place and stops at fc2, before its GEMM.
-    # Mlp dropout: drop1's mask is redrawn as in forward; an active drop2 needs the recompute to run
-    # on through fc2 to reach its mask, so there the GELU is re-run as before.
+def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, run, monkeypatch):
+    # backward needs the GELU input (recomputed through fc1), never its output. A lean MLP half
+    # recomputes only the input and applies GELU's backward formula to it, whatever the dropouts.
+    # Regions: under plain checkpointing the recompute saves the input in GELU's place and stops
+    # at fc2, before its GEMM. Mlp dropout: drop1's mask is redrawn as in forward; an active drop2
+    # needs the recompute to run on through fc2 to reach its mask, so there the GELU is re-run.
     from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    from fastpeft import recompute
+
+    if run != "lean":
+        monkeypatch.setattr(recompute, "plan_lean", lambda model: False)
+    early_stop = run != "no-early-stop"
 
     # (avg pool: the last block is checkpointed too, not computing the class token's row only)
     m, x = build("adaptformer", depth=3, drop_path_rate=0.1, proj_drop_rate=0.2, global_pool="avg"), images()
@@ -266,11 +305,11 @@ def test_gelu_is_not_rerun_in_backward_where_nothing_reads_its_output(mlp_drop, 
     assert torch.equal(loss0, loss1.detach()) and g0.keys() == g1.keys()
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
     # (blocks 1 and 2: block 0's MLP input needs no gradient, its region saves nothing)
-    assert mode.n == (2 if mlp_drop == "drop2" else 0)
+    assert mode.n == (2 if mlp_drop == "drop2" and run != "lean" else 0)
 
 
 @pytest.mark.parametrize("case", ["bitfit", "adaptformer", "vpt-deep"])
-def test_halves_kept_whole_run_without_recompute_and_save_what_the_policy_would(case, monkeypatch):
+def test_halves_kept_whole_run_without_recompute_and_save_what_the_policy_would(case, monkeypatch, regions_only):
     # a plain half (no hooks inside, nothing random) whose backward needs only what the plan keeps
     # ({qkv, attn}; {fc1}) runs outside checkpointing: bit-exact, no GEMM or attention re-run in
     # backward, and the same saved bytes as keeping them under the selective-checkpoint policy but
@@ -309,7 +348,7 @@ def test_halves_kept_whole_run_without_recompute_and_save_what_the_policy_would(
         assert plain - policy <= len(m.blocks) * stats, (plain, policy)
 
 
-def test_policy_keeps_nothing_where_no_gradient_flows():
+def test_policy_keeps_nothing_where_no_gradient_flows(regions_only):
     # AdaptFormer's first block: the frozen path's input needs no gradient, so a kept GEMM output
     # there would be held to no use (the selective-checkpoint cache keeps what the policy says)
     m, x = build("adaptformer", depth=2), images()
@@ -321,3 +360,94 @@ def test_policy_keeps_nothing_where_no_gradient_flows():
         m.blocks[0]._fastpeft_keep = keep
         sizes[keep] = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
     assert len(set(sizes.values())) == 1, sizes
+
+
+def _lean_build(case: str, **kw):
+    m = build(case, depth=3, global_pool="avg", **kw)  # (avg pool: every block runs both halves)
+    return m, images()
+
+
+def _assert_lean(m, halves=("attn", "mlp")):
+    for i, blk in enumerate(m.blocks):
+        assert set(halves) <= set(blk.__dict__.get("_fastpeft_lean", ())), (i, blk.__dict__.get("_fastpeft_lean"))
+
+
+@pytest.mark.parametrize("case", ["adaptformer", "lora", "bitfit"])
+def test_lean_halves_save_neither_qkv_nor_the_gelu_input(case):
+    # a lean block saves the reference's tensors less q / k / v (the qkv output's storage), the
+    # attention output and the GELU input: no saved storage has the size of either [B, N, 3D] or
+    # [B, N, 4D], where the default patch saves both in every block
+    m, x = _lean_build(case)
+    B, N, D = x.shape[0], (x.shape[-1] // 16) ** 2 + 1, m.embed_dim
+    sizes = {"qkv": B * N * 3 * D * 4, "gelu": B * N * 4 * D * 4}
+
+    def saved_sizes():
+        seen = collections.Counter()
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                seen[t.untyped_storage().nbytes()] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x).sum()
+        return {k: seen[v] for k, v in sizes.items()}
+
+    fastpeft.patch(m, backend="torch")
+    default = saved_sizes()
+    assert default["qkv"] >= len(m.blocks) - 1 and default["gelu"] >= len(m.blocks) - 1, default
+    report = fastpeft.patch(m, backend="torch", recompute=True)
+    for blk in m.blocks:  # (the minimal plan: nothing kept whole)
+        blk.__dict__.pop("_fastpeft_keep", None)
+    _assert_lean(m)
+    assert "lean recompute of the attention" in str(report) and "lean recompute of the GELU" in str(report)
+    assert saved_sizes() == {"qkv": 0, "gelu": 0}
+
+
+@pytest.mark.parametrize("case", ["lora", "adaptformer"])
+def test_lean_replays_every_random_draw_of_what_it_recomputes(case):
+    # attention dropout (drawn inside the attention the backward re-runs), LoRA's input dropout
+    # (drawn by the qkv hook the backward re-runs: pre-drawn on CPU), proj dropout and DropPath:
+    # the recompute's values and every later draw are those of forward, bit for bit
+    m, x = _lean_build(case, attn_drop_rate=0.2, proj_drop_rate=0.1)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    _assert_lean(m, ("attn",))  # (the dropout masks the reference saves leave less room for lean MLPs here)
+    assert all(blk._fastpeft_lean["attn"] for blk in m.blocks)  # (draws: its RNG state replayed)
+    fastpeft.unpatch(m)
+    assert_recompute_bit_exact(m, x, "torch")
+
+
+@pytest.mark.parametrize("case", ["lora", "adaptformer"])
+def test_lean_recomputes_under_the_forwards_autocast(case):
+    # bf16 autocast on CPU: backward (outside the autocast context) recomputes the qkv and fc1
+    # outputs in bf16 as forward made them, so the gradients are the default patch's bit for bit
+    m, x = _lean_build(case)
+
+    def autocast_step():
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x).float().square().mean()
+        loss.backward()
+        return loss.detach(), grads_of(m)
+
+    fastpeft.patch(m, backend="torch")
+    loss0, g0 = autocast_step()
+    fastpeft.patch(m, backend="torch", recompute=True)
+    _assert_lean(m)
+    loss1, g1 = autocast_step()
+    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys() and g0
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lean_mlp_differentiates_a_fused_activation_for_its_parameters(backend):
+    # SSF's fc1 scale-shift is fused into the Mlp's activation (fastpeft/fused/ssf.py SSFGELU):
+    # the lean MLP half re-runs that module on the recomputed fc1 output and takes the gradients
+    # of the fc1 output and of the scale and shift it reads, bit for bit those of the default patch
+    m, x = _lean_build("ssf")
+    fastpeft.patch(m, backend=backend, recompute=True)
+    _assert_lean(m)
+    assert type(m.blocks[1].mlp.act).__name__ == "SSFGELU"
+    fastpeft.unpatch(m)
+    assert_recompute_bit_exact(m, x, backend)
