@@ -39,7 +39,15 @@ def _ops():
 
 
 def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
-    return getattr(hook.owner, hook.scale_name), getattr(hook.owner, hook.shift_name)
+    """The hook's (scale, shift): its owner's registered parameters, read from `_parameters` (where
+    `getattr` finds them, nn.Module keeping a parameter's name out of the instance dict), anything
+    else (not registered as a parameter) by `getattr`."""
+    owner = hook.owner
+    params = owner._parameters
+    scale, shift = params.get(hook.scale_name), params.get(hook.shift_name)
+    if scale is None or shift is None:
+        return getattr(owner, hook.scale_name), getattr(owner, hook.shift_name)
+    return scale, shift
 
 
 class _LayerNormSSF:

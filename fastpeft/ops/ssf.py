@@ -371,16 +371,30 @@ class _LayerNormSSFFunction(torch.autograd.Function):
 # signature (`_CHECKED`); under torch.compile they call the registered ops (checked when traced).
 # ----------------------------------------------------------------------------------------------
 _CHECKED = CheckedSignatures()
+_is_compiling = torch.compiler.is_compiling
 
 
 def _ssf_call(op, x, scale, shift, act):
-    if not isinstance(x, torch.Tensor):
-        check_tensor(op, "x", x)  # TypeError
-    scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate_ssf(op, x, scale, shift), x, scale, shift, extra=(op,))
-    if compiling:
+    if _is_compiling():
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
+        _validate_ssf(op, x, scale, shift)
         return (torch.ops.fastpeft.ssf_gelu if act else torch.ops.fastpeft.scale_shift)(x, scale, shift)
+    # Eager: checked once per signature of the arguments as given. A parameter whose dtype differs
+    # from x's is cast to it (differentiably) before the launch; the cast depends on the dtypes
+    # alone, so the signature before the casts decides the checks of the arguments after them.
+    key = _CHECKED.key(x, scale, shift, extra=(op,))
+    if not _CHECKED.seen(key):
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        _validate_ssf(op, x, cast_param(scale, x.dtype), cast_param(shift, x.dtype))
+        _CHECKED.add(key)
+    dt = x.dtype
+    if scale.dtype != dt:
+        scale = scale.to(dt)
+    if shift.dtype != dt:
+        shift = shift.to(dt)
     return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
 
 
@@ -399,16 +413,30 @@ def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torc
                   scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = LayerNorm(x; ln_weight, ln_bias, eps) * scale + shift over the last dim (C <= 8192).
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
-    if not isinstance(x, torch.Tensor):
-        check_tensor("layernorm_ssf", "x", x)  # TypeError
-    ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
-    eps = float(eps)
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate_ln(x, ln_weight, ln_bias, scale, shift, eps),
-                   x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
-    if compiling:
+    if _is_compiling():
+        if not isinstance(x, torch.Tensor):
+            check_tensor("layernorm_ssf", "x", x)  # TypeError
+        ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
+        eps = float(eps)
+        _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
         y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
         return y
+    eps = float(eps)
+    key = _CHECKED.key(x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))  # before the casts (as `_ssf_call`)
+    if not _CHECKED.seen(key):
+        if not isinstance(x, torch.Tensor):
+            check_tensor("layernorm_ssf", "x", x)  # TypeError
+        _validate_ln(x, *(cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift)), eps)
+        _CHECKED.add(key)
+    dt = x.dtype
+    if ln_weight is not None and ln_weight.dtype != dt:
+        ln_weight = ln_weight.to(dt)
+    if ln_bias is not None and ln_bias.dtype != dt:
+        ln_bias = ln_bias.to(dt)
+    if scale.dtype != dt:
+        scale = scale.to(dt)
+    if shift.dtype != dt:
+        shift = shift.to(dt)
     return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, use_triton(x))
 
 
