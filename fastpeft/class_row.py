@@ -101,6 +101,11 @@ class _ClassRowDraws(TorchFunctionMode):
     its mask over [B, rows, ...], the tensor the reference drew it over (the same op on the same
     shape and dtype: the same numbers, in the same order), and applies the class row's slice."""
 
+    #: fastpeft's fused ops run with this mode popped (fastpeft/fused/common.py `kernel_call`):
+    #: they draw no torch dropout (their dropout is their own seeded stream), so there is nothing
+    #: here to redirect, and their tensor calls skip this handler
+    fused_calls_exempt = True
+
     def __init__(self, rows: int):
         super().__init__()
         self.rows = rows

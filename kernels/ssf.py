@@ -312,7 +312,10 @@ def _layernorm_ssf_bwd_kernel(
 
 
 def launch_ssf_fwd(x, scale, shift, act: int):
-    x2, d, m, y = _ssf_output(x)
+    x2 = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    d = x2.shape[-1]
+    m = x2.numel() // d
     if m == 0:
         return y
     c = CONFIGS["ssf_fwd"][0]
@@ -322,19 +325,36 @@ def launch_ssf_fwd(x, scale, shift, act: int):
     return y
 
 
+#: (M, D, device) -> (column blocks, row splits) of a single-task backward launch: the grid of
+#: `launch_ssf_bwd` / `launch_ln_bwd` depends on the shape and the device only, so it is worked
+#: out once per shape (bounded like the argument-check cache: cleared when full)
+_BWD_GRIDS: dict = {}
+
+
+def _bwd_grid(kind: str, m: int, d: int, block_m: int, block_n: int, dev) -> tuple[int, int]:
+    key = (kind, m, d, dev)
+    grid = _BWD_GRIDS.get(key)
+    if grid is None:
+        if len(_BWD_GRIDS) >= 512:
+            _BWD_GRIDS.clear()
+        ncol = cdiv(d, block_n)
+        grid = _BWD_GRIDS[key] = (ncol, row_splits(m, block_m, ncol, dev))
+    return grid
+
+
 def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
-    x2, g2 = flat(x), flat(grad_out)
-    d = x.shape[-1]
-    m = x.numel() // d
-    dev = x.device
+    x2 = x if x.is_contiguous() else x.contiguous()
+    g2 = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+    d = x2.shape[-1]
+    m = x2.numel() // d
     sc = scale.contiguous()
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)  # (scale: [d] in x's dtype)
     if m == 0:
         return dx, dscale.zero_(), dshift.zero_()
+    dev = x2.device
     c = CONFIGS["ssf_bwd"][0]
-    ncol = cdiv(d, c.BLOCK_N)
-    s = row_splits(m, c.BLOCK_M, ncol, dev)
+    ncol, s = _bwd_grid("ssf", m, d, c.BLOCK_M, c.BLOCK_N, dev)
     ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
         g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act, m, 0, 0,
@@ -366,8 +386,8 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
     c = CONFIGS["layernorm_ssf_fwd"][bd]
     sc = scale.contiguous()
     _layernorm_ssf_fwd_kernel[(cdiv(m, c.BLOCK_M),)](
-        x2, ln_weight.contiguous() if ln_weight is not None else sc,
-        ln_bias.contiguous() if ln_bias is not None else sc, sc, shift.contiguous(), y, mean, rstd,
+        x2, sc if ln_weight is None else ln_weight.contiguous(), sc if ln_bias is None else ln_bias.contiguous(),
+        sc, shift.contiguous(), y, mean, rstd,
         m, d, float(eps), int(ln_weight is not None), int(ln_bias is not None), m, 0, 0, 0, 0,
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return y, mean, rstd
@@ -375,27 +395,29 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
 
 def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: bool = True):
     """(dx, d_ln_weight, d_ln_bias, dscale, dshift); the LayerNorm grads are None unless `want_ln`."""
-    x2, g2 = flat(x), flat(grad_out)
-    d = x.shape[-1]
-    m = x.numel() // d
-    dev = x.device
+    x2 = x if x.is_contiguous() else x.contiguous()
+    g2 = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+    d = x2.shape[-1]
+    m = x2.numel() // d
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     bd = ln_block_d(d)
     c = CONFIGS["layernorm_ssf_bwd"][bd]
     if m == 0:
-        z = torch.zeros(d, dtype=torch.float32, device=dev)
+        z = torch.zeros(d, dtype=torch.float32, device=x2.device)
         dx, dw, db, dscale, dshift = ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
         return (dx, dw, db, dscale, dshift) if want_ln else (dx, None, None, dscale, dshift)
-    s = row_splits(m, c.BLOCK_M, 1, dev)
+    dev = x2.device
+    _, s = _bwd_grid("ln", m, d, c.BLOCK_M, bd, dev)
     ps, lock = split_workspace(dev, 2 * s * d, 1)
     sc = scale.contiguous()  # [d] in x's dtype: the d-vector outputs are allocated like it
     dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)
-    dw = torch.empty_like(sc) if want_ln else None
-    db = torch.empty_like(sc) if want_ln else None
+    if want_ln:
+        dw, db = torch.empty_like(sc), torch.empty_like(sc)
+    else:
+        dw = db = None
     _layernorm_ssf_bwd_kernel[(s,)](
-        g2, x2, ln_weight.contiguous() if ln_weight is not None else sc,
-        ln_bias.contiguous() if ln_bias is not None else sc, sc, mean, rstd, dx, ps, lock,
-        dw if want_ln else dscale, db if want_ln else dscale, dscale, dshift,
+        g2, x2, sc if ln_weight is None else ln_weight.contiguous(), sc if ln_bias is None else ln_bias.contiguous(),
+        sc, mean, rstd, dx, ps, lock, dscale if dw is None else dw, dscale if db is None else db, dscale, dshift,
         m, d, s, int(ln_weight is not None), int(ln_bias is not None), int(want_ln), m, 0, 0, 0,
         BLOCK_M=c.BLOCK_M, BLOCK_D=bd, ROWS=False, num_warps=c.num_warps, num_stages=c.num_stages)
     return dx, dw, db, dscale, dshift

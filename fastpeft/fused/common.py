@@ -69,7 +69,27 @@ def kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **k
     Triton on CUDA and the torch math on CPU are what the kernels pick by themselves (no global
     state touched, so torch.compile traces straight through); only the explicit cross-overs
     (Triton interpreter on CPU tensors, torch math on CUDA tensors) switch the kernels' backend.
+
+    A torch-function mode of fastpeft's own that says `fused_calls_exempt` (the class-row pass's
+    dropout redirection, fastpeft/class_row.py) is popped for the call: a fused op draws no torch
+    dropout, so there is nothing for it to redirect, and every tensor call inside the op would
+    otherwise go through the mode's Python handler.
     """
+    if not _is_compiling() and torch._C._is_torch_function_mode_enabled():
+        mode = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        if getattr(mode, "fused_calls_exempt", False):
+            torch._C._pop_torch_function_stack()
+            try:
+                return _kernel_call(backend, device_type, fn, *args, **kwargs)
+            finally:
+                torch._C._push_on_torch_function_stack(mode)
+    return _kernel_call(backend, device_type, fn, *args, **kwargs)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _kernel_call(backend: str, device_type: str, fn: Callable[..., T], *args, **kwargs) -> T:
     if backend == "triton" and device_type != "cuda":
         want = "triton"
     elif backend in ("torch", "cpp") and device_type == "cuda":

@@ -8,6 +8,11 @@ site, and autograd keeps a copy of each scaled tensor. Fused:
   Linear -> SSF              one scale-shift op (C++ `fastpeft::scale_shift` on the cpp backend,
                              ops.ssf.ssf otherwise)         (qkv, proj, fc2, patch embedding)
 
+On the Triton backend without recompute, a plain nn.Linear whose only forward hook is its SSF
+(qkv, proj, fc2, fc1) is re-classed as `FusedLinearSSF`: the frozen GEMM and its scale-shift (for
+fc1 with the Mlp's GELU, which becomes an nn.Identity) run as one op (ops.ssf.linear_ssf), one
+autograd node instead of two, saving the same tensor (the GEMM's output).
+
 The fused modules read the very same `ssf_scale_*` / `ssf_shift_*` parameters from their official
 owners; the reference hooks stay registered (absorbed, or swapped for their fused twin in place),
 so `unpatch` restores them exactly.
@@ -39,7 +44,15 @@ def _ops():
 
 
 def _ssf_params(hook: SSFHook) -> tuple[torch.Tensor, torch.Tensor]:
-    return getattr(hook.owner, hook.scale_name), getattr(hook.owner, hook.shift_name)
+    """The hook's (scale, shift): its owner's registered parameters, read from `_parameters` (where
+    `getattr` finds them, nn.Module keeping a parameter's name out of the instance dict), anything
+    else (not registered as a parameter) by `getattr`."""
+    owner = hook.owner
+    params = owner._parameters
+    scale, shift = params.get(hook.scale_name), params.get(hook.shift_name)
+    if scale is None or shift is None:
+        return getattr(owner, hook.scale_name), getattr(owner, hook.shift_name)
+    return scale, shift
 
 
 class _LayerNormSSF:
@@ -95,6 +108,39 @@ class SSFGELU(nn.Module):
         return kernel_call(self.backend, z.device.type, _ops().ssf_gelu, z, scale, shift)
 
 
+class FusedLinearSSF(nn.Linear):
+    """A plain nn.Linear with its SSF (and, where `_fastpeft_act` is 1, the Mlp's GELU after it)
+    in one op: act(linear(x) * scale + shift) (ops.ssf.linear_ssf). Installed by re-classing the
+    model's own Linear (its weight and bias stay where they were); `_fastpeft_ssf` is the SSF hook
+    whose parameters it applies (its place among the layer's hooks held by an AbsorbedHook)."""
+
+    _fastpeft_ssf: SSFHook
+    _fastpeft_backend: str
+    _fastpeft_act: int
+    class_row_local = True  # (fastpeft/class_row.py) a row-local GEMM, then a per-channel affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hook, backend = self._fastpeft_ssf, self._fastpeft_backend
+        if vmapped(x):  # a mixed multi-task batch: the Linear, then the per-row scale-shift (+ GELU)
+            z = nn.functional.linear(x, self.weight, self.bias)
+            if rows_form(backend):
+                form = _ops().ssf_gelu_rows if self._fastpeft_act else _ops().ssf_rows
+                return rows_kernel_call(backend, form, z, *_ssf_params(hook))
+            y = hook.apply(x, z)
+            return nn.functional.gelu(y) if self._fastpeft_act else y
+        scale, shift = _ssf_params(hook)
+        return kernel_call(backend, x.device.type, _ops().linear_ssf, x, self.weight, self.bias, scale, shift,
+                           self._fastpeft_act)
+
+
+def _fusable_linear(layer: nn.Module, hook: SSFHook, backend: str, recompute: bool) -> bool:
+    """Whether the Linear + SSF become one `FusedLinearSSF`: on the Triton backend (the CPU
+    backends keep their separate ops) without recompute (fastpeft/recompute.py plans around the
+    frozen GEMMs and their hooks), for a plain nn.Linear whose only hook is this SSF."""
+    return (backend == "triton" and not recompute and type(layer) is nn.Linear and not layer._forward_pre_hooks
+            and list(layer._forward_hooks.values()) == [hook])
+
+
 class FusedSSFHook(OutputHook):
     """The standalone scale-shift after a Linear (or the patch embedding) as one op."""
 
@@ -138,16 +184,34 @@ class SSFRule:
                     continue
                 mlp = model.get_submodule(path.rpartition(".")[0]) if path.endswith("mlp.fc1") else None
                 act = getattr(mlp, "act", None)
+                fuse_linear = _fusable_linear(layer, hook, backend, recompute)
                 if mlp is not None and type(act) is nn.GELU and act.approximate == "none":
+                    if fuse_linear:
+                        self._fuse_linear(layer, hook, backend, 1)
+                        mlp.act = nn.Identity()
+                        records.append(("linear_gelu", path, act))
+                        report.patched.append((path, "fc1 -> SSF -> GELU as one op (saves fc1 output only)", backend))
+                        continue
                     swap_hook(layer, hook, AbsorbedHook(hook, by="SSFGELU"))
                     mlp.act = SSFGELU(hook, backend)
                     records.append(("gelu", path, act))
                     report.patched.append((path, "fc1 -> SSF -> GELU (saves fc1 output only)", backend))
                     continue
+                if fuse_linear:
+                    self._fuse_linear(layer, hook, backend, 0)
+                    records.append(("linear", path))
+                    report.patched.append((path, "Linear -> SSF as one op (saves the Linear's output only)", backend))
+                    continue
                 swap_hook(layer, hook, FusedSSFHook(hook, backend))
                 records.append(("hook", path))
                 report.patched.append((path, "scale-shift", backend))
         return records
+
+    @staticmethod
+    def _fuse_linear(layer, hook, backend, act):
+        swap_hook(layer, hook, AbsorbedHook(hook, by="FusedLinearSSF"))
+        layer.__class__ = FusedLinearSSF
+        layer._fastpeft_ssf, layer._fastpeft_backend, layer._fastpeft_act = hook, backend, act
 
     def undo(self, model, record):
         kind, path = record[0], record[1]
@@ -158,5 +222,8 @@ class SSFRule:
         if kind == "layernorm":
             layer.__class__ = record[2]
             del layer._fastpeft_ssf, layer._fastpeft_backend
-        elif kind == "gelu":
+        elif kind in ("linear", "linear_gelu"):
+            layer.__class__ = nn.Linear
+            del layer._fastpeft_ssf, layer._fastpeft_backend, layer._fastpeft_act
+        if kind in ("gelu", "linear_gelu"):
             model.get_submodule(path.rpartition(".")[0]).act = record[2]

@@ -5,6 +5,11 @@
                   (fastpeft/ops/scale_shift.py)
   ssf_gelu        g = GELU(z * scale + shift): `fastpeft::ssf_gelu` / `ssf_gelu_backward`
   layernorm_ssf   y = LayerNorm(x) * scale + shift: `fastpeft::layernorm_ssf` / `_backward`
+  linear_ssf      y = act(linear(x; W, b) * scale + shift) for a frozen W, b (act: none or GELU):
+                  the Linear and its SSF as one autograd node (eager `_LinearSSFFunction`, torch's
+                  GEMM and the scale-shift launch); saves the Linear's output only, as the
+                  separate Linear + `ssf` / `ssf_gelu` do. Under torch.compile, with autocast on,
+                  or where W or b takes a gradient: `F.linear` then `ssf` / `ssf_gelu`
   *_ref           plain-torch references: the test oracles
   *_rows          per-row forms for a mixed multi-task batch (each image its own task's
                   parameters; fastpeft/ops/_rows.py), beside their `*_rows_ref`: at the end
@@ -45,6 +50,12 @@ def ssf_gelu_ref(z, scale, shift):
     return torch.nn.functional.gelu(z.float() * scale.float() + shift.float()).to(z.dtype)
 
 
+def linear_ssf_ref(x, weight, bias, scale, shift, act=0):
+    """act(linear(x; W, b) * γ + β): torch's Linear, then `ssf_ref` (act 0) or `ssf_gelu_ref` (act 1)."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return (ssf_gelu_ref if act else ssf_ref)(z, scale, shift)
+
+
 def layernorm_ssf_ref(x, ln_weight, ln_bias, scale, shift, eps=1e-6):
     """y = LayerNorm(x; a, c) * γ + β, in fp32, cast to x.dtype."""
     y = torch.nn.functional.layer_norm(
@@ -73,6 +84,21 @@ def _validate_ln(x, ln_weight, ln_bias, scale, shift, eps):
             check_tensor(op, name, t, shape=(c,), like=x)
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
+
+
+def _validate_linear_ssf(op, x, weight, bias, scale, shift):
+    """x [..., K]; weight [N, K]; bias [N] or None; scale, shift [N]; all like x (dtype, device)."""
+    k = check_features(op, x, "K")
+    check_tensor(op, "weight", weight, dim=2, like=x)
+    if weight.shape[1] != k:
+        raise ValueError(f"{op}: weight must be [N, {k}] for x [..., {k}], got weight {describe(weight)}")
+    n = weight.shape[0]
+    if n == 0:
+        raise ValueError(f"{op}: weight must have N > 0 output features, got weight {describe(weight)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(n,), like=x)
+    check_tensor(op, "scale", scale, shape=(n,), like=x)
+    check_tensor(op, "shift", shift, shape=(n,), like=x)
 
 
 def _validate_ssf_bwd(grad_out, x, scale, shift, act):
@@ -366,21 +392,62 @@ class _LayerNormSSFFunction(torch.autograd.Function):
                 dshift if n[4] else None, None, None, None)
 
 
+class _LinearSSFFunction(torch.autograd.Function):
+    """The eager path of `linear_ssf`: z = linear(x; W, b) (torch's GEMM, no autograd node of its
+    own), y = act(z * scale + shift) by the scale-shift launcher (or its torch math); saves z
+    only, as a separate Linear + `_SSFFunction` would (their Linear saves no activation for a
+    frozen W). Backward: the scale-shift backward gives dz, dscale, dshift; dx = dz W. W and b
+    take no gradient (the caller routes a trainable one to the separate ops)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, act, triton_path):
+        z = torch.nn.functional.linear(x, weight, bias)
+        y = (launch_ssf_fwd if triton_path else _ssf_fwd_torch)(z, scale, shift, act)
+        ctx.save_for_backward(z, weight, scale, shift)
+        ctx.args = (act, triton_path)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        z, weight, scale, shift = ctx.saved_tensors
+        act, triton_path = ctx.args
+        dz, dscale, dshift = (launch_ssf_bwd if triton_path else _ssf_bwd_torch)(
+            grad_out.contiguous(), z, scale, shift, act)
+        n = ctx.needs_input_grad
+        return (dz.matmul(weight) if n[0] else None, None, None, dscale if n[3] else None,
+                dshift if n[4] else None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functionals: eager calls run the autograd.Functions above with the checks once per call
 # signature (`_CHECKED`); under torch.compile they call the registered ops (checked when traced).
 # ----------------------------------------------------------------------------------------------
 _CHECKED = CheckedSignatures()
+_is_compiling = torch.compiler.is_compiling
 
 
 def _ssf_call(op, x, scale, shift, act):
-    if not isinstance(x, torch.Tensor):
-        check_tensor(op, "x", x)  # TypeError
-    scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate_ssf(op, x, scale, shift), x, scale, shift, extra=(op,))
-    if compiling:
+    if _is_compiling():
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        scale, shift = cast_param(scale, x.dtype), cast_param(shift, x.dtype)
+        _validate_ssf(op, x, scale, shift)
         return (torch.ops.fastpeft.ssf_gelu if act else torch.ops.fastpeft.scale_shift)(x, scale, shift)
+    # Eager: checked once per signature of the arguments as given. A parameter whose dtype differs
+    # from x's is cast to it (differentiably) before the launch; the cast depends on the dtypes
+    # alone, so the signature before the casts decides the checks of the arguments after them.
+    key = _CHECKED.key(x, scale, shift, extra=(op,))
+    if not _CHECKED.seen(key):
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        _validate_ssf(op, x, cast_param(scale, x.dtype), cast_param(shift, x.dtype))
+        _CHECKED.add(key)
+    dt = x.dtype
+    if scale.dtype != dt:
+        scale = scale.to(dt)
+    if shift.dtype != dt:
+        shift = shift.to(dt)
     return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
 
 
@@ -395,20 +462,62 @@ def ssf_gelu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return _ssf_call("ssf_gelu", z, scale, shift, 1)
 
 
+def linear_ssf(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+               shift: torch.Tensor, act: int = 0) -> torch.Tensor:
+    """y = act(linear(x; weight, bias) * scale + shift), act 0 (none) or 1 (erf GELU): a frozen
+    Linear and the SSF after it as one op. x [..., K]; weight [N, K]; bias [N] or None; scale,
+    shift [N] (cast to x.dtype, differentiably). Saves the Linear's output only. A weight or bias
+    that requires grad, autocast, and torch.compile take `F.linear` then `ssf` / `ssf_gelu`."""
+    op = "linear_ssf"
+    if act not in ACTS.values():
+        raise ValueError(f"{op}: act code {act!r} is not one of {ACTS}")
+    if (_is_compiling() or torch._C._is_any_autocast_enabled() or not isinstance(weight, torch.Tensor)
+            or weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)):
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        return _ssf_call("ssf_gelu" if act else "ssf", torch.nn.functional.linear(x, weight, bias), scale, shift, act)
+    key = _CHECKED.key(x, weight, bias, scale, shift, extra=(op,))  # before the casts (as `_ssf_call`)
+    if not _CHECKED.seen(key):
+        if not isinstance(x, torch.Tensor):
+            check_tensor(op, "x", x)  # TypeError
+        _validate_linear_ssf(op, x, weight, bias, cast_param(scale, x.dtype), cast_param(shift, x.dtype))
+        _CHECKED.add(key)
+    dt = x.dtype
+    if scale.dtype != dt:
+        scale = scale.to(dt)
+    if shift.dtype != dt:
+        shift = shift.to(dt)
+    return _LinearSSFFunction.apply(x, weight, bias, scale, shift, act, use_triton(x))
+
+
 def layernorm_ssf(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
                   scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = LayerNorm(x; ln_weight, ln_bias, eps) * scale + shift over the last dim (C <= 8192).
     Saves x and per-row mean/rstd (fp32) only. Every parameter may require grad."""
-    if not isinstance(x, torch.Tensor):
-        check_tensor("layernorm_ssf", "x", x)  # TypeError
-    ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
-    eps = float(eps)
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate_ln(x, ln_weight, ln_bias, scale, shift, eps),
-                   x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))
-    if compiling:
+    if _is_compiling():
+        if not isinstance(x, torch.Tensor):
+            check_tensor("layernorm_ssf", "x", x)  # TypeError
+        ln_weight, ln_bias, scale, shift = (cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift))
+        eps = float(eps)
+        _validate_ln(x, ln_weight, ln_bias, scale, shift, eps)
         y, _, _ = torch.ops.fastpeft.layernorm_ssf(x, ln_weight, ln_bias, scale, shift, eps)
         return y
+    eps = float(eps)
+    key = _CHECKED.key(x, ln_weight, ln_bias, scale, shift, extra=("ln", eps))  # before the casts (as `_ssf_call`)
+    if not _CHECKED.seen(key):
+        if not isinstance(x, torch.Tensor):
+            check_tensor("layernorm_ssf", "x", x)  # TypeError
+        _validate_ln(x, *(cast_param(t, x.dtype) for t in (ln_weight, ln_bias, scale, shift)), eps)
+        _CHECKED.add(key)
+    dt = x.dtype
+    if ln_weight is not None and ln_weight.dtype != dt:
+        ln_weight = ln_weight.to(dt)
+    if ln_bias is not None and ln_bias.dtype != dt:
+        ln_bias = ln_bias.to(dt)
+    if scale.dtype != dt:
+        scale = scale.to(dt)
+    if shift.dtype != dt:
+        shift = shift.to(dt)
     return _LayerNormSSFFunction.apply(x, ln_weight, ln_bias, scale, shift, eps, use_triton(x))
 
 

@@ -223,6 +223,100 @@ def test_bad_arguments_raise_value_error():
         K.ssf_fwd(x, scale.half(), shift, 0)
 
 
+# ---- linear_ssf: y = act(linear(x; W, b) * γ + β) for a frozen W, b --------------------------
+
+def _linear_args(dtype, k=96, n=200, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 7, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype)
+    return x, w, b, *params(n, dtype, seed=seed)
+
+
+@pytest.mark.parametrize("act", [0, 1], ids=["none", "gelu"])
+@pytest.mark.parametrize("dtype,which", BACKENDS, ids=BACKEND_IDS)
+def test_linear_ssf(act, dtype, which):
+    x, w, b, scale, shift = _linear_args(dtype)
+    grad = torch.randn(2, 7, 200).to(dtype)
+    # the reference: torch's Linear in the same dtype, then the fp32 scale-shift (+ GELU)
+    with backend(which):
+        out, grads = fwd_bwd(lambda x, s, t: K.linear_ssf(x, w, b, s, t, act), [x, scale, shift], grad)
+    ref_out, ref_grads = fwd_bwd(lambda x, s, t: K.linear_ssf_ref(x, w, b, s, t, act), [x, scale, shift], grad)
+    assert out.dtype == dtype and out.shape == (2, 7, 200) and out.is_contiguous()
+    assert_close("out", out, ref_out, TOL[dtype])
+    for name, g, rg in zip(["x", "scale", "shift"], grads, ref_grads):
+        assert g.dtype == dtype, name
+        assert_close(f"grad {name}", g, rg, TOL[dtype])
+
+
+def test_linear_ssf_is_one_autograd_node_over_a_frozen_linear():
+    x, w, b, scale, shift = _linear_args(torch.float32)
+    x.requires_grad_(True)
+    with backend("triton"):
+        y = K.linear_ssf(x, w, b, scale.requires_grad_(True), shift.requires_grad_(True), 1)
+    assert type(y.grad_fn).__name__ == "_LinearSSFFunctionBackward"
+    assert y.grad_fn.next_functions[0][0] is not None and y.grad_fn.next_functions[0][0].variable is x
+    # what it keeps besides the parameters: the Linear's output only (as Linear + ssf_gelu)
+    saved = []
+    with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        K.linear_ssf(x, w, b, scale, shift, 1)
+    params = {t.data_ptr() for t in (w, b, scale, shift)}
+    assert [(tuple(t.shape), t.dtype) for t in saved if t.data_ptr() not in params] == [((2, 7, 200), torch.float32)]
+
+
+@pytest.mark.parametrize("which", ["triton", "torch"])
+def test_linear_ssf_trainable_weight_and_autocast_take_the_separate_ops(which):
+    x, w, b, scale, shift = _linear_args(torch.float32)
+    grad = torch.randn(2, 7, 200)
+    with backend(which):
+        out, grads = fwd_bwd(lambda x, w, b, s, t: K.linear_ssf(x, w, b, s, t, 0), [x, w, b, scale, shift], grad)
+    ref_out, ref_grads = fwd_bwd(lambda x, w, b, s, t: K.linear_ssf_ref(x, w, b, s, t, 0),
+                                 [x, w, b, scale, shift], grad)
+    assert_close("out", out, ref_out, TOL[torch.float32])
+    for name, g, rg in zip(["x", "weight", "bias", "scale", "shift"], grads, ref_grads):
+        assert_close(f"grad {name}", g, rg, TOL[torch.float32])
+    with backend(which), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.linear_ssf(x, w, b, scale, shift, 0)
+        ref = K.linear_ssf_ref(x, w, b, scale, shift, 0)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close("autocast out", y, ref, TOL[torch.bfloat16])
+
+
+def test_linear_ssf_bad_arguments_raise_before_a_launch(monkeypatch):
+    import fastpeft.ops.ssf as ops
+
+    monkeypatch.setattr(ops, "launch_ssf_fwd", lambda *a: pytest.fail("launched with bad arguments"))
+    x, w, b, scale, shift = _linear_args(torch.float32)
+    with backend("triton"):
+        with pytest.raises(ValueError, match=r"weight must be \[N, 96\]"):
+            K.linear_ssf(x, torch.ones(200, 95), b, scale, shift)
+        with pytest.raises(ValueError, match=r"scale must have shape \(200,\)"):
+            K.linear_ssf(x, w, b, torch.ones(199), shift)
+        with pytest.raises(ValueError, match=r"bias must have shape \(200,\)"):
+            K.linear_ssf(x, w, torch.ones(3), scale, shift)
+        with pytest.raises(ValueError, match=r"dtype mismatch"):
+            K.linear_ssf(x, w.half(), b, scale, shift)
+        with pytest.raises(ValueError, match=r"device mismatch"):
+            K.linear_ssf(x, w, b, scale, shift.to("meta"))
+        with pytest.raises(ValueError, match=r"act code 2"):
+            K.linear_ssf(x, w, b, scale, shift, 2)
+        with pytest.raises(TypeError, match=r"x must be a torch.Tensor"):
+            K.linear_ssf([1.0], w, b, scale, shift)
+
+
+def test_linear_ssf_checks_again_when_a_dtype_or_device_changes():
+    import fastpeft.ops.ssf as ops
+
+    x, w, b, scale, shift = _linear_args(torch.float32)
+    with backend("torch"):
+        K.linear_ssf(x, w, b, scale, shift)  # a checked signature
+        with pytest.raises(ValueError, match=r"dtype mismatch"):
+            K.linear_ssf(x.half(), w, b, scale, shift)  # the weight stayed fp32
+        with pytest.raises(ValueError, match=r"device mismatch"):
+            K.linear_ssf(x, w, b.to("meta"), scale, shift)
+    assert ops._CHECKED.seen(ops._CHECKED.key(x, w, b, scale, shift, extra=("linear_ssf",)))
+
+
 # ---- compiled kernels on a GPU (skipped without one; run with TRITON_INTERPRET=0) ------------
 
 @pytest.mark.gpu
