@@ -75,7 +75,8 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[nn.Module | 
     leave out e.g. BatchNorm running statistics saved in eval mode).
 
     `fn` is typically one training step (forward, or forward + backward + optimizer step): the
-    saved tensors are kept alive until `fn` returns so that storage pointers stay unique. Tensors
+    saved tensors are kept alive until `fn` returns so that storage pointers stay unique, and no
+    longer: a graph `fn` leaves behind cannot run backward afterwards. Tensors
     saved by a backward with `create_graph=True` count too. Returns an int (bytes).
 
         >>> saved_activation_bytes(lambda: model(x).sum().backward(), exclude=[model])
@@ -90,20 +91,39 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[nn.Module | 
 
     sizes: dict[tuple[int, int], int] = {}
     keep: list[torch.Tensor] = []  # hold storages until fn returns: a freed pointer could be reused
+    held: list[_Held] = []
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> _Held:
         if not _is_parameter(t):
             key = _storage_key(t)
             if key is not None and key not in skip and key not in sizes:
                 sizes[key] = _storage_nbytes(t)
                 keep.append(t)
-        return t
+        h = _Held(t)
+        held.append(h)
+        return h
 
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
+    def unpack(h: _Held) -> torch.Tensor:
+        return h.tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        fn()
-    total = sum(sizes.values())
-    keep.clear()
-    return total
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            fn()
+    finally:
+        # A packed tensor that is its own node's output (autograd saves those without a reference
+        # of its own) is held here by a Python object inside the graph: a reference cycle through
+        # C++ that the garbage collector cannot see, which would keep fn's whole graph alive for
+        # good. fn's graph is not used after fn (its result is dropped): drop the references.
+        for h in held:
+            h.tensor = None
+        keep.clear()
+    return sum(sizes.values())
+
+
+class _Held:
+    """What `saved_activation_bytes`' pack hook hands autograd: the tensor, until fn returns."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor

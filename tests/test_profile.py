@@ -55,3 +55,23 @@ def test_exclude_tensors_and_no_grad():
     assert saved_activation_bytes(lambda: (a * a).sum(), exclude=[a]) == 0
     with torch.no_grad():
         assert saved_activation_bytes(lambda: (a * a).sum()) == 0
+
+
+def test_the_measured_graph_is_freed_after_fn():
+    # sigmoid saves its own output: held by the pack hook inside the graph, that output would be a
+    # reference cycle through autograd's C++ graph, invisible to the garbage collector, and every
+    # measured model's activations would stay alive for good (tests/patch ran out of memory)
+    import gc
+    import weakref
+
+    x = torch.randn(64, requires_grad=True)
+    outs = []
+
+    def fn():
+        y = torch.sigmoid(x)
+        outs.append(weakref.ref(y))
+        return y.sum()
+
+    assert saved_activation_bytes(fn) == 64 * 4
+    gc.collect()
+    assert outs[0]() is None
