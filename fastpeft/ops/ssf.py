@@ -443,12 +443,13 @@ def _ssf_call(op, x, scale, shift, act):
             check_tensor(op, "x", x)  # TypeError
         _validate_ssf(op, x, cast_param(scale, x.dtype), cast_param(shift, x.dtype))
         _CHECKED.add(key)
-    dt = x.dtype
-    if scale.dtype != dt:
-        scale = scale.to(dt)
-    if shift.dtype != dt:
-        shift = shift.to(dt)
+    scale, shift = _as_dtype(x.dtype, scale, shift)
     return _SSFFunction.apply(x, scale, shift, act, use_triton(x))
+
+
+def _as_dtype(dt: torch.dtype, *params: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters cast to `dt` (differentiably), each only where its dtype differs."""
+    return [p if p.dtype == dt else p.to(dt) for p in params]
 
 
 def ssf(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -482,11 +483,7 @@ def linear_ssf(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             check_tensor(op, "x", x)  # TypeError
         _validate_linear_ssf(op, x, weight, bias, cast_param(scale, x.dtype), cast_param(shift, x.dtype))
         _CHECKED.add(key)
-    dt = x.dtype
-    if scale.dtype != dt:
-        scale = scale.to(dt)
-    if shift.dtype != dt:
-        shift = shift.to(dt)
+    scale, shift = _as_dtype(x.dtype, scale, shift)
     return _LinearSSFFunction.apply(x, weight, bias, scale, shift, act, use_triton(x))
 
 

@@ -18,6 +18,14 @@ def train_step(m, x, seed: int | None = None):
     return loss.detach(), grads_of(m)
 
 
+def forward_backward(m, x):
+    """One forward + backward of square().mean(). Returns (output, {name: grad})."""
+    m.zero_grad(set_to_none=True)
+    out = m(x)
+    out.square().mean().backward()
+    return out.detach(), grads_of(m)
+
+
 def close_scaled(a, b, tol: float) -> None:
     """a vs b with rtol = tol and atol = tol * max(1, max|b|)."""
     torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))

@@ -8,7 +8,8 @@ import torch
 
 import fastpeft
 from fastpeft.profile import saved_activation_bytes
-from tests.methods.conftest import grads_of, images, make_vit, randomize_
+from tests.methods.conftest import images, make_vit, randomize_
+from tests.patch.conftest import forward_backward
 
 # fp32 tolerances: the fused ops accumulate in a different order than the eager chain
 ATOL, RTOL = 1e-5, 1e-4
@@ -38,11 +39,7 @@ def build(case: str, **kw):
     return m.train()
 
 
-def run(m, x):
-    m.zero_grad(set_to_none=True)
-    out = m(x)
-    out.square().mean().backward()
-    return out.detach(), grads_of(m)
+run = forward_backward
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

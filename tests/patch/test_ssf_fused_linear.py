@@ -13,8 +13,8 @@ from fastpeft.class_row import _ClassRowDraws
 from fastpeft.fused.common import AbsorbedHook, kernel_call
 from fastpeft.fused.ssf import FusedLinearSSF, FusedSSFHook, SSFGELU
 from fastpeft.methods.ssf import SSFHook
-from tests.methods.conftest import grads_of, images, make_vit, randomize_
-from tests.patch.conftest import assert_compiled_step_matches, train_step
+from tests.methods.conftest import images, make_vit, randomize_
+from tests.patch.conftest import assert_compiled_step_matches, forward_backward, train_step
 
 ATOL, RTOL = 1e-5, 1e-4
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -27,11 +27,7 @@ def ssf_vit(depth=2):
     return m.train()
 
 
-def run(m, x):
-    m.zero_grad(set_to_none=True)
-    out = m(x)
-    out.square().mean().backward()
-    return out.detach(), grads_of(m)
+run = forward_backward
 
 
 def test_frozen_linears_fuse_with_their_ssf_and_unpatch_restores():
