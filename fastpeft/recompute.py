@@ -662,6 +662,18 @@ class _Replay:
             return fn(*args)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _backward_local():
+    """Around a lean half's small graph inside backward (differentiated at once, then freed): its
+    saved tensors are the backward's scratch, not activations kept for it, so a caller's
+    saved-tensor hooks (memory profilers, offloading) do not take them, as torch's checkpointing
+    keeps its recompute from them."""
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
 #: `torch._fused_sdp_choice`'s answer for the flash kernel (on CPU: no dropout)
 _FLASH = int(SDPBackend.FLASH_ATTENTION.value)
 
@@ -710,7 +722,7 @@ class _LeanAttention(torch.autograd.Function):
                     grad, q, k, v, out, lse, ctx.drop, causal, attn_mask=mask)
                 return torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
             qkv.requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), _backward_local():
                 q, k, v = _split_heads(attn, qkv)
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **ctx.kw)
             return torch.autograd.grad(out, qkv, grad)[0]
@@ -746,7 +758,7 @@ class _LeanActivation(torch.autograd.Function):
                 return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
             wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
             params = [ctx.params[i] for i in wanted]
-            with torch.enable_grad():
+            with torch.enable_grad(), _backward_local():
                 h.requires_grad_()
                 dh, *dp = torch.autograd.grad(act(h), (h, *params), grad, allow_unused=True)
             out = [None] * len(ctx.params)
