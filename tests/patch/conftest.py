@@ -26,6 +26,16 @@ def forward_backward(m, x):
     return out.detach(), grads_of(m)
 
 
+def assert_step_close(m, x, out0, g0, atol: float, rtol: float):
+    """`forward_backward(m, x)` matches (out0, g0) within atol / rtol; returns its (out, grads)."""
+    out1, g1 = forward_backward(m, x)
+    torch.testing.assert_close(out1, out0, atol=atol, rtol=rtol)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=atol, rtol=rtol, msg=n)
+    return out1, g1
+
+
 def close_scaled(a, b, tol: float) -> None:
     """a vs b with rtol = tol and atol = tol * max(1, max|b|)."""
     torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))

@@ -9,7 +9,7 @@ import torch
 import fastpeft
 from fastpeft.profile import saved_activation_bytes
 from tests.methods.conftest import images, make_vit, randomize_
-from tests.patch.conftest import forward_backward
+from tests.patch.conftest import assert_step_close, forward_backward
 
 # fp32 tolerances: the fused ops accumulate in a different order than the eager chain
 ATOL, RTOL = 1e-5, 1e-4
@@ -56,11 +56,7 @@ def test_patch_matches_reference(case):
         assert "CPU path: the eager reference" in str(report)  # speed fusions are Triton-only
     assert all(p is params[n] for n, p in m.named_parameters())
     assert list(m.state_dict()) == keys
-    out1, g1 = run(m, x)
-    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
-    assert g1.keys() == g0.keys()
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    assert_step_close(m, x, out0, g0, ATOL, RTOL)
     fastpeft.unpatch(m)
     out2, g2 = run(m, x)
     assert torch.equal(out2, out0)
@@ -125,10 +121,7 @@ def test_recompute_on_top_of_fusion_is_exact_and_small():
     ref_bytes = saved_activation_bytes(lambda: m(x).sum(), exclude=[m])
     out0, g0 = run(m, x)
     fastpeft.patch(m, backend="torch", recompute=True)
-    out1, g1 = run(m, x)
-    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    assert_step_close(m, x, out0, g0, ATOL, RTOL)
     assert saved_activation_bytes(lambda: m(x).sum(), exclude=[m]) <= 0.4 * ref_bytes
 
 
@@ -139,10 +132,7 @@ def test_triton_backend_through_the_interpreter(case):
     out0, g0 = run(m, x)
     report = fastpeft.patch(m, backend="triton")
     assert report.backend == "triton"
-    out1, g1 = run(m, x)
-    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    assert_step_close(m, x, out0, g0, ATOL, RTOL)
 
 
 def test_train_mode_dropout_is_active_in_fused_adapter():

@@ -14,7 +14,7 @@ from fastpeft.fused.common import AbsorbedHook, kernel_call
 from fastpeft.fused.ssf import FusedLinearSSF, FusedSSFHook, SSFGELU
 from fastpeft.methods.ssf import SSFHook
 from tests.methods.conftest import images, make_vit, randomize_
-from tests.patch.conftest import assert_compiled_step_matches, forward_backward, train_step
+from tests.patch.conftest import assert_compiled_step_matches, assert_step_close, forward_backward, train_step
 
 ATOL, RTOL = 1e-5, 1e-4
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -42,11 +42,7 @@ def test_frozen_linears_fuse_with_their_ssf_and_unpatch_restores():
             assert type(layer) is FusedLinearSSF, p
             assert [type(fn) for fn in layer._forward_hooks.values()] == [AbsorbedHook], p
         assert type(blk.mlp.act) is nn.Identity
-    out1, g1 = run(m, x)
-    torch.testing.assert_close(out1, out0, atol=ATOL, rtol=RTOL)
-    assert g1.keys() == g0.keys()
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], atol=ATOL, rtol=RTOL, msg=n)
+    assert_step_close(m, x, out0, g0, ATOL, RTOL)
     fastpeft.unpatch(m)
     for p in LINEARS:
         layer = m.get_submodule(f"blocks.0.{p}")
