@@ -394,6 +394,10 @@ def _lean_options(blk: nn.Module, i: int, shape: torch.Size) -> dict:
         att = seqs * n * (width * size + attn.num_heads * 4)
         flops = 2 * d * seqs * n * 3 * width + ATTENTION_COST * 4 * n * n * width * seqs
         out[i, "qkv+attn"] = gemm + att, flops / (gemm + att)
+        if blk.attn.attn_drop.p == 0 and next(blk.parameters()).device.type == "cpu":
+            # (the output and its log-sum-exp alone: no attention forward in backward, where the
+            # lean attention calls CPU's flash pair itself)
+            out[i, "attn"] = att, ATTENTION_COST * 4 * n * n * width * seqs / att
     if "mlp" in lean:
         hidden = blk.mlp.fc2.in_features
         b = seqs * n * hidden * size
@@ -678,6 +682,13 @@ def _backward_local():
 _FLASH = int(SDPBackend.FLASH_ATTENTION.value)
 
 
+def _cpu_flash(q, k, v, drop: float, kw: dict, replay: _Replay) -> bool:
+    """Whether F.scaled_dot_product_attention runs CPU's flash kernel pair on these inputs (outside
+    autocast, which would cast them first): the pair a lean attention may call directly."""
+    return q.device.type == "cpu" and replay.autocast is None and torch._fused_sdp_choice(
+        q, k, v, kw.get("attn_mask"), drop, kw.get("is_causal", False)) == _FLASH
+
+
 def _split_heads(attn, qkv: torch.Tensor):
     B, N, _ = qkv.shape
     return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -692,18 +703,28 @@ class _LeanAttention(torch.autograd.Function):
     checkpoint machinery."""
 
     @staticmethod
-    def forward(ctx, qkv, x, block, replay, kw, *predrawn):
+    def forward(ctx, qkv, x, block, replay, kw, keep_out, *predrawn):
         attn = block.attn
         ctx.block, ctx.replay, ctx.kw = block, replay, kw
         ctx.drop = attn.attn_drop.p if attn.training else 0.0
-        ctx.save_for_backward(x, *predrawn)
         q, k, v = _split_heads(attn, qkv)
+        mask, causal = kw.get("attn_mask"), kw.get("is_causal", False)
+        ctx.kept = keep_out and _cpu_flash(q, k, v, ctx.drop, kw, replay)
+        if ctx.kept:
+            # (the plan keeps the output and its log-sum-exp: backward then needs q / k / v only,
+            # the flash backward's inputs, and does not re-run the attention forward)
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, ctx.drop, causal, attn_mask=mask)
+            ctx.save_for_backward(x, out, lse, *predrawn)
+            return out
+        ctx.save_for_backward(x, *predrawn)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **kw)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, *predrawn = ctx.saved_tensors
+        kept = predrawn[:2] if ctx.kept else ()
+        predrawn = predrawn[2:] if ctx.kept else predrawn
         block = ctx.block
         attn = block.attn
 
@@ -712,12 +733,11 @@ class _LeanAttention(torch.autograd.Function):
                 qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x))
             q, k, v = _split_heads(attn, qkv)
             mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
-            if x.device.type == "cpu" and ctx.replay.autocast is None and torch._fused_sdp_choice(
-                q, k, v, mask, ctx.drop, causal
-            ) == _FLASH:
+            if kept or _cpu_flash(q, k, v, ctx.drop, ctx.kw, ctx.replay):
                 # the kernel pair F.scaled_dot_product_attention's autograd runs here, called
                 # directly: no graph and no autograd.grad for the recompute
-                out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, ctx.drop, causal, attn_mask=mask)
+                out, lse = kept or aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, ctx.drop, causal, attn_mask=mask)
                 dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     grad, q, k, v, out, lse, ctx.drop, causal, attn_mask=mask)
                 return torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
@@ -727,7 +747,7 @@ class _LeanAttention(torch.autograd.Function):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **ctx.kw)
             return torch.autograd.grad(out, qkv, grad)[0]
 
-        return ctx.replay.run(rerun), None, None, None, None, *(None for _ in predrawn)
+        return ctx.replay.run(rerun), None, None, None, None, None, *(None for _ in predrawn)
 
 
 class _LeanActivation(torch.autograd.Function):
@@ -776,7 +796,9 @@ class LeanRun(BlockRun):
     with the attention and the MLP activation as `_LeanAttention` / `_LeanActivation`, so that the
     block keeps the reference's saved tensors less q / k / v, the attention output and the GELU
     input. A half the plan keeps whole (`_fastpeft_keep`: {qkv, attn} / {fc1}) runs as the
-    reference. The other half, where it cannot run lean, runs as a checkpointed region."""
+    reference; a kept {attn} alone (CPU flash) keeps the attention output and its log-sum-exp, so
+    backward recomputes q / k / v but not the attention forward. The other half, where it cannot
+    run lean, runs as a checkpointed region."""
 
     def forward(self, block, x, kw):
         lean = block.__dict__["_fastpeft_lean"]
@@ -795,7 +817,7 @@ class LeanRun(BlockRun):
 
     def attention(self, block, x, h, kw):
         keep = block.__dict__.get("_fastpeft_keep", ())
-        if "attn" in keep:
+        if "qkv" in keep:  # (kept whole: {qkv, attn})
             return STANDARD.attention(block, x, h, kw)
         attn = block.attn
         # (LoRA's input-dropout mask drawn ahead, as the regions do: `_predraw`; the RNG state the
@@ -804,7 +826,7 @@ class LeanRun(BlockRun):
         replay = _Replay(x, block.__dict__["_fastpeft_lean"]["attn"])
         qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x) if h is None else h)
         if qkv.requires_grad:
-            o = _LeanAttention.apply(qkv, x, block, replay, kw, *predrawn)
+            o = _LeanAttention.apply(qkv, x, block, replay, kw, "attn" in keep, *predrawn)
         else:  # (nothing before the attention needs a gradient: nothing to save)
             q, k, v = _split_heads(attn, qkv)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, **kw)
