@@ -27,6 +27,8 @@ kernels are its eager Triton path and its CUDA kernels in a build without CUDA s
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._common import tl, triton
@@ -312,10 +314,7 @@ def _layernorm_ssf_bwd_kernel(
 
 
 def launch_ssf_fwd(x, scale, shift, act: int):
-    x2 = x if x.is_contiguous() else x.contiguous()
-    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    d = x2.shape[-1]
-    m = x2.numel() // d
+    x2, d, m, y = _ssf_output(x)
     if m == 0:
         return y
     c = CONFIGS["ssf_fwd"][0]
@@ -325,26 +324,16 @@ def launch_ssf_fwd(x, scale, shift, act: int):
     return y
 
 
-#: (M, D, device) -> (column blocks, row splits) of a single-task backward launch: the grid of
-#: `launch_ssf_bwd` / `launch_ln_bwd` depends on the shape and the device only, so it is worked
-#: out once per shape (bounded like the argument-check cache: cleared when full)
-_BWD_GRIDS: dict = {}
-
-
-def _bwd_grid(kind: str, m: int, d: int, block_m: int, block_n: int, dev) -> tuple[int, int]:
-    key = (kind, m, d, dev)
-    grid = _BWD_GRIDS.get(key)
-    if grid is None:
-        if len(_BWD_GRIDS) >= 512:
-            _BWD_GRIDS.clear()
-        ncol = cdiv(d, block_n)
-        grid = _BWD_GRIDS[key] = (ncol, row_splits(m, block_m, ncol, dev))
-    return grid
+@functools.lru_cache(maxsize=512)
+def _bwd_grid(m: int, d: int, block_m: int, block_n: int, dev) -> tuple[int, int]:
+    """(column blocks, row splits) of a single-task backward launch (`launch_ssf_bwd` /
+    `launch_ln_bwd`): it depends on the shape and the device only, so it is worked out once."""
+    ncol = cdiv(d, block_n)
+    return ncol, row_splits(m, block_m, ncol, dev)
 
 
 def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
-    x2 = x if x.is_contiguous() else x.contiguous()
-    g2 = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+    x2, g2 = flat(x), flat(grad_out)
     d = x2.shape[-1]
     m = x2.numel() // d
     sc = scale.contiguous()
@@ -354,7 +343,7 @@ def launch_ssf_bwd(grad_out, x, scale, shift, act: int):
         return dx, dscale.zero_(), dshift.zero_()
     dev = x2.device
     c = CONFIGS["ssf_bwd"][0]
-    ncol, s = _bwd_grid("ssf", m, d, c.BLOCK_M, c.BLOCK_N, dev)
+    ncol, s = _bwd_grid(m, d, c.BLOCK_M, c.BLOCK_N, dev)
     ps, lock = split_workspace(dev, 2 * s * d, ncol)
     _ssf_bwd_kernel[(ncol, s)](
         g2, x2, sc, shift.contiguous(), dx, ps, lock, dscale, dshift, m, d, s, act, m, 0, 0,
@@ -395,8 +384,7 @@ def launch_ln_fwd(x, ln_weight, ln_bias, scale, shift, eps: float):
 
 def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: bool = True):
     """(dx, d_ln_weight, d_ln_bias, dscale, dshift); the LayerNorm grads are None unless `want_ln`."""
-    x2 = x if x.is_contiguous() else x.contiguous()
-    g2 = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+    x2, g2 = flat(x), flat(grad_out)
     d = x2.shape[-1]
     m = x2.numel() // d
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
@@ -407,7 +395,7 @@ def launch_ln_bwd(grad_out, x, ln_weight, ln_bias, scale, mean, rstd, want_ln: b
         dx, dw, db, dscale, dshift = ln_finalize(dx, z, z, ln_weight, ln_bias, scale)
         return (dx, dw, db, dscale, dshift) if want_ln else (dx, None, None, dscale, dshift)
     dev = x2.device
-    _, s = _bwd_grid("ln", m, d, c.BLOCK_M, bd, dev)
+    _, s = _bwd_grid(m, d, c.BLOCK_M, bd, dev)
     ps, lock = split_workspace(dev, 2 * s * d, 1)
     sc = scale.contiguous()  # [d] in x's dtype: the d-vector outputs are allocated like it
     dscale, dshift = torch.empty_like(sc), torch.empty_like(sc)
