@@ -62,9 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend
+from timm.layers import LayerNorm as _TimmLayerNorm
+from torch.nn.modules import module as _module_globals
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention, vmapped
+from .ops._autograd import once_differentiable
 from .methods.base import OutputHook, active_hooks
 
 # Newer torch can route what selective checkpointing keeps through saved_tensors_hooks (opt-in,
@@ -654,6 +657,8 @@ class _Replay:
         self.autocast = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
 
     def run(self, fn, *args):
+        if self.cpu is None and self.autocast is None and not torch.is_autocast_enabled(self.device.type):
+            return fn(*args)  # (nothing to replay: the common case, without the contexts' cost)
         autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         if self.cpu is None:
             with autocast:
@@ -689,6 +694,30 @@ def _cpu_flash(q, k, v, drop: float, kw: dict, replay: _Replay) -> bool:
         q, k, v, kw.get("attn_mask"), drop, kw.get("is_causal", False)) == _FLASH
 
 
+#: LayerNorm classes whose forward is F.layer_norm (timm's: off its fast-norm path)
+_PLAIN_NORMS = (nn.LayerNorm, _TimmLayerNorm)
+
+
+def _plain_norm_linear(norm: nn.Module, linear: nn.Module) -> bool:
+    """Whether `linear(norm(x))` is exactly F.linear(F.layer_norm(x, ...)) with no hook to see it:
+    a plain LayerNorm (torch's, or timm's off its fast-norm path) and nn.Linear, neither with
+    forward hooks, and no global module hooks. A lean half's backward then recomputes that value
+    through the functionals, without the two module calls around them. Checked per call (a few
+    dict lookups): a hook may be registered after `patch`."""
+    return (type(linear) is nn.Linear and type(norm) in _PLAIN_NORMS and not getattr(norm, "_fast_norm", False)
+            and not (norm._forward_hooks or norm._forward_pre_hooks or linear._forward_hooks
+                     or linear._forward_pre_hooks or _module_globals._global_forward_hooks
+                     or _module_globals._global_forward_pre_hooks))
+
+
+def _norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)), through the functionals where `_plain_norm_linear` allows."""
+    if _plain_norm_linear(norm, linear):
+        return F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                        linear.weight, linear.bias)
+    return linear(norm(x))
+
+
 def _split_heads(attn, qkv: torch.Tensor):
     B, N, _ = qkv.shape
     return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -697,7 +726,8 @@ def _split_heads(attn, qkv: torch.Tensor):
 class _LeanAttention(torch.autograd.Function):
     """timm's SDPA attention over a qkv output, saving none of q, k, v (3 [B, N, D]) nor its output:
     only norm1's input x, which norm1 saves anyway. Backward recomputes the qkv output's value
-    (norm1 and the qkv layer with their hooks, as modules, without a graph), then the attention
+    (norm1 and the qkv layer with their hooks, as modules, or through the functionals where
+    neither has hooks: `_norm_linear`; without a graph), then the attention
     forward (with its dropout draw, replayed) and its backward. That re-runs the qkv GEMM and the
     attention forward, as the checkpointed regions do, but none of the block's other ops, and no
     checkpoint machinery."""
@@ -709,7 +739,9 @@ class _LeanAttention(torch.autograd.Function):
         ctx.drop = attn.attn_drop.p if attn.training else 0.0
         q, k, v = _split_heads(attn, qkv)
         mask, causal = kw.get("attn_mask"), kw.get("is_causal", False)
-        ctx.kept = keep_out and _cpu_flash(q, k, v, ctx.drop, kw, replay)
+        # (decided here for backward too: its recompute runs on the same q / k / v)
+        ctx.flash = _cpu_flash(q, k, v, ctx.drop, kw, replay)
+        ctx.kept = keep_out and ctx.flash
         if ctx.kept:
             # (the plan keeps the output and its log-sum-exp: backward then needs q / k / v only,
             # the flash backward's inputs, and does not re-run the attention forward)
@@ -720,8 +752,9 @@ class _LeanAttention(torch.autograd.Function):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **kw)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad):
+        # (grad mode is off here, as in any backward not asked for a graph: the recompute records none)
         x, *predrawn = ctx.saved_tensors
         kept = predrawn[:2] if ctx.kept else ()
         predrawn = predrawn[2:] if ctx.kept else predrawn
@@ -729,11 +762,13 @@ class _LeanAttention(torch.autograd.Function):
         attn = block.attn
 
         def rerun():
-            with torch.no_grad():
+            if predrawn:
                 qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x))
+            else:
+                qkv = _norm_linear(block.norm1, attn.qkv, x)
             q, k, v = _split_heads(attn, qkv)
             mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
-            if kept or _cpu_flash(q, k, v, ctx.drop, ctx.kw, ctx.replay):
+            if kept or ctx.flash:
                 # the kernel pair F.scaled_dot_product_attention's autograd runs here, called
                 # directly: no graph and no autograd.grad for the recompute
                 out, lse = kept or aten._scaled_dot_product_flash_attention_for_cpu(
@@ -753,7 +788,7 @@ class _LeanAttention(torch.autograd.Function):
 class _LeanActivation(torch.autograd.Function):
     """The MLP's activation on the fc1 output, saving not its input h ([B, N, 4D]) but the MLP
     half's input y, which norm2 saves anyway. Backward recomputes h (norm2 and fc1 with their
-    hooks, as modules, without a graph: one GEMM) and applies nn.GELU's own backward formula to it;
+    hooks, `_norm_linear`, without a graph: one GEMM) and applies nn.GELU's own backward formula to it;
     any other activation module (e.g. SSF's fused scale-shift + GELU) is re-run on it with a graph
     and differentiated, for h and for `params` (the block's trainable parameters it may read)."""
 
@@ -764,7 +799,7 @@ class _LeanActivation(torch.autograd.Function):
         return block.mlp.act(h)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         block = ctx.block
@@ -772,8 +807,7 @@ class _LeanActivation(torch.autograd.Function):
         gelu = type(act) is nn.GELU
 
         def rerun():
-            with torch.no_grad():
-                h = block.mlp.fc1(block.norm2(y))
+            h = _norm_linear(block.norm2, block.mlp.fc1, y)  # (grad mode is off: no graph)
             if gelu:
                 return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
             wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]

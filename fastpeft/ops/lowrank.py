@@ -28,6 +28,7 @@ regenerate the dropout masks from a seed. Saved for backward: x and u [M, R] plu
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -193,22 +194,25 @@ class _LowRankFunction(torch.autograd.Function):
     the per-row launchers, the same saved tensors (u [B*L, R], no mask)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path, rows=False):
+    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path, rows=False, rebuild=None):
         if rows:
             fn = launch_rows_fwd if triton_path else _lowrank_rows_fwd_torch
         else:
             fn = launch_fwd if triton_path else _lowrank_linear_fwd_torch
         out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
         need = ctx.needs_input_grad
+        ctx.rebuild = rebuild and rebuild[0]
         if need[0] or need[2] or need[3] or need[4]:
-            ctx.save_for_backward(x, weight, a, b, u, seed)
+            # (with `rebuild`, the tensors a and b are made from, not a and b: see lowrank_linear)
+            ctx.save_for_backward(x, weight, u, seed, *(rebuild[1] if rebuild else (a, b)))
         ctx.args = (p, drop_input, triton_path, rows, rows and bias is not None and bias.dim() == 2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, a, b, u, seed = ctx.saved_tensors
+        x, weight, u, seed, *factors = ctx.saved_tensors
+        a, b = factors if ctx.rebuild is None else (cast_param(t, x.dtype) for t in ctx.rebuild(*factors))
         p, drop_input, triton_path, rows, bias_rows = ctx.args
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
@@ -223,7 +227,7 @@ class _LowRankFunction(torch.autograd.Function):
             dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
         # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
         return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
-                db if need[4] else None, None, None, None, None, None)
+                db if need[4] else None, None, None, None, None, None, None)
 
 
 def _check_frozen(op, weight):
@@ -243,12 +247,16 @@ _CHECKED = CheckedSignatures()
 
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                    b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
-                   training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+                   training: bool = False, seed: torch.Tensor | None = None,
+                   rebuild: tuple | None = None) -> torch.Tensor:
     """out = x W^T + bias + u B^T with u = drop(x A^T) (or drop(x) A^T when `drop_input`).
 
     x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
     None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
     when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
+    `rebuild` = (fn, tensors) with fn(*tensors) == (a, b) before the cast, where a and b are made
+    from the method's parameters: the eager backward then keeps the parameters and remakes a and
+    b from them (a few small ops) instead of keeping copies of them alive from forward to backward.
 
     Eager calls run one autograd.Function over the launchers, with the argument checks run once
     per call signature (`_CHECKED`); under torch.compile the call is the registered
@@ -268,7 +276,7 @@ def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if compiling:
         out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
         return out
-    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a))
+    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a), False, rebuild)
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -318,11 +326,16 @@ def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, s
     check_tensor(op, "lora_a", lora_a, dim=2)
     check_tensor(op, "lora_b", lora_b, dim=2)
     r = _noah_rank(op, lora_a, lora_b, lora_a.shape[0], lora_b.shape[1], rank, scale)
-    a = lora_a[:r]
+    build = functools.partial(_noah_factors, r, float(scale))
+    a, b = build(lora_a, lora_b)
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training, seed=seed,
+                          rebuild=(build, (lora_a, lora_b)))
+
+
+def _noah_factors(r: int, scale: float, lora_a, lora_b):
+    """NOAH's (A, B) = (LoRA_a[:r], s * LoRA_b[:, :r])."""
     b = lora_b[:, :r]
-    if scale != 1.0:
-        b = b * scale
-    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training, seed=seed)
+    return lora_a[:r], b * scale if scale != 1.0 else b
 
 
 _QKV = ("q", "k", "v")
@@ -357,9 +370,18 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
         check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
                      shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
         _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
-    a = torch.cat([downs[t] for t in targets], 0)
-    b = segmented_up(3 * ad, [(_QKV.index(t) * ad, ups[t], float(sc[t])) for t in targets])
-    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed)
+    build = functools.partial(_petl_factors, ad, tuple((_QKV.index(t) * ad, float(sc[t])) for t in targets))
+    factors = (*(downs[t] for t in targets), *(ups[t] for t in targets))
+    a, b = build(*factors)
+    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed,
+                          rebuild=(build, factors))
+
+
+def _petl_factors(ad: int, placed: tuple, *factors):
+    """PETL-ViT LoRA's (A, B) from the targets' downs then ups, `placed` = (row start, scale) per target."""
+    downs, ups = factors[:len(placed)], factors[len(placed):]
+    a = torch.cat(downs, 0) if len(downs) > 1 else downs[0]
+    return a, segmented_up(3 * ad, [(start, up, s) for (start, s), up in zip(placed, ups)])
 
 
 FACT_LAYERS = ("qkv", "proj", "fc1", "fc2")
@@ -401,8 +423,9 @@ class _FacTFunction(torch.autograd.Function):
     over addmm chains: no block-diagonal matrix is formed, the k chunks of the rank vector are
     rows of one [M k, r] view (`out.view(M k, D).addmm_(u.view(M k, r), V^T, alpha=s)`); Triton
     only for the rank-R projection whose dropout mask is regenerated (forward u, backward dz),
-    with the same mask numbering ([M, k r] offsets) as `lowrank_linear`. Saves x, u [M, R] and A
-    [R, D_in] (the parameters' small product). Gradients for x, bias, U, V and the core(s)."""
+    with the same mask numbering ([M, k r] offsets) as `lowrank_linear`. Saves x and u [M, R]
+    besides the parameters; A, their small product, is rebuilt in backward. Gradients for x,
+    bias, U, V and the core(s)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, u_w, v_w, layer, scale, p, seed, triton_path, *cores):
@@ -425,14 +448,16 @@ class _FacTFunction(torch.autograd.Function):
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         n = weight.shape[0]
         out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == dt else v_w.to(dt)).t(), alpha=scale)
-        ctx.save_for_backward(x, weight, u_w, v_w, core, a, u, seed)
+        # (not A: backward rebuilds it from U and the core, one [R, r] x [r, D] product, rather
+        # than keep a weight-sized copy per layer alive until then)
+        ctx.save_for_backward(x, weight, u_w, v_w, core, u, seed)
         ctx.args = (layer, scale, p, triton_path, len(cores))
         return out.view(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, u_w, v_w, core, a, u, seed = ctx.saved_tensors
+        x, weight, u_w, v_w, core, u, seed = ctx.saved_tensors
         layer, scale, p, triton_path, n_cores = ctx.args
         need = ctx.needs_input_grad
         dt = x.dtype
@@ -455,8 +480,9 @@ class _FacTFunction(torch.autograd.Function):
         dz = dz.view(m, k * r)
         dx = dbias = du = dv = None
         if need[0]:
+            a = _fact_down(layer, u_w, core)
             dx = torch.mm(g2, weight)
-            dx.addmm_(dz, a)
+            dx.addmm_(dz, a if a.dtype == dt else a.to(dt))
             dx = dx.view(x.shape)
         if need[2]:
             dbias = g2.sum(0)

@@ -286,6 +286,34 @@ def test_lora_petl(rows, D, r):
     assert_close("k", out[:, D:2 * D], (x @ w.t() + b)[:, D:2 * D], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("method", ["petl q,v", "noah"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_functionals_keep_no_factor_copies(method, dtype):
+    """The LoRA functionals build A and B from their parameters (concatenated, placed in the qkv
+    rows, scaled, cast): autograd keeps the parameters and x and u, never those copies, which
+    backward remakes (`lowrank_linear(rebuild=...)`); the gradients stay the reference's
+    (test_lora_petl / test_lora_noah)."""
+    g = torch.Generator().manual_seed(5)
+    D, r = 64, 4
+    x = rnd(g, 9, D, dtype=dtype).requires_grad_()
+    weight, bias = rnd(g, 3 * D, D, std=D ** -0.5, dtype=dtype), rnd(g, 3 * D, std=0.1, dtype=dtype)
+    # (fp32 parameters under fp16 x: the cast to x's dtype is one of the copies)
+    if method == "noah":
+        params = [rnd(g, 2 * r, D, std=0.02).requires_grad_(), rnd(g, 3 * D, 2 * r, std=0.02).requires_grad_()]
+        call = lambda: L.lora_noah_qkv(x, weight, bias, *params, rank=r, scale=2.0, training=True)  # noqa: E731
+    else:
+        params = [rnd(g, *shape, std=0.1).requires_grad_() for shape in ((r, D), (r, D), (D, r), (D, r))]
+        call = lambda: L.lora_petl_qkv(x, weight, bias, {"q": params[0], "v": params[1]},  # noqa: E731
+                                       {"q": params[2], "v": params[3]}, scale=0.5, training=True)
+    saved = []
+    with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        out = call()
+    kept = sorted(tuple(s.shape) for s in saved if s.numel() > 1 and not any(s is t for t in (x, weight, *params)))
+    assert kept == [(9, r if method == "noah" else 2 * r)], kept  # u [M, R] alone (petl: [u_q | u_v])
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
 def _fact(x, weight, bias, fact_u, fact_v, core, layer, seed):
     return L.fact_linear(x, weight, bias, fact_u, fact_v, core, layer=layer, scale=10.0, dropout_p=0.1,
                          training=True, seed=seed)
