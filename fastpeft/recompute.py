@@ -290,22 +290,61 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     batches lack); an option costs exactly its GEMM output per image. Options are taken while
     both totals stay within `budget` x the reference's. Returns
     {block index: kept names} for the blocks that keep anything.
+
+    Lean halves (`plan_lean`) are planned first. They keep what the method hooks inside them
+    save (e.g. FacT's fc2 delta its GELU input, LoRA's its dropped input): where that is over the
+    budget, the MLP halves, then the attention halves too, run as checkpointed regions instead.
+    Where it fits but leaves so little room that the regions, which recompute those tensors
+    too, would leave less to recompute (GEMM and attention FLOPs, after each plan's keeps) by more
+    than `LEAN_MARGIN` of it and more than the regions' extra host work (`REGION_HOST_FLOPS` per
+    half, on one image: a larger batch only favours the regions more), the regions run instead.
     """
+    if not plan_lean(model):
+        return _greedy_keeps(model, probe, budget)[0]
+    for drop in ("mlp", "attn"):
+        if _within(_saved_per_batch(model, probe.images), probe.reference, budget):
+            break
+        for blk in model.blocks:
+            lean = blk.__dict__.get("_fastpeft_lean")
+            if lean is not None:
+                lean.pop(drop, None)
+                if not lean:
+                    del blk._fastpeft_lean
+    marks = {i: blk.__dict__.pop("_fastpeft_lean") for i, blk in enumerate(model.blocks)
+             if "_fastpeft_lean" in blk.__dict__}
+    if not marks:
+        return _greedy_keeps(model, probe, budget)[0]
+    regions, saved_r, extra_r, total = _greedy_keeps(model, probe, budget)
+    for i, lean in marks.items():
+        model.blocks[i]._fastpeft_lean = lean
+    plan, saved_l, _, total_l = _greedy_keeps(model, probe, budget)
+    host = REGION_HOST_FLOPS.get(next(model.parameters()).device.type, 0.0) * sum(map(len, marks.values()))
+    # (FLOPs per image: what the regions' keeps save beyond the lean plan's, less the proj / fc2
+    # GEMMs the regions' minimal recompute re-runs where lean halves do not)
+    if saved_r - extra_r - saved_l > max(LEAN_MARGIN * max(total, total_l), host):
+        for i in marks:
+            del model.blocks[i]._fastpeft_lean
+        return regions
+    return plan
+
+
+#: `plan_keeps` runs checkpointed regions instead of lean halves where the regions' keeps save
+#: more than this fraction of the recompute's FLOPs beyond the lean halves' keeps
+LEAN_MARGIN = 0.1
+#: a checkpointed region's host work beyond a lean half's, in FLOPs of the device: about 0.4 ms
+#: per half in the host bench (bench/host.py: regions against lean halves, ViT-Ti, 5 tokens) at a
+#: CPU core's ~5e10 FLOP/s, and at a GPU's ~5e13 (what its GEMMs sustain at ViT-B widths)
+REGION_HOST_FLOPS = {"cpu": 2e7, "cuda": 2e10}
+
+
+def _greedy_keeps(model: nn.Module, probe: Probe, budget: float) -> tuple[dict[int, frozenset[str]], float, float, float]:
+    """`plan_keeps`' greedy choice for the blocks' current runs (lean halves where marked), with
+    FLOPs per image: what its keeps save from the recompute, the proj / fc2 GEMMs its minimal
+    recompute re-runs (regions only: `_reruns`; keeping them only saves that work back), and all
+    the options' (GEMM and attention work the recompute would otherwise run; combined options not
+    counted twice)."""
     shapes: dict[tuple[int, str], torch.Size] = {}
     layers: dict[tuple[int, str], nn.Module] = {}
-    if plan_lean(model):
-        # lean halves keep what the method hooks inside them save (e.g. FacT's fc2 delta its GELU
-        # output): where that is over the budget, the MLP halves, then the attention halves too,
-        # run as checkpointed regions instead
-        for drop in ("mlp", "attn"):
-            if _within(_saved_per_batch(model, probe.images), probe.reference, budget):
-                break
-            for blk in model.blocks:
-                lean = blk.__dict__.get("_fastpeft_lean")
-                if lean is not None:
-                    lean.pop(drop, None)
-                    if not lean:
-                        del blk._fastpeft_lean
     for i, blk in enumerate(model.blocks):
         lean = blk.__dict__.get("_fastpeft_lean", {})
         if lean:  # (a lean half may be kept whole: its attention / GELU input, measured per block)
@@ -332,12 +371,17 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     for (i, n), shape in shapes.items():
         if n == "block":
             options.update(_lean_options(model.blocks[i], i, shape))
+    # (FLOPs per image saved by each option, before the bonus below; the lean "attn" is part of
+    # "qkv+attn", the rest are disjoint)
+    flops = {key: b * v for key, (b, v) in options.items()}
+    total = sum(f for (i, n), f in flops.items() if not (n == "attn" and (i, "qkv+attn") in flops))
     for i, blk in enumerate(model.blocks):
         # a plain half whose backward needs nothing more runs outside checkpointing (`_runs_plain`):
         # no recompute at all, not even its LayerNorm, and no checkpoint machinery
         if (i, "qkv") in options and (i, "attn") in options and _plain_half(blk, "attn"):
             (b1, v1), (b2, v2) = options[i, "qkv"], options[i, "attn"]
             options[i, "qkv+attn"] = b1 + b2, (b1 * v1 + b2 * v2) / (b1 + b2) * (1 + PLAIN_HALF_BONUS)
+            flops[i, "qkv+attn"] = b1 * v1 + b2 * v2
         if (i, "fc1") in options and _plain_half(blk, "mlp"):
             b1, v1 = options[i, "fc1"]
             options[i, "fc1"] = b1, v1 * (1 + PLAIN_HALF_BONUS)
@@ -345,12 +389,15 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
     # greedy by compute saved per byte kept (fc2 first, then whole plain halves, attention, qkv /
     # fc1), later blocks first; an option overlapping what its block already keeps is skipped
     plan: dict[int, set[str]] = {}
+    saved = 0.0
     for i, n in sorted(options, key=lambda key: (-options[key][1], -key[0])):
         names = set(n.split("+"))
         if options[i, n][0] <= room and not names & plan.get(i, set()):
             plan.setdefault(i, set()).update(names)
             room -= options[i, n][0]
-    return {i: frozenset(keep) for i, keep in plan.items()}
+            saved += flops[i, n]
+    extra = sum(f for (i, n), f in flops.items() if n in ("proj", "fc2"))
+    return {i: frozenset(keep) for i, keep in plan.items()}, saved, extra, total
 
 
 def _room(kept: tuple, ref: tuple, budget: float) -> float:

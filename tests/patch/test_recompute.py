@@ -127,6 +127,8 @@ def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case, lean, monke
 
     if not lean:
         monkeypatch.setattr(recompute, "plan_lean", lambda model: False)
+    else:  # (lean halves wherever they fit, not the regions `plan_keeps` may prefer: see the next test)
+        monkeypatch.setattr(recompute, "LEAN_MARGIN", float("inf"))
     method, _, variant = case.partition("@")
     m = build(method, depth=4, name="vit_small_patch16_224", img_size=224,
               drop_path_rate=0.0 if variant == "no-droppath" else 0.1)
@@ -152,6 +154,29 @@ def test_backward_reruns_only_the_gemms_the_plan_does_not_keep(case, lean, monke
         want = {n: 1 + (n in rerun and n not in plan[i]) for n in ("qkv", "proj", "fc1", "fc2")}
         got = {n: mode.calls[f"{i}.{n}"] for n in want}
         assert got == want, (i, plan[i], got)
+
+
+@pytest.mark.parametrize("case,drop_path,host,lean", [
+    ("adaptformer", 0.1, None, True),  # lean halves keep no more than the regions: lean
+    # Convpass's branches read the LayerNorm outputs, which lean halves then keep: the regions,
+    # which recompute those too, have room to keep attention outputs in every block, a fifth of
+    # the recompute's FLOPs at 197 tokens on CPU
+    ("convpass", 0.0, None, False),
+    ("convpass", 0.0, 1e12, True),  # unless the regions' host work counts for more
+    # with DropPath the regions also re-run proj and fc2 (`_reruns`): lean
+    ("convpass", 0.1, None, True),
+])
+def test_plan_runs_regions_only_where_they_leave_less_to_recompute(case, drop_path, host, lean, monkeypatch):
+    from fastpeft import recompute
+
+    if host is not None:
+        monkeypatch.setattr(recompute, "REGION_HOST_FLOPS", {"cpu": host})
+    m = build(case, depth=4, name="vit_small_patch16_224", img_size=224, drop_path_rate=drop_path)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    marked = [i for i, blk in enumerate(m.blocks) if blk.__dict__.get("_fastpeft_lean")]
+    assert bool(marked) == lean, marked
+    if lean:  # (every block whose input needs a gradient)
+        assert marked == list(range(len(m.blocks))) or marked == list(range(1, len(m.blocks))), marked
 
 
 class _Count(TorchDispatchMode):
