@@ -836,8 +836,9 @@ class _LeanActivation(torch.autograd.Function):
     """The MLP's activation on the fc1 output, saving not its input h ([B, N, 4D]) but the MLP
     half's input y, which norm2 saves anyway. Backward recomputes h (norm2 and fc1 with their
     hooks, `_norm_linear`, without a graph: one GEMM) and applies nn.GELU's own backward formula to it;
-    any other activation module (e.g. SSF's fused scale-shift + GELU) is re-run on it with a graph
-    and differentiated, for h and for `params` (the block's trainable parameters it may read)."""
+    an activation module with a `lean_backward(h, grad)` (SSF's fused scale-shift + GELU) gives
+    its gradients itself; any other is re-run on h with a graph and differentiated, for h and for
+    `params` (the block's trainable parameters it may read)."""
 
     @staticmethod
     def forward(ctx, h, y, block, replay, *params):
@@ -852,11 +853,20 @@ class _LeanActivation(torch.autograd.Function):
         block = ctx.block
         act = block.mlp.act
         gelu = type(act) is nn.GELU
+        lean_backward = None if gelu or vmapped(grad) else getattr(act, "lean_backward", None)
 
         def rerun():
             h = _norm_linear(block.norm2, block.mlp.fc1, y)  # (grad mode is off: no graph)
             if gelu:
                 return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
+            if lean_backward is not None:  # (the module's own backward, no graph: e.g. SSFGELU)
+                dh, pairs = lean_backward(h, grad)
+                out = [None] * len(ctx.params)
+                for param, g in pairs:
+                    for i, p in enumerate(ctx.params):
+                        if p is param and ctx.needs_input_grad[4 + i]:
+                            out[i] = g
+                return dh, out
             wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
             params = [ctx.params[i] for i in wanted]
             with torch.enable_grad(), _backward_local():

@@ -107,6 +107,14 @@ class SSFGELU(nn.Module):
         scale, shift = _ssf_params(self._fastpeft_ssf)
         return kernel_call(self.backend, z.device.type, _ops().ssf_gelu, z, scale, shift)
 
+    def lean_backward(self, z: torch.Tensor, grad: torch.Tensor):
+        """The gradients of `forward(z)` for its output's gradient `grad`, without a graph:
+        (dz, ((scale, dscale), (shift, dshift))), the parameters those are for beside them. What
+        fastpeft/recompute.py's lean MLP calls instead of re-running the module with a graph."""
+        scale, shift = _ssf_params(self._fastpeft_ssf)
+        dz, dscale, dshift = kernel_call(self.backend, z.device.type, _ops().ssf_gelu_grads, grad, z, scale, shift)
+        return dz, ((scale, dscale), (shift, dshift))
+
 
 class FusedLinearSSF(nn.Linear):
     """A plain nn.Linear with its SSF (and, where `_fastpeft_act` is 1, the Mlp's GELU after it)

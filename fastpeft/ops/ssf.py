@@ -463,6 +463,17 @@ def ssf_gelu(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return _ssf_call("ssf_gelu", z, scale, shift, 1)
 
 
+def ssf_gelu_grads(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """(dz, dscale, dshift) of an eager `ssf_gelu(z, scale, shift)` given its output's gradient,
+    as autograd would give them (the same launcher or torch math; scale and shift's gradients in
+    their own dtypes), without a graph: for a caller that recomputes z in backward and runs the
+    epilogue's backward itself (fastpeft/recompute.py's lean MLP). z must be what `ssf_gelu`
+    saw: a signature it has checked (`_CHECKED`)."""
+    sc, sh = _as_dtype(z.dtype, scale, shift)
+    dz, dscale, dshift = (launch_ssf_bwd if use_triton(z) else _ssf_bwd_torch)(grad.contiguous(), z, sc, sh, 1)
+    return dz, dscale.to(scale.dtype), dshift.to(shift.dtype)
+
+
 def linear_ssf(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
                shift: torch.Tensor, act: int = 0) -> torch.Tensor:
     """y = act(linear(x; weight, bias) * scale + shift), act 0 (none) or 1 (erf GELU): a frozen

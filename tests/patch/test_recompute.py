@@ -13,6 +13,8 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpeft
@@ -465,11 +467,36 @@ def test_lean_recomputes_under_the_forwards_autocast(case):
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
 
 
+class _ScaledGELU(nn.Module):
+    """An activation module with a parameter of its own and no `lean_backward`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.25))
+
+    def forward(self, h):
+        return F.gelu(h) * self.gain
+
+
+def test_lean_mlp_differentiates_any_other_activation_module():
+    # an activation module the lean MLP knows nothing of is re-run on the recomputed fc1 output
+    # with a graph and differentiated, for that output and the block parameters it reads
+    m, x = _lean_build("bitfit", act_layer=_ScaledGELU)
+    for blk in m.blocks:
+        blk.mlp.act.gain.requires_grad_(True)
+    fastpeft.patch(m, backend="torch", recompute=True)
+    _assert_lean(m)
+    fastpeft.unpatch(m)
+    assert_recompute_bit_exact(m, x, "torch")
+    assert all(blk.mlp.act.gain.grad is not None for blk in m.blocks[1:])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_lean_mlp_differentiates_a_fused_activation_for_its_parameters(backend):
     # SSF's fc1 scale-shift is fused into the Mlp's activation (fastpeft/fused/ssf.py SSFGELU):
-    # the lean MLP half re-runs that module on the recomputed fc1 output and takes the gradients
-    # of the fc1 output and of the scale and shift it reads, bit for bit those of the default patch
+    # the lean MLP half runs that module's own backward (`lean_backward`) on the recomputed fc1
+    # output, for the gradients of the fc1 output and of the scale and shift it reads, bit for
+    # bit those of the default patch
     m, x = _lean_build("ssf")
     fastpeft.patch(m, backend=backend, recompute=True)
     _assert_lean(m)
