@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -694,11 +695,14 @@ class _Replay:
     the RNG state before the first op it re-runs (only where those ops may draw) and the autocast
     state. `run()` re-enters both around the recompute; the caller's RNG stream is left as it was."""
 
-    __slots__ = ("cpu", "cuda", "device", "autocast")
+    __slots__ = ("cpu", "cuda", "device", "autocast", "h", "a")
 
     def __init__(self, x: torch.Tensor, draws: bool):
         dev = x.device
         self.device = dev
+        # (a lean MLP's recomputed fc1 output and activation output, held from the first use in
+        # backward to the last: `_ActivationOutput`, `_LeanActivation`)
+        self.h = self.a = None
         self.cpu = torch.get_rng_state() if draws else None
         self.cuda = torch.cuda.get_rng_state(dev) if draws and dev.type == "cuda" else None
         self.autocast = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
@@ -838,7 +842,8 @@ class _LeanActivation(torch.autograd.Function):
     hooks, `_norm_linear`, without a graph: one GEMM) and applies nn.GELU's own backward formula to it;
     an activation module with a `lean_backward(h, grad)` (SSF's fused scale-shift + GELU) gives
     its gradients itself; any other is re-run on h with a graph and differentiated, for h and for
-    `params` (the block's trainable parameters it may read)."""
+    `params` (the block's trainable parameters it may read). Where a hook after it saved its
+    output (`_ActivationOutput`), backward recomputed h already: that h is used."""
 
     @staticmethod
     def forward(ctx, h, y, block, replay, *params):
@@ -856,7 +861,9 @@ class _LeanActivation(torch.autograd.Function):
         lean_backward = None if gelu or vmapped(grad) else getattr(act, "lean_backward", None)
 
         def rerun():
-            h = _norm_linear(block.norm2, block.mlp.fc1, y)  # (grad mode is off: no graph)
+            replay = ctx.replay
+            h = replay.h if replay.h is not None else _norm_linear(block.norm2, block.mlp.fc1, y)  # (no graph)
+            replay.h = replay.a = None  # (the last use: `_ActivationOutput` ran before, if at all)
             if gelu:
                 return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
             if lean_backward is not None:  # (the module's own backward, no graph: e.g. SSFGELU)
@@ -935,10 +942,74 @@ class LeanRun(BlockRun):
             a = _LeanActivation.apply(h, y, block, replay, *params)
         else:
             a = mlp.act(h)
-        m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
+        if h.requires_grad and _saves_input(mlp.fc2):
+            with _ActivationOutput(a, block, y, replay):
+                m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
+        else:
+            m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
         for fn in block._fastpeft_slots["mlp_out"]:
             m = fn(m)
         return m
+
+
+def _saves_input(linear: nn.Module) -> bool:
+    """Whether `linear` may save its input for backward: not a plain frozen nn.Linear without hooks
+    (e.g. FacT's delta on fc2, whose gradient for its factors reads the input)."""
+    return (type(linear) is not nn.Linear or linear.weight.requires_grad or bool(linear._forward_hooks)
+            or bool(linear._forward_pre_hooks))
+
+
+class _ActivationOutput(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks around the layers after a lean MLP's activation (fc2 and its method
+    hooks): where one of them saves the activation's output `a` itself ([B, N, 4D]: FacT's fc2
+    delta does), this object is kept in its place, and backward gets `a` back by recomputing it
+    from the half's input y (norm2, fc1, the activation: under the forward's RNG and autocast
+    state, `_Replay`), once for all its uses; `_LeanActivation`'s backward, which runs after them,
+    then reuses the recomputed fc1 output instead of running the GEMM again. Any other saved
+    tensor goes to the hooks in force outside (a memory profiler's, an offloader's), or is kept."""
+
+    def __init__(self, a: torch.Tensor, block, y: torch.Tensor, replay: _Replay):
+        # (`a` is identified by its memory, not held: holding it would keep it alive; a saved
+        # view of it, e.g. the reference FacT's [B, N, 4, D], is rebuilt as the same view)
+        self.key = (a.untyped_storage().data_ptr(), a.dtype)
+        self.offset = a.storage_offset()
+        self.block, self.y, self.replay = block, y, replay
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        if (t.untyped_storage().data_ptr(), t.dtype) == self.key:
+            return _AView(self, t.shape, t.stride(), t.storage_offset() - self.offset)
+        return self.outer_pack(t) if self.outer_pack is not None else t
+
+    def _unpack(self, packed):
+        if type(packed) is not _AView or packed.source is not self:
+            return self.outer_unpack(packed) if self.outer_unpack is not None else packed
+        a = self.value()
+        return a.as_strided(packed.shape, packed.stride, a.storage_offset() + packed.offset)
+
+    def value(self) -> torch.Tensor:
+        replay = self.replay
+        if replay.a is None:
+            block = self.block
+
+            def rerun():
+                with torch.no_grad():
+                    replay.h = _norm_linear(block.norm2, block.mlp.fc1, self.y)
+                    return block.mlp.act(replay.h)
+
+            replay.a = replay.run(rerun)
+        return replay.a
+
+
+class _AView(NamedTuple):
+    """What `_ActivationOutput` keeps for a saved view of the activation output."""
+
+    source: _ActivationOutput
+    shape: torch.Size
+    stride: tuple
+    offset: int
 
 
 #: the run of every block with a lean half (stateless: the halves live in `_fastpeft_lean`)

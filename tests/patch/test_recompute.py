@@ -431,6 +431,40 @@ def test_lean_halves_save_neither_qkv_nor_the_gelu_input(case):
     assert saved_sizes() == {"qkv": 0, "gelu": 0}
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lean_mlp_recomputes_the_activation_output_a_hook_after_it_saves(backend, monkeypatch):
+    # FacT's delta on fc2 saves its input, the GELU output [B, N, 4D] (the reference hook on the
+    # torch backend, the fused FacT op on Triton): a lean MLP keeps neither it nor the GELU input.
+    # Backward recomputes the GELU output for the delta's backward, and the activation's backward
+    # reuses that fc1 output: one fc1 GEMM re-run per block, and the default patch's step bit for bit
+    from fastpeft import recompute
+
+    monkeypatch.setattr(recompute, "_within", lambda *a: True)  # (lean halves at this small size)
+    monkeypatch.setattr(recompute, "LEAN_MARGIN", float("inf"))
+    m, x = _lean_build("fact-tt")
+    B, N, D = x.shape[0], (x.shape[-1] // 16) ** 2 + 1, m.embed_dim
+    fastpeft.patch(m, backend=backend, recompute=True)
+    for blk in m.blocks:  # (the minimal plan: nothing kept whole)
+        blk.__dict__.pop("_fastpeft_keep", None)
+    _assert_lean(m)
+    sizes = collections.Counter()
+
+    def pack(t):
+        sizes[t.untyped_storage().nbytes()] += not isinstance(t, nn.Parameter)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(x).square().mean()
+    assert sizes[B * N * 4 * D * 4] == 0, sizes
+    fc1 = {str(i): blk.mlp.fc1.weight for i, blk in enumerate(m.blocks)}
+    with _GemmsByWeight(fc1) as mode:
+        loss.backward()
+    # (each block: the input gradient's GEMM and the one re-run)
+    assert all(mode.calls[str(i)] == 2 for i in range(len(m.blocks))), mode.calls
+    fastpeft.unpatch(m)
+    assert_recompute_bit_exact(m, x, backend)
+
+
 @pytest.mark.parametrize("case", ["lora", "adaptformer"])
 def test_lean_replays_every_random_draw_of_what_it_recomputes(case):
     # attention dropout (drawn inside the attention the backward re-runs), LoRA's input dropout
