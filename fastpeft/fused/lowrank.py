@@ -101,13 +101,16 @@ def _fact_modules(hook: _FacTHook) -> tuple:
 def _fact(layer, hook: _FacTHook, x):
     ol = _ops()
     fact_u, fact_v, core_mods, dp = _fact_modules(hook)
+    rebuild = None
     if core_mods:
         core = tuple(m.weight for m in core_mods) if len(core_mods) > 1 else core_mods[0].weight
     else:
         root = hook.root  # only the core this layer reads (qkv's three as one [3r, r])
         core = fact_tk_core(root.FacTc, root.FacTp, hook.i, hook.layer)
+        rebuild = (functools.partial(fact_tk_core, i=hook.i, layer=hook.layer), (root.FacTc, root.FacTp))
     return ol.fact_linear(x, layer.weight, layer.bias, fact_u.weight, fact_v.weight, core,
-                          layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training)
+                          layer=hook.layer, scale=hook.scale, dropout_p=dp.p, training=dp.training,
+                          rebuild_core=rebuild)
 
 
 def _kadapt(layer, hook: _KAdaptHook, x):

@@ -428,7 +428,7 @@ class _FacTFunction(torch.autograd.Function):
     bias, U, V and the core(s)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, u_w, v_w, layer, scale, p, seed, triton_path, *cores):
+    def forward(ctx, x, weight, bias, u_w, v_w, layer, scale, p, seed, triton_path, rebuild, *cores):
         core = cores[0] if len(cores) == 1 else torch.cat(cores, 0)
         dt = x.dtype
         k = _FACT_CHUNKS[layer]
@@ -449,16 +449,22 @@ class _FacTFunction(torch.autograd.Function):
         n = weight.shape[0]
         out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == dt else v_w.to(dt)).t(), alpha=scale)
         # (not A: backward rebuilds it from U and the core, one [R, r] x [r, D] product, rather
-        # than keep a weight-sized copy per layer alive until then)
-        ctx.save_for_backward(x, weight, u_w, v_w, core, u, seed)
+        # than keep a weight-sized copy per layer alive until then; nor the core where it is made
+        # from parameters: the parts it is made of, `rebuild` or the cores qkv's is cat from)
+        ctx.rebuild = rebuild and rebuild[0]
+        ctx.save_for_backward(x, weight, u_w, v_w, u, seed, *(rebuild[1] if rebuild else cores))
         ctx.args = (layer, scale, p, triton_path, len(cores))
         return out.view(*x.shape[:-1], n)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, u_w, v_w, core, u, seed = ctx.saved_tensors
+        x, weight, u_w, v_w, u, seed, *parts = ctx.saved_tensors
         layer, scale, p, triton_path, n_cores = ctx.args
+        if ctx.rebuild is not None:
+            core = ctx.rebuild(*parts)
+        else:
+            core = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         need = ctx.needs_input_grad
         dt = x.dtype
         k = _FACT_CHUNKS[layer]
@@ -505,7 +511,7 @@ class _FacTFunction(torch.autograd.Function):
                     du = core.t() @ da
                 dcore = da @ u_w.t()
             dcores = list(dcore.split(r, 0)) if n_cores > 1 else [dcore]
-        return (dx, None, dbias, du, dv, None, None, None, None, None, *dcores)
+        return (dx, None, dbias, du, dv, None, None, None, None, None, None, *dcores)
 
 
 def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
@@ -535,11 +541,13 @@ def _validate_fact(op, layer, x, weight, bias, fact_u, fact_v, cores, p, seed):
 
 
 def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: float = 1.0,
-                dropout_p: float = 0.1, training: bool = False, seed=None):
+                dropout_p: float = 0.1, training: bool = False, seed=None, rebuild_core: tuple | None = None):
     """FacT delta fused into a frozen qkv / proj / fc1 / fc2 (JieShibo/PETL-ViT `FacT/`): out = x W^T + b + s V dp(M U x)
     per slice. fact_u = FacTu.weight [r, D], fact_v = FacTv.weight [D, r]; core as in
     `fact_effective` (TT: the `*_FacTs.weight`s; TK: `fastpeft.methods.fact.fact_tk_cores(FacTc, FacTp, i)`).
-    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r]).
+    Dropout on the rank vector right after the core (mask [M, 3r | r | 4r | r]). `rebuild_core`
+    = (fn, tensors) with fn(*tensors) == core, where the core is made from parameters (TK:
+    `fact_tk_core` of FacTc and FacTp): the eager backward keeps those and remakes the core.
 
     Eager calls run one autograd.Function (`_FacTFunction`: addmm chains, no block-diagonal
     matrices; checks once per call signature); under torch.compile the registered
@@ -566,7 +574,7 @@ def fact_linear(x, weight, bias, fact_u, fact_v, core, *, layer: str, scale: flo
     k = _FACT_CHUNKS[layer]
     big_r = fact_u.shape[0] * (k if layer != "fc2" else 1)
     return _FacTFunction.apply(x, weight, bias, fact_u, fact_v, layer, float(scale), p, seed,
-                               use_triton(x) and big_r <= MAX_RANK, *cores)
+                               use_triton(x) and big_r <= MAX_RANK, rebuild_core, *cores)
 
 
 def kron_factors(rule_left, rule_right, w_left, w_right):

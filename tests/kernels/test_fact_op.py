@@ -6,6 +6,8 @@ Kernels run through the Triton interpreter on CPU (backend "triton"); the torch 
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -70,6 +72,41 @@ def test_fact_op_saves_x_and_u_only():
     shapes = sorted(tuple(s.shape) for s in saved if s.data_ptr() not in params and s.numel() > 1)
     # u [M, 4r] besides the parameters: not A [4r, D] (rebuilt in backward), no [4D, 4r] block matrix
     assert shapes == [(14, 4 * R)], shapes
+
+
+@pytest.mark.parametrize("layer", ["qkv", "fc2"])
+def test_fact_op_remakes_a_core_made_from_parameters(layer):
+    """FacT-TK's core is made from FacTc and FacTp (`fact_tk_core`): with `rebuild_core` the op keeps
+    those, not the core, and gives the same output and gradients (FacTc / FacTp's included) as
+    without it, where it keeps the core."""
+    from fastpeft.methods.fact import fact_tk_core
+
+    g = torch.Generator().manual_seed(4)
+    t = _leaves(layer, 7, g)
+    del t["core"]
+    t["fact_c"] = (0.5 * torch.randn(R, R, R, generator=g)).requires_grad_(True)
+    t["fact_p"] = (0.5 * torch.randn(R, 24, generator=g)).requires_grad_(True)
+    grad = torch.randn(2, 7, SHAPES[layer][1], generator=g)
+    rebuild = functools.partial(fact_tk_core, i=1, layer=layer)
+
+    def call(t, remake):
+        return L.fact_linear(t["x"], t["weight"], t["bias"], t["u"], t["v"], rebuild(t["fact_c"], t["fact_p"]),
+                             layer=layer, scale=2.0, dropout_p=0.1, training=True, seed=torch.tensor([1]),
+                             rebuild_core=(rebuild, (t["fact_c"], t["fact_p"])) if remake else None)
+
+    saved = {}
+    for remake in (False, True):
+        shapes = saved[remake] = []
+        with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda s: shapes.append(s) or s, lambda s: s):
+            call(t, remake)
+    core_shape = SHAPES[layer][2]
+    assert any(tuple(s.shape) == core_shape for s in saved[False])
+    assert not any(tuple(s.shape) == core_shape for s in saved[True]), [tuple(s.shape) for s in saved[True]]
+    with backend("triton"):
+        want, want_g = _run(lambda t: call(t, False), t, grad)
+        got, got_g = _run(lambda t: call(t, True), t, grad)
+    assert torch.equal(got, want)
+    assert got_g.keys() == want_g.keys() and all(torch.equal(got_g[k], want_g[k]) for k in want_g)
 
 
 def test_fact_op_errors():
