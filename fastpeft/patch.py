@@ -198,6 +198,7 @@ class RecomputeRule(Rule):
         for blk in model.blocks:
             if "_fastpeft_run" in blk.__dict__:
                 blk._fastpeft_params = tuple(blk.parameters())
+                blk._fastpeft_reads = _params_read(blk)
         plan = plan_keeps(model, probe) if probe is not None else {}
         for i, keep in plan.items():
             model.blocks[i]._fastpeft_keep = keep
@@ -223,8 +224,46 @@ class RecomputeRule(Rule):
         blk.__dict__.pop("_fastpeft_keep", None)
         blk.__dict__.pop("_fastpeft_lean", None)
         blk.__dict__.pop("_fastpeft_params", None)
+        blk.__dict__.pop("_fastpeft_reads", None)
         blk.__dict__.pop("_fastpeft_rows", None)
         _unclass_if_unused(blk, was_petl)
+
+
+def _params_read(blk: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The parameters a block's forward may read: its own, and those of the modules its method
+    hooks and slot callables hold (FacT's hooks read FacTu / FacTv / FacTc / FacTp on the model
+    itself, KAdaptation's the shared rules there): what `RecomputeRun` asks whether any needs a
+    gradient. (A module held by a hook counts whole, e.g. the model: a superset costs no more
+    than a recomputed block that needed none.)"""
+    from .methods.base import OutputHook, SlotFn
+
+    found: dict[int, nn.Parameter] = {id(p): p for p in blk.parameters()}
+    seen: set[int] = set()
+
+    def take(obj, depth: int) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, nn.Parameter):
+            found.setdefault(id(obj), obj)
+        elif isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                found.setdefault(id(p), p)
+        elif isinstance(obj, (OutputHook, SlotFn)) and depth < 3:
+            for value in vars(obj).values():
+                take(value, depth + 1)
+
+    for mod in blk.modules():
+        for table in (mod._forward_hooks, mod._forward_pre_hooks):
+            for hook in table.values():
+                take(hook, 0)
+        for name, value in vars(mod).items():  # (fused classes hold their absorbed hook: `_fastpeft_hook`)
+            if name.startswith("_fastpeft"):
+                take(value, 0)
+    for fns in blk.__dict__.get("_fastpeft_slots", {}).values():
+        for fn in fns:
+            take(fn, 0)
+    return tuple(found.values())
 
 
 def _unclass_if_unused(blk: nn.Module, was_petl: bool) -> None:

@@ -1025,9 +1025,9 @@ class RecomputeRun(BlockRun):
         kw = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
         if vmapped(x):
             return rows_block(block, x, kw)
-        # (the block's parameters, recorded by `patch` once every rule has run: walking its modules on
-        # every call is host time)
-        params = block.__dict__.get("_fastpeft_params") or tuple(block.parameters())
+        # (the parameters the block reads, its method hooks' included, recorded by `patch` once
+        # every rule has run: walking its modules on every call is host time)
+        params = block.__dict__.get("_fastpeft_reads") or tuple(block.parameters())
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             if block.__dict__.get("_fastpeft_lean") and not torch.compiler.is_compiling():
                 return LEAN.forward(block, x, kw)

@@ -115,11 +115,10 @@ RERUN = {
 
 # lean halves (fastpeft/recompute.py LeanRun) re-run qkv (for the attention) and fc1 (for the GELU
 # input) only, whatever the method hooks behind them (SSF's fused scale-shift + GELU activation
-# included). A half runs as a region where its hooks would save more than the budget allows
-# (FacT's fc2 delta saves the GELU output: at this depth its attention halves too go over the
-# batch-1 budget, with its weight-sized factor products); the regions re-run the same two GEMMs
+# included; FacT's fc2 delta, whose saved input the lean MLP recomputes with the same fc1 GEMM).
+# Every case here runs both halves lean once the plan is made to prefer them (LEAN_MARGIN)
 RERUN_LEAN = {case: {"qkv", "fc1"} for case in RERUN}
-LEAN_HALVES = {"fact-tt": None, "fact-tk": None}
+LEAN_HALVES: dict = {}
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "regions"])
@@ -179,6 +178,22 @@ def test_plan_runs_regions_only_where_they_leave_less_to_recompute(case, drop_pa
     assert bool(marked) == lean, marked
     if lean:  # (every block whose input needs a gradient)
         assert marked == list(range(len(m.blocks))) or marked == list(range(1, len(m.blocks))), marked
+
+
+def test_a_block_reading_only_model_level_parameters_is_recomputed_too():
+    # FacT-TK's hooks read FacTu / FacTv / FacTc / FacTp, all on the model itself: the first
+    # block, whose input (the frozen patch embedding's output) needs no gradient and whose own
+    # parameters are all frozen, still needs a backward for them, and is recomputed like the rest
+    m = build("fact-tk", depth=4, name="vit_small_patch16_224", img_size=224)
+    assert not any(p.requires_grad for p in m.blocks[0].parameters())
+    x = images(batch=2, img_size=224)
+    with torch.no_grad():
+        tokens = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+    fastpeft.patch(m, backend="torch")
+    default = saved_activation_bytes(lambda: m.blocks[0](tokens).sum(), exclude=[m])
+    fastpeft.patch(m, backend="torch", recompute=True)
+    kept = saved_activation_bytes(lambda: m.blocks[0](tokens).sum(), exclude=[m])
+    assert 0 < kept <= 0.5 * default, (kept, default)
 
 
 class _Count(TorchDispatchMode):
