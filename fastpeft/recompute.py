@@ -332,9 +332,10 @@ def plan_keeps(model: nn.Module, probe: Probe, budget: float = BYTE_BUDGET) -> d
 #: `plan_keeps` runs checkpointed regions instead of lean halves where the regions' keeps save
 #: more than this fraction of the recompute's FLOPs beyond the lean halves' keeps
 LEAN_MARGIN = 0.1
-#: a checkpointed region's host work beyond a lean half's, in FLOPs of the device: about 0.4 ms
-#: per half in the host bench (bench/host.py: regions against lean halves, ViT-Ti, 5 tokens) at a
-#: CPU core's ~5e10 FLOP/s, and at a GPU's ~5e13 (what its GEMMs sustain at ViT-B widths)
+#: a checkpointed region's host work beyond a lean half's, counted in the FLOPs the device does in
+#: that time: the host time per half is what the host bench (bench/host.py) shows between the
+#: regions and lean halves (bench/results/NOTES.md, session 26), times a CPU core's GEMM rate or
+#: a GPU's at ViT-B widths (no GPU run has measured the CUDA figure yet)
 REGION_HOST_FLOPS = {"cpu": 2e7, "cuda": 2e10}
 
 
