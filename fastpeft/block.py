@@ -27,14 +27,16 @@ sums live in `attn_half` / `mlp_half` alone.
 """
 from __future__ import annotations
 
+import functools
 from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 __all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass", "vmapped",
-           "replaced_dataflow", "timm_sdpa_attention"]
+           "replaced_dataflow", "timm_sdpa_attention", "plain_layer_norm", "forward_hooked"]
 
 #: slot name -> call signature and where it sits in the block (see the module docstring)
 SLOTS: dict[str, str] = {
@@ -82,6 +84,28 @@ def timm_sdpa_attention(attn: nn.Module) -> bool:
     from timm.layers import Attention
 
     return type(attn) is Attention and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+
+
+@functools.cache
+def _plain_norms() -> tuple[type, ...]:
+    from timm.layers import LayerNorm
+
+    return (nn.LayerNorm, LayerNorm)
+
+
+def plain_layer_norm(norm: nn.Module) -> bool:
+    """Whether `norm`'s forward is exactly F.layer_norm(x, normalized_shape, weight, bias, eps):
+    torch's LayerNorm, or timm's off its fast-norm path."""
+    return type(norm) in _plain_norms() and not getattr(norm, "_fast_norm", False)
+
+
+def forward_hooked(modules) -> bool:
+    """Whether a forward hook would see any of `modules` run: a hook of its own (a user's,
+    registered after patch) or a global one. Fused paths that compute the modules' ops without
+    calling them check this per call."""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class BlockRun:

@@ -5,7 +5,7 @@ Two forms, chosen per block half at `patch` time (`plan_keeps`, measured on prob
 * lean halves (`LeanRun`, wherever they fit the byte budget): the block runs in the reference
   order, but its attention (`_LeanAttention`) keeps none of q / k / v or its output and its MLP
   activation (`_LeanActivation`) not its input. Backward recomputes those values alone: the qkv
-  output (norm1 and qkv, hooks included, as modules without a graph: one GEMM) and the attention,
+  output (norm1 and qkv, hooks included, without a graph: one GEMM) and the attention,
   or the fc1 output (norm2 and fc1: one GEMM). No other op of the block is re-run and no checkpoint
   machinery runs, so the recompute costs little more host time than its two GEMMs. What the
   method hooks save is saved as in the default patch, which is why some halves do not fit;
@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,11 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend
-from timm.layers import LayerNorm as _TimmLayerNorm
-from torch.nn.modules import module as _module_globals
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .block import BRANCHES_FIRST, STANDARD, BlockRun, timm_sdpa_attention, vmapped
+from .block import BRANCHES_FIRST, STANDARD, BlockRun, forward_hooked, plain_layer_norm, timm_sdpa_attention, vmapped
 from .ops._autograd import once_differentiable
 from .methods.base import OutputHook, active_hooks
 
@@ -188,10 +187,13 @@ def _reruns(block, name: str) -> bool:
     if any(h.saves_output for h in hooks):
         return False  # kept by the minimal plan (_kept_weights)
     if name == "proj":
-        return bool(hooks) or (any(fn.reads_norm for fn in slots["attn_branch"]) and not _branches_first(block, "attn"))
-    return bool(hooks or slots["mlp_out"]) or (
-        any(fn.reads_norm for fn in slots["ffn_branch"]) and not _branches_first(block, "mlp")
-    )
+        return bool(hooks) or (_norm_read(block, "attn") and not _branches_first(block, "attn"))
+    return bool(hooks or slots["mlp_out"]) or (_norm_read(block, "mlp") and not _branches_first(block, "mlp"))
+
+
+def _norm_read(block, half: str) -> bool:
+    """Whether a branch of the half ("attn" / "mlp") reads its LayerNorm's output (`reads_norm`)."""
+    return any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch" if half == "attn" else "ffn_branch"])
 
 
 def _draws_rng(mod: nn.Module) -> bool:
@@ -613,17 +615,16 @@ def _plain_half(block, half: str) -> bool:
     Linears, with no method hooks or slots inside the half, nothing that draws random numbers
     (a dropout mask would be saved, not redrawn) and no LayerNorm on q / k or on the hidden
     features. Such a half then runs as the reference's does: no recompute at all."""
-    slots = block._fastpeft_slots
     if half == "attn":
         attn = block.attn
-        if any(fn.reads_norm for fn in slots["attn_branch"]) or not timm_sdpa_attention(attn):
+        if _norm_read(block, "attn") or not timm_sdpa_attention(attn):
             return False
         if not all(type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm", "norm")):
             return False
         layers, rest = (attn.qkv, attn.proj), (block.norm1, attn)
     else:
         mlp = block.mlp
-        if any(fn.reads_norm for fn in slots["ffn_branch"]) or not _gelu_ends_region(block):
+        if _norm_read(block, "mlp") or not _gelu_ends_region(block):
             return False
         layers, rest = (mlp.fc1, mlp.fc2), (block.norm2, mlp)
     return all(type(m) is nn.Linear and not m.weight.requires_grad for m in layers) and not any(
@@ -677,7 +678,7 @@ def _lean_attention(block) -> bool:
         type(getattr(attn, n, None)) is nn.Identity for n in ("q_norm", "k_norm")
     ):
         return False
-    return not (any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch"]) and _draws_rng(block.norm1))
+    return not (_norm_read(block, "attn") and _draws_rng(block.norm1))
 
 
 def _lean_mlp(block) -> bool:
@@ -688,7 +689,7 @@ def _lean_mlp(block) -> bool:
 
     if type(block.mlp) is not Mlp:
         return False
-    return not (any(fn.reads_norm for fn in block._fastpeft_slots["ffn_branch"]) and _draws_rng(block.norm2))
+    return not (_norm_read(block, "mlp") and _draws_rng(block.norm2))
 
 
 class _Replay:
@@ -746,20 +747,13 @@ def _cpu_flash(q, k, v, drop: float, kw: dict, replay: _Replay) -> bool:
         q, k, v, kw.get("attn_mask"), drop, kw.get("is_causal", False)) == _FLASH
 
 
-#: LayerNorm classes whose forward is F.layer_norm (timm's: off its fast-norm path)
-_PLAIN_NORMS = (nn.LayerNorm, _TimmLayerNorm)
-
-
 def _plain_norm_linear(norm: nn.Module, linear: nn.Module) -> bool:
     """Whether `linear(norm(x))` is exactly F.linear(F.layer_norm(x, ...)) with no hook to see it:
     a plain LayerNorm (torch's, or timm's off its fast-norm path) and nn.Linear, neither with
     forward hooks, and no global module hooks. A lean half's backward then recomputes that value
     through the functionals, without the two module calls around them. Checked per call (a few
     dict lookups): a hook may be registered after `patch`."""
-    return (type(linear) is nn.Linear and type(norm) in _PLAIN_NORMS and not getattr(norm, "_fast_norm", False)
-            and not (norm._forward_hooks or norm._forward_pre_hooks or linear._forward_hooks
-                     or linear._forward_pre_hooks or _module_globals._global_forward_hooks
-                     or _module_globals._global_forward_pre_hooks))
+    return type(linear) is nn.Linear and plain_layer_norm(norm) and not forward_hooked((norm, linear))
 
 
 def _norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -909,8 +903,7 @@ class LeanRun(BlockRun):
 
     def norm(self, block, i, x):
         # (where no branch reads it, the norm runs inside the lean piece, after the RNG state is taken)
-        branches = block._fastpeft_slots["attn_branch" if i == 1 else "ffn_branch"]
-        if any(fn.reads_norm for fn in branches):
+        if _norm_read(block, "attn" if i == 1 else "mlp"):
             return (block.norm1 if i == 1 else block.norm2)(x)
         return None
 
@@ -943,10 +936,7 @@ class LeanRun(BlockRun):
             a = _LeanActivation.apply(h, y, block, replay, *params)
         else:
             a = mlp.act(h)
-        if h.requires_grad and _saves_input(mlp.fc2):
-            with _ActivationOutput(a, block, y, replay):
-                m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
-        else:
+        with _ActivationOutput(a, block, y, replay) if h.requires_grad and _saves_input(mlp.fc2) else nullcontext():
             m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
         for fn in block._fastpeft_slots["mlp_out"]:
             m = fn(m)
@@ -1124,7 +1114,7 @@ class _Regions(BlockRun):
                                                                             "preserve_rng_state": False}
 
     def attn_half(self, block, x, kw):
-        if any(fn.reads_norm for fn in block._fastpeft_slots["attn_branch"]):
+        if _norm_read(block, "attn"):
             run = BRANCHES_FIRST[_branches_first(block, "attn"), False]
             return checkpoint(run.attn_half, block, x, kw, **self.attn_opts)
         # (prompts first, outside the region: the region and any residual-reading branch then
@@ -1133,7 +1123,7 @@ class _Regions(BlockRun):
         return super().attn_half(block, x, kw)
 
     def mlp_half(self, block, y):
-        if any(fn.reads_norm for fn in block._fastpeft_slots["ffn_branch"]):
+        if _norm_read(block, "mlp"):
             # (mlp_in slots, serial adapters on the stream, run before the region: it keeps their output)
             run = BRANCHES_FIRST[False, _branches_first(block, "mlp")]
             return checkpoint(run.mlp_half, block, self.mlp_in(block, y), **self.mlp_opts)

@@ -59,9 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _module_globals
 
-from ..block import NO_SLOTS, BlockRun, vmapped
+from ..block import NO_SLOTS, BlockRun, forward_hooked, plain_layer_norm, vmapped
 from ..methods.base import PetlBlock, SlotFn, dropout
 from ..methods.vqt import _VQTBlock, _VQTForwardHead, vqt_features
 from ..rule import PatchReport, Rule
@@ -332,7 +331,7 @@ def _query_block_plan(block: nn.Module) -> "_QueryBlockPlan | None":
     forward is exactly the op used here are accepted (no qk/attention/MLP norm, no gate, GELU MLP,
     LayerNorms without timm's fast-norm path, LayerScale or none; dropouts and DropPath are
     already refused by `_why_not`)."""
-    from timm.layers import Attention, LayerNorm as TimmLayerNorm, LayerScale, Mlp
+    from timm.layers import Attention, LayerScale, Mlp
     from timm.models.vision_transformer import Block
 
     if getattr(block, "_fastpeft_orig_class", type(block)) is not Block:
@@ -347,8 +346,7 @@ def _query_block_plan(block: nn.Module) -> "_QueryBlockPlan | None":
     if not all(type(m) is nn.Linear for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)):
         return None
     for norm in (block.norm1, block.norm2):
-        if (type(norm) not in (nn.LayerNorm, TimmLayerNorm) or getattr(norm, "_fast_norm", False)
-                or len(norm.normalized_shape) != 1):
+        if not plain_layer_norm(norm) or len(norm.normalized_shape) != 1:
             return None
     if not all(type(m) in (nn.Identity, LayerScale) for m in (block.ls1, block.ls2)):
         return None
@@ -374,12 +372,7 @@ class _QueryBlockPlan:
     def hooked(self) -> bool:
         """Whether a forward hook would see the block's submodules run (a user's, registered after
         patch, or a global one): then the generic path runs, which calls the modules."""
-        if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
-            return True
-        for m in self.modules:
-            if m._forward_hooks or m._forward_pre_hooks:
-                return True
-        return False
+        return forward_hooked(self.modules)
 
 
 class _QueryBlock(torch.autograd.Function):
