@@ -67,7 +67,7 @@ from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .block import BRANCHES_FIRST, STANDARD, BlockRun, forward_hooked, plain_layer_norm, timm_sdpa_attention, vmapped
-from .ops._autograd import once_differentiable
+from .ops._autograd import once_differentiable, remake, remaker
 from .methods.base import OutputHook, active_hooks
 
 # Newer torch can route what selective checkpointing keeps through saved_tensors_hooks (opt-in,
@@ -697,23 +697,26 @@ class _Replay:
     the RNG state before the first op it re-runs (only where those ops may draw) and the autocast
     state. `run()` re-enters both around the recompute; the caller's RNG stream is left as it was."""
 
-    __slots__ = ("cpu", "cuda", "device", "autocast", "h", "a")
+    __slots__ = ("cpu", "cuda", "device", "autocast", "h", "a", "node")
 
     def __init__(self, x: torch.Tensor, draws: bool):
         dev = x.device
         self.device = dev
         # (a lean MLP's recomputed fc1 output and activation output, held from the first use in
-        # backward to the last: `_ActivationOutput`, `_LeanActivation`)
-        self.h = self.a = None
+        # backward to the last: `_ActivationOutput`, `_LeanActivation`; and the node that can
+        # remake that fc1 output, `ops._autograd.remaker`, where the activation draws nothing)
+        self.h = self.a = self.node = None
         self.cpu = torch.get_rng_state() if draws else None
         self.cuda = torch.cuda.get_rng_state(dev) if draws and dev.type == "cuda" else None
         self.autocast = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
 
-    def run(self, fn, *args):
-        if self.cpu is None and self.autocast is None and not torch.is_autocast_enabled(self.device.type):
+    def run(self, fn, *args, rng: bool = True):
+        """fn(*args) under the forward's autocast state and, with `rng` (fn re-runs ops that may
+        draw), its RNG state."""
+        if (self.cpu is None or not rng) and self.autocast is None and not torch.is_autocast_enabled(self.device.type):
             return fn(*args)  # (nothing to replay: the common case, without the contexts' cost)
         autocast = torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
-        if self.cpu is None:
+        if self.cpu is None or not rng:
             with autocast:
                 return fn(*args)
         devices = [self.device] if self.cuda is not None else []
@@ -722,6 +725,12 @@ class _Replay:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             return fn(*args)
+
+
+def _remade(replay: _Replay, node) -> torch.Tensor | None:
+    """The output of `node` (`ops._autograd.remaker`, or None) made again from what it keeps, under
+    the forward's autocast state; None where it cannot be (then the layers are re-run)."""
+    return None if node is None else replay.run(remake, node, rng=False)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -779,10 +788,13 @@ class _LeanAttention(torch.autograd.Function):
     checkpoint machinery."""
 
     @staticmethod
-    def forward(ctx, qkv, x, block, replay, kw, keep_out, *predrawn):
+    def forward(ctx, qkv, x, block, replay, kw, keep_out, node, *predrawn):
         attn = block.attn
         ctx.block, ctx.replay, ctx.kw = block, replay, kw
         ctx.drop = attn.attn_drop.p if attn.training else 0.0
+        # (the qkv op that can give its output again from what it keeps, where the attention
+        # draws nothing: then the only draws backward replays are the layers' it does not re-run)
+        ctx.node = node if ctx.drop == 0.0 else None
         q, k, v = _split_heads(attn, qkv)
         mask, causal = kw.get("attn_mask"), kw.get("is_causal", False)
         # (decided here for backward too: its recompute runs on the same q / k / v)
@@ -807,11 +819,10 @@ class _LeanAttention(torch.autograd.Function):
         block = ctx.block
         attn = block.attn
 
-        def rerun():
-            if predrawn:
-                qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x))
-            else:
-                qkv = _norm_linear(block.norm1, attn.qkv, x)
+        def rerun(qkv):
+            if qkv is None:  # (the layers re-run: norm1, qkv and their hooks)
+                qkv = (_with_predrawn(block, predrawn, attn.qkv, block.norm1(x)) if predrawn
+                       else _norm_linear(block.norm1, attn.qkv, x))
             q, k, v = _split_heads(attn, qkv)
             mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
             if kept or ctx.flash:
@@ -828,7 +839,9 @@ class _LeanAttention(torch.autograd.Function):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **ctx.kw)
             return torch.autograd.grad(out, qkv, grad)[0]
 
-        return ctx.replay.run(rerun), None, None, None, None, None, *(None for _ in predrawn)
+        qkv = _remade(ctx.replay, ctx.node)
+        return (ctx.replay.run(rerun, qkv, rng=qkv is None), None, None, None, None, None, None,
+                *(None for _ in predrawn))
 
 
 class _LeanActivation(torch.autograd.Function):
@@ -855,8 +868,11 @@ class _LeanActivation(torch.autograd.Function):
         gelu = type(act) is nn.GELU
         lean_backward = None if gelu or vmapped(grad) else getattr(act, "lean_backward", None)
 
+        replay = ctx.replay
+        if replay.h is None and replay.node is not None:
+            replay.h = _remade(replay, replay.node)
+
         def rerun():
-            replay = ctx.replay
             h = replay.h if replay.h is not None else _norm_linear(block.norm2, block.mlp.fc1, y)  # (no graph)
             replay.h = replay.a = None  # (the last use: `_ActivationOutput` ran before, if at all)
             if gelu:
@@ -879,7 +895,8 @@ class _LeanActivation(torch.autograd.Function):
                 out[i] = g
             return dh, out
 
-        dh, dparams = ctx.replay.run(rerun)
+        # (nothing re-run draws where the fc1 output is at hand: GELU and `lean_backward` draw nothing)
+        dh, dparams = replay.run(rerun, rng=replay.h is None)
         return dh, None, None, None, *dparams
 
 
@@ -918,7 +935,7 @@ class LeanRun(BlockRun):
         replay = _Replay(x, block.__dict__["_fastpeft_lean"]["attn"])
         qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x) if h is None else h)
         if qkv.requires_grad:
-            o = _LeanAttention.apply(qkv, x, block, replay, kw, "attn" in keep, *predrawn)
+            o = _LeanAttention.apply(qkv, x, block, replay, kw, "attn" in keep, remaker(qkv), *predrawn)
         else:  # (nothing before the attention needs a gradient: nothing to save)
             q, k, v = _split_heads(attn, qkv)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, **kw)
@@ -932,7 +949,10 @@ class LeanRun(BlockRun):
         replay = _Replay(y, block.__dict__["_fastpeft_lean"]["mlp"])
         h = mlp.fc1(block.norm2(y) if h2 is None else h2)
         if h.requires_grad:
-            params = () if type(mlp.act) is nn.GELU else [p for p in block._fastpeft_params if p.requires_grad]
+            gelu = type(mlp.act) is nn.GELU
+            if gelu or hasattr(mlp.act, "lean_backward"):  # (an activation that draws nothing)
+                replay.node = remaker(h)
+            params = () if gelu else [p for p in block._fastpeft_params if p.requires_grad]
             a = _LeanActivation.apply(h, y, block, replay, *params)
         else:
             a = mlp.act(h)
@@ -984,13 +1004,16 @@ class _ActivationOutput(torch.autograd.graph.saved_tensors_hooks):
         replay = self.replay
         if replay.a is None:
             block = self.block
+            if replay.node is not None:
+                replay.h = _remade(replay, replay.node)
 
             def rerun():
                 with torch.no_grad():
-                    replay.h = _norm_linear(block.norm2, block.mlp.fc1, self.y)
+                    if replay.h is None:
+                        replay.h = _norm_linear(block.norm2, block.mlp.fc1, self.y)
                     return block.mlp.act(replay.h)
 
-            replay.a = replay.run(rerun)
+            replay.a = replay.run(rerun, rng=replay.h is None)
         return replay.a
 
 

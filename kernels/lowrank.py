@@ -454,15 +454,21 @@ def launch_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
     BLAS (out = addmm(bias, x, W^T), then out += u B^T in place); Triton only for the rank-R
     down-projection when a dropout mask is regenerated from the seed (input or rank dropout)."""
     x2 = rows_of(x)
-    n, r = weight.shape[0], a.shape[0]
+    r = a.shape[0]
     if p > 0.0:
         a_c = a.contiguous()
         u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
     else:
         u = torch.mm(x2, a.t())
+    return lowrank_up(x, weight, bias, u, b), u
+
+
+def lowrank_up(x, weight, bias, u, b):
+    """`launch_fwd`'s output given its u: out = addmm(bias, x, W^T), then out += u B^T in place."""
+    x2 = rows_of(x)
     out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
     out.addmm_(u, b.t())
-    return out.view(*x.shape[:-1], n), u
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def launch_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input: bool, need=(True, True, True, True)):

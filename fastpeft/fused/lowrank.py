@@ -25,7 +25,7 @@ from ..methods.base import OutputHook
 from ..methods.fact import _FacTHook, fact_tk_core
 from ..methods.kadaptation import _KAdaptHook
 from ..methods.lora import NoahLoRAHook, PetlLoRAHook
-from ..block import vmapped
+from ..block import forward_hooked, vmapped
 from ..ops._rows import batched, rows_call
 from .common import AbsorbedHook, kernel_call, rows_form, swap_hook
 
@@ -113,14 +113,18 @@ def _fact(layer, hook: _FacTHook, x):
                           rebuild_core=rebuild)
 
 
-def _kadapt(layer, hook: _KAdaptHook, x):
-    ol = _ops()
+def _kadapt_factors(hook: _KAdaptHook) -> tuple:
+    """(rule1, rule2, q_factors, v_factors) as (left, right) pairs: what the ops take."""
     a, r = hook.attn, hook.root
     qf = (a.q_proj_adapter1_left, a.q_proj_adapter1_right)
     vf = qf if hook.v_uses_q else (a.v_proj_adapter1_left, a.v_proj_adapter1_right)
-    return ol.kadaptation_qkv(x, layer.weight, layer.bias, (r.phm_rule1_left, r.phm_rule1_right),
-                              (r.phm_rule2_left, r.phm_rule2_right), qf, vf, a.b, scale=hook.scale,
-                              q_mult=hook.q_mult, dropout_p=a.kdropout.p, training=a.kdropout.training)
+    return (r.phm_rule1_left, r.phm_rule1_right), (r.phm_rule2_left, r.phm_rule2_right), qf, vf
+
+
+def _kadapt(layer, hook: _KAdaptHook, x):
+    a = hook.attn
+    return _ops().kadaptation_qkv(x, layer.weight, layer.bias, *_kadapt_factors(hook), a.b, scale=hook.scale,
+                                  q_mult=hook.q_mult, dropout_p=a.kdropout.p, training=a.kdropout.training)
 
 
 def _kadapt_folded(layer, hook: _KAdaptHook, x):
@@ -128,14 +132,22 @@ def _kadapt_folded(layer, hook: _KAdaptHook, x):
     torch dropout draws in the same order, so the same masks as the eager model) folded into the
     frozen qkv weight, one [D, 3D] GEMM instead of the qkv GEMM plus two [D, D] ones, in forward and
     in the input-gradient backward (`qv_folded_linear`: saves x and the two H, as the reference)."""
-    from ..ops.lowrank import qv_folded_linear
+    from ..ops.lowrank import kadaptation_h, qv_folded_linear
 
-    a = hook.attn
-    h_q = a.kdropout(hook.h("q"))
-    h_v = a.kdropout(hook.h("v"))
+    a, drop = hook.attn, hook.attn.kdropout
+    if torch.compiler.is_compiling() or type(drop) is not nn.Dropout or forward_hooked((drop,)):
+        # (traced: the reference's ops, which the compiler sees through; a dropout that is not
+        # plain F.dropout or that a hook watches: the module itself)
+        h_q, h_v = drop(hook.h("q")), drop(hook.h("v"))
+    else:  # (the same values and draws, without the reference's [D, D] masks and rule products kept)
+        h_q, h_v = kadaptation_h(*_kadapt_factors(hook), dropout_p=drop.p, training=drop.training,
+                                 compact=layer._fastpeft_recompute)
     # q += (x H_q s + b) q_mult, v += x H_v s + b
-    b_eff = torch.cat([a.b * hook.q_mult, a.b.new_zeros(a.b.shape), a.b])
-    bias = b_eff if layer.bias is None else layer.bias + b_eff
+    b, d = a.b, a.b.shape[0]
+    if layer.bias is None:
+        bias = torch.cat([b * hook.q_mult, b.new_zeros(b.shape), b])
+    else:
+        bias = torch.cat([torch.add(layer.bias[:d], b, alpha=hook.q_mult), layer.bias[d:2 * d], layer.bias[2 * d:] + b])
     return qv_folded_linear(x, layer.weight, bias.to(x.dtype), h_q, h_v, hook.scale * hook.q_mult, hook.scale)
 
 
@@ -166,10 +178,12 @@ CPU_REASON = "CPU path: the eager reference is faster and saves (nearly) as litt
 
 class FusedLowRankLinear(nn.Linear):
     """A frozen nn.Linear computing its output and a method's low-rank delta in one op.
-    `_fastpeft_hook` is the (absorbed) reference hook whose parameters it reads."""
+    `_fastpeft_hook` is the (absorbed) reference hook whose parameters it reads;
+    `_fastpeft_recompute`: patched with recompute=True (what the op keeps is then held tighter)."""
 
     _fastpeft_hook: OutputHook
     _fastpeft_backend: str
+    _fastpeft_recompute: bool
 
     @property
     def class_row_local(self) -> bool:
@@ -224,6 +238,7 @@ class LowRankRule:
                 swap_hook(layer, hook, AbsorbedHook(hook, by="FusedLowRankLinear"))
                 layer.__class__ = FusedLowRankLinear
                 layer._fastpeft_hook, layer._fastpeft_backend = hook, backend
+                layer._fastpeft_recompute = recompute
                 records.append(path)
         if records:
             kinds = sorted({_WHAT[type(model.get_submodule(p)._fastpeft_hook)] for p in records})
@@ -239,4 +254,4 @@ class LowRankRule:
             if isinstance(fn, AbsorbedHook) and fn.original is hook:
                 swap_hook(layer, fn, hook)
         layer.__class__ = nn.Linear
-        del layer._fastpeft_hook, layer._fastpeft_backend
+        del layer._fastpeft_hook, layer._fastpeft_backend, layer._fastpeft_recompute

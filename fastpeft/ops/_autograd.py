@@ -23,3 +23,18 @@ def once_differentiable(backward):
         return backward(ctx, *grads)
 
     return wrapper
+
+
+def remaker(t: torch.Tensor):
+    """The autograd node that made `t`, where its op can make `t`'s value again from what it keeps
+    for its own backward (its Function's `output_again(ctx)`), else None. What
+    fastpeft/recompute.py's lean halves hold instead of re-running the layers that made `t`."""
+    node = t.grad_fn
+    cls = getattr(type(node), "_forward_cls", None)
+    return node if cls is not None and hasattr(cls, "output_again") else None
+
+
+def remake(node) -> torch.Tensor | None:
+    """The output of `remaker`'s node again, bit for bit (before that node's backward has run),
+    or None where it did not keep what that takes."""
+    return type(node)._forward_cls.output_again(node)

@@ -28,6 +28,7 @@ regenerate the dropout masks from a seed. Saved for backward: x and u [M, R] plu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -38,7 +39,7 @@ from ..kernels._common import (CheckedSignatures, check_features, cast_param, ch
                                check_tensor, describe, rows_of, use_triton)
 from ..kernels.adapter import dropout_keep_mask, dropout_keep_scale
 from ..kernels.lowrank import (MAX_IMAGES, MAX_RANK, launch_bwd, launch_down, launch_fwd, launch_rows_bwd,
-                               launch_rows_fwd)
+                               launch_rows_fwd, lowrank_up)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def lowrank_linear_bwd(grad_out, x, weight, a, b, u, p: float, seed, drop_input:
 
 def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
     f32 = torch.float32
-    d, n = x.shape[-1], weight.shape[0]
+    d = x.shape[-1]
     x2 = x.reshape(-1, d).to(f32)
     m = x2.shape[0]
     xin = x2 * dropout_keep_scale(seed, m, d, p) if (p > 0 and drop_input) else x2
@@ -91,10 +92,16 @@ def _lowrank_linear_fwd_torch(x, weight, bias, a, b, p, seed, drop_input):
     if p > 0 and not drop_input:
         z = z * dropout_keep_scale(seed, m, a.shape[0], p)
     u = z.to(x.dtype)
-    out = x2 @ weight.to(f32).t() + u.to(f32) @ b.to(f32).t()
+    return _lowrank_up_torch(x, weight, bias, u, b), u
+
+
+def _lowrank_up_torch(x, weight, bias, u, b):
+    """`_lowrank_linear_fwd_torch`'s output given its u."""
+    f32 = torch.float32
+    out = x.reshape(-1, x.shape[-1]).to(f32) @ weight.to(f32).t() + u.to(f32) @ b.to(f32).t()
     if bias is not None:
         out = out + bias.to(f32)
-    return out.to(x.dtype).view(*x.shape[:-1], n), u
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input):
@@ -202,17 +209,37 @@ class _LowRankFunction(torch.autograd.Function):
         out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
         need = ctx.needs_input_grad
         ctx.rebuild = rebuild and rebuild[0]
+        ctx.factors = None  # (a, b) once remade (`output_again`), for backward
         if need[0] or need[2] or need[3] or need[4]:
             # (with `rebuild`, the tensors a and b are made from, not a and b: see lowrank_linear)
-            ctx.save_for_backward(x, weight, u, seed, *(rebuild[1] if rebuild else (a, b)))
+            # (and the bias for `output_again`, which the per-row form has not)
+            ctx.save_for_backward(x, weight, u, seed, None if rows else bias, *(rebuild[1] if rebuild else (a, b)))
         ctx.args = (p, drop_input, triton_path, rows, rows and bias is not None and bias.dim() == 2)
         return out
 
     @staticmethod
+    def _factors(ctx, x, factors):
+        if ctx.factors is None:
+            ctx.factors = factors if ctx.rebuild is None else tuple(cast_param(t, x.dtype) for t in ctx.rebuild(*factors))
+        return ctx.factors
+
+    @staticmethod
+    def output_again(ctx):
+        """Forward's output again from the saved x and u (`ops._autograd.remake`): the GEMMs alone,
+        not u's projection; not the per-row form."""
+        p, drop_input, triton_path, rows, _ = ctx.args
+        saved = ctx.saved_tensors
+        if rows or not saved:
+            return None
+        x, weight, u, seed, bias, *factors = saved
+        b = _LowRankFunction._factors(ctx, x, factors)[1]
+        return (lowrank_up if triton_path else _lowrank_up_torch)(x, weight, bias, u, b)
+
+    @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, u, seed, *factors = ctx.saved_tensors
-        a, b = factors if ctx.rebuild is None else (cast_param(t, x.dtype) for t in ctx.rebuild(*factors))
+        x, weight, u, seed, _bias, *factors = ctx.saved_tensors
+        a, b = _LowRankFunction._factors(ctx, x, factors)
         p, drop_input, triton_path, rows, bias_rows = ctx.args
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
@@ -418,6 +445,16 @@ def _fact_down(layer: str, u_w: torch.Tensor, core: torch.Tensor) -> torch.Tenso
     return (core.reshape(4 * r, r) @ u_w).view(r, 4 * u_w.shape[1])
 
 
+def _fact_up(x, weight, bias, u, v_w, k: int, scale: float):
+    """`_FacTFunction`'s output given its u [M, k r]: x W^T + bias, then the k chunks of s V u."""
+    x2 = rows_of(x)
+    m, n, r = x2.shape[0], weight.shape[0], v_w.shape[1]
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == x.dtype else v_w.to(x.dtype)).t(),
+                                   alpha=scale)
+    return out.view(*x.shape[:-1], n)
+
+
 class _FacTFunction(torch.autograd.Function):
     """out = x W^T + bias + s * blockdiag(V x k) drop(A x), A = `_fact_down(core, U)`, as one node
     over addmm chains: no block-diagonal matrix is formed, the k chunks of the rank vector are
@@ -445,21 +482,26 @@ class _FacTFunction(torch.autograd.Function):
             u = ((x2.float() @ a.float().t()) * dropout_keep_scale(seed, m, big_r, p)).to(dt)
         else:
             u = torch.mm(x2, a.t())
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-        n = weight.shape[0]
-        out.view(m * k, n // k).addmm_(u.view(m * k, r), (v_w if v_w.dtype == dt else v_w.to(dt)).t(), alpha=scale)
+        out = _fact_up(x, weight, bias, u, v_w, k, scale)
         # (not A: backward rebuilds it from U and the core, one [R, r] x [r, D] product, rather
         # than keep a weight-sized copy per layer alive until then; nor the core where it is made
         # from parameters: the parts it is made of, `rebuild` or the cores qkv's is cat from)
         ctx.rebuild = rebuild and rebuild[0]
-        ctx.save_for_backward(x, weight, u_w, v_w, u, seed, *(rebuild[1] if rebuild else cores))
+        ctx.save_for_backward(x, weight, bias, u_w, v_w, u, seed, *(rebuild[1] if rebuild else cores))
         ctx.args = (layer, scale, p, triton_path, len(cores))
-        return out.view(*x.shape[:-1], n)
+        return out
+
+    @staticmethod
+    def output_again(ctx):
+        """Forward's output again from the saved x and u (`ops._autograd.remake`): its GEMMs alone."""
+        x, weight, bias, u_w, v_w, u, *_ = ctx.saved_tensors
+        layer, scale = ctx.args[:2]
+        return _fact_up(x, weight, bias, u, v_w, _FACT_CHUNKS[layer], scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, u_w, v_w, u, seed, *parts = ctx.saved_tensors
+        x, weight, _bias, u_w, v_w, u, seed, *parts = ctx.saved_tensors
         layer, scale, p, triton_path, n_cores = ctx.args
         if ctx.rebuild is not None:
             core = ctx.rebuild(*parts)
@@ -589,8 +631,8 @@ def kron_factors(rule_left, rule_right, w_left, w_right):
 def _fold_qv(weight, h_q, h_v, c_q: float, c_v: float):
     """weight [3D, D] + [c_q H_q^T; 0; c_v H_v^T] in weight's dtype."""
     d = weight.shape[1]
-    delta = torch.cat([h_q.t() * c_q, h_q.new_zeros(d, d), h_v.t() * c_v], 0)
-    return weight + delta.to(weight.dtype)
+    return torch.cat([torch.add(weight[:d], h_q.t().to(weight.dtype), alpha=c_q), weight[d:2 * d],
+                      torch.add(weight[2 * d:], h_v.t().to(weight.dtype), alpha=c_v)])
 
 
 class _QVFoldedLinear(torch.autograd.Function):
@@ -603,20 +645,30 @@ class _QVFoldedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, h_q, h_v, c_q: float, c_v: float):
         # only what the needed grads read: x for dH, H (and the resident weight) for dx
         need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(x if need_dh else None, weight, *((h_q, h_v) if need_dx else (None, None)))
+        ctx.save_for_backward(x if need_dh else None, weight, bias, *((h_q, h_v) if need_dx else (None, None)))
         ctx.c = (c_q, c_v)
         ctx.h_dtypes = (h_q.dtype, h_v.dtype)  # (the H themselves are not saved when x needs no grad)
+        ctx.folded = None  # (W_eff once `output_again` made it, for backward)
         return torch.nn.functional.linear(x, _fold_qv(weight, h_q, h_v, c_q, c_v), bias)
 
     @staticmethod
+    def output_again(ctx):
+        """Forward's output again (`ops._autograd.remake`), where x and the two H were kept."""
+        x, weight, bias, h_q, h_v = ctx.saved_tensors
+        if x is None or h_q is None:
+            return None
+        ctx.folded = _fold_qv(weight, h_q, h_v, *ctx.c)
+        return torch.nn.functional.linear(x, ctx.folded, bias)
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x, weight, h_q, h_v = ctx.saved_tensors
+        x, weight, _bias, h_q, h_v = ctx.saved_tensors
         c_q, c_v = ctx.c
         d = weight.shape[1]
-        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, d)
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), None if x is None else x.reshape(-1, d)
         gx = gb = gh_q = gh_v = None
         if ctx.needs_input_grad[0]:
-            gx = grad_out @ _fold_qv(weight, h_q, h_v, c_q, c_v)
+            gx = grad_out @ (ctx.folded if ctx.folded is not None else _fold_qv(weight, h_q, h_v, c_q, c_v))
         if ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         # d out / d W_eff = g^T x; W_eff[:D] = c_q H_q^T -> dH_q = c_q x^T g[:, :D] (v alike)
@@ -631,6 +683,134 @@ def qv_folded_linear(x, weight, bias, h_q, h_v, c_q: float, c_v: float):
     """x (W + [c_q H_q^T; 0; c_v H_v^T])^T + bias: KAdaptation's q / v deltas folded into the frozen
     qkv weight [3D, D] (one GEMM), saving x and the two [D, D] H only (`_QVFoldedLinear`)."""
     return _QVFoldedLinear.apply(x, weight, bias, h_q, h_v, c_q, c_v)
+
+
+def _kron(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i kron(a[i], w[i]) -> [n m, n m], by the op `fastpeft.methods.kadaptation.kron_sum`
+    runs on its products a = rule_left @ rule_right, w = w_left @ w_right (bit for bit)."""
+    n, m = a.shape[1], w.shape[1]
+    return torch.einsum("iac,ikp->akcp", a, w).reshape(n * m, a.shape[2] * w.shape[2])
+
+
+def _kron_grads(grad: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, dw) of `_kron(a, w)` for its output's gradient `grad`: with G[(a c), (k p)] the
+    gradient regrouped (one copy), da[i] = w[i] . G over (k, p) and dw[i] = a[i] . G over (a, c):
+    two GEMMs."""
+    n, m = a.shape[0], w.shape[1]
+    g = grad.reshape(a.shape[1], m, a.shape[2], m).transpose(1, 2).reshape(-1, m * m)
+    da = (w.reshape(n, m * m) @ g.t()).view(a.shape)
+    dw = (a.reshape(n, -1) @ g).view(w.shape)
+    return da, dw
+
+
+def _bmm_grads(grad, left, right, needs) -> tuple:
+    """The gradients of bmm(left, right)'s inputs, None where `needs` says not."""
+    return (torch.bmm(grad, right.mT).to(left.dtype) if needs[0] else None,
+            torch.bmm(left.mT, grad).to(right.dtype) if needs[1] else None)
+
+
+#: bit i of a packed mask byte (`_pack_bits`), per device
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    t = _BIT_SHIFTS.get(device)
+    if t is None:
+        t = _BIT_SHIFTS[device] = 2 ** torch.arange(8, dtype=torch.uint8, device=device)
+    return t
+
+
+def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, 8 to a byte, in its logical order (`_unpack_bits` reverses it)."""
+    flat = keep.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return (flat.view(-1, 8) * _bit_values(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """`_pack_bits`' input back, as a contiguous bool tensor of `shape`."""
+    bits = (packed.unsqueeze(-1) & _bit_values(packed.device)) != 0
+    return bits.reshape(-1)[: math.prod(shape)].view(shape)
+
+
+def _dropout_mask(h: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.dropout(h, p, training=True), what its backward multiplies by): the same draws and
+    values as torch's dropout. CPU: torch multiplies by bernoulli_ noise divided by 1 - p, the
+    float noise is returned; elsewhere: the fused native_dropout, its bool mask."""
+    if h.device.type == "cpu":
+        noise = torch.empty_like(h).bernoulli_(1.0 - p)
+        noise.div_(1.0 - p)
+        return h * noise, noise
+    return torch.native_dropout(h, p, True)
+
+
+def _dropout_grad(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """The gradient through `_dropout_mask` given its mask, as torch's backward makes it."""
+    if grad.device.type != "cpu":
+        return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+    return grad * mask
+
+
+class _KronPairFunction(torch.autograd.Function):
+    """(drop(H_q), drop(H_v)): `kadaptation_h`. Keeps the (parameter) factors, the two [n, m, m]
+    products of the per-layer factors (one where q's serve v) and, where dropout draws, its two
+    masks: as torch keeps them, or with `compact`, the kept entries as bits (D^2 / 8 bytes each).
+    Backward rebuilds the two [n, n, n] rule products (a bmm each)."""
+
+    @staticmethod
+    def forward(ctx, p: float, training: bool, compact: bool, *factors):
+        r1l, r1r, r2l, r2r, ql, qr, vl, vr = factors
+        dev = r1l.device
+        ctx.p, ctx.shared = p, vl is ql and vr is qr
+        ctx.autocast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        # (the reference's ops on the same inputs: the same values; its draw order, q's then v's)
+        w_q = torch.bmm(ql, qr)
+        w_v = w_q if ctx.shared else torch.bmm(vl, vr)
+        h_q, h_v = _kron(torch.bmm(r1l, r1r), w_q), _kron(torch.bmm(r2l, r2r), w_v)
+        ctx.like = h_q.shape
+        masks = ()
+        if training and p > 0.0:
+            h_q, m_q = _dropout_mask(h_q, p)
+            h_v, m_v = _dropout_mask(h_v, p)
+            masks = (_pack_bits(torch.stack((m_q, m_v)) != 0),) if compact else (m_q, m_v)
+        ctx.save_for_backward(*factors, w_q, None if ctx.shared else w_v, *masks)
+        return h_q, h_v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_q, g_v):
+        r1l, r1r, r2l, r2r, ql, qr, vl, vr, w_q, w_v, *masks = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        if len(masks) == 1:  # (compact: both masks' bits; on CPU made into torch's noise at once)
+            masks = _unpack_bits(masks[0], (2, *ctx.like))
+            if g_q.device.type == "cpu":
+                masks = masks.to(g_q.dtype).div_(1.0 - ctx.p)
+        if len(masks):
+            g_q, g_v = _dropout_grad(g_q, masks[0], ctx.p), _dropout_grad(g_v, masks[1], ctx.p)
+        w_v = w_q if ctx.shared else w_v
+        dev = r1l.device
+        with torch.autocast(dev.type, dtype=ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext():
+            da_q, dw_q = _kron_grads(g_q, torch.bmm(r1l, r1r), w_q)
+            da_v, dw_v = _kron_grads(g_v, torch.bmm(r2l, r2r), w_v)
+            if ctx.shared:  # (v read q's factors: their gradients add, one product's backward)
+                dw_q, dw_v = dw_q + dw_v, None
+            out = [*_bmm_grads(da_q, r1l, r1r, needs[0:2]), *_bmm_grads(da_v, r2l, r2r, needs[2:4]),
+                   *_bmm_grads(dw_q, ql, qr, needs[4:6])]
+            out += [None, None] if ctx.shared else _bmm_grads(dw_v, vl, vr, needs[6:8])
+        return None, None, None, *out
+
+
+def kadaptation_h(rule1, rule2, q_factors, v_factors, *, dropout_p: float, training: bool, compact: bool = False):
+    """KAdaptation's two dropped Kronecker sums (drop(H_q), drop(H_v)), H = sum_i kron(A_i, B_i)
+    (`fastpeft.methods.kadaptation._KAdaptHook.h` then its `kdropout`): the same values and the
+    same dropout draws as the reference, from the generator's stream. Of what the reference's
+    autograd keeps for them, the two [n, n, n] rule products are not kept (backward rebuilds
+    them), and with `compact` the two [D, D] dropout masks (D = n m) are kept as bits.
+    rule1 / rule2 / q_factors / v_factors: (left, right) pairs as in `kadaptation_qkv` (pass q's
+    for v to reproduce the official v_uses_q_factors: their gradients add)."""
+    return _KronPairFunction.apply(float(dropout_p), bool(training), bool(compact), *rule1, *rule2, *q_factors,
+                                   *v_factors)
 
 
 def _validate_kadaptation(x, weight, rule1, rule2, q_factors, v_factors, b_shared, scale, q_mult):

@@ -357,6 +357,15 @@ class _SSFFunction(torch.autograd.Function):
         nx, ns, nb = ctx.needs_input_grad[:3]
         return dx if nx else None, dscale if ns else None, dshift if nb else None, None, None, None
 
+    @staticmethod
+    def output_again(ctx):
+        """Forward's output again from the saved x (`ops._autograd.remake`); not the per-row form."""
+        act, triton_path, images = ctx.args
+        if images is not None:
+            return None
+        x, scale, shift = ctx.saved_tensors
+        return (launch_ssf_fwd if triton_path else _ssf_fwd_torch)(x, scale, shift, act)
+
 
 class _LayerNormSSFFunction(torch.autograd.Function):
     """The eager path of `fastpeft::layernorm_ssf` (saves x, mean, rstd), as `_SSFFunction`; with

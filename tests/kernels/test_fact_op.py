@@ -68,7 +68,7 @@ def test_fact_op_saves_x_and_u_only():
     with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
         L.fact_linear(t["x"], t["weight"], t["bias"], t["u"], t["v"], t["core"], layer="fc1", scale=2.0,
                       dropout_p=0.1, training=True, seed=torch.tensor([1]))
-    params = {t[k].data_ptr() for k in ("weight", "u", "v", "core", "x")}
+    params = {t[k].data_ptr() for k in ("weight", "bias", "u", "v", "core", "x")}
     shapes = sorted(tuple(s.shape) for s in saved if s.data_ptr() not in params and s.numel() > 1)
     # u [M, 4r] besides the parameters: not A [4r, D] (rebuilt in backward), no [4D, 4r] block matrix
     assert shapes == [(14, 4 * R)], shapes

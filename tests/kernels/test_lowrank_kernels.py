@@ -149,14 +149,14 @@ def test_dropout_is_a_function_of_the_seed(drop_input):
 
 
 def test_saves_only_x_and_u():
-    """Autograd keeps x and the rank-R u (plus the frozen weight / parameters), never a mask."""
+    """Autograd keeps x and the rank-R u (plus the frozen weight / parameters, the bias for `output_again`), never a mask."""
     leaves, _ = generic_inputs(37, 64, 96, 8, torch.float32)
     t = {k: v.clone().requires_grad_(tr) for k, (v, tr) in leaves.items()}
     saved = []
     with backend("torch"), torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
         L.lowrank_linear(t["x"], t["weight"], t["bias"], t["a"], t["b"], dropout_p=0.1, drop_input=True,
                          training=True, seed=torch.tensor([1], dtype=torch.int64))
-    act = [s for s in saved if s.numel() > 1 and not any(s is p for p in (t["weight"], t["a"], t["b"]))]
+    act = [s for s in saved if s.numel() > 1 and not any(s is p for p in (t["weight"], t["bias"], t["a"], t["b"]))]
     shapes = sorted(tuple(s.shape) for s in act)
     assert shapes == [(37, 8), (37, 64)], shapes
 
@@ -308,7 +308,7 @@ def test_lora_functionals_keep_no_factor_copies(method, dtype):
     saved = []
     with backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
         out = call()
-    kept = sorted(tuple(s.shape) for s in saved if s.numel() > 1 and not any(s is t for t in (x, weight, *params)))
+    kept = sorted(tuple(s.shape) for s in saved if s.numel() > 1 and not any(s is t for t in (x, weight, bias, *params)))
     assert kept == [(9, r if method == "noah" else 2 * r)], kept  # u [M, R] alone (petl: [u_q | u_v])
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

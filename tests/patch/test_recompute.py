@@ -115,9 +115,11 @@ RERUN = {
 
 # lean halves (fastpeft/recompute.py LeanRun) re-run qkv (for the attention) and fc1 (for the GELU
 # input) only, whatever the method hooks behind them (SSF's fused scale-shift + GELU activation
-# included; FacT's fc2 delta, whose saved input the lean MLP recomputes with the same fc1 GEMM).
-# Every case here runs both halves lean once the plan is made to prefer them (LEAN_MARGIN)
-RERUN_LEAN = {case: {"qkv", "fc1"} for case in RERUN}
+# included; FacT's fc2 delta, whose saved input the lean MLP recomputes with the same fc1 GEMM),
+# and not even those where the op that made the value keeps what remakes it (`ops._autograd.remake`:
+# SSF's scale-shift after qkv keeps the qkv GEMM's output). Every case here runs both halves lean
+# once the plan is made to prefer them (LEAN_MARGIN)
+RERUN_LEAN = {case: {"fc1"} if case == "ssf" else {"qkv", "fc1"} for case in RERUN}
 LEAN_HALVES: dict = {}
 
 
@@ -552,3 +554,37 @@ def test_lean_mlp_differentiates_a_fused_activation_for_its_parameters(backend):
     assert type(m.blocks[1].mlp.act).__name__ == "SSFGELU"
     fastpeft.unpatch(m)
     assert_recompute_bit_exact(m, x, backend)
+
+
+@pytest.mark.parametrize("case", ["lora", "noah", "fact-tt", "fact-tk", "kadaptation", "ssf"])
+def test_lean_halves_remake_what_the_fused_ops_keep_the_makings_of(case, monkeypatch):
+    # Triton backend: the fused qkv ops keep for their own backward what makes their output (x and
+    # the rank-r u; x and the two H; the GEMM output SSF scales), and so does FacT's on fc1: the
+    # lean halves remake those outputs from them (`ops._autograd.remake`) instead of re-running
+    # norm1 / norm2 and the layers. No norm runs in backward there (block 0's KAdaptation op keeps
+    # no H, its input needing no gradient: it re-runs), and the step is the default patch's bit for bit
+    from fastpeft import recompute
+
+    monkeypatch.setattr(recompute, "_within", lambda *a: True)  # (lean halves at this small size)
+    monkeypatch.setattr(recompute, "LEAN_MARGIN", float("inf"))
+    m, x = _lean_build(case)
+    fastpeft.patch(m, backend="triton", recompute=True)
+    for blk in m.blocks:  # (the minimal plan: nothing kept whole)
+        blk.__dict__.pop("_fastpeft_keep", None)
+    _assert_lean(m)
+    calls = collections.Counter()
+    hooks = [norm.register_forward_pre_hook(lambda mod, args, key=(i, n): calls.update([key]))
+             for i, blk in enumerate(m.blocks) for n, norm in (("norm1", blk.norm1), ("norm2", blk.norm2))]
+    loss = m(x).square().mean()
+    calls.clear()
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    first = 1 if case == "kadaptation" else 0
+    assert not any(calls[i, "norm1"] for i in range(first, len(m.blocks))), calls
+    if case.startswith("fact"):
+        assert not any(calls[i, "norm2"] for i in range(len(m.blocks))), calls
+    else:  # (the fc1 output is a plain Linear's: norm2 and fc1 re-run)
+        assert all(calls[i, "norm2"] == 1 for i in range(len(m.blocks))), calls
+    fastpeft.unpatch(m)
+    assert_recompute_bit_exact(m, x, "triton")
