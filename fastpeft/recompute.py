@@ -511,10 +511,11 @@ def _predraw_hook(block):
     without pre-hooks, after a LayerNorm that draws nothing (block_in slots run before the region),
     so that its draw is the region's first."""
     qkv = getattr(block.attn, "qkv", None)
-    pre = [h for h in getattr(qkv, "_forward_pre_hooks", {}).values() if not isinstance(h, _ShapeRecorder)]
-    if type(qkv) is not nn.Linear or pre:
+    if type(qkv) is not nn.Linear or not qkv._forward_hooks:  # (the common cases, checked first)
         return None
-    hook = next(iter(qkv._forward_hooks.values()), None)
+    if any(not isinstance(h, _ShapeRecorder) for h in qkv._forward_pre_hooks.values()):
+        return None
+    hook = next(iter(qkv._forward_hooks.values()))
     if not isinstance(hook, OutputHook) or not hook.predrawable_dropout():
         return None
     return None if _draws_rng(block.norm1) else hook
@@ -800,14 +801,15 @@ class _LeanAttention(torch.autograd.Function):
         # (decided here for backward too: its recompute runs on the same q / k / v)
         ctx.flash = _cpu_flash(q, k, v, ctx.drop, kw, replay)
         ctx.kept = keep_out and ctx.flash
-        if ctx.kept:
-            # (the plan keeps the output and its log-sum-exp: backward then needs q / k / v only,
-            # the flash backward's inputs, and does not re-run the attention forward)
-            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, ctx.drop, causal, attn_mask=mask)
-            ctx.save_for_backward(x, out, lse, *predrawn)
-            return out
-        ctx.save_for_backward(x, *predrawn)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **kw)
+        if not ctx.flash:
+            ctx.save_for_backward(x, *predrawn)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **kw)
+        # (the kernel F.scaled_dot_product_attention would pick, called directly)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, ctx.drop, causal, attn_mask=mask)
+        # (where the plan keeps the output and its log-sum-exp, backward needs q / k / v only, the
+        # flash backward's inputs, and does not re-run the attention forward)
+        ctx.save_for_backward(x, *((out, lse) if ctx.kept else ()), *predrawn)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -832,7 +834,8 @@ class _LeanAttention(torch.autograd.Function):
                     q, k, v, ctx.drop, causal, attn_mask=mask)
                 dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     grad, q, k, v, out, lse, ctx.drop, causal, attn_mask=mask)
-                return torch.stack((dq, dk, dv)).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
+                # ([B, H, N, d] each -> the qkv layout [B, N, 3, H, d]: one copy)
+                return torch.stack((dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)), 2).view(qkv.shape)
             qkv.requires_grad_()
             with torch.enable_grad(), _backward_local():
                 q, k, v = _split_heads(attn, qkv)
