@@ -6,9 +6,12 @@ Two forms, chosen per block half at `patch` time (`plan_keeps`, measured on prob
   order, but its attention (`_LeanAttention`) keeps none of q / k / v or its output and its MLP
   activation (`_LeanActivation`) not its input. Backward recomputes those values alone: the qkv
   output (norm1 and qkv, hooks included, without a graph: one GEMM) and the attention,
-  or the fc1 output (norm2 and fc1: one GEMM). No other op of the block is re-run and no checkpoint
-  machinery runs, so the recompute costs little more host time than its two GEMMs. What the
-  method hooks save is saved as in the default patch, which is why some halves do not fit;
+  or the fc1 output (norm2 and fc1: one GEMM); where the op that made the value keeps what
+  makes it (`ops._autograd.remaker`: the fused LoRA / FacT ops keep x and u, SSF's scale-shift
+  its input), the value is remade from that instead, without the norm and the layer's modules.
+  No other op of the block is re-run and no checkpoint machinery runs, so the recompute costs
+  little more host time than its two GEMMs. What the method hooks save is saved as in the
+  default patch, which is why some halves do not fit;
 * checkpointed regions (`_Regions`, below): where a half cannot run lean or its hooks save too
   much, and under torch.compile, which traces the regions.
 

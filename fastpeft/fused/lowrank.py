@@ -128,10 +128,12 @@ def _kadapt(layer, hook: _KAdaptHook, x):
 
 
 def _kadapt_folded(layer, hook: _KAdaptHook, x):
-    """The CPU backends' KAdaptation: the reference's own dense H_q, H_v (same kron sums, same
-    torch dropout draws in the same order, so the same masks as the eager model) folded into the
-    frozen qkv weight, one [D, 3D] GEMM instead of the qkv GEMM plus two [D, D] ones, in forward and
-    in the input-gradient backward (`qv_folded_linear`: saves x and the two H, as the reference)."""
+    """The CPU backends' KAdaptation (and every backend's while its dropout on H draws): the
+    reference's dense H_q, H_v (the same kron sums and torch dropout draws in the same order, so
+    the same values and masks as the eager model: `kadaptation_h`, one node that keeps neither
+    the rule products nor, under recompute, more than the masks' bits) folded into the frozen qkv
+    weight, one [D, 3D] GEMM instead of the qkv GEMM plus two [D, D] ones, in forward and in the
+    input-gradient backward (`qv_folded_linear`: saves x and the two H, as the reference)."""
     from ..ops.lowrank import kadaptation_h, qv_folded_linear
 
     a, drop = hook.attn, hook.attn.kdropout

@@ -22,6 +22,12 @@ method's module in fastpeft/methods/):
                         Up[(i,al,be), c*m+p] = R_i[al,c] WR_i[be,p] -- the (A (x) B) vec-trick
                         (X[n, m] -> A^T X B) folded into two [R, D] matrices built once per call,
                         so neither H nor any per-token D x D product is ever formed.
+  kadaptation_h         with dropout on H (which breaks that structure): the two dropped H as the
+                        reference makes them, as one node keeping no [n, n, n] product (and, with
+                        `compact`, the masks as bits); `qv_folded_linear` folds them into the weight
+
+The eager Functions whose output a recompute may need again give it from what they keep
+(`output_again`, read through `ops._autograd.remake`).
 
 GEMMs against the frozen weight run on the vendor BLAS; the Triton kernels (kernels/lowrank.py)
 regenerate the dropout masks from a seed. Saved for backward: x and u [M, R] plus the int64 seed.
