@@ -475,7 +475,6 @@ class _FacTFunction(torch.autograd.Function):
         core = cores[0] if len(cores) == 1 else torch.cat(cores, 0)
         dt = x.dtype
         k = _FACT_CHUNKS[layer]
-        r = u_w.shape[0]
         x2 = rows_of(x)
         m = x2.shape[0]
         a = _fact_down(layer, u_w, core)
