@@ -201,15 +201,21 @@ def _norm_read(block, half: str) -> bool:
 
 def _draws_rng(mod: nn.Module) -> bool:
     """Whether running `mod` may draw random numbers, conservatively: a Dropout or DropPath with
-    a non-zero rate anywhere inside, or any forward hook (a method's, which may have dropout)."""
+    a non-zero rate anywhere inside, or any forward hook (a method's, which may have dropout)
+    but those that say they draw nothing (`OutputHook.draws`: SSF's)."""
     for m in mod.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_pre_hooks or any(getattr(h, "draws", True) for h in m._forward_hooks.values()):
             return True
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             return True
         if getattr(m, "drop_prob", 0) > 0:  # timm DropPath
             return True
     return False
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """Whether any module inside `mod` has a forward hook or pre-hook."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mod.modules())
 
 
 def _core_draws(block, half: str) -> bool:
@@ -231,10 +237,10 @@ def _branches_first(block, half: str) -> bool:
     path draws no random numbers (else the branches' dropout would draw different ones) and has
     no method hooks or slots after it inside the region."""
     if half == "attn":
-        return not any(_draws_rng(m) for m in (block.attn, block.ls1, block.drop_path1))
+        return not any(_draws_rng(m) or _hooked(m) for m in (block.attn, block.ls1, block.drop_path1))
     slots = block._fastpeft_slots
     return not (slots["mlp_out"] or slots["ffn_out"]) and not any(
-        _draws_rng(m) for m in (block.mlp, block.ls2, block.drop_path2)
+        _draws_rng(m) or _hooked(m) for m in (block.mlp, block.ls2, block.drop_path2)
     )
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
@@ -609,7 +615,7 @@ def _gelu_ends_region(block) -> bool:
     fc2 = mlp.fc2
     if type(fc2) is not nn.Linear or fc2.weight.requires_grad or fc2._forward_hooks or fc2._forward_pre_hooks:
         return False
-    return not block._fastpeft_slots["mlp_out"] and not _draws_rng(mlp.drop2)
+    return not block._fastpeft_slots["mlp_out"] and not (_draws_rng(mlp.drop2) or _hooked(mlp.drop2))
 
 
 def _plain_half(block, half: str) -> bool:
@@ -632,7 +638,7 @@ def _plain_half(block, half: str) -> bool:
             return False
         layers, rest = (mlp.fc1, mlp.fc2), (block.norm2, mlp)
     return all(type(m) is nn.Linear and not m.weight.requires_grad for m in layers) and not any(
-        _draws_rng(m) for m in rest
+        _draws_rng(m) or _hooked(m) for m in rest
     )
 
 
@@ -701,7 +707,7 @@ class _Replay:
     the RNG state before the first op it re-runs (only where those ops may draw) and the autocast
     state. `run()` re-enters both around the recompute; the caller's RNG stream is left as it was."""
 
-    __slots__ = ("cpu", "cuda", "device", "autocast", "h", "a", "node")
+    __slots__ = ("cpu", "cuda", "device", "autocast", "h", "a", "node", "norm_node")
 
     def __init__(self, x: torch.Tensor, draws: bool):
         dev = x.device
@@ -709,7 +715,7 @@ class _Replay:
         # (a lean MLP's recomputed fc1 output and activation output, held from the first use in
         # backward to the last: `_ActivationOutput`, `_LeanActivation`; and the node that can
         # remake that fc1 output, `ops._autograd.remaker`, where the activation draws nothing)
-        self.h = self.a = self.node = None
+        self.h = self.a = self.node = self.norm_node = None
         self.cpu = torch.get_rng_state() if draws else None
         self.cuda = torch.cuda.get_rng_state(dev) if draws and dev.type == "cuda" else None
         self.autocast = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None)
@@ -775,6 +781,15 @@ def _norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.T
         return F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
                         linear.weight, linear.bias)
     return linear(norm(x))
+
+
+def _fc1_output(block, y: torch.Tensor, replay: _Replay) -> torch.Tensor:
+    """A lean MLP's fc1 output again (no graph): norm2 and fc1 re-run (`_norm_linear`), or fc1 on
+    norm2's output remade by the op that made it (`replay.norm_node`: where nothing draws)."""
+    h2 = remake(replay.norm_node) if replay.norm_node is not None else None
+    if h2 is None:
+        return _norm_linear(block.norm2, block.mlp.fc1, y)
+    return block.mlp.fc1(h2)
 
 
 def _split_heads(attn, qkv: torch.Tensor):
@@ -879,7 +894,7 @@ class _LeanActivation(torch.autograd.Function):
             replay.h = _remade(replay, replay.node)
 
         def rerun():
-            h = replay.h if replay.h is not None else _norm_linear(block.norm2, block.mlp.fc1, y)  # (no graph)
+            h = replay.h if replay.h is not None else _fc1_output(block, y, replay)  # (no graph)
             replay.h = replay.a = None  # (the last use: `_ActivationOutput` ran before, if at all)
             if gelu:
                 return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate), ()
@@ -953,11 +968,15 @@ class LeanRun(BlockRun):
             return STANDARD.mlp(block, y, h2)
         mlp = block.mlp
         replay = _Replay(y, block.__dict__["_fastpeft_lean"]["mlp"])
-        h = mlp.fc1(block.norm2(y) if h2 is None else h2)
+        if h2 is None:
+            h2 = block.norm2(y)
+        h = mlp.fc1(h2)
         if h.requires_grad:
             gelu = type(mlp.act) is nn.GELU
             if gelu or hasattr(mlp.act, "lean_backward"):  # (an activation that draws nothing)
                 replay.node = remaker(h)
+            if replay.node is None and replay.cpu is None:  # (nothing in the half draws)
+                replay.norm_node = remaker(h2)
             params = () if gelu else [p for p in block._fastpeft_params if p.requires_grad]
             a = _LeanActivation.apply(h, y, block, replay, *params)
         else:
@@ -1016,7 +1035,7 @@ class _ActivationOutput(torch.autograd.graph.saved_tensors_hooks):
             def rerun():
                 with torch.no_grad():
                     if replay.h is None:
-                        replay.h = _norm_linear(block.norm2, block.mlp.fc1, self.y)
+                        replay.h = _fc1_output(block, self.y, replay)
                     return block.mlp.act(replay.h)
 
             replay.a = replay.run(rerun, rng=replay.h is None)

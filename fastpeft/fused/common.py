@@ -31,6 +31,10 @@ class AbsorbedHook(OutputHook):
         self.by = by
         self.key = original.key
 
+    @property
+    def draws(self) -> bool:  # (the fused neighbour draws what the original drew)
+        return self.original.draws
+
     def __call__(self, module, inputs, out):
         return None  # forward hooks returning None leave the output as it is
 

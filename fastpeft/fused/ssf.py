@@ -154,6 +154,7 @@ class FusedSSFHook(OutputHook):
 
     saves_output = True  # the scale gradient is sum(grad * out)
     class_row_local = True  # per-channel scale and shift: row-local, no random draws
+    draws = False
 
     def __init__(self, original: SSFHook, backend: str):
         self.original = original

@@ -163,6 +163,9 @@ class OutputHook:
     #: row, drawing its random numbers by torch dropout calls only (F.dropout / nn.Dropout, on
     #: tensors with the token rows on dim 1): true of any row-local hook. Off unless a hook says so.
     class_row_local: bool = False
+    #: whether the hook may draw random numbers (dropout): `patch(recompute=True)` replays the RNG
+    #: state around what it re-runs only where something there may draw. On unless a hook says not.
+    draws: bool = True
     #: a mask for the hook's input dropout drawn ahead of time (`predrawable_dropout`), consumed
     #: by the next `input_dropout` call
     predrawn_mask: torch.Tensor | None = None

@@ -52,6 +52,7 @@ class SSFHook(OutputHook):
 
     saves_output = True  # the scale gradient is sum(grad * out)
     class_row_local = True  # per-channel scale and shift: row-local, no random draws
+    draws = False
 
     def __init__(self, owner: nn.Module, scale_name: str, shift_name: str, channel_dim: int = -1):
         self.owner = owner

@@ -380,7 +380,18 @@ class _LayerNormSSFFunction(torch.autograd.Function):
             y, mean, rstd = fn(x, ln_weight, ln_bias, scale, shift, eps)
         ctx.save_for_backward(x, ln_weight, ln_bias, scale, shift, mean, rstd)
         ctx.args = (triton_path, images)
+        ctx.eps = eps
         return y
+
+    @staticmethod
+    def output_again(ctx):
+        """Forward's output again from the saved x (`ops._autograd.remake`); not the per-row form."""
+        triton_path, images = ctx.args
+        if images is not None:
+            return None
+        x, ln_weight, ln_bias, scale, shift, _mean, _rstd = ctx.saved_tensors
+        return (launch_ln_fwd if triton_path else _layernorm_ssf_fwd_torch)(x, ln_weight, ln_bias, scale, shift,
+                                                                           ctx.eps)[0]
 
     @staticmethod
     @once_differentiable

@@ -99,6 +99,14 @@ def test_ssf_remakes_its_output(which):
         _assert_remade(S.ssf(x, _param(g, 48), _param(g, 48)))
 
 
+@pytest.mark.parametrize("which", BACKENDS)
+def test_layernorm_ssf_remakes_its_output(which):
+    g = torch.Generator().manual_seed(8)
+    x = _param(g, 2, 5, 48, std=1.0)
+    with backend(which):
+        _assert_remade(S.layernorm_ssf(x, _param(g, 48), _param(g, 48), _param(g, 48), _param(g, 48), 1e-6))
+
+
 def test_ops_without_output_again_have_no_remaker():
     g = torch.Generator().manual_seed(6)
     x = _param(g, 5, 32, std=1.0)
