@@ -213,9 +213,10 @@ def _draws_rng(mod: nn.Module) -> bool:
     return False
 
 
-def _hooked(mod: nn.Module) -> bool:
-    """Whether any module inside `mod` has a forward hook or pre-hook."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in mod.modules())
+def _hooked_or_draws(mod: nn.Module) -> bool:
+    """Whether any module inside `mod` has a forward hook or pre-hook (whether or not it draws),
+    or `mod` may draw random numbers (`_draws_rng`)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mod.modules()) or _draws_rng(mod)
 
 
 def _core_draws(block, half: str) -> bool:
@@ -237,10 +238,10 @@ def _branches_first(block, half: str) -> bool:
     path draws no random numbers (else the branches' dropout would draw different ones) and has
     no method hooks or slots after it inside the region."""
     if half == "attn":
-        return not any(_draws_rng(m) or _hooked(m) for m in (block.attn, block.ls1, block.drop_path1))
+        return not any(_hooked_or_draws(m) for m in (block.attn, block.ls1, block.drop_path1))
     slots = block._fastpeft_slots
     return not (slots["mlp_out"] or slots["ffn_out"]) and not any(
-        _draws_rng(m) or _hooked(m) for m in (block.mlp, block.ls2, block.drop_path2)
+        _hooked_or_draws(m) for m in (block.mlp, block.ls2, block.drop_path2)
     )
 
 #: `patch(recompute=True)` keeps at most this fraction of the reference's saved activation bytes:
@@ -615,7 +616,7 @@ def _gelu_ends_region(block) -> bool:
     fc2 = mlp.fc2
     if type(fc2) is not nn.Linear or fc2.weight.requires_grad or fc2._forward_hooks or fc2._forward_pre_hooks:
         return False
-    return not block._fastpeft_slots["mlp_out"] and not (_draws_rng(mlp.drop2) or _hooked(mlp.drop2))
+    return not block._fastpeft_slots["mlp_out"] and not _hooked_or_draws(mlp.drop2)
 
 
 def _plain_half(block, half: str) -> bool:
@@ -638,7 +639,7 @@ def _plain_half(block, half: str) -> bool:
             return False
         layers, rest = (mlp.fc1, mlp.fc2), (block.norm2, mlp)
     return all(type(m) is nn.Linear and not m.weight.requires_grad for m in layers) and not any(
-        _draws_rng(m) or _hooked(m) for m in rest
+        _hooked_or_draws(m) for m in rest
     )
 
 

@@ -714,15 +714,10 @@ def _bmm_grads(grad, left, right, needs) -> tuple:
             torch.bmm(left.mT, grad).to(right.dtype) if needs[1] else None)
 
 
-#: bit i of a packed mask byte (`_pack_bits`), per device
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
+@functools.cache
 def _bit_values(device: torch.device) -> torch.Tensor:
-    t = _BIT_SHIFTS.get(device)
-    if t is None:
-        t = _BIT_SHIFTS[device] = 2 ** torch.arange(8, dtype=torch.uint8, device=device)
-    return t
+    """Bit i's value in a packed mask byte (`_pack_bits`), made once per device."""
+    return 2 ** torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def _pack_bits(keep: torch.Tensor) -> torch.Tensor:
