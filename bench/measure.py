@@ -349,7 +349,14 @@ def triton_launches_stubbed():
     checks, allocations, grid computation, every aten op around it) still runs, the kernel
     itself costs nothing and writes nothing (its outputs keep whatever `torch.empty` gave them).
     Yields a `TritonLaunches`. Ahead-of-time compiles (`warmup=True`) are not launches and do
-    nothing either."""
+    nothing either.
+
+    Those unwritten outputs are whatever the allocator's memory held, denormal floats among them,
+    and they flow on into the aten ops after the kernel: a CPU's arithmetic on denormals takes a
+    microcode assist per element, which can slow the GEMMs downstream of a stubbed kernel many
+    times over: a cost that no real kernel's output (nor any eager step here) brings. So
+    denormals are flushed to zero inside the block (`torch.set_flush_denormal`, restored to
+    torch's default, off, after it), for every contender timed within it alike."""
     counts = TritonLaunches()
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -360,9 +367,11 @@ def triton_launches_stubbed():
     saved = [(cls, cls.__dict__["run"]) for cls in _triton_kernel_classes()]
     for cls, _ in saved:
         cls.run = run
+    torch.set_flush_denormal(True)
     try:
         yield counts
     finally:
+        torch.set_flush_denormal(False)
         for cls, orig in saved:
             cls.run = orig
 

@@ -313,7 +313,7 @@ def dot_precision(dtype: torch.dtype, device) -> str:
     cuBLAS does: "tf32" when `torch.backends.cuda.matmul.allow_tf32` is on (or
     `torch.set_float32_matmul_precision` is "high"/"medium") and the tensors are on a GPU,
     "ieee" otherwise (and for fp16/bf16 inputs, where it has no effect)."""
-    if dtype != torch.float32 or torch.device(device).type != "cuda":
+    if dtype != torch.float32 or (device if isinstance(device, torch.device) else torch.device(device)).type != "cuda":
         return "ieee"
     if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
         return "tf32"

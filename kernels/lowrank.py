@@ -446,6 +446,8 @@ def launch_dw(pm, q, *, colsum=False, q_drop=False, p=0.0, seed=None):
         int(q_drop and p > 0), int(colsum),
         BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, R_PAD=rp, PREC=dot_precision(q.dtype, dev), num_warps=c.num_warps,
         num_stages=c.num_stages)
+    if s == 1:  # one split: the partial is the sum
+        return pw[0], (pc[0] if colsum else None)
     return pw.sum(0), (pc.sum(0) if colsum else None)
 
 

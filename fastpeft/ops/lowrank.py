@@ -204,29 +204,34 @@ class _LowRankFunction(torch.autograd.Function):
     tensors (x, u) as the registered op, without the custom-op dispatch; arguments validated by
     the caller. `triton_path` is decided once in forward and reused by backward. With `rows`, the
     per-row form `lowrank_linear_rows` (every image its own factors; the bias may be per image):
-    the per-row launchers, the same saved tensors (u [B*L, R], no mask)."""
+    the per-row launchers, the same saved tensors (u [B*L, R], no mask).
+
+    `params` are (a, b) themselves when `layout` is None; else the method's parameters, from which
+    `layout` makes (a, b) inside the op and onto which it maps their gradients (`_NoahLayout`,
+    `_PetlLayout`): the slicing, concatenation, placement and scaling then record no autograd node
+    and keep no copy, and backward remakes (a, b) from the kept parameters."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, seed, drop_input, triton_path, rows=False, rebuild=None):
+    def forward(ctx, x, weight, bias, p, seed, drop_input, triton_path, rows, layout, *params):
+        a, b = _made(layout, params, x.dtype)
         if rows:
             fn = launch_rows_fwd if triton_path else _lowrank_rows_fwd_torch
         else:
             fn = launch_fwd if triton_path else _lowrank_linear_fwd_torch
         out, u = fn(x, weight, bias, a, b, p, seed, drop_input)
         need = ctx.needs_input_grad
-        ctx.rebuild = rebuild and rebuild[0]
+        ctx.layout = layout
         ctx.factors = None  # (a, b) once remade (`output_again`), for backward
-        if need[0] or need[2] or need[3] or need[4]:
-            # (with `rebuild`, the tensors a and b are made from, not a and b: see lowrank_linear)
+        if need[0] or need[2] or any(need[9:]):
             # (and the bias for `output_again`, which the per-row form has not)
-            ctx.save_for_backward(x, weight, u, seed, None if rows else bias, *(rebuild[1] if rebuild else (a, b)))
+            ctx.save_for_backward(x, weight, u, seed, None if rows else bias, *params)
         ctx.args = (p, drop_input, triton_path, rows, rows and bias is not None and bias.dim() == 2)
         return out
 
     @staticmethod
-    def _factors(ctx, x, factors):
+    def _factors(ctx, x, params):
         if ctx.factors is None:
-            ctx.factors = factors if ctx.rebuild is None else tuple(cast_param(t, x.dtype) for t in ctx.rebuild(*factors))
+            ctx.factors = _made(ctx.layout, params, x.dtype)
         return ctx.factors
 
     @staticmethod
@@ -237,19 +242,21 @@ class _LowRankFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         if rows or not saved:
             return None
-        x, weight, u, seed, bias, *factors = saved
-        b = _LowRankFunction._factors(ctx, x, factors)[1]
+        x, weight, u, seed, bias, *params = saved
+        b = _LowRankFunction._factors(ctx, x, params)[1]
         return (lowrank_up if triton_path else _lowrank_up_torch)(x, weight, bias, u, b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, u, seed, _bias, *factors = ctx.saved_tensors
-        a, b = _LowRankFunction._factors(ctx, x, factors)
+        x, weight, u, seed, _bias, *params = ctx.saved_tensors
+        a, b = _LowRankFunction._factors(ctx, x, params)
         p, drop_input, triton_path, rows, bias_rows = ctx.args
         need = ctx.needs_input_grad
+        layout = ctx.layout
+        need_a, need_b = (need[9], need[10]) if layout is None else layout.needs(need[9:])
         grad_out = grad_out.contiguous()
-        which = (need[0], need[3], need[4], need[2])
+        which = (need[0], need_a, need_b, need[2])
         if rows and triton_path:
             dx, da, db, dbias = launch_rows_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, bias_rows, which)
         elif rows:
@@ -258,9 +265,94 @@ class _LowRankFunction(torch.autograd.Function):
             dx, da, db, dbias = launch_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input, which)
         else:
             dx, da, db, dbias = _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
+        if layout is None:
+            grads = (da if need_a else None, db if need_b else None)
+        else:
+            grads = layout.grads(params, da if need_a else None, db if need_b else None, need[9:])
+        # (in the activation dtype: autograd casts a gradient to its input's dtype)
         # weight is frozen: never a gradient (the functionals refuse a weight that requires grad)
-        return (dx if need[0] else None, None, dbias if need[2] else None, da if need[3] else None,
-                db if need[4] else None, None, None, None, None, None, None)
+        return (dx if need[0] else None, None, dbias if need[2] else None, None, None, None, None, None, None,
+                *grads)
+
+
+def _made(layout, params, dtype) -> tuple:
+    """(a, b) in the activation dtype from the op's `params` (see `_LowRankFunction`)."""
+    a, b = params if layout is None else layout.build(*params)
+    return cast_param(a, dtype), cast_param(b, dtype)
+
+
+class _NoahLayout(tuple):
+    """NOAH's (A, B) = (LoRA_a[:r], s * LoRA_b[:, :r]) from (LoRA_a, LoRA_b), as (r, s)."""
+
+    def build(self, lora_a, lora_b):
+        return _noah_factors(self[0], self[1], lora_a, lora_b)
+
+    build_differentiable = build
+
+    def rank(self, params):
+        return self[0]
+
+    @staticmethod
+    def needs(need):
+        return need[0], need[1]
+
+    def grads(self, params, da, db, need):
+        r, scale = self
+        lora_a, lora_b = params
+        if db is not None and scale != 1.0:
+            db = db * scale
+        if r != lora_a.shape[0]:  # the subnet rank: the rows / columns past it get zeros
+            da = None if da is None else torch.cat([da, da.new_zeros((lora_a.shape[0] - r, da.shape[1]))], 0)
+            db = None if db is None else torch.cat([db, db.new_zeros((db.shape[0], lora_b.shape[1] - r))], 1)
+        return da if need[0] else None, db if need[1] else None
+
+
+class _PetlLayout(tuple):
+    """PETL-ViT LoRA's A = [D_t1; D_t2 ...] and B (s_t U_t in the rows of target t, rank columns of
+    segment t; zeros elsewhere) from (downs..., ups...), as (width of one of q/k/v,
+    ((row start, s_t) per target))."""
+
+    def build(self, *params):
+        ad, placed = self
+        k = len(placed)
+        downs, ups = params[:k], params[k:]
+        a = torch.cat(downs, 0) if k > 1 else downs[0]
+        ups = [up * scale if scale != 1.0 else up for (_, scale), up in zip(placed, ups)]
+        starts = [start for start, _ in placed]
+        if starts == sorted(starts):  # targets in q, k, v order: B is block-diagonal, [ad, 0] blocks for the others
+            by_start = dict(zip(starts, ups))
+            none = ups[0].new_empty((ad, 0))
+            return a, torch.block_diag(*(by_start.get(i * ad, none) for i in range(3)))
+        b = ups[0].new_zeros((3 * ad, a.shape[0]))
+        c = 0
+        for start, up in zip(starts, ups):
+            b[start:start + ad, c:c + up.shape[1]] = up
+            c += up.shape[1]
+        return a, b
+
+    def build_differentiable(self, *params):
+        return _petl_factors(*self, *params)
+
+    def rank(self, params):
+        return sum(d.shape[0] for d in params[:len(self[1])])
+
+    def needs(self, need):
+        k = len(self[1])
+        return any(need[:k]), any(need[k:])
+
+    def grads(self, params, da, db, need):
+        ad, placed = self
+        k = len(placed)
+        out, c = [None] * (2 * k), 0
+        for i, ((start, scale), up) in enumerate(zip(placed, params[k:])):
+            r = up.shape[1]
+            if need[i]:
+                out[i] = da[c:c + r]
+            if need[k + i]:
+                g = db[start:start + ad, c:c + r]
+                out[k + i] = g * scale if scale != 1.0 else g
+            c += r
+        return out
 
 
 def _check_frozen(op, weight):
@@ -280,36 +372,48 @@ _CHECKED = CheckedSignatures()
 
 def lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                    b: torch.Tensor, *, dropout_p: float = 0.0, drop_input: bool = False,
-                   training: bool = False, seed: torch.Tensor | None = None,
-                   rebuild: tuple | None = None) -> torch.Tensor:
+                   training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
     """out = x W^T + bias + u B^T with u = drop(x A^T) (or drop(x) A^T when `drop_input`).
 
     x [..., D] float32/float16/bfloat16; weight [N, D] frozen (requires_grad False); bias [N] or
     None (may be trainable); a [R, D], b [N, R] (cast to x.dtype, differentiably). Dropout p only
     when `training`, mask from `seed` (int64, one element; drawn when None). Returns [..., N].
-    `rebuild` = (fn, tensors) with fn(*tensors) == (a, b) before the cast, where a and b are made
-    from the method's parameters: the eager backward then keeps the parameters and remakes a and
-    b from them (a few small ops) instead of keeping copies of them alive from forward to backward.
 
     Eager calls run one autograd.Function over the launchers, with the argument checks run once
     per call signature (`_CHECKED`); under torch.compile the call is the registered
     `torch.ops.fastpeft.lowrank_linear` (fake and autograd formulas, checked when traced), which
     shares the same launchers.
     """
+    return _lowrank_call(x, weight, bias, None, (a, b), dropout_p, drop_input, training, seed)
+
+
+def _lowrank_call(x, weight, bias, layout, params, dropout_p, drop_input, training, seed):
+    """`lowrank_linear` on (a, b) made from `params` by `layout` (None: params = (a, b)): in the
+    eager op, without autograd nodes for the making (`_LowRankFunction`); under torch.compile
+    differentiably, outside the registered op."""
     op = "lowrank_linear"
     check_tensor(op, "x", x)
     _check_frozen(op, weight)
     dt = x.dtype
-    weight, bias, a, b = (cast_param(t, dt) for t in (weight, bias, a, b))
+    weight, bias = cast_param(weight, dt), cast_param(bias, dt)
     p = check_p(op, dropout_p)  # (in range even when not training, as F.dropout)
     p = p if training else 0.0
     seed = _seed(p, seed, x)
-    compiling = torch.compiler.is_compiling()
-    _CHECKED.check(compiling, lambda: _validate(x, weight, bias, a, b, p, seed), x, weight, bias, a, b, seed, extra=(p,))
-    if compiling:
+    if torch.compiler.is_compiling():
+        a, b = params if layout is None else layout.build_differentiable(*params)
+        a, b = cast_param(a, dt), cast_param(b, dt)
+        _validate(x, weight, bias, a, b, p, seed)
         out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
         return out
-    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), _triton_ok(x, a), False, rebuild)
+    key = _CHECKED.key(x, weight, bias, *params, seed, extra=(p, layout))
+    if not _CHECKED.seen(key):
+        with torch.no_grad():
+            a, b = _made(layout, params, dt)
+        _validate(x, weight, bias, a, b, p, seed)
+        _CHECKED.add(key)
+    r = params[0].shape[0] if layout is None else layout.rank(params)
+    triton_path = use_triton(x) and r <= MAX_RANK
+    return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), triton_path, False, layout, *params)
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -359,16 +463,15 @@ def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, s
     check_tensor(op, "lora_a", lora_a, dim=2)
     check_tensor(op, "lora_b", lora_b, dim=2)
     r = _noah_rank(op, lora_a, lora_b, lora_a.shape[0], lora_b.shape[1], rank, scale)
-    build = functools.partial(_noah_factors, r, float(scale))
-    a, b = build(lora_a, lora_b)
-    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=True, training=training, seed=seed,
-                          rebuild=(build, (lora_a, lora_b)))
+    return _lowrank_call(x, weight, bias, _NoahLayout((r, float(scale))), (lora_a, lora_b), dropout_p, True,
+                         training, seed)
 
 
 def _noah_factors(r: int, scale: float, lora_a, lora_b):
-    """NOAH's (A, B) = (LoRA_a[:r], s * LoRA_b[:, :r])."""
-    b = lora_b[:, :r]
-    return lora_a[:r], b * scale if scale != 1.0 else b
+    """NOAH's (A, B) = (LoRA_a[:r], s * LoRA_b[:, :r]); at the supernet rank the factors themselves
+    (no slice views, nor their autograd nodes)."""
+    a, b = (lora_a, lora_b) if r == lora_a.shape[0] else (lora_a[:r], lora_b[:, :r])
+    return a, b * scale if scale != 1.0 else b
 
 
 _QKV = ("q", "k", "v")
@@ -403,11 +506,9 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
         check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
                      shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
         _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
-    build = functools.partial(_petl_factors, ad, tuple((_QKV.index(t) * ad, float(sc[t])) for t in targets))
-    factors = (*(downs[t] for t in targets), *(ups[t] for t in targets))
-    a, b = build(*factors)
-    return lowrank_linear(x, weight, bias, a, b, dropout_p=dropout_p, drop_input=False, training=training, seed=seed,
-                          rebuild=(build, factors))
+    layout = _PetlLayout((ad, tuple((_QKV.index(t) * ad, float(sc[t])) for t in targets)))
+    return _lowrank_call(x, weight, bias, layout, (*(downs[t] for t in targets), *(ups[t] for t in targets)),
+                         dropout_p, False, training, seed)
 
 
 def _petl_factors(ad: int, placed: tuple, *factors):
@@ -979,7 +1080,7 @@ def lowrank_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     triton_path = isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[1] <= MAX_RANK and use_triton(x)
     _CHECKED.check(False, lambda: _validate_rows(x, weight, bias, a, b, p, seed, triton_path),
                    x, weight, bias, a, b, seed, extra=("rows", p, triton_path))
-    return _LowRankFunction.apply(x, weight, bias, a, b, p, seed, bool(drop_input), triton_path, True)
+    return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), triton_path, True, None, a, b)
 
 
 def _per_row(op: str, name: str, t, images: int, dim: int = 2) -> torch.Tensor:

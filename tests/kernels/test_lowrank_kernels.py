@@ -286,12 +286,70 @@ def test_lora_petl(rows, D, r):
     assert_close("k", out[:, D:2 * D], (x @ w.t() + b)[:, D:2 * D], TOL[torch.float32])
 
 
+@pytest.mark.parametrize("which", ["triton", "torch"])
+@pytest.mark.parametrize("targets", [("q", "v"), ("v", "q"), ("k",), ("q", "k", "v"), ("v", "k")])
+def test_lora_petl_any_targets(which, targets):
+    """A and B are made inside the op from the targets' parameters (`_PetlLayout`: block-diagonal B
+    when the targets come in q, k, v order, placed block by block otherwise) and their gradients
+    mapped back per target: every order and subset against the reference, each target its own
+    scale and rank."""
+    g = torch.Generator().manual_seed(11)
+    D, rows = 48, 7
+    ranks, scales = {"q": 3, "k": 1, "v": 5}, {"q": 0.5, "k": 1.0, "v": 2.0}
+    leaves = {"x": (rnd(g, rows, D), True), "weight": (rnd(g, 3 * D, D, std=D ** -0.5), False),
+              "bias": (rnd(g, 3 * D, std=0.1), True)}
+    for t in targets:
+        leaves[f"d{t}"] = (rnd(g, ranks[t], D, std=D ** -0.5), True)
+        leaves[f"u{t}"] = (rnd(g, D, ranks[t], std=0.3), True)
+
+    def call(fn):
+        def run(x, weight, bias, seed, **f):
+            return fn(x, weight, bias, {t: f[f"d{t}"] for t in targets}, {t: f[f"u{t}"] for t in targets},
+                      scale={t: scales[t] for t in targets}, dropout_p=0.1, seed=seed,
+                      **({"training": True} if fn is L.lora_petl_qkv else {}))
+        return run
+
+    with backend(which):
+        check_against(call(L.lora_petl_qkv), call(L.lora_petl_qkv_ref), leaves, rnd(g, rows, 3 * D),
+                      TOL[torch.float32], seed=torch.tensor([6], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rank,scale", [(16, 1.0), (16, 0.25), (5, 3.0)])
+def test_lora_noah_fp32_factors_under_fp16(rank, scale):
+    """NOAH's factors fp32 (as under autocast) with fp16 activations: the op casts (A, B) inside and
+    gives the fp32 parameters fp32 gradients (zeros past a subnet rank), the reference's within
+    fp16 tolerance; at the supernet rank the factors are the parameters themselves."""
+    g = torch.Generator().manual_seed(12)
+    D, rows = 64, 9
+    leaves = {"x": (rnd(g, rows, D, dtype=torch.float16), True),
+              "weight": (rnd(g, 3 * D, D, std=D ** -0.5, dtype=torch.float16), False),
+              "bias": (rnd(g, 3 * D, std=0.1, dtype=torch.float16), False),
+              "lora_a": (rnd(g, 16, D, std=0.1), True), "lora_b": (rnd(g, 3 * D, 16, std=0.1), True)}
+
+    def noah(x, weight, bias, lora_a, lora_b, seed):
+        return L.lora_noah_qkv(x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=0.1,
+                               training=True, seed=seed)
+
+    def noah_ref(x, weight, bias, lora_a, lora_b, seed):
+        return L.lora_noah_qkv_ref(x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=0.1, seed=seed)
+
+    seed = torch.tensor([9], dtype=torch.int64)
+    with backend("triton"):
+        out, grads = fwd_bwd(noah, leaves, rnd(g, rows, 3 * D, dtype=torch.float16), seed=seed)
+    assert grads["lora_a"].dtype == grads["lora_b"].dtype == torch.float32
+    if rank < 16:
+        assert not grads["lora_a"][rank:].any() and not grads["lora_b"][:, rank:].any()
+    with backend("triton"):
+        check_against(noah, noah_ref, leaves, rnd(g, rows, 3 * D, dtype=torch.float16), TOL[torch.float16],
+                      seed=seed)
+
+
 @pytest.mark.parametrize("method", ["petl q,v", "noah"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_lora_functionals_keep_no_factor_copies(method, dtype):
     """The LoRA functionals build A and B from their parameters (concatenated, placed in the qkv
-    rows, scaled, cast): autograd keeps the parameters and x and u, never those copies, which
-    backward remakes (`lowrank_linear(rebuild=...)`); the gradients stay the reference's
+    rows, scaled, cast) inside the op: autograd keeps the parameters and x and u, never those
+    copies, which backward remakes (`_NoahLayout` / `_PetlLayout`); the gradients stay the reference's
     (test_lora_petl / test_lora_noah)."""
     g = torch.Generator().manual_seed(5)
     D, r = 64, 4
