@@ -744,6 +744,13 @@ def _remade(replay: _Replay, node) -> torch.Tensor | None:
     return None if node is None else replay.run(remake, node, rng=False)
 
 
+def _remake_fc1_output(replay: _Replay) -> None:
+    """`replay.h`, the lean MLP's fc1 output, remade by the op that made it (`replay.node`) where it
+    is not at hand yet and that op can (else it stays None: the layers re-run)."""
+    if replay.h is None and replay.node is not None:
+        replay.h = _remade(replay, replay.node)
+
+
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -891,8 +898,7 @@ class _LeanActivation(torch.autograd.Function):
         lean_backward = None if gelu or vmapped(grad) else getattr(act, "lean_backward", None)
 
         replay = ctx.replay
-        if replay.h is None and replay.node is not None:
-            replay.h = _remade(replay, replay.node)
+        _remake_fc1_output(replay)
 
         def rerun():
             h = replay.h if replay.h is not None else _fc1_output(block, y, replay)  # (no graph)
@@ -1030,8 +1036,7 @@ class _ActivationOutput(torch.autograd.graph.saved_tensors_hooks):
         replay = self.replay
         if replay.a is None:
             block = self.block
-            if replay.node is not None:
-                replay.h = _remade(replay, replay.node)
+            _remake_fc1_output(replay)
 
             def rerun():
                 with torch.no_grad():

@@ -462,12 +462,13 @@ def launch_fwd(x, weight, bias, a, b, p: float, seed, drop_input: bool):
         u, _ = launch_down(x2, a_c, a_c.shape[1], 1, r, p=p, seed=seed, in_drop=drop_input, out_drop=not drop_input)
     else:
         u = torch.mm(x2, a.t())
-    return lowrank_up(x, weight, bias, u, b), u
+    return lowrank_up(x, weight, bias, u, b, x2), u
 
 
-def lowrank_up(x, weight, bias, u, b):
-    """`launch_fwd`'s output given its u: out = addmm(bias, x, W^T), then out += u B^T in place."""
-    x2 = rows_of(x)
+def lowrank_up(x, weight, bias, u, b, x2=None):
+    """`launch_fwd`'s output given its u: out = addmm(bias, x, W^T), then out += u B^T in place
+    (x2: x's rows, where the caller has them)."""
+    x2 = rows_of(x) if x2 is None else x2
     out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
     out.addmm_(u, b.t())
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -136,8 +136,8 @@ def _lowrank_linear_bwd_torch(grad_out, x, weight, a, b, u, p, seed, drop_input)
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
-def _triton_ok(x, a) -> bool:
-    return use_triton(x) and a.shape[0] <= MAX_RANK
+def _triton_ok(x, rank: int) -> bool:
+    return use_triton(x) and rank <= MAX_RANK
 
 
 @torch.library.custom_op("fastpeft::lowrank_linear", mutates_args=())
@@ -145,7 +145,7 @@ def _lowrank_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        b: torch.Tensor, p: float, seed: torch.Tensor | None,
                        drop_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(x, weight, bias, a, b, p, seed)
-    fn = launch_fwd if _triton_ok(x, a) else _lowrank_linear_fwd_torch
+    fn = launch_fwd if _triton_ok(x, a.shape[0]) else _lowrank_linear_fwd_torch
     return fn(x, weight, bias, a, b, p, seed, drop_input)
 
 
@@ -164,7 +164,7 @@ def _lowrank_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight:
     _CHECKED.check(False, lambda: _validate_bwd(grad_out, x, weight, a, b, u, p, seed),
                    grad_out, x, weight, a, b, u, seed, extra=("bwd", p))
     grad_out = grad_out.contiguous()
-    if _triton_ok(x, a):
+    if _triton_ok(x, a.shape[0]):
         dx, da, db, dbias = lowrank_linear_bwd(grad_out, x, weight, a, b, u, p, seed, drop_input)
         # (contiguous: the registered fake promises contiguous grads, and torch.compile holds us to it)
         return dx.contiguous(), da.contiguous(), db.contiguous(), dbias
@@ -315,20 +315,15 @@ class _PetlLayout(tuple):
     def build(self, *params):
         ad, placed = self
         k = len(placed)
+        starts = [start for start, _ in placed]
+        if starts != sorted(starts):  # (B is not block-diagonal: placed block by block)
+            return _petl_factors(ad, placed, *params)
         downs, ups = params[:k], params[k:]
         a = torch.cat(downs, 0) if k > 1 else downs[0]
-        ups = [up * scale if scale != 1.0 else up for (_, scale), up in zip(placed, ups)]
-        starts = [start for start, _ in placed]
-        if starts == sorted(starts):  # targets in q, k, v order: B is block-diagonal, [ad, 0] blocks for the others
-            by_start = dict(zip(starts, ups))
-            none = ups[0].new_empty((ad, 0))
-            return a, torch.block_diag(*(by_start.get(i * ad, none) for i in range(3)))
-        b = ups[0].new_zeros((3 * ad, a.shape[0]))
-        c = 0
-        for start, up in zip(starts, ups):
-            b[start:start + ad, c:c + up.shape[1]] = up
-            c += up.shape[1]
-        return a, b
+        # targets in q, k, v order: B is block-diagonal, with [ad, 0] blocks for the others
+        by_start = {start: up * scale if scale != 1.0 else up for (start, scale), up in zip(placed, ups)}
+        none = ups[0].new_empty((ad, 0))
+        return a, torch.block_diag(*(by_start.get(i * ad, none) for i in range(3)))
 
     def build_differentiable(self, *params):
         return _petl_factors(*self, *params)
@@ -405,15 +400,17 @@ def _lowrank_call(x, weight, bias, layout, params, dropout_p, drop_input, traini
         _validate(x, weight, bias, a, b, p, seed)
         out, _ = torch.ops.fastpeft.lowrank_linear(x, weight, bias, a, b, p, seed, bool(drop_input))
         return out
-    key = _CHECKED.key(x, weight, bias, *params, seed, extra=(p, layout))
-    if not _CHECKED.seen(key):
-        with torch.no_grad():
-            a, b = _made(layout, params, dt)
-        _validate(x, weight, bias, a, b, p, seed)
-        _CHECKED.add(key)
-    r = params[0].shape[0] if layout is None else layout.rank(params)
-    triton_path = use_triton(x) and r <= MAX_RANK
+    _CHECKED.check(False, lambda: _validate_made(x, weight, bias, layout, params, p, seed),
+                   x, weight, bias, *params, seed, extra=(p, layout))
+    triton_path = _triton_ok(x, params[0].shape[0] if layout is None else layout.rank(params))
     return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), triton_path, False, layout, *params)
+
+
+def _validate_made(x, weight, bias, layout, params, p, seed):
+    """`_validate` on the (a, b) that `layout` makes from `params` (made under no grad)."""
+    with torch.no_grad():
+        a, b = _made(layout, params, x.dtype)
+    _validate(x, weight, bias, a, b, p, seed)
 
 
 def _place_rows(block: torch.Tensor, start: int, n: int) -> torch.Tensor:
