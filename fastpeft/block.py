@@ -32,6 +32,7 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
@@ -81,9 +82,7 @@ def replaced_dataflow(block: Any) -> bool:
 def timm_sdpa_attention(attn: nn.Module) -> bool:
     """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate: the
     dataflow `_plain_half` and the class-row pass (fastpeft/class_row.py) rely on."""
-    from timm.layers import Attention
-
-    return type(attn) is Attention and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+    return type(attn) is _timm_classes()[0] and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
 
 
 @functools.cache
@@ -97,6 +96,47 @@ def plain_layer_norm(norm: nn.Module) -> bool:
     """Whether `norm`'s forward is exactly F.layer_norm(x, normalized_shape, weight, bias, eps):
     torch's LayerNorm, or timm's off its fast-norm path."""
     return type(norm) in _plain_norms() and not getattr(norm, "_fast_norm", False)
+
+
+@functools.cache
+def _timm_classes() -> tuple[type, type]:
+    from timm.layers import Attention, Mlp
+
+    return Attention, Mlp
+
+
+@functools.cache
+def _pass_through_rates() -> dict[type, str | None]:
+    """The module classes whose call returns its input itself, drawing nothing, at rate 0 or out
+    of training (F.dropout and timm's drop_path do), with the attribute holding the rate (None: at
+    any rate)."""
+    from timm.layers import DropPath
+
+    return {nn.Identity: None, nn.Dropout: "p", DropPath: "drop_prob"}
+
+
+def called_for_more(m: nn.Module) -> bool:
+    """Whether calling `m` runs more than its class's forward: a hook of its own (forward or
+    backward, pre or post), a global module hook, or a `forward` replaced on the instance."""
+    g = _module_globals
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__ or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+def through(mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`mod.<name>(t)`, where that submodule passes t through (nn.Identity; nn.Dropout and timm's
+    DropPath at rate 0 or out of training) and nothing else sees the call (`called_for_more`):
+    t itself, without the module call. What a patched block's run does with timm's no-op slots.
+    Under torch.compile the module is called (the trace sees the reference's calls; it drops the
+    no-ops itself)."""
+    m = mod._modules[name]
+    if torch.compiler.is_compiling():
+        return m(t)
+    rate = _pass_through_rates().get(type(m), False)
+    if rate is False or (rate is not None and m.training and getattr(m, rate)) or called_for_more(m):
+        return m(t)
+    return t
 
 
 def forward_hooked(modules) -> bool:
@@ -141,7 +181,8 @@ class BlockRun:
         deltas = [self.branch(fn, x, h) for fn in branches] if branches and self.branches_first(block, "attn") else None
         a = self.attention(block, x, h, kw)
         x, h = self.rows(x), self.rows(h)
-        y = x + block.drop_path1(block.ls1(a))
+        call = self.call
+        y = x + call(block, "drop_path1", call(block, "ls1", a))
         for d in deltas if deltas is not None else (self.branch(fn, x, h) for fn in branches):
             y = y + d
         return y
@@ -153,7 +194,8 @@ class BlockRun:
         branches = slots["ffn_branch"]
         deltas = [self.branch(fn, y, h2) for fn in branches] if branches and self.branches_first(block, "mlp") else None
         m = self.mlp(block, y, h2)
-        f = block.drop_path2(block.ls2(m))
+        call = self.call
+        f = call(block, "drop_path2", call(block, "ls2", m))
         for fn in slots["ffn_out"]:
             f = fn(f)
         z = y + f
@@ -162,6 +204,15 @@ class BlockRun:
         return self.block_out(block, z)
 
     # ---- the pieces (the reference's) -------------------------------------------------------
+
+    #: whether every module of the block is called, as timm's Block.forward calls them (the
+    #: reference's run); a patched block's run leaves out the calls of pass-through modules
+    #: (`through`) and runs timm's Attention / Mlp forward itself (`attention_forward`, `mlp_forward`)
+    calls_all = True
+
+    def call(self, mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`mod.<name>(t)`, or `through` it in a patched run."""
+        return mod._modules[name](t) if self.calls_all else through(mod, name, t)
 
     def slots(self, block) -> dict:
         return block._fastpeft_slots
@@ -172,19 +223,23 @@ class BlockRun:
         return y
 
     def norm(self, block, i: int, x: torch.Tensor) -> torch.Tensor | None:
-        return (block.norm1 if i == 1 else block.norm2)(x)
+        return block._modules["norm1" if i == 1 else "norm2"](x)
 
     def branches_first(self, block, half: str) -> bool:
         return False
 
     def attention(self, block, x: torch.Tensor, h: torch.Tensor | None, kw: dict) -> torch.Tensor:
-        return block.attn(block.norm1(x) if h is None else h, **kw)
+        attn = block._modules["attn"]
+        h = block._modules["norm1"](x) if h is None else h
+        return attn(h, **kw) if self.calls_all else attention_forward(attn, h, kw)
 
     def rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return t
 
     def mlp(self, block, y: torch.Tensor, h2: torch.Tensor | None) -> torch.Tensor:
-        m = block.mlp(block.norm2(y) if h2 is None else h2)
+        mlp = block._modules["mlp"]
+        h2 = block._modules["norm2"](y) if h2 is None else h2
+        m = mlp(h2) if self.calls_all else mlp_forward(mlp, h2)
         for fn in self.slots(block)["mlp_out"]:
             m = fn(m)
         return m
@@ -198,7 +253,40 @@ class BlockRun:
         return z
 
 
-class _BranchesFirst(BlockRun):
+def attention_forward(attn: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    """attn(h, **kw), for timm's SDPA Attention without an output gate: its forward's ops in its
+    order, with its no-op submodules passed `through`, unless the call would run more
+    (`called_for_more`), and outside torch.compile's tracing."""
+    if torch.compiler.is_compiling() or not timm_sdpa_attention(attn) or called_for_more(attn):
+        return attn(h, **kw)
+    B, N, _ = h.shape
+    q, k, v = attn._modules["qkv"](h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = through(attn, "q_norm", q), through(attn, "k_norm", k)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=kw.get("attn_mask"),
+                                       dropout_p=attn._modules["attn_drop"].p if attn.training else 0.0,
+                                       is_causal=kw.get("is_causal", False))
+    o = through(attn, "norm", o.transpose(1, 2).reshape(B, N, -1))
+    return through(attn, "proj_drop", attn._modules["proj"](o))
+
+
+def mlp_forward(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """mlp(h), for timm's Mlp: its forward's ops with its no-op submodules passed `through`, unless
+    the call would run more (`called_for_more`), and outside torch.compile's tracing."""
+    if torch.compiler.is_compiling() or type(mlp) is not _timm_classes()[1] or called_for_more(mlp):
+        return mlp(h)
+    mods = mlp._modules
+    a = through(mlp, "drop1", mods["act"](mods["fc1"](h)))
+    return through(mlp, "drop2", mods["fc2"](through(mlp, "norm", a)))
+
+
+class PatchedRun(BlockRun):
+    """A patched block's run (`patch` sets it where no other run is set): the reference order,
+    without the calls of the block's pass-through modules."""
+
+    calls_all = False
+
+
+class _BranchesFirst(PatchedRun):
     """The MLP half of recompute's whole-half regions (fastpeft/recompute.py): the reference
     order with each half's branch deltas computed before its frozen path where `first` says so
     (the same values where that path draws no random numbers: recompute decides), and the
@@ -216,4 +304,5 @@ class _BranchesFirst(BlockRun):
 
 #: the reference run of a block (what `PetlBlock.forward` runs unless `patch` set another)
 STANDARD = BlockRun()
+PATCHED = PatchedRun()
 BRANCHES_FIRST = {(a, m): _BranchesFirst(a, m) for a in (False, True) for m in (False, True)}

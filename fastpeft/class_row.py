@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .block import CLASS_ROW_PASS, BlockRun, timm_sdpa_attention
+from .block import CLASS_ROW_PASS, PatchedRun, through, timm_sdpa_attention
 from .methods.base import OutputHook
 
 
@@ -137,7 +137,7 @@ class _ClassRowDraws(TorchFunctionMode):
         return x.mul_(keep) if inplace else x * keep
 
 
-class ClassRowRun(BlockRun):
+class ClassRowRun(PatchedRun):
     """The last block's class-token row: [B, N, D] -> [B, 1, D]. The block's own order
     (fastpeft/block.py) on the class row after the attention's keys and values (see the module
     docstring); its block_out slots keep the class row as it is, so they are skipped."""
@@ -154,11 +154,12 @@ class ClassRowRun(BlockRun):
         B, N, _ = h.shape
         H, d = attn.num_heads, attn.head_dim
         q, k, v = attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+        q, k = through(attn, "q_norm", q[:, :, :1]), through(attn, "k_norm", k)
         o = F.scaled_dot_product_attention(q, k, v)
         # from here on every op sees the class row only; torch dropouts draw over every row
         self._draws.enter_context(_ClassRowDraws(N))
-        return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, H * d))))
+        o = through(attn, "norm", o.transpose(1, 2).reshape(B, 1, H * d))
+        return through(attn, "proj_drop", attn.proj(o))
 
     def rows(self, t):
         return t[:, :1]

@@ -387,10 +387,45 @@ class ClassRowRule(Rule):
         _unclass_if_unused(model.blocks[-1], was_petl)
 
 
+class BlockRunRule(Rule):
+    """Every block of an injected ViT that runs timm's block dataflow, and was given no other run
+    (recompute's), runs as a patched block (fastpeft/block.py `PATCHED`): the reference's order and
+    modules, less the calls of its no-op modules (nn.Identity, nn.Dropout and DropPath at rate 0),
+    with timm's Attention and Mlp forwards run inline. The same ops on the same tensors: only the
+    host's module-call work goes."""
+
+    name = "block-run"
+
+    def apply(self, model, info, backend, recompute, report):
+        from .block import PATCHED
+
+        if not state_of(model):
+            return []
+        records = []
+        for i, blk in enumerate(model.blocks):
+            if replaced_dataflow(blk) or "_fastpeft_run" in blk.__dict__:
+                continue
+            was_petl = isinstance(blk, PetlBlock)
+            ensure_petl_block(blk)
+            blk._fastpeft_run = PATCHED
+            records.append((f"blocks.{i}", was_petl))
+        if records:
+            report.patched.append((f"blocks {_ranges([int(p.split('.')[1]) for p, _ in records])}",
+                                   "block run without the calls of its no-op modules (Identity, rate-0 "
+                                   "Dropout / DropPath); Attention and Mlp forwards inline", "torch"))
+        return records
+
+    def undo(self, model, record):
+        path, was_petl = record
+        blk = model.get_submodule(path)
+        del blk._fastpeft_run
+        _unclass_if_unused(blk, was_petl)
+
+
 #: rules tried after the fused-kernel rules of fastpeft/fused (which import Triton lazily); VQT's
 #: needs no Triton (its ops are the C++/CUDA extension's, or their references)
 _RECOMPUTE = RecomputeRule()
-RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule(), ClassRowRule(), VQTRule()]
+RULES: list[Rule] = [_RECOMPUTE, DeltaFirstRule(), HeadRule(), ClassRowRule(), VQTRule(), BlockRunRule()]
 
 
 def _all_rules(report: PatchReport) -> list[Rule]:

@@ -69,7 +69,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .block import BRANCHES_FIRST, STANDARD, BlockRun, forward_hooked, plain_layer_norm, timm_sdpa_attention, vmapped
+from .block import BRANCHES_FIRST, PATCHED, PatchedRun, forward_hooked, plain_layer_norm, through, timm_sdpa_attention, vmapped
 from .ops._autograd import once_differentiable, remake, remaker
 from .methods.base import OutputHook, active_hooks
 
@@ -520,7 +520,7 @@ def _predraw_hook(block):
     one that says so (`OutputHook.predrawable_dropout`), the first hook on a plain frozen qkv
     without pre-hooks, after a LayerNorm that draws nothing (block_in slots run before the region),
     so that its draw is the region's first."""
-    qkv = getattr(block.attn, "qkv", None)
+    qkv = block._modules["attn"]._modules.get("qkv")
     if type(qkv) is not nn.Linear or not qkv._forward_hooks:  # (the common cases, checked first)
         return None
     if any(not isinstance(h, _ShapeRecorder) for h in qkv._forward_pre_hooks.values()):
@@ -572,7 +572,7 @@ def _attn_core(block, x: torch.Tensor, kw: dict, *predrawn: torch.Tensor):
     and LayerScale and DropPath after it, outside the region: DropPath's saved mask would otherwise
     make the recompute re-run the proj GEMM to reach it. `predrawn`: `_predraw`'s mask, handed to
     the qkv hook for this call (forward and recompute alike)."""
-    return _with_predrawn(block, predrawn, STANDARD.attention, block, x, None, kw)
+    return _with_predrawn(block, predrawn, PATCHED.attention, block, x, None, kw)
 
 
 class _Calls:
@@ -669,10 +669,11 @@ def _mlp_core(block, y: torch.Tensor, calls: _Calls | None) -> torch.Tensor:
         # timm's Mlp.forward with the GELU swapped for its stand-in: the same tensors are saved in the
         # same order (drop1's mask drawn as in forward; fc2 saves only its frozen weight, before its
         # GEMM runs, and that is where torch's early stop ends the recompute)
-        return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(_SaveOnly.apply(mlp.fc1(block.norm2(y)))))))
+        a = through(mlp, "drop1", _SaveOnly.apply(mlp.fc1(block.norm2(y))))
+        return through(mlp, "drop2", mlp.fc2(through(mlp, "norm", a)))
     if calls is not None:
         calls.ran = True
-    return STANDARD.mlp(block, y, None)
+    return PATCHED.mlp(block, y, None)
 
 
 def _branch(fn, x: torch.Tensor) -> torch.Tensor:
@@ -795,9 +796,10 @@ def _fc1_output(block, y: torch.Tensor, replay: _Replay) -> torch.Tensor:
     """A lean MLP's fc1 output again (no graph): norm2 and fc1 re-run (`_norm_linear`), or fc1 on
     norm2's output remade by the op that made it (`replay.norm_node`: where nothing draws)."""
     h2 = remake(replay.norm_node) if replay.norm_node is not None else None
+    fc1 = block._modules["mlp"]._modules["fc1"]
     if h2 is None:
-        return _norm_linear(block.norm2, block.mlp.fc1, y)
-    return block.mlp.fc1(h2)
+        return _norm_linear(block._modules["norm2"], fc1, y)
+    return fc1(h2)
 
 
 def _split_heads(attn, qkv: torch.Tensor):
@@ -816,9 +818,9 @@ class _LeanAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, x, block, replay, kw, keep_out, node, *predrawn):
-        attn = block.attn
+        attn = block._modules["attn"]
         ctx.block, ctx.replay, ctx.kw = block, replay, kw
-        ctx.drop = attn.attn_drop.p if attn.training else 0.0
+        ctx.drop = attn._modules["attn_drop"].p if attn.training else 0.0
         # (the qkv op that can give its output again from what it keeps, where the attention
         # draws nothing: then the only draws backward replays are the layers' it does not re-run)
         ctx.node = node if ctx.drop == 0.0 else None
@@ -845,12 +847,12 @@ class _LeanAttention(torch.autograd.Function):
         kept = predrawn[:2] if ctx.kept else ()
         predrawn = predrawn[2:] if ctx.kept else predrawn
         block = ctx.block
-        attn = block.attn
+        attn = block._modules["attn"]
 
         def rerun(qkv):
             if qkv is None:  # (the layers re-run: norm1, qkv and their hooks)
-                qkv = (_with_predrawn(block, predrawn, attn.qkv, block.norm1(x)) if predrawn
-                       else _norm_linear(block.norm1, attn.qkv, x))
+                norm1, layer = block._modules["norm1"], attn._modules["qkv"]
+                qkv = _with_predrawn(block, predrawn, layer, norm1(x)) if predrawn else _norm_linear(norm1, layer, x)
             q, k, v = _split_heads(attn, qkv)
             mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
             if kept or ctx.flash:
@@ -886,14 +888,14 @@ class _LeanActivation(torch.autograd.Function):
     def forward(ctx, h, y, block, replay, *params):
         ctx.block, ctx.replay, ctx.params = block, replay, params
         ctx.save_for_backward(y)
-        return block.mlp.act(h)
+        return block._modules["mlp"]._modules["act"](h)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         block = ctx.block
-        act = block.mlp.act
+        act = block._modules["mlp"]._modules["act"]
         gelu = type(act) is nn.GELU
         lean_backward = None if gelu or vmapped(grad) else getattr(act, "lean_backward", None)
 
@@ -928,7 +930,7 @@ class _LeanActivation(torch.autograd.Function):
         return dh, None, None, None, *dparams
 
 
-class LeanRun(BlockRun):
+class LeanRun(PatchedRun):
     """The run of a block whose halves recompute lean (`patch(recompute=True)` where
     `_lean_attention` / `_lean_mlp` allow, `_fastpeft_lean`): the reference order and modules,
     with the attention and the MLP activation as `_LeanAttention` / `_LeanActivation`, so that the
@@ -955,41 +957,45 @@ class LeanRun(BlockRun):
     def attention(self, block, x, h, kw):
         keep = block.__dict__.get("_fastpeft_keep", ())
         if "qkv" in keep:  # (kept whole: {qkv, attn})
-            return STANDARD.attention(block, x, h, kw)
-        attn = block.attn
+            return PATCHED.attention(block, x, h, kw)
+        attn = block._modules["attn"]
         # (LoRA's input-dropout mask drawn ahead, as the regions do: `_predraw`; the RNG state the
         # recompute replays is taken after it, so backward reuses the mask instead of drawing it)
         predrawn = _predraw(block, x)
         replay = _Replay(x, block.__dict__["_fastpeft_lean"]["attn"])
-        qkv = _with_predrawn(block, predrawn, attn.qkv, block.norm1(x) if h is None else h)
+        qkv = _with_predrawn(block, predrawn, attn._modules["qkv"], block._modules["norm1"](x) if h is None else h)
         if qkv.requires_grad:
             o = _LeanAttention.apply(qkv, x, block, replay, kw, "attn" in keep, remaker(qkv), *predrawn)
         else:  # (nothing before the attention needs a gradient: nothing to save)
             q, k, v = _split_heads(attn, qkv)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, **kw)
         B, N, _ = qkv.shape
-        return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N, -1))))
+        o = through(attn, "norm", o.transpose(1, 2).reshape(B, N, -1))
+        return through(attn, "proj_drop", attn._modules["proj"](o))
 
     def mlp(self, block, y, h2):
         if "fc1" in block.__dict__.get("_fastpeft_keep", ()):
-            return STANDARD.mlp(block, y, h2)
-        mlp = block.mlp
+            return PATCHED.mlp(block, y, h2)
+        mlp = block._modules["mlp"]
+        mods = mlp._modules
         replay = _Replay(y, block.__dict__["_fastpeft_lean"]["mlp"])
         if h2 is None:
-            h2 = block.norm2(y)
-        h = mlp.fc1(h2)
+            h2 = block._modules["norm2"](y)
+        h = mods["fc1"](h2)
         if h.requires_grad:
-            gelu = type(mlp.act) is nn.GELU
-            if gelu or hasattr(mlp.act, "lean_backward"):  # (an activation that draws nothing)
+            act = mods["act"]
+            gelu = type(act) is nn.GELU
+            if gelu or hasattr(act, "lean_backward"):  # (an activation that draws nothing)
                 replay.node = remaker(h)
             if replay.node is None and replay.cpu is None:  # (nothing in the half draws)
                 replay.norm_node = remaker(h2)
             params = () if gelu else [p for p in block._fastpeft_params if p.requires_grad]
             a = _LeanActivation.apply(h, y, block, replay, *params)
         else:
-            a = mlp.act(h)
-        with _ActivationOutput(a, block, y, replay) if h.requires_grad and _saves_input(mlp.fc2) else nullcontext():
-            m = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(a))))
+            a = mods["act"](h)
+        fc2 = mods["fc2"]
+        with _ActivationOutput(a, block, y, replay) if h.requires_grad and _saves_input(fc2) else nullcontext():
+            m = through(mlp, "drop2", fc2(through(mlp, "norm", through(mlp, "drop1", a))))
         for fn in block._fastpeft_slots["mlp_out"]:
             m = fn(m)
         return m
@@ -1061,7 +1067,7 @@ class _AView(NamedTuple):
 LEAN = LeanRun()
 
 
-class RecomputeRun(BlockRun):
+class RecomputeRun(PatchedRun):
     """The run of a block under `patch(recompute=True)` (see the module docstring): the reference
     order (fastpeft/block.py) with its frozen paths as checkpointed regions, wherever the block
     or its input needs a gradient; elsewhere (no_grad, eval of a frozen input) the reference run."""
@@ -1077,7 +1083,7 @@ class RecomputeRun(BlockRun):
             if block.__dict__.get("_fastpeft_lean") and not torch.compiler.is_compiling():
                 return LEAN.forward(block, x, kw)
             return _Regions(block).forward(block, x, kw)
-        return STANDARD.forward(block, x, kw)
+        return PATCHED.forward(block, x, kw)
 
 
 def _path_get(root: nn.Module, name: str):
@@ -1106,7 +1112,7 @@ def rows_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         # (torch.compile inlines the bridge's autograd.Function instead of taking its vmap rule:
         # a compiled mixed batch runs its blocks without checkpointing)
-        return STANDARD.forward(block, x, kw)
+        return PATCHED.forward(block, x, kw)
     ref = block.__dict__.get("_fastpeft_rows")
     root, names = (ref[0](), ref[1]) if ref is not None else (None, ())
     values = [_path_get(root, n) for n in names]
@@ -1114,9 +1120,9 @@ def rows_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
 
     def row(xr: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         if not names:
-            return STANDARD.forward(block, xr, kw)
+            return PATCHED.forward(block, xr, kw)
         with _reparametrize_module(root, dict(zip(names, tensors)), strict=False):
-            return STANDARD.forward(block, xr, kw)
+            return PATCHED.forward(block, xr, kw)
 
     def region(xb: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         return torch.func.vmap(row, in_dims=dims, randomness="different")(xb, *tensors)
@@ -1131,7 +1137,7 @@ def rows_block(block, x: torch.Tensor, kw: dict) -> torch.Tensor:
 RECOMPUTE = RecomputeRun()
 
 
-class _Regions(BlockRun):
+class _Regions(PatchedRun):
     """One call of a block under selective checkpointing: the same ops in the same order as the
     reference run (so the same values and the same RNG draws), but only the frozen paths (norm ->
     attention, norm -> MLP) are checkpointed: branches that read the residual stream rather than
