@@ -106,13 +106,10 @@ def _timm_classes() -> tuple[type, type]:
 
 
 @functools.cache
-def _pass_through_rates() -> dict[type, str | None]:
-    """The module classes whose call returns its input itself, drawing nothing, at rate 0 or out
-    of training (F.dropout and timm's drop_path do), with the attribute holding the rate (None: at
-    any rate)."""
+def _drop_path() -> type:
     from timm.layers import DropPath
 
-    return {nn.Identity: None, nn.Dropout: "p", DropPath: "drop_prob"}
+    return DropPath
 
 
 def called_for_more(m: nn.Module) -> bool:
@@ -125,18 +122,26 @@ def called_for_more(m: nn.Module) -> bool:
 
 
 def through(mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
-    """`mod.<name>(t)`, where that submodule passes t through (nn.Identity; nn.Dropout and timm's
-    DropPath at rate 0 or out of training) and nothing else sees the call (`called_for_more`):
-    t itself, without the module call. What a patched block's run does with timm's no-op slots.
-    Under torch.compile the module is called (the trace sees the reference's calls; it drops the
-    no-ops itself)."""
+    """`mod.<name>(t)`, where that submodule passes t through and nothing else sees the call
+    (`called_for_more`): t itself, without the module call. The pass-through modules: nn.Identity,
+    and nn.Dropout and timm's DropPath at rate 0 or out of training (F.dropout and drop_path
+    return their input then, drawing nothing). What a patched block's run does with timm's no-op
+    slots. Under torch.compile the module is called (the trace sees the reference's calls; it
+    drops the no-ops itself)."""
     m = mod._modules[name]
-    if torch.compiler.is_compiling():
-        return m(t)
-    rate = _pass_through_rates().get(type(m), False)
-    if rate is False or (rate is not None and m.training and getattr(m, rate)) or called_for_more(m):
+    cls = type(m)
+    if cls is nn.Identity:
+        noop = True
+    elif cls is nn.Dropout:
+        noop = not (m.training and m.p)
+    else:
+        noop = cls is _drop_path() and not (m.training and m.drop_prob)
+    if not noop or _compiling() or called_for_more(m):
         return m(t)
     return t
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def forward_hooked(modules) -> bool:
