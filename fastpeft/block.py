@@ -185,7 +185,9 @@ class BlockRun:
         branches = slots["attn_branch"]
         deltas = [self.branch(fn, x, h) for fn in branches] if branches and self.branches_first(block, "attn") else None
         a = self.attention(block, x, h, kw)
-        x, h = self.rows(x), self.rows(h)
+        x = self.rows(x)
+        if deltas is None and branches:  # (h is read after the attention by the branches alone)
+            h = self.rows(h)
         call = self.call
         y = x + call(block, "drop_path1", call(block, "ls1", a))
         for d in deltas if deltas is not None else (self.branch(fn, x, h) for fn in branches):
