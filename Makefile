@@ -56,7 +56,7 @@ deps: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: Makefile pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install torch==2.14.1 torchvision==0.29.1 timm safetensors pybind11 ninja pytest pytest-benchmark rich matplotlib scikit-learn hypothesis
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors pybind11 ninja pytest pytest-benchmark rich matplotlib scikit-learn hypothesis
 	touch $@
 
 build: $(STAMPS)/build
