@@ -80,9 +80,18 @@ def replaced_dataflow(block: Any) -> bool:
 
 
 def timm_sdpa_attention(attn: nn.Module) -> bool:
-    """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate: the
-    dataflow `_plain_half` and the class-row pass (fastpeft/class_row.py) rely on."""
-    return type(attn) is _timm_classes()[0] and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+    """Whether `attn` is timm's Attention on its fused (SDPA) path without an output gate, with the
+    forward fastpeft's copies of it were written from (`copied_forward`): the dataflow the patched
+    run's `attention_forward`, recompute's lean attention and `_plain_half` and the class-row pass
+    (fastpeft/class_row.py) rely on."""
+    return (type(attn) is _timm_classes()[0] and getattr(attn, "fused_attn", False) and getattr(attn, "gate", None) is None
+            and copied_forward(type(attn)))
+
+
+def timm_mlp(mlp: nn.Module) -> bool:
+    """Whether `mlp` is timm's Mlp with the forward fastpeft's copies of it were written from
+    (`copied_forward`): fc1, act, drop1, norm, fc2, drop2 in that order."""
+    return type(mlp) is _timm_classes()[1] and copied_forward(type(mlp))
 
 
 @functools.cache
@@ -103,6 +112,34 @@ def _timm_classes() -> tuple[type, type]:
     from timm.layers import Attention, Mlp
 
     return Attention, Mlp
+
+
+#: sha256 of the sources of the timm forwards that `attention_forward` and `mlp_forward` copy
+#: (timm 1.0.31's Attention.forward, Mlp.forward); another timm's modules are called instead
+COPIED_FORWARDS = frozenset({
+    "37a80e0fdf45af9ca19ee07f1a176731d56a5f2028f2b19991578f58d0a3698a",
+    "6dade48223cfc2483a5a49541d8769c213e393681753faabaa8bbc89f953add0",
+})
+
+
+@torch.compiler.assume_constant_result
+def copied_forward(cls: type) -> bool:
+    """Whether `cls.forward` is the timm source that fastpeft's inline copy of it was written from
+    (`COPIED_FORWARDS`): checked once per class (a constant to torch.compile's tracing, which
+    cannot read sources)."""
+    return _copied_forward(cls)
+
+
+@functools.cache
+def _copied_forward(cls: type) -> bool:
+    import hashlib
+    import inspect
+
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(src.encode()).hexdigest() in COPIED_FORWARDS
 
 
 @functools.cache
@@ -262,8 +299,9 @@ class BlockRun:
 
 def attention_forward(attn: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
     """attn(h, **kw), for timm's SDPA Attention without an output gate: its forward's ops in its
-    order, with its no-op submodules passed `through`, unless the call would run more
-    (`called_for_more`), and outside torch.compile's tracing."""
+    order, with its no-op submodules passed `through`, where that forward is the one copied here
+    (`copied_forward`), unless the call would run more (`called_for_more`), and outside
+    torch.compile's tracing."""
     if torch.compiler.is_compiling() or not timm_sdpa_attention(attn) or called_for_more(attn):
         return attn(h, **kw)
     B, N, _ = h.shape
@@ -277,9 +315,10 @@ def attention_forward(attn: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tenso
 
 
 def mlp_forward(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """mlp(h), for timm's Mlp: its forward's ops with its no-op submodules passed `through`, unless
-    the call would run more (`called_for_more`), and outside torch.compile's tracing."""
-    if torch.compiler.is_compiling() or type(mlp) is not _timm_classes()[1] or called_for_more(mlp):
+    """mlp(h), for timm's Mlp: its forward's ops with its no-op submodules passed `through`, where
+    that forward is the one copied here (`copied_forward`), unless the call would run more
+    (`called_for_more`), and outside torch.compile's tracing."""
+    if torch.compiler.is_compiling() or not timm_mlp(mlp) or called_for_more(mlp):
         return mlp(h)
     mods = mlp._modules
     a = through(mlp, "drop1", mods["act"](mods["fc1"](h)))

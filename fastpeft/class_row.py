@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .block import CLASS_ROW_PASS, PatchedRun, through, timm_sdpa_attention
+from .block import CLASS_ROW_PASS, PatchedRun, through, timm_mlp, timm_sdpa_attention
 from .methods.base import OutputHook
 
 
@@ -55,8 +55,6 @@ def _not_row_local(path: str, mod: nn.Module) -> str | None:
 
 def class_row_why_not(model: nn.Module) -> str | None:
     """None where the last block may run on the class token only; else why not."""
-    from timm.layers import Mlp
-
     if getattr(model, "global_pool", None) != "token" or getattr(model, "attn_pool", None) is not None:
         return f"global_pool={getattr(model, 'global_pool', None)!r} reads every token"
     if "forward" in model.__dict__:
@@ -73,9 +71,9 @@ def class_row_why_not(model: nn.Module) -> str | None:
         return f"{type(model).__name__}.forward_head is not timm's (it may read more than the class token's row)"
     attn = last.attn
     if not timm_sdpa_attention(attn):
-        return "the last block's attention is not timm's fused Attention"
-    if type(last.mlp) is not Mlp:
-        return "the last block's MLP is not timm's Mlp"
+        return "the last block's attention is not timm's fused Attention (with the forward fastpeft copies)"
+    if not timm_mlp(last.mlp):
+        return "the last block's MLP is not timm's Mlp (with the forward fastpeft copies)"
     not_local = list(dict.fromkeys(type(fn).__name__ for s in ("attn_branch", "mlp_in", "mlp_out", "ffn_out", "ffn_branch")
                                    for fn in slots[s] if not fn.class_row_local))
     if not_local:

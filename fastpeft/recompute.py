@@ -69,7 +69,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .block import BRANCHES_FIRST, PATCHED, PatchedRun, forward_hooked, plain_layer_norm, through, timm_sdpa_attention, vmapped
+from .block import (BRANCHES_FIRST, PATCHED, PatchedRun, forward_hooked, plain_layer_norm, through, timm_mlp,
+                    timm_sdpa_attention, vmapped)
 from .ops._autograd import once_differentiable, remake, remaker
 from .methods.base import OutputHook, active_hooks
 
@@ -608,10 +609,8 @@ def _gelu_ends_region(block) -> bool:
     no mlp_out slots; and a drop2 that draws nothing (else the recompute would have to run on to
     its mask, through the fc2 GEMM). Backward's recompute then needs the activation's input but
     never its output."""
-    from timm.layers import Mlp
-
     mlp = getattr(block, "mlp", None)
-    if type(mlp) is not Mlp or type(mlp.act) is not nn.GELU or type(mlp.norm) is not nn.Identity:
+    if not timm_mlp(mlp) or type(mlp.act) is not nn.GELU or type(mlp.norm) is not nn.Identity:
         return False
     fc2 = mlp.fc2
     if type(fc2) is not nn.Linear or fc2.weight.requires_grad or fc2._forward_hooks or fc2._forward_pre_hooks:
@@ -697,9 +696,7 @@ def _lean_mlp(block) -> bool:
     """Whether the MLP half may run lean (`_LeanActivation`): timm's Mlp, whose fc1 output feeds
     nothing but its activation (fc1, norm2, the activation and the layers after it may carry
     method hooks or be fused modules)."""
-    from timm.layers import Mlp
-
-    if type(block.mlp) is not Mlp:
+    if not timm_mlp(block.mlp):
         return False
     return not (_norm_read(block, "mlp") and _draws_rng(block.norm2))
 

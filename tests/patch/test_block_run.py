@@ -181,8 +181,13 @@ def test_inline_attention_and_mlp_are_timms_forwards_bit_for_bit(case):
     # the patched run's copies of timm's Attention / Mlp forwards (fastpeft/block.py
     # `attention_forward`, `mlp_forward`) against the installed timm's own, so that a timm whose
     # forwards change fails here
-    from fastpeft.block import attention_forward, mlp_forward
+    from timm.layers import Attention, Mlp
 
+    from fastpeft.block import attention_forward, copied_forward, mlp_forward
+
+    # the pinned timm's forwards are the copied ones (a timm whose forwards differ: re-check the
+    # copies against it, then add its sources' hashes to fastpeft.block.COPIED_FORWARDS)
+    assert copied_forward(Attention) and copied_forward(Mlp)
     kw = {"qk_norm": True} if case == "qk-norm" else {"attn_drop_rate": 0.2} if case == "attn-dropout" else {}
     blk = make_vit(depth=1, img_size=32, proj_drop_rate=0.1 if case == "attn-dropout" else 0.0, **kw).blocks[0]
     blk.train(case != "eval")
@@ -201,3 +206,32 @@ def test_inline_attention_and_mlp_are_timms_forwards_bit_for_bit(case):
         results.append((out, g))
     for (want, want_g), (got, got_g) in (results[:2], results[2:]):
         assert torch.equal(got, want) and torch.equal(got_g, want_g)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_timm_forward_not_copied_is_not_inlined(recompute, noop_calls):
+    # another timm's Attention / Mlp forward (none of the copied sources' hashes): patch inlines
+    # neither, so no class-row pass and no lean recompute halves, and the patched run calls those
+    # modules (their no-op submodules then run inside them)
+    ref = injected("bitfit")
+    m = copy.deepcopy(ref)
+    x = images(batch=2, img_size=32)
+    want_out, want = step(ref, x)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fastpeft.block, "COPIED_FORWARDS", frozenset())
+            fastpeft.block._copied_forward.cache_clear()
+            report = fastpeft.patch(m, backend="torch", recompute=recompute)
+            assert any(what.startswith("model.forward") and "forward fastpeft copies" in why
+                       for what, why in report.left_alone), str(report)
+            assert not any("lean recompute" in how for _, how, _ in report.patched), str(report)
+            noop_calls.clear()
+            got_out, got = step(m, x)
+    finally:
+        fastpeft.block._copied_forward.cache_clear()
+    names = {id(b.get_submodule(n)) for b in m.blocks for n in ("attn.q_norm", "attn.proj_drop", "mlp.drop1")}
+    assert {id(c) for c in noop_calls} >= names
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-4)
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
