@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
+_compiling = torch.compiler.is_compiling
+
 __all__ = ["SLOTS", "NO_SLOTS", "BlockRun", "STANDARD", "CLASS_ROW_PASS", "in_class_row_pass", "vmapped",
            "replaced_dataflow", "timm_sdpa_attention", "plain_layer_norm", "forward_hooked"]
 
@@ -108,10 +110,11 @@ def plain_layer_norm(norm: nn.Module) -> bool:
 
 
 @functools.cache
-def _timm_classes() -> tuple[type, type]:
-    from timm.layers import Attention, Mlp
+def _timm_classes() -> tuple[type, type, type]:
+    """(Attention, Mlp, DropPath), imported from timm on first use."""
+    from timm.layers import Attention, DropPath, Mlp
 
-    return Attention, Mlp
+    return Attention, Mlp, DropPath
 
 
 #: sha256 of the sources of the timm forwards that `attention_forward` and `mlp_forward` copy
@@ -142,13 +145,6 @@ def _copied_forward(cls: type) -> bool:
     return hashlib.sha256(src.encode()).hexdigest() in COPIED_FORWARDS
 
 
-@functools.cache
-def _drop_path() -> type:
-    from timm.layers import DropPath
-
-    return DropPath
-
-
 def called_for_more(m: nn.Module) -> bool:
     """Whether calling `m` runs more than its class's forward: a hook of its own (forward or
     backward, pre or post), a global module hook, or a `forward` replaced on the instance."""
@@ -172,13 +168,17 @@ def through(mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     elif cls is nn.Dropout:
         noop = not (m.training and m.p)
     else:
-        noop = cls is _drop_path() and not (m.training and m.drop_prob)
+        noop = cls is _timm_classes()[2] and not (m.training and m.drop_prob)
     if not noop or _compiling() or called_for_more(m):
         return m(t)
     return t
 
 
-_compiling = torch.compiler.is_compiling
+def split_heads(attn: nn.Module, qkv: torch.Tensor):
+    """q, k, v [B, H, N, d] each from timm Attention's qkv output [B, N, 3 H d], as its forward
+    splits them (views)."""
+    B, N, _ = qkv.shape
+    return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def forward_hooked(modules) -> bool:
@@ -302,10 +302,10 @@ def attention_forward(attn: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tenso
     order, with its no-op submodules passed `through`, where that forward is the one copied here
     (`copied_forward`), unless the call would run more (`called_for_more`), and outside
     torch.compile's tracing."""
-    if torch.compiler.is_compiling() or not timm_sdpa_attention(attn) or called_for_more(attn):
+    if _compiling() or not timm_sdpa_attention(attn) or called_for_more(attn):
         return attn(h, **kw)
     B, N, _ = h.shape
-    q, k, v = attn._modules["qkv"](h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = split_heads(attn, attn._modules["qkv"](h))
     q, k = through(attn, "q_norm", q), through(attn, "k_norm", k)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=kw.get("attn_mask"),
                                        dropout_p=attn._modules["attn_drop"].p if attn.training else 0.0,
@@ -318,7 +318,7 @@ def mlp_forward(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """mlp(h), for timm's Mlp: its forward's ops with its no-op submodules passed `through`, where
     that forward is the one copied here (`copied_forward`), unless the call would run more
     (`called_for_more`), and outside torch.compile's tracing."""
-    if torch.compiler.is_compiling() or not timm_mlp(mlp) or called_for_more(mlp):
+    if _compiling() or not timm_mlp(mlp) or called_for_more(mlp):
         return mlp(h)
     mods = mlp._modules
     a = through(mlp, "drop1", mods["act"](mods["fc1"](h)))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .block import CLASS_ROW_PASS, PatchedRun, through, timm_mlp, timm_sdpa_attention
+from .block import CLASS_ROW_PASS, PatchedRun, split_heads, through, timm_mlp, timm_sdpa_attention
 from .methods.base import OutputHook
 
 
@@ -151,7 +151,7 @@ class ClassRowRun(PatchedRun):
         attn = block.attn
         B, N, _ = h.shape
         H, d = attn.num_heads, attn.head_dim
-        q, k, v = attn.qkv(h).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(attn, attn.qkv(h))
         q, k = through(attn, "q_norm", q[:, :, :1]), through(attn, "k_norm", k)
         o = F.scaled_dot_product_attention(q, k, v)
         # from here on every op sees the class row only; torch dropouts draw over every row

@@ -218,15 +218,20 @@ class RecomputeRule(Rule):
                                           f"{BYTE_BUDGET}x the reference's saved bytes)", "torch"))
 
     def undo(self, model, record):
-        path, was_petl = record
-        blk = model.get_submodule(path)
-        del blk._fastpeft_run
-        blk.__dict__.pop("_fastpeft_keep", None)
-        blk.__dict__.pop("_fastpeft_lean", None)
-        blk.__dict__.pop("_fastpeft_params", None)
-        blk.__dict__.pop("_fastpeft_reads", None)
-        blk.__dict__.pop("_fastpeft_rows", None)
-        _unclass_if_unused(blk, was_petl)
+        _remove_run(model, record, "_fastpeft_keep", "_fastpeft_lean", "_fastpeft_params", "_fastpeft_reads",
+                    "_fastpeft_rows")
+
+
+def _remove_run(model: nn.Module, record: tuple[str, bool], *state: str) -> None:
+    """Undo a rule that gave the block at `record` = (path, was it a PetlBlock) its run: the run
+    and the `state` the rule kept on the block go, and the block its class back where nothing else
+    needs the PetlBlock form (`_unclass_if_unused`)."""
+    path, was_petl = record
+    blk = model.get_submodule(path)
+    del blk._fastpeft_run
+    for name in state:
+        blk.__dict__.pop(name, None)
+    _unclass_if_unused(blk, was_petl)
 
 
 def _params_read(blk: nn.Module) -> tuple[nn.Parameter, ...]:
@@ -401,7 +406,7 @@ class BlockRunRule(Rule):
 
         if not state_of(model):
             return []
-        records = []
+        records, idx = [], []
         for i, blk in enumerate(model.blocks):
             if replaced_dataflow(blk) or "_fastpeft_run" in blk.__dict__:
                 continue
@@ -409,17 +414,15 @@ class BlockRunRule(Rule):
             ensure_petl_block(blk)
             blk._fastpeft_run = PATCHED
             records.append((f"blocks.{i}", was_petl))
+            idx.append(i)
         if records:
-            report.patched.append((f"blocks {_ranges([int(p.split('.')[1]) for p, _ in records])}",
+            report.patched.append((f"blocks {_ranges(idx)}",
                                    "block run without the calls of its no-op modules (Identity, rate-0 "
                                    "Dropout / DropPath); Attention and Mlp forwards inline", "torch"))
         return records
 
     def undo(self, model, record):
-        path, was_petl = record
-        blk = model.get_submodule(path)
-        del blk._fastpeft_run
-        _unclass_if_unused(blk, was_petl)
+        _remove_run(model, record)
 
 
 #: rules tried after the fused-kernel rules of fastpeft/fused (which import Triton lazily); VQT's

@@ -69,8 +69,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .block import (BRANCHES_FIRST, PATCHED, PatchedRun, forward_hooked, plain_layer_norm, through, timm_mlp,
-                    timm_sdpa_attention, vmapped)
+from .block import (BRANCHES_FIRST, PATCHED, PatchedRun, forward_hooked, plain_layer_norm, split_heads, through,
+                    timm_mlp, timm_sdpa_attention, vmapped)
 from .ops._autograd import once_differentiable, remake, remaker
 from .methods.base import OutputHook, active_hooks
 
@@ -799,11 +799,6 @@ def _fc1_output(block, y: torch.Tensor, replay: _Replay) -> torch.Tensor:
     return fc1(h2)
 
 
-def _split_heads(attn, qkv: torch.Tensor):
-    B, N, _ = qkv.shape
-    return qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 class _LeanAttention(torch.autograd.Function):
     """timm's SDPA attention over a qkv output, saving none of q, k, v (3 [B, N, D]) nor its output:
     only norm1's input x, which norm1 saves anyway. Backward recomputes the qkv output's value
@@ -821,7 +816,7 @@ class _LeanAttention(torch.autograd.Function):
         # (the qkv op that can give its output again from what it keeps, where the attention
         # draws nothing: then the only draws backward replays are the layers' it does not re-run)
         ctx.node = node if ctx.drop == 0.0 else None
-        q, k, v = _split_heads(attn, qkv)
+        q, k, v = split_heads(attn, qkv)
         mask, causal = kw.get("attn_mask"), kw.get("is_causal", False)
         # (decided here for backward too: its recompute runs on the same q / k / v)
         ctx.flash = _cpu_flash(q, k, v, ctx.drop, kw, replay)
@@ -850,7 +845,7 @@ class _LeanAttention(torch.autograd.Function):
             if qkv is None:  # (the layers re-run: norm1, qkv and their hooks)
                 norm1, layer = block._modules["norm1"], attn._modules["qkv"]
                 qkv = _with_predrawn(block, predrawn, layer, norm1(x)) if predrawn else _norm_linear(norm1, layer, x)
-            q, k, v = _split_heads(attn, qkv)
+            q, k, v = split_heads(attn, qkv)
             mask, causal = ctx.kw.get("attn_mask"), ctx.kw.get("is_causal", False)
             if kept or ctx.flash:
                 # the kernel pair F.scaled_dot_product_attention's autograd runs here, called
@@ -863,7 +858,7 @@ class _LeanAttention(torch.autograd.Function):
                 return torch.stack((dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)), 2).view(qkv.shape)
             qkv.requires_grad_()
             with torch.enable_grad(), _backward_local():
-                q, k, v = _split_heads(attn, qkv)
+                q, k, v = split_heads(attn, qkv)
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=ctx.drop, **ctx.kw)
             return torch.autograd.grad(out, qkv, grad)[0]
 
@@ -964,7 +959,7 @@ class LeanRun(PatchedRun):
         if qkv.requires_grad:
             o = _LeanAttention.apply(qkv, x, block, replay, kw, "attn" in keep, remaker(qkv), *predrawn)
         else:  # (nothing before the attention needs a gradient: nothing to save)
-            q, k, v = _split_heads(attn, qkv)
+            q, k, v = split_heads(attn, qkv)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, **kw)
         B, N, _ = qkv.shape
         o = through(attn, "norm", o.transpose(1, 2).reshape(B, N, -1))
