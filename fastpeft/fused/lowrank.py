@@ -37,20 +37,60 @@ def _ops():
     return lowrank
 
 
+def _layout(hook: OutputHook, key: tuple, make):
+    """The op layout a LoRA hook's fused call makes (A, B) with: made by `make()` (the functional's
+    own argument checks, then the layout) when `key`, the hook's settings it is made from,
+    differs from the last call's; else the one made then."""
+    made = hook.__dict__.get("_fused_layout")
+    if made is None or made[0] != key:
+        made = hook.__dict__["_fused_layout"] = (key, make())
+    return made[1]
+
+
 def _noah(layer, hook: NoahLoRAHook, x):
     ol = _ops()
     a = hook.attn
-    return ol.lora_noah_qkv(x, layer.weight, layer.bias, a.LoRA_a.weight, a.LoRA_b.weight, rank=hook.rank,
-                            scale=hook.scale, dropout_p=hook.dropout_p, training=a.training)
+    lora_a, lora_b = a.LoRA_a.weight, a.LoRA_b.weight
+    rank, scale, p = hook.rank, hook.scale, hook.dropout_p
+    if torch.compiler.is_compiling():
+        return ol.lora_noah_qkv(x, layer.weight, layer.bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=p,
+                                training=a.training)
+
+    def checks():
+        return ol.noah_layout(lora_a, lora_b, rank, scale)
+
+    layout = _layout(hook, (rank, scale, lora_a.shape[0]), checks)
+    return ol.lowrank_bound(x, layer.weight, layer.bias, layout, (lora_a, lora_b), p, True, a.training, checks)
+
+
+def _petl_modules(hook: PetlLoRAHook) -> tuple:
+    """(the targets' down Linears, their up Linears, the dropout) of a PETL-ViT LoRA hook, in its
+    target order: looked up once and kept on the hook (their parameters are read on every call)."""
+    mods = hook.__dict__.get("_fused_modules")
+    if mods is None:
+        lora = [getattr(hook.attn, f"lora_{t}") for t in hook.targets]
+        mods = hook.__dict__["_fused_modules"] = (tuple(m.adapter_down for m in lora),
+                                                  tuple(m.adapter_up for m in lora), lora[0].dropout)
+    return mods
 
 
 def _petl(layer, hook: PetlLoRAHook, x):
     ol = _ops()
-    mods = {t: getattr(hook.attn, f"lora_{t}") for t in hook.targets}
-    drop = next(iter(mods.values())).dropout
-    return ol.lora_petl_qkv(x, layer.weight, layer.bias, {t: m.adapter_down.weight for t, m in mods.items()},
-                            {t: m.adapter_up.weight for t, m in mods.items()}, scale=hook.scale,
-                            dropout_p=drop.p, training=drop.training)
+    downs, ups, drop = _petl_modules(hook)
+    targets, scale = hook.targets, hook.scale
+    params = (*(m.weight for m in downs), *(m.weight for m in ups))
+    if torch.compiler.is_compiling():
+        return ol.lora_petl_qkv(x, layer.weight, layer.bias, dict(zip(targets, params)),
+                                dict(zip(targets, params[len(targets):])), scale=scale, dropout_p=drop.p,
+                                training=drop.training)
+
+    def checks():
+        return ol.petl_layout(layer.weight, dict(zip(targets, params)), dict(zip(targets, params[len(targets):])),
+                              scale)
+
+    key = (layer.weight.shape[0], targets, dict(scale) if isinstance(scale, dict) else scale)
+    return ol.lowrank_bound(x, layer.weight, layer.bias, _layout(hook, key, checks), params, drop.p, False,
+                            drop.training, checks)
 
 
 def _noah_rows(layer, hook: NoahLoRAHook, x):

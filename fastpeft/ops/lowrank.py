@@ -406,6 +406,28 @@ def _lowrank_call(x, weight, bias, layout, params, dropout_p, drop_input, traini
     return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), triton_path, False, layout, *params)
 
 
+def lowrank_bound(x, weight, bias, layout, params, dropout_p: float, drop_input: bool, training: bool, checks):
+    """`_lowrank_call` for a caller that made `layout` once (the fused layers, fastpeft/fused/lowrank.py;
+    eager only): every argument check, the functional's own (`checks()`, e.g. `petl_layout`) and
+    `_lowrank_call`'s, runs on the first call of each signature only (`_CHECKED`: every tensor's
+    shape, dtype and device, the layout, dropout p, the mode), so a changed dtype, device or
+    shape is checked again before anything launches; other calls go straight to the op."""
+    key = _CHECKED.key(x, weight, bias, *params, extra=(layout, dropout_p, training, drop_input))
+    if not _CHECKED.seen(key):
+        checks()
+        out = _lowrank_call(x, weight, bias, layout, params, dropout_p, drop_input, training, None)
+        _CHECKED.add(key)
+        return out
+    _check_frozen("lowrank_linear", weight)  # (grad mode is not in the key)
+    dt = x.dtype
+    if weight.dtype != dt:
+        weight, bias = cast_param(weight, dt), cast_param(bias, dt)
+    p = dropout_p if training else 0.0
+    seed = _seed(p, None, x)
+    return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), _triton_ok(x, layout.rank(params)),
+                                  False, layout, *params)
+
+
 def _validate_made(x, weight, bias, layout, params, p, seed):
     """`_validate` on the (a, b) that `layout` makes from `params` (made under no grad)."""
     with torch.no_grad():
@@ -456,12 +478,17 @@ def _noah_rank(op: str, lora_a, lora_b, a_rows: int, b_cols: int, rank, scale) -
 def lora_noah_qkv(x, weight, bias, lora_a, lora_b, *, rank: int | None = None, scale: float = 1.0,
                   dropout_p: float = 0.1, training: bool = False, seed=None):
     """NOAH LoRA (ZhangYuanhan-AI/NOAH `Attention`): qkv = x W^T + b + s * B[:, :r] A[:r] drop(x) (dropout on the input)."""
+    return _lowrank_call(x, weight, bias, noah_layout(lora_a, lora_b, rank, scale), (lora_a, lora_b), dropout_p, True,
+                         training, seed)
+
+
+def noah_layout(lora_a, lora_b, rank: int | None, scale: float) -> _NoahLayout:
+    """`lora_noah_qkv`'s own argument checks; the layout its op makes (A, B) with."""
     op = "lora_noah_qkv"
     check_tensor(op, "lora_a", lora_a, dim=2)
     check_tensor(op, "lora_b", lora_b, dim=2)
     r = _noah_rank(op, lora_a, lora_b, lora_a.shape[0], lora_b.shape[1], rank, scale)
-    return _lowrank_call(x, weight, bias, _NoahLayout((r, float(scale))), (lora_a, lora_b), dropout_p, True,
-                         training, seed)
+    return _NoahLayout((r, float(scale)))
 
 
 def _noah_factors(r: int, scale: float, lora_a, lora_b):
@@ -497,15 +524,21 @@ def lora_petl_qkv(x, weight, bias, downs: dict, ups: dict, *, scale: float = 1.0
     `scale` is one float or a dict t -> s_t. Dropout masks: u = [u_t1 | u_t2 ...] [M, sum r] in
     the order of `downs`.
     """
+    layout = petl_layout(weight, downs, ups, scale)
+    return _lowrank_call(x, weight, bias, layout, (*downs.values(), *(ups[t] for t in downs)), dropout_p, False,
+                         training, seed)
+
+
+def petl_layout(weight, downs: dict, ups: dict, scale) -> _PetlLayout:
+    """`lora_petl_qkv`'s own argument checks; the layout its op makes (A, B) with, from the
+    parameters (downs in their order, then ups in the same order)."""
     ad, targets, sc = _petl_targets("lora_petl_qkv", weight, downs, ups, scale)
     for t in targets:
         check_tensor("lora_petl_qkv", f"downs[{t!r}]", downs[t], dim=2)
         check_tensor("lora_petl_qkv", f"ups[{t!r}]", ups[t], dim=2,
                      shape=(ad, downs[t].shape[0]) if downs[t].dim() == 2 else None)
         _check_scale("lora_petl_qkv", sc[t], f"scale[{t!r}]")
-    layout = _PetlLayout((ad, tuple((_QKV.index(t) * ad, float(sc[t])) for t in targets)))
-    return _lowrank_call(x, weight, bias, layout, (*(downs[t] for t in targets), *(ups[t] for t in targets)),
-                         dropout_p, False, training, seed)
+    return _PetlLayout((ad, tuple((_QKV.index(t) * ad, float(sc[t])) for t in targets)))
 
 
 def _petl_factors(ad: int, placed: tuple, *factors):

@@ -194,3 +194,53 @@ def test_convpass_fused_bypass_checks_each_new_signature():
     assert out.dtype == torch.float32
     conv.adapter_up.weight.data = conv.adapter_up.weight.data.float()
     torch.testing.assert_close(out, fn.original(h, h), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", ["lora-noah", "lora-petl-qv"])
+def test_lora_fused_layer_checks_each_new_signature_and_setting(case, monkeypatch):
+    # the fused LoRA layer makes its op's layout once per hook setting and runs the functional's
+    # argument checks once per call signature (fastpeft/ops/lowrank.py lowrank_bound): a new
+    # shape, dtype or setting is checked (and the layout made) again, bad parameters still raise
+    import fastpeft.ops.lowrank as L
+
+    m = build(case, depth=1, img_size=32)
+    fastpeft.patch(m, backend="triton")
+    layer = m.blocks[0].attn.qkv
+    hook = layer._fastpeft_hook
+    name = "noah_layout" if case == "lora-noah" else "petl_layout"
+    calls = []
+    real = getattr(L, name)
+    monkeypatch.setattr(L, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def check(batch):
+        x = torch.randn(batch, 5, m.embed_dim, requires_grad=True)
+        got = layer(x)
+        want = hook.apply(x, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0],
+                                   torch.autograd.grad(want.square().sum(), x)[0], atol=ATOL, rtol=RTOL)
+
+    check(1)
+    first = len(calls)
+    assert first >= 1  # the first call of a signature runs the functional's checks
+    check(1)
+    assert len(calls) == first  # the same signature: none
+    check(2)
+    assert len(calls) > first  # a new shape: checked again
+    # a changed setting: the layout is made (and checked) again, the result follows it
+    before = len(calls)
+    if case == "lora-noah":
+        hook.rank = 2
+    else:
+        hook.scale = 3.0
+    check(2)
+    assert len(calls) > before
+    # a parameter of the wrong shape: the functional's clear error before anything launches
+    if case == "lora-noah":
+        bad, match = m.blocks[0].attn.LoRA_b, r"lora_b .* must have as many columns"
+    else:
+        bad, match = m.blocks[0].attn.lora_v.adapter_up, r"ups\['v'\] must have shape"
+    with torch.no_grad():
+        bad.weight = torch.nn.Parameter(bad.weight[:, :-1].clone())
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(2, 5, m.embed_dim))
