@@ -420,8 +420,7 @@ def lowrank_bound(x, weight, bias, layout, params, dropout_p: float, drop_input:
         return out
     _check_frozen("lowrank_linear", weight)  # (grad mode is not in the key)
     dt = x.dtype
-    if weight.dtype != dt:
-        weight, bias = cast_param(weight, dt), cast_param(bias, dt)
+    weight, bias = cast_param(weight, dt), cast_param(bias, dt)
     p = dropout_p if training else 0.0
     seed = _seed(p, None, x)
     return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), _triton_ok(x, layout.rank(params)),

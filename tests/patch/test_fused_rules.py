@@ -235,6 +235,9 @@ def test_lora_fused_layer_checks_each_new_signature_and_setting(case, monkeypatc
         hook.scale = 3.0
     check(2)
     assert len(calls) > before
+    # an input of another dtype after patch: checked again, a clear error before anything launches
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        layer(torch.randn(2, 5, m.embed_dim, dtype=torch.float64))
     # a parameter of the wrong shape: the functional's clear error before anything launches
     if case == "lora-noah":
         bad, match = m.blocks[0].attn.LoRA_b, r"lora_b .* must have as many columns"
