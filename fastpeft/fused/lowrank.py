@@ -79,14 +79,16 @@ def _petl(layer, hook: PetlLoRAHook, x):
     downs, ups, drop = _petl_modules(hook)
     targets, scale = hook.targets, hook.scale
     params = (*(m.weight for m in downs), *(m.weight for m in ups))
+
+    def by_target():  # (the functional's form of the parameters, built only where it is called)
+        return dict(zip(targets, params)), dict(zip(targets, params[len(targets):]))
+
     if torch.compiler.is_compiling():
-        return ol.lora_petl_qkv(x, layer.weight, layer.bias, dict(zip(targets, params)),
-                                dict(zip(targets, params[len(targets):])), scale=scale, dropout_p=drop.p,
+        return ol.lora_petl_qkv(x, layer.weight, layer.bias, *by_target(), scale=scale, dropout_p=drop.p,
                                 training=drop.training)
 
     def checks():
-        return ol.petl_layout(layer.weight, dict(zip(targets, params)), dict(zip(targets, params[len(targets):])),
-                              scale)
+        return ol.petl_layout(layer.weight, *by_target(), scale)
 
     key = (layer.weight.shape[0], targets, dict(scale) if isinstance(scale, dict) else scale)
     return ol.lowrank_bound(x, layer.weight, layer.bias, _layout(hook, key, checks), params, drop.p, False,

@@ -402,6 +402,11 @@ def _lowrank_call(x, weight, bias, layout, params, dropout_p, drop_input, traini
         return out
     _CHECKED.check(False, lambda: _validate_made(x, weight, bias, layout, params, p, seed),
                    x, weight, bias, *params, seed, extra=(p, layout))
+    return _apply(x, weight, bias, p, seed, drop_input, layout, params)
+
+
+def _apply(x, weight, bias, p, seed, drop_input, layout, params):
+    """`_LowRankFunction` on checked arguments, on the Triton path where the rank allows."""
     triton_path = _triton_ok(x, params[0].shape[0] if layout is None else layout.rank(params))
     return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), triton_path, False, layout, *params)
 
@@ -422,9 +427,7 @@ def lowrank_bound(x, weight, bias, layout, params, dropout_p: float, drop_input:
     dt = x.dtype
     weight, bias = cast_param(weight, dt), cast_param(bias, dt)
     p = dropout_p if training else 0.0
-    seed = _seed(p, None, x)
-    return _LowRankFunction.apply(x, weight, bias, p, seed, bool(drop_input), _triton_ok(x, layout.rank(params)),
-                                  False, layout, *params)
+    return _apply(x, weight, bias, p, _seed(p, None, x), drop_input, layout, params)
 
 
 def _validate_made(x, weight, bias, layout, params, p, seed):
