@@ -1,8 +1,9 @@
 """`fastpeft.patch` on CUDA models: every method's patched ViT (Triton kernels, compiled) gives the
 reference model's logits and parameter gradients, by default and with recompute=True; bf16 models
 stay as close to the fp32 reference as the bf16 reference itself; torch.compile(fullgraph=True)
-runs over a patched model; the class-token-only last block draws eager's dropout masks; VQT uses
-the CUDA extension and keeps the frozen tokens bit-identical.
+runs over a patched model, also as CUDA graphs (mode="reduce-overhead": the eager step's
+gradients, fresh dropout masks per replay); the class-token-only last block draws eager's
+dropout masks; VQT uses the CUDA extension and keeps the frozen tokens bit-identical.
 """
 from __future__ import annotations
 
@@ -98,6 +99,42 @@ def test_compile_fullgraph_over_patched_model(case):
     close("logits", out1, out0, atol=1e-4, rtol=1e-3)  # inductor re-fuses the frozen ops around ours
     for n in g0:
         close(n, g1[n], g0[n], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["adaptformer-parallel", "lora-petl-qv", "ssf", "fact-tt"])
+def test_graphed_train_step_over_patched_model(case):
+    # the README's recipe: torch.compile(patch(model), mode="reduce-overhead") replays the forward
+    # and the backward as CUDA graphs; each replay's gradients are the eager patched step's
+    m = build(case, img_size=224)
+    x = images(img_size=224).cuda()
+    fastpeft.patch(m)
+    out0, g0 = step(m, x)
+    graphed = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # record, then replay
+        torch.compiler.cudagraph_mark_step_begin()
+        m.zero_grad(set_to_none=True)
+        out1 = graphed(x)
+        out1.float().square().mean().backward()
+        out1, g1 = out1.detach().float().clone(), grads_of(m)
+        close("logits", out1, out0, atol=1e-4, rtol=1e-3)
+        for n in g0:
+            close(n, g1[n], g0[n], atol=1e-4, rtol=1e-3)
+
+
+def test_graphed_step_draws_new_dropout_masks_each_replay():
+    # a fused op's dropout seed is a random op inside the graph, not a constant of the recording
+    m = make_vit(img_size=224)
+    fastpeft.inject(m, fastpeft.LoRA(rank=8, dropout=0.5))
+    randomize_([p for _, p in fastpeft.trainable_parameters(m)])
+    m = m.cuda().train()
+    fastpeft.patch(m)
+    graphed = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+    x = images(img_size=224).cuda()
+    outs = []
+    for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        outs.append(graphed(x).detach().clone())
+    assert all(not torch.equal(a, b) for a, b in zip(outs[1:], outs[2:]))  # replays: new masks
 
 
 @pytest.mark.parametrize("case", ["adaptformer", "noah", "fact-tk", "convpass", "mlp-dropout"])
