@@ -176,12 +176,16 @@ def through(mod: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
 
 def split_heads(attn: nn.Module, qkv: torch.Tensor):
     """q, k, v [B, H, N, d] each from timm Attention's qkv output [B, N, 3 H d]: the views its
-    forward makes (same shapes and strides), split on the qkv axis before the head axis moves, so
-    that autograd's backward stacks the three gradients straight into the qkv layout
-    [B, N, 3, H, d] (one op), where timm's permute-then-unbind stacks them [3, B, H, N, d] and
-    then copies that into the qkv layout."""
+    forward makes (same shapes and strides). Where autograd records them, they are split on the
+    qkv axis before the head axis moves, so that backward stacks the three gradients straight
+    into the qkv layout [B, N, 3, H, d] (one op), where timm's permute-then-unbind stacks them
+    [3, B, H, N, d] and then copies that into the qkv layout; without a graph, timm's order (two
+    view ops fewer)."""
     B, N, _ = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
+    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)
+    if not (qkv.requires_grad and torch.is_grad_enabled()):
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv.unbind(2)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 

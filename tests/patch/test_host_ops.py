@@ -44,9 +44,12 @@ def test_split_heads_gives_timms_views_and_its_backward_is_one_stack(dtype):
     B, N, H, d = 3, 7, attn.num_heads, attn.head_dim
     qkv = torch.randn(B, N, 3 * H * d, dtype=dtype, requires_grad=True)
     timm_split = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # timm Attention.forward's
+    with torch.no_grad():
+        no_graph = split_heads(attn, qkv)
     got = split_heads(attn, qkv)
-    for g, w in zip(got, timm_split, strict=True):
-        assert (g.shape, g.stride(), g.data_ptr()) == (w.shape, w.stride(), w.data_ptr())
+    for views in (got, no_graph):
+        for g, w in zip(views, timm_split, strict=True):
+            assert (g.shape, g.stride(), g.data_ptr()) == (w.shape, w.stride(), w.data_ptr())
     grads = [torch.randn(B, H, N, d, dtype=dtype) for _ in range(3)]
     with _Ops() as timm_ops:
         (want,) = torch.autograd.grad(timm_split, qkv, grads)
