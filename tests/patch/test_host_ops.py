@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench import host as bench_host
 from tests.methods.conftest import make_vit
-
-bench_host = pytest.importorskip("bench.host")
 
 
 @pytest.mark.parametrize("label", bench_host.method_labels())
