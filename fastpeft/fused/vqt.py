@@ -10,9 +10,12 @@ the original tokens never attend to the queries, so their hidden states are cons
 
   frozen path, under torch.no_grad():  x_next = Block.forward(x) (timm's own forward: bit-identical
       to the frozen model), with a temporary capture on attn.qkv (its instance `forward` for the
-      call; a forward hook while compiling) that captures its input
-      h = LN1(x) [B, N, D] and output (whose K/V slices, [B, H, N, d] strided views, feed the
-      query attention without a copy);
+      call) that captures its input h = LN1(x) [B, N, D] and output (whose K/V slices,
+      [B, H, N, d] strided views, feed the query attention without a copy). Under
+      torch.compile's tracing, LN1 and attn.qkv are called once more for h and the qkv output
+      (the compiler folds the repeat into the block's own calls) and the query attention is the
+      registered op, so the trace has no graph break; a forward hook on either module (it would
+      see the extra call) takes a temporary forward hook instead, which breaks the graph;
   query path, with autograd:  LN1 -> q rows of attn.qkv -> q_norm -> vqt_query_attention(q, K, V)
       -> attn.norm / gate -> proj -> residual -> LN2 -> MLP -> residual, with the block's own modules.
 
@@ -205,6 +208,8 @@ def _needs_reference(block: nn.Module, x: torch.Tensor, params: tuple) -> bool:
     # anything else needs the backbone's backward, which only the reference computes.
     if not torch.is_grad_enabled():
         return False
+    if torch.compiler.is_compiling():  # (Dynamo traces no attrgetter call)
+        return x.requires_grad or any(p.requires_grad for p in params)
     return x.requires_grad or any(map(_REQUIRES_GRAD, params))
 
 
@@ -267,6 +272,13 @@ class FusedVQTBlock(SlotFn):
                     x_next = block._fastpeft_orig_class.forward(block, x)
                 finally:
                     del qkv.__dict__["forward"]
+            elif torch.compiler.is_compiling() and not forward_hooked((block.norm1, qkv)):
+                # (traced: LN1 and the qkv layer called once more for their outputs, which the
+                # compiler's common-subexpression pass folds into the block's own calls; no hook
+                # sees the extra call, and no hook is registered inside the graph)
+                capture.h = block.norm1(x)
+                capture.qkv = qkv(capture.h)
+                x_next = block._fastpeft_orig_class.forward(block, x)
             else:
                 handle = qkv.register_forward_hook(capture)
                 try:
@@ -317,8 +329,11 @@ class _QueryRun(BlockRun):
         qh = attn.q_norm(qq.view(B, Qn, H, d).transpose(1, 2))
         kv = self.qkv.view(B, N, 3, H, d)
         k, v = kv[:, :, 1].transpose(1, 2), kv[:, :, 2].transpose(1, 2)
-        absorbed = use_absorbed_backward(q.device, H, Qn, d, D, B * N)
-        o = _QueryAttention.apply(qh, k, v, h, weight, bias, float(attn.scale), self.impl, absorbed)
+        if torch.compiler.is_compiling():  # (traced: the registered op, its fake and autograd formulas)
+            o, _ = torch.ops.fastpeft.vqt_query_attention(qh, k, v, float(attn.scale))
+        else:
+            absorbed = use_absorbed_backward(q.device, H, Qn, d, D, B * N)
+            o = _QueryAttention.apply(qh, k, v, h, weight, bias, float(attn.scale), self.impl, absorbed)
         o = attn.norm(o.transpose(1, 2).reshape(B, Qn, A))
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(hq).sigmoid()

@@ -216,6 +216,24 @@ def test_vqt_patched_matches_reference(Q):
         close(n, g1[n], g0[n])
 
 
+def test_vqt_compile_fullgraph_matches_eager_patch():
+    # under tracing the query attention is the registered op (its CUDA kernel and formulas)
+    fused = _vqt(4)
+    fastpeft.patch(fused)
+    x = images(img_size=224).cuda()
+    l0, g0 = _vqt_step(fused, x)
+    compiled = torch.compile(fused, fullgraph=True)
+    for p in fused.parameters():
+        p.grad = None
+    logits = compiled(x)
+    (logits.float() * torch.linspace(-1, 1, logits.shape[1], device="cuda")).sum().backward()
+    l1, g1 = logits.detach().float(), {n: p.grad.float() for n, p in fused.named_parameters() if p.grad is not None}
+    close("logits", l1, l0, atol=1e-4, rtol=1e-3)
+    assert set(g1) == set(g0)
+    for n in g0:
+        close(n, g1[n], g0[n], atol=1e-4, rtol=1e-3)
+
+
 def test_vqt_frozen_tokens_bit_identical():
     from tests.test_vqt_patch import _block_io
 

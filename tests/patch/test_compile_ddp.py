@@ -75,23 +75,8 @@ def _demo_method_without_dropout(label: str):
     return dataclasses.replace(method, **off)
 
 
-#: methods whose patched forward breaks the graph today, with why (strict: fixing one fails here)
-GRAPH_BREAKS = {
-    "VQT": "fastpeft/fused/vqt.py FusedVQTBlock registers a forward hook on attn.qkv inside every "
-           "forward (to capture its input and output) and removes it after; Dynamo cannot trace "
-           "register_forward_hook (setattr of RemovableHandle.next_id on the class). A hook installed "
-           "once at patch time and armed per call would not break the graph",
-}
-
-
-def _demo_case(label: str):
-    why = GRAPH_BREAKS.get(label)
-    mark = pytest.mark.xfail(reason=why, strict=True, raises=torch._dynamo.exc.Unsupported)
-    return pytest.param(label, marks=mark) if why else label
-
-
 @pytest.mark.parametrize("recompute", [False, True], ids=["default", "recompute"])
-@pytest.mark.parametrize("label", [_demo_case(label) for label in DEMO_LABELS])
+@pytest.mark.parametrize("label", DEMO_LABELS)
 def test_compile_fullgraph_every_method(label, recompute):
     m = make_vit(depth=DEMO_DEPTH, img_size=32)
     with warnings.catch_warnings():
