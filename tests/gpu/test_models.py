@@ -190,10 +190,11 @@ def _vqt(Q, dtype=torch.float32):
     return m.to(device="cuda", dtype=dtype)
 
 
-def _vqt_step(m, x):
+def _vqt_step(m, x, call=None):
+    """(logits, grads) of one step of `m`, run through `call` (e.g. a compiled m) where given."""
     for p in m.parameters():
         p.grad = None
-    logits = m(x)
+    logits = (call or m)(x)
     (logits.float() * torch.linspace(-1, 1, logits.shape[1], device="cuda")).sum().backward()
     return logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
 
@@ -222,12 +223,7 @@ def test_vqt_compile_fullgraph_matches_eager_patch():
     fastpeft.patch(fused)
     x = images(img_size=224).cuda()
     l0, g0 = _vqt_step(fused, x)
-    compiled = torch.compile(fused, fullgraph=True)
-    for p in fused.parameters():
-        p.grad = None
-    logits = compiled(x)
-    (logits.float() * torch.linspace(-1, 1, logits.shape[1], device="cuda")).sum().backward()
-    l1, g1 = logits.detach().float(), {n: p.grad.float() for n, p in fused.named_parameters() if p.grad is not None}
+    l1, g1 = _vqt_step(fused, x, torch.compile(fused, fullgraph=True))
     close("logits", l1, l0, atol=1e-4, rtol=1e-3)
     assert set(g1) == set(g0)
     for n in g0:
