@@ -11,11 +11,10 @@ the original tokens never attend to the queries, so their hidden states are cons
   frozen path, under torch.no_grad():  x_next = Block.forward(x) (timm's own forward: bit-identical
       to the frozen model), with a temporary capture on attn.qkv (its instance `forward` for the
       call) that captures its input h = LN1(x) [B, N, D] and output (whose K/V slices,
-      [B, H, N, d] strided views, feed the query attention without a copy). Under
-      torch.compile's tracing, LN1 and attn.qkv are called once more for h and the qkv output
-      (the compiler folds the repeat into the block's own calls) and the query attention is the
-      registered op, so the trace has no graph break; a forward hook on either module (it would
-      see the extra call) takes a temporary forward hook instead, which breaks the graph;
+      [B, H, N, d] strided views, feed the query attention without a copy). torch.compile
+      traces that swap, and the query attention is then the registered op, so the trace has no
+      graph break; where attn.qkv already has an instance `forward`, a temporary forward hook
+      captures instead (a graph break under torch.compile);
   query path, with autograd:  LN1 -> q rows of attn.qkv -> q_norm -> vqt_query_attention(q, K, V)
       -> attn.norm / gate -> proj -> residual -> LN2 -> MLP -> residual, with the block's own modules.
 
@@ -231,11 +230,7 @@ class FusedVQTBlock(SlotFn):
         ref = self.ref
         params = self._params
         if params is None or params[0] is not block:
-            # the block's parameter objects, collected once (`block.parameters()` walks every
-            # submodule); their requires_grad is read on every call, so unfreezing them after
-            # patch is seen (a parameter object swapped in later is not: patch again); and the
-            # one-node plan of the query rows where the block is a plain timm Block
-            params = self._params = (block, tuple(block.parameters()), _query_block_plan(block))
+            params = self.bind(block)
         if attn_mask is not None or is_causal or vmapped(x) or _needs_reference(block, x, params[1]):
             return ref(block, x, attn_mask, is_causal)
         if ref.layer == 0:
@@ -266,19 +261,12 @@ class FusedVQTBlock(SlotFn):
                 capture.h = block.norm1(x)
                 capture.qkv = block.attn.qkv(capture.h)
                 x_next = self._query_path(block, x[:, :1], capture.h, capture.qkv)
-            elif "forward" not in (qkv := block.attn.qkv).__dict__ and not torch.compiler.is_compiling():
+            elif "forward" not in (qkv := block.attn.qkv).__dict__:  # (Dynamo traces the swap too)
                 qkv.__dict__["forward"] = _CapturingForward(qkv, capture)
                 try:
                     x_next = block._fastpeft_orig_class.forward(block, x)
                 finally:
                     del qkv.__dict__["forward"]
-            elif torch.compiler.is_compiling() and not forward_hooked((block.norm1, qkv)):
-                # (traced: LN1 and the qkv layer called once more for their outputs, which the
-                # compiler's common-subexpression pass folds into the block's own calls; no hook
-                # sees the extra call, and no hook is registered inside the graph)
-                capture.h = block.norm1(x)
-                capture.qkv = qkv(capture.h)
-                x_next = block._fastpeft_orig_class.forward(block, x)
             else:
                 handle = qkv.register_forward_hook(capture)
                 try:
@@ -295,6 +283,16 @@ class FusedVQTBlock(SlotFn):
             out = self._query_path(block, q, capture.h, capture.qkv)
         ref.outputs.items.append(out)
         return x_next
+
+    def bind(self, block: nn.Module) -> tuple:
+        """The block's parameter objects, collected once (`block.parameters()` walks every
+        submodule; their requires_grad is read on every call, so unfreezing them after patch is
+        seen, a parameter object swapped in later is not: patch again), and the one-node plan of
+        the query rows where the block is a plain timm Block. Bound when `patch` installs this, so
+        that a compiled model's first call does not fill it (a guard that would fail on the
+        second call: one more compile)."""
+        self._params = (block, tuple(block.parameters()), _query_block_plan(block))
+        return self._params
 
     @property
     def _impls(self):
@@ -635,6 +633,7 @@ class VQTRule(Rule):
                 continue
             fns = blk._fastpeft_slots["block_fn"]
             fns[0] = FusedVQTBlock(fns[0], impl)
+            fns[0].bind(blk)
             records.append(("block", f"blocks.{i}"))
             done.append(i)
         if done:
