@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import host as bench_host
+from bench.measure import HostOpCounter
 from tests.methods.conftest import make_vit
 
 
@@ -20,19 +20,6 @@ def test_default_patch_launches_no_more_than_eager_per_step(label):
     eager, patch = rows["eager"], rows["patch"]
     assert patch["launches"] <= eager["launches"], (label, patch["launches"], eager["launches"],
                                                     patch["triton_by_kernel"])
-
-
-class _Ops(TorchDispatchMode):
-    """The aten ops that do work (not views), by name, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in ("empty", "empty_strided"):
-            self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,10 +37,11 @@ def test_split_heads_gives_timms_views_and_its_backward_is_one_stack(dtype):
         for g, w in zip(views, timm_split, strict=True):
             assert (g.shape, g.stride(), g.data_ptr()) == (w.shape, w.stride(), w.data_ptr())
     grads = [torch.randn(B, H, N, d, dtype=dtype) for _ in range(3)]
-    with _Ops() as timm_ops:
+    with HostOpCounter() as timm_ops:  # (the bench's count: aten ops that do work)
         (want,) = torch.autograd.grad(timm_split, qkv, grads)
-    with _Ops() as ops:
+    with HostOpCounter() as ops:
         (g,) = torch.autograd.grad(got, qkv, grads)
     assert torch.equal(g, want)  # copies only: bit for bit
     # straight into the qkv layout; timm's split stacks, then copies the stack into that layout
-    assert ops.names == ["stack"] and "clone" in timm_ops.names, (ops.names, timm_ops.names)
+    assert dict(ops.by_op) == {"aten::stack": 1}, ops.by_op
+    assert timm_ops.by_op["aten::clone"] == 1, timm_ops.by_op
