@@ -105,8 +105,8 @@ def test_compile_fullgraph_over_patched_model(case):
 def test_graphed_train_step_over_patched_model(case):
     # the README's recipe: torch.compile(patch(model), mode="reduce-overhead") replays the forward
     # and the backward as CUDA graphs; each replay's gradients are the eager patched step's (two
-    # op families: each case compiles for tens of seconds of a lent GPU's short session; the
-    # fullgraph test above covers the others under compile)
+    # op families: each case is a compile and CUDA-graph recording, out of a lent GPU's short
+    # session; the fullgraph test above covers the others under compile)
     m = build(case, img_size=224)
     x = images(img_size=224).cuda()
     fastpeft.patch(m)
